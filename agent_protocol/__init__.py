@@ -1,0 +1,95 @@
+"""The MDM wire contract, sans I/O: bytes in, typed records out, and back.
+
+This package contains no networking code: it imports only the standard library,
+orjson and cryptography. See docs/protocol.md for the contract it implements.
+"""
+
+from agent_protocol.commands import (
+    ACK_STATES,
+    COMMAND_TYPES,
+    WIPE_SCOPES,
+    Ack,
+    Command,
+    Notice,
+    canonical_json,
+    command_signing_fields,
+    decode_ack,
+    decode_command,
+    encode_ack,
+    encode_command,
+)
+from agent_protocol.envelope import (
+    MAX_AGE_MS,
+    MAX_BATCH_RECORDS,
+    MAX_FUTURE_MS,
+    MAX_ID_LEN,
+    MAX_PAYLOAD_BYTES,
+    PROTOCOL_VERSION,
+    Record,
+    decode_telemetry,
+    encode_telemetry,
+)
+from agent_protocol.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    Reason,
+    RemoteProtocolError,
+)
+from agent_protocol.kinds import KINDS, validate_data
+from agent_protocol.signing import CommandRejected, NonceStore, sign_command, verify_command
+from agent_protocol.topics import (
+    ACKS_FILTER,
+    COMMANDS_FILTER,
+    TELEMETRY_FILTER,
+    Topic,
+    acks_topic,
+    commands_topic,
+    is_valid_id,
+    parse_topic,
+    shared_subscription,
+    telemetry_topic,
+)
+
+__all__ = [
+    "ACKS_FILTER",
+    "ACK_STATES",
+    "COMMANDS_FILTER",
+    "COMMAND_TYPES",
+    "KINDS",
+    "MAX_AGE_MS",
+    "MAX_BATCH_RECORDS",
+    "MAX_FUTURE_MS",
+    "MAX_ID_LEN",
+    "MAX_PAYLOAD_BYTES",
+    "PROTOCOL_VERSION",
+    "TELEMETRY_FILTER",
+    "WIPE_SCOPES",
+    "Ack",
+    "Command",
+    "CommandRejected",
+    "LocalProtocolError",
+    "NonceStore",
+    "Notice",
+    "ProtocolError",
+    "Reason",
+    "Record",
+    "RemoteProtocolError",
+    "Topic",
+    "acks_topic",
+    "canonical_json",
+    "command_signing_fields",
+    "commands_topic",
+    "decode_ack",
+    "decode_command",
+    "decode_telemetry",
+    "encode_ack",
+    "encode_command",
+    "encode_telemetry",
+    "is_valid_id",
+    "parse_topic",
+    "shared_subscription",
+    "sign_command",
+    "telemetry_topic",
+    "validate_data",
+    "verify_command",
+]

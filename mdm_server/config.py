@@ -1,0 +1,115 @@
+"""Configuration: read once from the environment, validated, immutable, passed down.
+
+Nothing else in the package reads the environment. Secrets (passwords inside URLs)
+never appear in error messages or in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+__all__ = ["Config", "ConfigError", "MqttSettings", "load_config"]
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_url(cls, url: str, *, var: str = "MDM_MQTT_URL") -> MqttSettings:
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt":
+            raise ConfigError(f"{var} must look like mqtt://[user:pass@]host:port")
+        if not parts.hostname:
+            raise ConfigError(f"{var} has no host")
+        try:
+            port = parts.port or 1883
+        except ValueError:
+            raise ConfigError(f"{var} has an invalid port") from None
+        return cls(
+            host=parts.hostname,
+            port=port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def url(self, *, with_credentials: bool = False) -> str:
+        auth = ""
+        if with_credentials and self.username:
+            auth = self.username + (f":{self.password}" if self.password else "") + "@"
+        return f"mqtt://{auth}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database_url: str = field(repr=False)
+    mqtt: MqttSettings
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Ingest tuning; defaults are what load_tests/RESULTS.md measured.
+    batch_max_records: int = 5000
+    batch_max_delay_s: float = 0.1
+    max_pending_bytes: int = 64 * 1024 * 1024
+    share_group: str = "mdm-ingest"
+    # Test-only: acknowledge before the database commit. Exists so a test can
+    # prove that the crash test detects loss; never set it in production.
+    unsafe_ack_before_commit: bool = False
+
+
+def _parse_addr(value: str, var: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{var} must be host:port, e.g. 127.0.0.1:8080")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"{var} has a non-numeric port") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{var} port must be 0..65535")
+    return host.strip("[]"), port
+
+
+def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{var} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{var} must be between {lo} and {hi}")
+    return value
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    db = env.get("MDM_DATABASE_URL", "")
+    if not db:
+        raise ConfigError("MDM_DATABASE_URL is not set (postgresql://user@host:port/db)")
+    if urlsplit(db).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("MDM_DATABASE_URL must start with postgresql://")
+    mqtt = MqttSettings.from_url(env.get("MDM_MQTT_URL", "mqtt://127.0.0.1:1883"))
+    host, port = _parse_addr(env.get("MDM_HTTP_ADDR", "127.0.0.1:8080"), "MDM_HTTP_ADDR")
+    unsafe = env.get("MDM_TEST_UNSAFE_ACK_BEFORE_COMMIT", "") == "1"
+    return Config(
+        database_url=db,
+        mqtt=mqtt,
+        http_host=host,
+        http_port=port,
+        batch_max_records=_int(env, "MDM_INGEST_BATCH", 5000, 1, 100_000),
+        batch_max_delay_s=_int(env, "MDM_INGEST_BATCH_DELAY_MS", 100, 1, 10_000) / 1000,
+        max_pending_bytes=_int(env, "MDM_INGEST_MAX_PENDING_MB", 64, 1, 4096) * 1024 * 1024,
+        unsafe_ack_before_commit=unsafe,
+    )

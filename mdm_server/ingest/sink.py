@@ -1,0 +1,185 @@
+"""Writes a batch to PostgreSQL: COPY into a staging table, then one INSERT with
+ON CONFLICT DO NOTHING into the partitioned ``telemetry`` table, and the batch's
+dead letters, all in one transaction.
+
+Failures are split by who is at fault:
+- the database is away (connection lost, shutting down, starting): the write is
+  retried with backoff until it succeeds; nothing has been acknowledged, so the
+  broker keeps the messages meanwhile;
+- the database refuses the data (a value PostgreSQL will not store): the batch
+  is split in halves until the offending message is alone, and that message
+  becomes a dead letter. One bad message never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from agent_protocol import KINDS
+from mdm_server.ingest.batch import DeadLetter, SinkItem
+from mdm_server.storage.pool import connect
+
+__all__ = ["STORAGE_REFUSED", "TelemetrySink", "WriteResult", "is_transient"]
+
+# Dead-letter reason for a message the database refused (the protocol's own
+# reasons live in agent_protocol.Reason).
+STORAGE_REFUSED = "storage_refused"
+
+log = logging.getLogger(__name__)
+
+_DAY_MS = 86_400_000
+_STAGE_COLUMNS = ("tenant_id", "device_id", "kind", "record_id", "ts_ms", "data")
+_CREATE_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
+    tenant_id text, device_id text, kind text, record_id text, ts_ms bigint, data jsonb
+) ON COMMIT DELETE ROWS"""
+_INSERT = """
+INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, data)
+SELECT tenant_id, device_id, kind, record_id,
+       timestamptz 'epoch' + ts_ms * interval '1 millisecond', data
+FROM ingest_stage
+ON CONFLICT DO NOTHING"""
+_INSERT_DEAD = """
+INSERT INTO dead_letters (topic, tenant_id, device_id, reason, detail, payload_bytes)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[])"""
+
+# SQLSTATE classes that mean "the server is away or busy", not "the data is bad".
+_TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.DataError):  # client-side: a value asyncpg cannot encode
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _TRANSIENT_CLASSES
+    return isinstance(exc, (OSError, asyncpg.InterfaceError, asyncio.TimeoutError))
+
+
+@dataclass(slots=True)
+class WriteResult:
+    inserted: int = 0
+    offered: int = 0
+    dead_letters: int = 0
+    refused: int = 0  # messages the database refused, stored as dead letters
+
+    @property
+    def duplicates(self) -> int:
+        return self.offered - self.inserted
+
+
+def partition_name(kind: str, day: int) -> str:
+    return f"telemetry_{kind}_{datetime.fromtimestamp(day * 86400, UTC):%Y%m%d}"
+
+
+class TelemetrySink:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+        self._partitions: set[tuple[str, int]] = set()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = None
+            conn = await connect(self._dsn)
+            await conn.execute(_CREATE_STAGE)
+            self._conn = conn
+        return self._conn
+
+    async def ensure_partitions(self, needed: set[tuple[str, int]]) -> None:
+        conn = await self._connection()
+        for kind, day in sorted(needed - self._partitions):
+            start = datetime.fromtimestamp(day * 86400, UTC)
+            sql = (
+                f"CREATE TABLE IF NOT EXISTS {partition_name(kind, day)} "
+                f"PARTITION OF telemetry_{kind} FOR VALUES FROM ('{start.isoformat()}') "
+                f"TO ('{(start + timedelta(days=1)).isoformat()}')"
+            )
+            try:
+                await conn.execute(sql)
+            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                pass  # another worker created it between our check and ours
+            self._partitions.add((kind, day))
+
+    async def prepare(self, now_ms: int) -> None:
+        """Create today's and tomorrow's partitions ahead of the traffic."""
+        today = now_ms // _DAY_MS
+        await self.ensure_partitions({(k, d) for k in KINDS for d in (today, today + 1)})
+
+    async def write(self, items: Sequence[SinkItem]) -> WriteResult:
+        """Store the items durably; returns once committed. Retries while the
+        database is away; never raises for bad data."""
+        backoff = 0.1
+        while True:
+            try:
+                return await self._write_splitting(items)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                await self.reset()
+                log.warning("database unavailable (%s); retrying in %.1fs",
+                            type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def reset(self) -> None:
+        """Forget the connection (after an error); the next write reconnects."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _write_splitting(self, items: Sequence[SinkItem]) -> WriteResult:
+        try:
+            return await self._write_once(items)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(items) > 1:
+                mid = len(items) // 2
+                a = await self._write_splitting(items[:mid])
+                b = await self._write_splitting(items[mid:])
+                return WriteResult(a.inserted + b.inserted, a.offered + b.offered,
+                                   a.dead_letters + b.dead_letters, a.refused + b.refused)
+            item = items[0]
+            if not item.rows:  # a lone dead letter was refused: that is our bug
+                raise
+            # The failed transaction has rolled back; the connection is usable.
+            sqlstate = getattr(exc, "sqlstate", None) or type(exc).__name__
+            tenant, device = item.rows[0][0], item.rows[0][1]
+            log.warning("database refused a message (%s); dead-lettered", sqlstate)
+            dead = DeadLetter(
+                topic=item.topic, tenant=tenant, device=device, reason=STORAGE_REFUSED,
+                detail=f"the database refused a value ({sqlstate})",
+                payload_bytes=item.payload_bytes,
+            )
+            result = await self._write_once([SinkItem(item.topic, item.payload_bytes, dead=dead)])
+            result.refused = 1
+            return result
+
+    async def _write_once(self, items: Sequence[SinkItem]) -> WriteResult:
+        rows = [r for it in items for r in it.rows]
+        dead = [it.dead.as_row() for it in items if it.dead is not None]
+        if rows:
+            await self.ensure_partitions({(r[2], r[4] // _DAY_MS) for r in rows})
+        conn = await self._connection()
+        inserted = 0
+        async with conn.transaction():
+            if rows:
+                await conn.copy_records_to_table(
+                    "ingest_stage", records=rows, columns=_STAGE_COLUMNS
+                )
+                status = await conn.execute(_INSERT)
+                inserted = int(status.rsplit(" ", 1)[1])
+            if dead:
+                await conn.execute(_INSERT_DEAD, *[list(col) for col in zip(*dead, strict=True)])
+        return WriteResult(inserted=inserted, offered=len(rows), dead_letters=len(dead))

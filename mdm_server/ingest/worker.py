@@ -1,0 +1,198 @@
+"""The ingest worker: MQTT in, decode, batch, COPY, commit, then ack.
+
+One worker is one MQTT session (client id ``mdm-ingest-{index}``) in the shared
+subscription ``$share/{group}/mdm/v1/+/devices/+/telemetry/+``, so more workers,
+in more processes or on more machines, split the traffic. Everything runs on
+one event loop (see ingest/mqtt.py for why).
+
+Order of operations per batch, which is what makes a crash harmless:
+decode -> look up unknown devices -> write rows and dead letters in one
+transaction -> commit -> ack. A crash before the ack means redelivery, and the
+table's unique key absorbs the repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from agent_protocol import TELEMETRY_FILTER, shared_subscription
+from mdm_server.config import Config
+from mdm_server.ingest.batch import build_items, decode_messages
+from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
+from mdm_server.ingest.sink import TelemetrySink, is_transient
+from mdm_server.storage.devices import lookup_devices
+from mdm_server.storage.pool import connect
+
+__all__ = ["IngestStats", "IngestWorker"]
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN_TTL_S = 5.0  # how long "not enrolled" is believed before asking again
+
+
+@dataclass(slots=True)
+class IngestStats:
+    messages: int = 0
+    records_stored: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+
+
+class _DeviceRegistry:
+    """Which (tenant, device) pairs are enrolled; asks the database on a miss."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._known: dict[tuple[str, str], bool] = {}
+        self._unknown_until: dict[tuple[str, str], float] = {}
+        self._conn: asyncpg.Connection | None = None
+
+    async def refresh(self, keys: set[tuple[str, str]]) -> None:
+        now = time.monotonic()
+        missing = [k for k in keys
+                   if k not in self._known and self._unknown_until.get(k, 0.0) <= now]
+        if not missing:
+            return
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self._dsn)
+        try:
+            found = await lookup_devices(self._conn, missing)
+        except Exception:
+            conn, self._conn = self._conn, None
+            conn.terminate()
+            raise
+        for k in missing:
+            info = found.get(k)
+            if info is not None and info.enrolled:
+                self._known[k] = True
+                self._unknown_until.pop(k, None)
+            else:
+                self._unknown_until[k] = now + _UNKNOWN_TTL_S
+
+    def is_enrolled(self, tenant: str, device: str) -> bool:
+        return self._known.get((tenant, device), False)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+class IngestWorker:
+    def __init__(self, config: Config, *, index: int = 0) -> None:
+        self._config = config
+        self.client_id = f"mdm-ingest-{index}"
+        self.stats = IngestStats()
+        self._pending: list[InboundMessage] = []
+        self._held_bytes = 0  # pending plus the batch being written
+        self._first_at = 0.0
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._sink = TelemetrySink(config.database_url)
+        self._devices = _DeviceRegistry(config.database_url)
+        self.consumer = MqttConsumer(
+            config.mqtt,
+            client_id=self.client_id,
+            subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER)],
+            on_message=self._on_message,
+        )
+
+    def _on_message(self, msg: InboundMessage) -> None:
+        pending = self._pending
+        if not pending:
+            self._first_at = time.monotonic()
+            self._arrived.set()
+        pending.append(msg)
+        self._held_bytes += len(msg.payload)
+        if len(pending) >= self._config.batch_max_records:
+            self._full.set()
+        if self._held_bytes > self._config.max_pending_bytes:
+            self.consumer.pause_reading()  # the broker holds the rest
+
+    async def run(self) -> None:
+        """Run until cancelled. Database outages are waited out, bad input is
+        dead-lettered; only a bug ends this."""
+        await self._prepare()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.consumer.run(), name=f"{self.client_id}-mqtt")
+                tg.create_task(self._batches(), name=f"{self.client_id}-batches")
+        finally:
+            await self._sink.close()
+            await self._devices.close()
+
+    async def _prepare(self) -> None:
+        async def prepare() -> None:
+            try:
+                await self._sink.prepare(int(time.time() * 1000))
+            except Exception:
+                await self._sink.reset()
+                raise
+
+        await self._with_db_retry(prepare)
+
+    async def _next_batch(self) -> list[InboundMessage]:
+        cfg = self._config
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._first_at + cfg.batch_max_delay_s
+        while len(self._pending) < cfg.batch_max_records:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._full.clear()
+            try:
+                await asyncio.wait_for(self._full.wait(), remaining)
+            except TimeoutError:
+                break
+        n = cfg.batch_max_records
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        if self._pending:
+            self._first_at = time.monotonic()
+        return batch
+
+    async def _batches(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            await self._process(batch)
+            self._held_bytes -= sum(len(m.payload) for m in batch)
+            if self._held_bytes <= self._config.max_pending_bytes // 2:
+                self.consumer.resume_reading()
+
+    async def _process(self, batch: list[InboundMessage]) -> None:
+        decoded = decode_messages(batch, int(time.time() * 1000))
+        keys = {(d.topic.tenant, d.topic.device) for d in decoded
+                if d.error is None and d.topic is not None}
+        await self._with_db_retry(lambda: self._devices.refresh(keys))
+        items = build_items(decoded, self._devices.is_enrolled)
+        if self._config.unsafe_ack_before_commit:
+            self.consumer.ack(batch)  # test-only: the crash test must catch this
+        result = await self._sink.write(items)
+        if not self._config.unsafe_ack_before_commit:
+            self.consumer.ack(batch)
+        s = self.stats
+        s.messages += len(batch)
+        s.records_stored += result.inserted
+        s.duplicates += result.duplicates
+        s.dead_letters += result.dead_letters
+        s.batches += 1
+
+    async def _with_db_retry(self, op: Callable[[], Awaitable[None]]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await op()
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("database unavailable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

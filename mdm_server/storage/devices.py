@@ -1,0 +1,147 @@
+"""Device enrollment and the device registry the ingest core consults."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+
+from agent_protocol import acks_topic, commands_topic, is_valid_id, telemetry_topic
+from mdm_server.config import MqttSettings
+
+__all__ = [
+    "DeviceInfo",
+    "EnrollmentError",
+    "enroll_device",
+    "lookup_devices",
+    "mqtt_username",
+    "reenroll_device",
+]
+
+Ownership = Literal["corporate", "personal"]
+_PBKDF2_ROUNDS = 100_000
+
+
+class EnrollmentError(Exception):
+    """Enrollment refused; the message says why (never a secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    tenant: str
+    device: str
+    ownership: str
+    enrolled: bool
+
+
+def mqtt_username(tenant: str, device: str) -> str:
+    # Ids are [A-Za-z0-9_-]: "." cannot occur in either, so the name is unambiguous,
+    # and it holds no "+", "#" or "/" (which broker pattern ACLs refuse).
+    return f"{tenant}.{device}"
+
+
+def _hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ROUNDS)
+    b64 = base64.b64encode
+    return f"pbkdf2-sha512${_PBKDF2_ROUNDS}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def _enrollment(tenant: str, device: str, ownership: str, password: str, mqtt: MqttSettings
+                ) -> dict[str, Any]:
+    user = mqtt_username(tenant, device)
+    return {
+        "tenant": tenant,
+        "device": device,
+        "ownership": ownership,
+        "mqtt": {
+            "url": mqtt.url(),
+            "host": mqtt.host,
+            "port": mqtt.port,
+            "username": user,
+            "password": password,
+            "client_id": user,
+            "keepalive_s": 60,
+            "qos": 1,
+        },
+        "topics": {
+            "telemetry": telemetry_topic(tenant, device, "location").rsplit("/", 1)[0]
+            + "/{kind}",
+            "acks": acks_topic(tenant, device),
+            "commands": commands_topic(tenant, device),
+        },
+    }
+
+
+async def enroll_device(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str,
+    device: str,
+    ownership: str,
+    user_email: str | None,
+    mqtt_url: str,
+) -> dict[str, Any]:
+    """Register a device; return what its agent needs (credentials shown only here)."""
+    if not is_valid_id(device):
+        raise EnrollmentError("device ids are 1-64 characters of A-Z a-z 0-9 _ -")
+    if ownership not in ("corporate", "personal"):
+        raise EnrollmentError("ownership must be corporate or personal")
+    if user_email is not None and ("@" not in user_email or len(user_email) > 320):
+        raise EnrollmentError("user email is not an e-mail address")
+    mqtt = MqttSettings.from_url(mqtt_url)
+    password = secrets.token_urlsafe(24)
+    try:
+        await conn.execute(
+            """INSERT INTO devices (tenant_id, device_id, ownership, user_email,
+                                    mqtt_username, mqtt_password_hash)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            tenant, device, ownership, user_email,
+            mqtt_username(tenant, device), _hash_password(password),
+        )
+    except asyncpg.UniqueViolationError:
+        raise EnrollmentError(f"device {device!r} is enrolled already") from None
+    except asyncpg.ForeignKeyViolationError:
+        raise EnrollmentError(f"no tenant {tenant!r}") from None
+    return _enrollment(tenant, device, ownership, password, mqtt)
+
+
+async def reenroll_device(
+    conn: asyncpg.Connection, *, tenant: str, device: str, mqtt_url: str
+) -> dict[str, Any]:
+    """Issue new credentials to an enrolled device (the old password stops working)."""
+    password = secrets.token_urlsafe(24)
+    row = await conn.fetchrow(
+        """UPDATE devices SET mqtt_password_hash = $3, status = 'enrolled', revoked_at = NULL
+           WHERE tenant_id = $1 AND device_id = $2 RETURNING ownership""",
+        tenant, device, _hash_password(password),
+    )
+    if row is None:
+        raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+    return _enrollment(tenant, device, row["ownership"], password,
+                       MqttSettings.from_url(mqtt_url))
+
+
+async def lookup_devices(
+    conn: asyncpg.Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], DeviceInfo]:
+    """The enrolled devices among ``keys`` (tenant, device)."""
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        """SELECT d.tenant_id, d.device_id, d.ownership, d.status
+           FROM devices d
+           JOIN unnest($1::text[], $2::text[]) AS k(t, dev)
+             ON d.tenant_id = k.t AND d.device_id = k.dev""",
+        [k[0] for k in keys], [k[1] for k in keys],
+    )
+    return {
+        (r["tenant_id"], r["device_id"]): DeviceInfo(
+            r["tenant_id"], r["device_id"], r["ownership"], r["status"] == "enrolled"
+        )
+        for r in rows
+    }

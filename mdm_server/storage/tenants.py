@@ -1,0 +1,55 @@
+"""Tenants and their API tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import asyncpg
+
+from agent_protocol import is_valid_id
+
+__all__ = ["TenantError", "create_admin_token", "create_tenant", "ensure_tenant", "hash_token"]
+
+
+class TenantError(Exception):
+    """A tenant operation was refused; the message says why (no secrets in it)."""
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def create_tenant(conn: asyncpg.Connection, name: str) -> None:
+    if not is_valid_id(name):
+        raise TenantError("tenant names are 1-64 characters of A-Z a-z 0-9 _ -")
+    try:
+        await conn.execute("INSERT INTO tenants (tenant_id) VALUES ($1)", name)
+    except asyncpg.UniqueViolationError:
+        raise TenantError(f"tenant {name!r} exists already") from None
+
+
+async def ensure_tenant(conn: asyncpg.Connection, name: str) -> None:
+    if not is_valid_id(name):
+        raise TenantError("tenant names are 1-64 characters of A-Z a-z 0-9 _ -")
+    await conn.execute(
+        "INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING", name
+    )
+
+
+async def create_admin_token(conn: asyncpg.Connection, *, tenant: str, name: str) -> str:
+    """Create an admin of ``tenant``; return the bearer token (stored only hashed)."""
+    if not name or len(name) > 200:
+        raise TenantError("admin names are 1-200 characters")
+    token = "mdm_" + secrets.token_urlsafe(32)
+    try:
+        await conn.execute(
+            "INSERT INTO api_tokens (token_sha256, tenant_id, role, name) "
+            "VALUES ($1, $2, 'admin', $3)",
+            hash_token(token),
+            tenant,
+            name,
+        )
+    except asyncpg.ForeignKeyViolationError:
+        raise TenantError(f"no tenant {tenant!r}") from None
+    return token

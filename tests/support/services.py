@@ -1,0 +1,233 @@
+"""Real PostgreSQL databases and real Mosquitto brokers for tests.
+
+PostgreSQL: the server named by ``MDM_PG_ADMIN_URL`` (scripts/test sets it; else
+the local one on 127.0.0.1:5432); each test gets a throwaway database, migrated.
+Mosquitto: a private broker per test, started with the project's configuration
+through ``scripts/broker`` (so tests run what production runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parents[2]
+BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT", REPO / "scripts" / "broker"))
+
+
+def pg_admin_url() -> str:
+    return os.environ.get("MDM_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def create_database(prefix: str = "mdm_test") -> str:
+    """Create a fresh, migrated database; return its URL."""
+    from mdm_server.storage.migrate import apply_migrations
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_admin_url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(pg_admin_url(), name)
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    return url
+
+
+async def drop_database(url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    admin = await asyncpg.connect(pg_admin_url())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclass
+class Broker:
+    """A private Mosquitto with the project's config; restartable on the same data."""
+
+    port: int
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BROKER_SCRIPT), "--port", str(self.port), "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@contextmanager
+def running_broker(tmp: Path) -> Iterator[Broker]:
+    broker = Broker(free_port(), tmp / "broker")
+    broker.dir.mkdir(parents=True, exist_ok=True)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@dataclass
+class IngestProcess:
+    """``mdm-server ingest`` as a real process, so tests can SIGKILL it."""
+
+    env: dict[str, str]
+    log_path: Path
+    index: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mdm_server", "ingest", "--index", str(self.index)],
+            env=self.env, stdout=log, stderr=log, cwd=REPO,
+        )
+        log.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the worker's subscription is acknowledged by the broker:
+        from then on the broker keeps messages for its session."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "subscribed" in self.log_text():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("ingest process died:\n" + self.log_text()[-3000:])
+            time.sleep(0.05)
+        raise TimeoutError("ingest worker did not subscribe:\n" + self.log_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def server_env(database_url: str, mqtt_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDM_")}
+    env.update({"MDM_DATABASE_URL": database_url, "MDM_MQTT_URL": mqtt_url,
+                "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}"})
+    env.update(extra)
+    return env
+
+
+def have(cmd: str) -> bool:
+    return shutil.which(cmd) is not None
+
+
+async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
+                 ownership: str = "corporate") -> None:
+    """Create ``tenant`` (if needed) and enroll ``devices`` in it."""
+    from mdm_server.storage.devices import enroll_device
+    from mdm_server.storage.tenants import ensure_tenant
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await ensure_tenant(conn, tenant)
+        for d in devices:
+            await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
+                                user_email=None, mqtt_url=mqtt_url)
+    finally:
+        await conn.close()
+
+
+async def fetchval(database_url: str, sql: str, *args: object) -> object:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def fetch(database_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def wait_for_count(database_url: str, sql: str, expected: int, *, timeout: float = 120.0,
+                   settle: float = 0.0, proc: IngestProcess | None = None) -> int:
+    """Poll ``sql`` (a count) until it reaches ``expected``; then, if ``settle``,
+    keep watching that long to catch anything stored twice. Returns the count."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        count = int(asyncio.run(fetchval(database_url, sql)))  # type: ignore[arg-type]
+        if count >= expected:
+            break
+        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
+            raise AssertionError("ingest process died:\n" + proc.log_text()[-3000:])
+        time.sleep(0.2)
+    if settle:
+        time.sleep(settle)
+        count = int(asyncio.run(fetchval(database_url, sql)))  # type: ignore[arg-type]
+    return count

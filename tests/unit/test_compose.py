@@ -1,0 +1,92 @@
+"""docker-compose.yml is valid and runs the broker with the project's own config.
+
+Docker cannot run here, but Debian's docker-compose (1.29) validates a compose file
+without an engine; scripts/test installs it. The broker config in the compose setup
+(deploy/mosquitto/docker.conf) must be exactly what scripts/broker renders from
+deploy/mosquitto/mosquitto.conf, so people, tests and containers share one config.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT") or REPO / "scripts" / "broker")
+TEMPLATE = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
+DOCKER_CONF = REPO / "deploy" / "mosquitto" / "docker.conf"
+PLACEHOLDERS = {"@PORT@", "@BIND@", "@DATA_DIR@", "@USER@", "@LOG_DEST@"}
+
+
+def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not installed (scripts/test installs Debian's package)")
+    return subprocess.run(
+        [exe, "-f", str(REPO / "docker-compose.yml"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _render(*args: str) -> str:
+    result = subprocess.run(
+        [str(BROKER_SCRIPT), *args], capture_output=True, text=True, timeout=30, check=True
+    )
+    return result.stdout
+
+
+def _settings(conf: str) -> dict[str, list[str]]:
+    """Directive -> values, comments and blank lines left out."""
+    settings: dict[str, list[str]] = {}
+    for line in conf.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_compose_file_is_valid() -> None:
+    result = _compose("config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_mounts_the_rendered_project_config() -> None:
+    result = _compose("config")
+    assert result.returncode == 0, result.stderr
+    assert f"{DOCKER_CONF}:/mosquitto/config/mosquitto.conf:ro" in result.stdout
+
+
+def test_docker_conf_is_the_current_rendering_of_the_template() -> None:
+    # If this fails: scripts/broker --docker-config > deploy/mosquitto/docker.conf
+    assert DOCKER_CONF.read_text() == _render("--docker-config")
+
+
+def test_docker_conf_differs_from_the_template_only_in_placeholders() -> None:
+    template = _settings(TEMPLATE.read_text())
+    docker = _settings(DOCKER_CONF.read_text())
+    assert set(re.findall(r"@[A-Z_]+@", TEMPLATE.read_text())) == PLACEHOLDERS
+    assert docker.keys() == template.keys()
+    for key, values in template.items():
+        if not any(p in v for v in values for p in PLACEHOLDERS):
+            assert docker[key] == values, key
+    assert docker["listener"] == ["1883 0.0.0.0"]
+    assert docker["persistence_location"] == ["/mosquitto/data/"]
+
+
+def test_local_rendering_uses_the_given_port_and_dir(tmp_path: Path) -> None:
+    path = _render("--render", "--port", "18999", "--dir", str(tmp_path)).strip()
+    assert Path(path) == tmp_path / "mosquitto.conf"
+    local = _settings(Path(path).read_text())
+    assert local["listener"] == ["18999 127.0.0.1"]
+    assert local["persistence_location"] == [f"{tmp_path}/"]
+    assert local["log_dest"] == [f"file {tmp_path}/mosquitto.log"]
+    assert local["max_queued_messages"] == _settings(DOCKER_CONF.read_text())["max_queued_messages"]
