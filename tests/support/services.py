@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -213,16 +214,20 @@ async def fetch(database_url: str, sql: str, *args: object) -> list[asyncpg.Reco
 
 
 def wait_for_count(database_url: str, sql: str, expected: int, *, timeout: float = 120.0,
-                   settle: float = 0.0, proc: IngestProcess | None = None) -> int:
-    """Poll ``sql`` (a count) until it reaches ``expected``; then, if ``settle``,
-    keep watching that long to catch anything stored twice. Returns the count."""
+                   settle: float = 0.0, idle: float | None = None,
+                   proc: IngestProcess | None = None) -> int:
+    """Poll ``sql`` (a count) until it reaches ``expected``, or until it has not
+    moved for ``idle`` seconds; then, if ``settle``, keep watching that long to
+    catch anything stored twice. Returns the count."""
     import asyncio
 
     deadline = time.monotonic() + timeout
-    count = -1
+    count, moved_at = -1, time.monotonic()
     while time.monotonic() < deadline:
-        count = int(asyncio.run(fetchval(database_url, sql)))  # type: ignore[arg-type]
-        if count >= expected:
+        now_count = int(asyncio.run(fetchval(database_url, sql)))  # type: ignore[arg-type]
+        if now_count != count:
+            count, moved_at = now_count, time.monotonic()
+        if count >= expected or (idle is not None and time.monotonic() - moved_at > idle):
             break
         if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
             raise AssertionError("ingest process died:\n" + proc.log_text()[-3000:])
@@ -231,3 +236,80 @@ def wait_for_count(database_url: str, sql: str, expected: int, *, timeout: float
         time.sleep(settle)
         count = int(asyncio.run(fetchval(database_url, sql)))  # type: ignore[arg-type]
     return count
+
+
+def _pg_bindir() -> Path:
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / "initdb").exists():
+            return d
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise RuntimeError("PostgreSQL server binaries not found (scripts/test installs them)")
+
+
+@dataclass
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster that a test may stop and start at will."""
+
+    root: Path
+    port: int
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(_pg_bindir() / args[0]), *args[1:]]
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.root / "data"), "-U", "postgres", "-A", "trust",
+                  "-E", "UTF8", "--no-locale")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"),
+                  "-w", "-t", "60", "-o",
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
+
+    async def create_database(self) -> str:
+        from mdm_server.storage.migrate import apply_migrations
+
+        admin = await asyncpg.connect(self.admin_url)
+        try:
+            await admin.execute("CREATE DATABASE mdm")
+        finally:
+            await admin.close()
+        url = with_database(self.admin_url, "mdm")
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        return url
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    # Under the system temp dir, not the test's tmp_path: the postgres user must
+    # be able to reach its data directory.
+    base = Path(tempfile.gettempdir()) / f"mdm-pg-{uuid.uuid4().hex[:8]}"
+    pg = PrivatePostgres(base, free_port())
+    pg.init()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        try:
+            pg.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped by the test
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,21 @@
+# The MDM server image: `docker-compose up` builds it (see docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml ./
+COPY agent_protocol ./agent_protocol
+COPY privacy_filters ./privacy_filters
+COPY mdm_server ./mdm_server
+RUN pip install . \
+    && useradd --system --no-create-home --uid 10001 mdm
+
+USER mdm
+ENV MDM_HTTP_ADDR=0.0.0.0:8080
+EXPOSE 8080
+# Migrations are idempotent: every start brings the schema up to date, then serves.
+CMD ["sh", "-c", "mdm-server migrate && exec mdm-server serve"]
