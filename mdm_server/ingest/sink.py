@@ -40,9 +40,9 @@ CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
     tenant_id text, device_id text, kind text, record_id text, ts_ms bigint, data jsonb
 ) ON COMMIT DELETE ROWS"""
 _INSERT = """
-INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, data)
+INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, received_at, data)
 SELECT tenant_id, device_id, kind, record_id,
-       timestamptz 'epoch' + ts_ms * interval '1 millisecond', data
+       timestamptz 'epoch' + ts_ms * interval '1 millisecond', statement_timestamp(), data
 FROM ingest_stage
 ON CONFLICT DO NOTHING"""
 _INSERT_DEAD = """
