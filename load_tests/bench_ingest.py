@@ -1,0 +1,756 @@
+"""Ingest benchmark: drain rate, references, live latency, profile (not collected by pytest).
+
+    python -m load_tests.bench_ingest [--messages 100000] [--naive-messages 20000]
+        [--live-seconds 60] [--live-rate 10000] [--live-mix] [--skip-live] [--profile]
+
+Phases, each on a fresh private broker (scripts/broker, the project's config) and the
+run's throwaway database (created, migrated, dropped at the end):
+
+drain      ingest primed (started until "subscribed", then SIGTERM), a backlog of
+           ``--messages`` single-record location messages from 20 devices published
+           at QoS 1 by the simulator (own process), then the ingest started again and
+           timed until ``count(*) = messages`` (polled every 100 ms).
+c-ref      the same backlog drained by ``mosquitto_sub -q 1 -c -C N`` (C, no database).
+naive      ``--naive-messages`` drained by load_tests/naive_consumer.py (paho auto-ack,
+           same decode and validation, one INSERT per message).
+live       ingest running; simulator at ``--live-rate`` records/s for
+           ``--live-seconds`` s; publish->commit latency = received_at - ts in SQL.
+profile    (--profile) the drain again with the ingest under cProfile.
+
+Prints a summary and appends a dated section to load_tests/RESULTS.md. Everything it
+starts (brokers, ingest and consumer processes, the database) is stopped or dropped
+on exit, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib
+import io
+import os
+import pstats
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import asyncpg
+import orjson
+import psutil  # type: ignore[import-untyped]  # no stubs installed (types-psutil)
+
+# The tests' helpers (databases, brokers started with the project's config, the
+# server's environment), imported at run time: mypy --strict of tests/support is not
+# clean with the pinned mypy, and following the import would fail this file's check.
+services: Any = importlib.import_module("tests.support.services")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "load_tests" / "RESULTS.md"
+PY = sys.executable
+TENANT = "bench"
+DEVICES = 20
+FILTER = "mdm/v1/+/devices/+/telemetry/+"
+
+TARGET_DRAIN = 30_000.0
+TARGET_VS_NAIVE = 5.0
+TARGET_VS_C = 0.3
+TARGET_P99_S = 0.5
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+# --- database ---------------------------------------------------------------------------
+
+
+class Db:
+    """One asyncpg connection driven from synchronous code."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection = self._loop.run_until_complete(asyncpg.connect(url))
+
+    def val(self, sql: str) -> Any:
+        return self._loop.run_until_complete(self._conn.fetchval(sql))
+
+    def row(self, sql: str) -> asyncpg.Record:
+        rec = self._loop.run_until_complete(self._conn.fetchrow(sql))
+        assert rec is not None
+        return rec
+
+    def execute(self, sql: str) -> None:
+        self._loop.run_until_complete(self._conn.execute(sql))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+class Monitor:
+    """Polls a process (and its children) every 200 ms: peak RSS, last CPU times."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self._proc = psutil.Process(pid)
+        self._interval = interval
+        self.peak_rss = 0
+        self.cpu_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        try:
+            procs = [self._proc, *self._proc.children(recursive=True)]
+            rss, cpu = 0, 0.0
+            for p in procs:
+                with p.oneshot():
+                    rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu += t.user + t.system
+            self.peak_rss = max(self.peak_rss, rss)
+            self.cpu_s = max(self.cpu_s, cpu)
+        except psutil.Error:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def stop(self) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+@dataclass
+class Proc:
+    """A child process with its log; terminated (then killed) on stop."""
+
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+
+    def start(self) -> Proc:
+        with self.log_path.open("ab") as f:
+            self.started_at = time.monotonic()
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=f, stderr=f, cwd=REPO)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, needle: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log_text():
+                return
+            if not self.alive():
+                raise BenchError(f"{self.cmd[:4]} died:\n{self.log_text()[-2000:]}")
+            time.sleep(0.05)
+        raise BenchError(f"no {needle!r} from {self.cmd[:4]}:\n{self.log_text()[-2000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path
+    stack: contextlib.ExitStack
+    db: Db | None = None
+    db_url: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+    loads: list[tuple[str, str]] = field(default_factory=list)
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def broker(self, name: str) -> Any:
+        b = services.Broker(services.free_port(), self.tmp / f"broker-{name}")
+        b.dir.mkdir(parents=True, exist_ok=True)
+        b.start()
+        self.stack.callback(b.stop)
+        return b
+
+    def proc(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+        p = Proc(cmd, self.tmp / f"{name}.log", env)
+        self.stack.callback(p.stop)
+        return p.start()
+
+    def ingest(self, name: str, broker: Any, profile: Path | None = None) -> Proc:
+        cmd = [PY]
+        if profile is not None:
+            cmd += ["-m", "cProfile", "-o", str(profile)]
+        cmd += ["-m", "mdm_server", "ingest", "--index", "0"]
+        return self.proc(name, cmd, services.server_env(self.db_url, broker.url))
+
+    def simulate(self, name: str, broker: Any, *, count: int | None = None,
+                 rate: float = 0.0, duration: float = 0.0, kinds: str = "location",
+                 enroll: bool = True) -> dict[str, Any]:
+        stats = self.tmp / f"{name}-sim.json"
+        cmd = [PY, "-m", "load_tests.simulator", "--tenant", TENANT, "--devices", str(DEVICES),
+               "--kinds", kinds, "--rate", str(rate), "--mqtt-url", broker.url,
+               "--json-stats", str(stats), "--quiet"]
+        cmd += ["--database-url", self.db_url] if enroll else ["--no-enroll"]
+        if count is not None:
+            cmd += ["--count", str(count)]
+        if duration:
+            cmd += ["--duration", str(duration)]
+        p = self.proc(f"{name}-sim", cmd)
+        assert p.proc is not None
+        rc = p.proc.wait()
+        p.proc = None
+        if rc != 0 or not stats.exists():
+            raise BenchError(f"simulator failed (rc {rc}):\n{p.log_text()[-2000:]}")
+        doc: dict[str, Any] = orjson.loads(stats.read_bytes())
+        if doc["unacked"]:
+            raise BenchError(f"simulator: {doc['unacked']} messages not acknowledged")
+        return doc
+
+    def reset_tables(self) -> None:
+        assert self.db is not None
+        self.db.execute("TRUNCATE telemetry, dead_letters")
+
+    def note_load(self, phase: str) -> None:
+        self.loads.append((phase, load_line()))
+        log(f"{phase}: load average {load_line()}")
+
+    def wait_count(self, n: int, watch: Proc | None, timeout: float) -> float:
+        """Poll count(*) every 100 ms until it reaches n; returns the monotonic time."""
+        assert self.db is not None
+        deadline = time.monotonic() + timeout
+        last, moved = -1, time.monotonic()
+        while True:
+            c = int(self.db.val("SELECT count(*) FROM telemetry"))
+            now = time.monotonic()
+            if c >= n:
+                return now
+            if c != last:
+                last, moved = c, now
+            if watch is not None and not watch.alive():
+                raise BenchError(f"process died at {c}/{n}:\n{watch.log_text()[-2000:]}")
+            if now > deadline or now - moved > 30:
+                raise BenchError(f"stuck at {c}/{n} rows")
+            time.sleep(0.1)
+
+    def commit_span(self) -> tuple[int, float, int]:
+        assert self.db is not None
+        r = self.db.row(
+            "SELECT count(*) AS n, extract(epoch FROM max(received_at) - min(received_at))"
+            " AS span, count(DISTINCT received_at) AS commits FROM telemetry")
+        return int(r["n"]), float(r["span"] or 0.0), int(r["commits"])
+
+    # -- phases ------------------------------------------------------------------
+
+    def phase_drain(self, name: str, profile: Path | None = None) -> dict[str, Any]:
+        n = self.args.messages
+        self.note_load(name)
+        self.reset_tables()
+        broker = self.broker(name)
+        prime = self.ingest(f"{name}-prime", broker)
+        prime.wait_log("subscribed")
+        prime.stop()
+        log(f"{name}: ingest primed; publishing {n:,} messages")
+        sim = self.simulate(name, broker, count=n)
+        log(f"{name}: published at {sim['rate_msgs_per_s']:,.0f} msg/s; starting the ingest")
+        ing = self.ingest(name, broker, profile)
+        t0 = ing.started_at
+        mon = Monitor(ing.pid)
+        t1 = self.wait_count(n, ing, timeout=600)
+        mon.stop()
+        rc = ing.stop()
+        wall = t1 - t0
+        count, span, commits = self.commit_span()
+        assert self.db is not None
+        dead = int(self.db.val("SELECT count(*) FROM dead_letters"))
+        res = {
+            "messages": n, "stored": count, "dead_letters": dead, "commits": commits,
+            "wall_s": wall, "rate_wall": n / wall, "span_s": span,
+            "rate_commits": n / span if span else float("nan"),
+            "cpu_s": mon.cpu_s, "cpu_us_per_record": mon.cpu_s / n * 1e6,
+            "peak_rss_mb": mon.peak_rss / 2**20, "publish_rate": sim["rate_msgs_per_s"],
+            "exit_code": rc, "load": load_line(),
+        }
+        log(f"{name}: {res['rate_wall']:,.0f} rec/s from start, {res['rate_commits']:,.0f} "
+            f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record")
+        return res
+
+    def phase_c_ref(self) -> dict[str, Any]:
+        n = self.args.messages
+        self.note_load("c-ref")
+        broker = self.broker("c-ref")
+        base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-c",
+                "-i", "ref-c", "-t", f"$share/ref/{FILTER}"]
+        subprocess.run([*base, "-E"], check=True, timeout=30)
+        sim = self.simulate("c-ref", broker, count=n, enroll=False)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        subprocess.run([*base, "-C", str(n)], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL)
+        wall = time.monotonic() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        res = {"messages": n, "wall_s": wall, "rate_wall": n / wall, "cpu_s": cpu,
+               "cpu_us_per_record": cpu / n * 1e6, "publish_rate": sim["rate_msgs_per_s"]}
+        log(f"c-ref: {res['rate_wall']:,.0f} msg/s")
+        return res
+
+    def phase_naive(self) -> dict[str, Any]:
+        n = self.args.naive_messages
+        self.note_load("naive")
+        self.reset_tables()
+        broker = self.broker("naive")
+        base = [PY, "-m", "load_tests.naive_consumer", "--mqtt-url", broker.url,
+                "--database-url", self.db_url]
+        prime = self.proc("naive-prime", [*base, "--prime"])
+        assert prime.proc is not None
+        if prime.proc.wait(timeout=30) != 0:
+            raise BenchError("naive consumer could not subscribe:\n" + prime.log_text())
+        sim = self.simulate("naive", broker, count=n, enroll=False)
+        cons = self.proc("naive", [*base, "--count", str(n)])
+        t0 = cons.started_at
+        mon = Monitor(cons.pid)
+        t1 = self.wait_count(n, cons, timeout=600)
+        mon.stop()
+        cons.stop()
+        wall = t1 - t0
+        count, span, _commits = self.commit_span()
+        res = {"messages": n, "stored": count, "wall_s": wall, "rate_wall": n / wall,
+               "span_s": span, "rate_commits": n / span if span else float("nan"),
+               "cpu_s": mon.cpu_s, "cpu_us_per_record": mon.cpu_s / n * 1e6,
+               "publish_rate": sim["rate_msgs_per_s"]}
+        log(f"naive: {res['rate_wall']:,.0f} rec/s from start")
+        return res
+
+    def phase_live(self, name: str, kinds: str) -> dict[str, Any]:
+        self.note_load(name)
+        self.reset_tables()
+        broker = self.broker(name)
+        ing = self.ingest(name, broker)
+        ing.wait_log("subscribed")
+        mon = Monitor(ing.pid)
+        log(f"{name}: {self.args.live_rate:,} records/s for {self.args.live_seconds} s ({kinds})")
+        sim = self.simulate(name, broker, rate=self.args.live_rate,
+                            duration=self.args.live_seconds, kinds=kinds)
+        self.wait_count(sim["unique_records"], ing, timeout=120)
+        mon.stop()
+        ing.stop()
+        assert self.db is not None
+        r = self.db.row("""
+            WITH l AS (SELECT extract(epoch FROM received_at - ts) AS lat FROM telemetry)
+            SELECT count(*) AS n,
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY lat) AS p50,
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY lat) AS p99,
+                   max(lat) AS max, min(lat) AS min FROM l""")
+        span = self.db.row("""
+            SELECT extract(epoch FROM max(ts) - min(ts)) AS pub,
+                   extract(epoch FROM max(received_at) - min(received_at)) AS com
+            FROM telemetry""")
+        n = int(r["n"])
+        res = {"records": n, "sim_records": sim["unique_records"],
+               "p50_s": float(r["p50"]), "p99_s": float(r["p99"]), "max_s": float(r["max"]),
+               "min_s": float(r["min"]),
+               "rate_published": n / float(span["pub"]), "rate_committed": n / float(span["com"]),
+               "sim_rate": sim["rate_records_per_s"], "peak_rss_mb": mon.peak_rss / 2**20,
+               "cpu_s": mon.cpu_s, "cpu_us_per_record": mon.cpu_s / n * 1e6, "kinds": kinds,
+               "load": load_line()}
+        log(f"{name}: p50 {res['p50_s'] * 1000:.0f} ms, p99 {res['p99_s'] * 1000:.0f} ms, "
+            f"max {res['max_s'] * 1000:.0f} ms, {res['rate_published']:,.0f} rec/s, "
+            f"peak RSS {res['peak_rss_mb']:.0f} MB")
+        return res
+
+
+# --- profile summary ---------------------------------------------------------------------
+
+_CATEGORIES = [
+    ("paho (MQTT parsing, acks)", ("paho/mqtt",)),
+    ("agent_protocol (decode, validation)", ("agent_protocol/",)),
+    ("asyncpg (COPY, queries)", ("asyncpg/",)),
+    ("asyncio event loop", ("asyncio/", "selectors.py")),
+    ("mdm_server (batching, glue)", ("mdm_server/",)),
+]
+
+
+def _where(func: tuple[str, int, str]) -> str:
+    file, line, name = func
+    if file == "~":
+        return name
+    parts = Path(file).parts
+    for anchor in ("paho", "asyncpg", "agent_protocol", "mdm_server", "asyncio"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor):]) + f":{line}({name})"
+    return f"{Path(file).name}:{line}({name})"
+
+
+def _category(func: tuple[str, int, str]) -> str:
+    file, _, name = func
+    if file == "~":
+        if "orjson" in name or "loads" in name:
+            return "orjson (C; JSON parse/encode)"
+        if "select" in name or "poll" in name:
+            return "event loop wait (epoll)"
+        if "socket" in name or "recv" in name or "send" in name:
+            return "socket I/O (C)"
+        return "other built-ins"
+    for label, needles in _CATEGORIES:
+        if any(nd in file for nd in needles):
+            return label
+    return "other Python"
+
+
+def summarise_profile(path: Path, records: int, top: int = 15) -> dict[str, Any]:
+    st = pstats.Stats(str(path), stream=io.StringIO())
+    raw: dict[Any, Any] = st.stats  # type: ignore[attr-defined]
+    total = float(st.total_tt)  # type: ignore[attr-defined]
+    rows = []
+    cats: dict[str, float] = {}
+    for func, (_cc, nc, tt, ct, _callers) in raw.items():
+        rows.append((tt, ct, nc, _where(func)))
+        cats[_category(func)] = cats.get(_category(func), 0.0) + tt
+    rows.sort(reverse=True)
+    inclusive = {}
+    wanted = {
+        "MqttConsumer._readable": ("mdm_server/ingest/mqtt.py", "_readable"),
+        "MqttConsumer.ack": ("mdm_server/ingest/mqtt.py", "ack"),
+        "decode_messages": ("mdm_server/ingest/batch.py", "decode_messages"),
+        "decode_telemetry": ("agent_protocol/envelope.py", "decode_telemetry"),
+        "build_items": ("mdm_server/ingest/batch.py", "build_items"),
+        "TelemetrySink._write_once": ("mdm_server/ingest/sink.py", "_write_once"),
+        "copy_records_to_table": ("asyncpg/connection.py", "copy_records_to_table"),
+        "paho Client._packet_read": ("paho/mqtt/client.py", "_packet_read"),
+        "paho Client._handle_publish": ("paho/mqtt/client.py", "_handle_publish"),
+        "paho Client.ack": ("paho/mqtt/client.py", "ack"),
+    }
+    for label, (file, name) in wanted.items():
+        for func, (_cc, nc, _tt, ct, _callers) in raw.items():
+            if func[0].endswith(file) and func[2] == name:
+                inclusive[label] = (ct, nc)
+    return {
+        "total_s": total,
+        "us_per_record": total / records * 1e6 if records else 0.0,
+        "top": rows[:top],
+        "categories": sorted(cats.items(), key=lambda kv: -kv[1]),
+        "inclusive": inclusive,
+    }
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _pf(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    import asyncpg as _a
+    import paho.mqtt as _p
+
+    out["python"] = sys.version.split()[0]
+    out["paho-mqtt"] = str(getattr(_p, "__version__", "?"))
+    out["asyncpg"] = str(_a.__version__)
+    with contextlib.suppress(Exception):
+        out["mosquitto"] = subprocess.run(
+            ["mosquitto", "-h"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()[0].replace("mosquitto version ", "")
+    with contextlib.suppress(Exception):
+        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                    capture_output=True, text=True, check=True).stdout.strip()
+    return out
+
+
+def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
+    a, r = b.args, b.results
+    lines: list[str] = []
+    add = lines.append
+    drain, cref, naive = r.get("drain"), r.get("c_ref"), r.get("naive")
+    add(f"## {started:%Y-%m-%d %H:%M} UTC — ingest benchmark")
+    add("")
+    v = r.get("versions", {})
+    add(f"Commit {v.get('git', '?')}; Python {v.get('python')}, paho-mqtt {v.get('paho-mqtt')}, "
+        f"asyncpg {v.get('asyncpg')}, Mosquitto {v.get('mosquitto')}; "
+        f"{os.cpu_count()} cores, shared.")
+    add("")
+    add("Machine load (1/5/15-min load average) when each phase started: "
+        + "; ".join(f"{p} {ld}" for p, ld in b.loads) + ".")
+    add(f"Before the run: {r.get('top_before', '?')}.")
+    add("")
+    add(f"Parameters: drain backlog {a.messages:,} single-record `location` messages from "
+        f"{DEVICES} devices (tenant `{TENANT}`), QoS 1, published by the simulator in its own "
+        f"process while the consumer was stopped; naive consumer backlog "
+        f"{a.naive_messages:,}; live {a.live_rate:,} records/s for {a.live_seconds} s. "
+        "Ingest defaults (batch 5,000 / 100 ms, ack after commit, full validation). "
+        "Policy: the default one — there is no policy engine yet, so no per-tenant filtering "
+        "or coarsening runs in these figures. One private broker per phase "
+        "(scripts/broker, project config). Ratios are within this run only.")
+    add("")
+    add("| Measure | Value | Notes |")
+    add("|---|---:|---|")
+    if drain:
+        add(f"| ingest drain, from process start | {drain['rate_wall']:,.0f} rec/s | "
+            f"{drain['messages']:,} in {drain['wall_s']:.2f} s |")
+        add(f"| ingest drain, first→last commit | {drain['rate_commits']:,.0f} rec/s | "
+            f"span {drain['span_s']:.2f} s, {drain['commits']} commits |")
+        add(f"| ingest CPU per record | {drain['cpu_us_per_record']:.1f} µs | "
+            f"{drain['cpu_s']:.2f} s CPU (user+sys, psutil) |")
+        add(f"| ingest peak RSS during drain | {drain['peak_rss_mb']:.0f} MB | |")
+        add(f"| backlog publish rate (simulator) | {drain['publish_rate']:,.0f} msg/s | |")
+    if cref:
+        add(f"| C subscriber (mosquitto_sub -q 1 -c) | {cref['rate_wall']:,.0f} msg/s | "
+            f"{cref['messages']:,} in {cref['wall_s']:.2f} s, "
+            f"{cref['cpu_us_per_record']:.1f} µs CPU/msg, no database |")
+    if naive:
+        add(f"| naive consumer (paho, 1 INSERT/msg) | {naive['rate_wall']:,.0f} rec/s | "
+            f"{naive['messages']:,} in {naive['wall_s']:.2f} s from start; first→last "
+            f"commit {naive['rate_commits']:,.0f}/s; {naive['cpu_us_per_record']:.1f} µs CPU/rec |")
+    for key in ("live", "live_mix"):
+        live = r.get(key)
+        if live:
+            add(f"| live ({live['kinds'] if key == 'live_mix' else 'location'}) publish→commit "
+                f"p50 / p99 / max | {live['p50_s'] * 1000:.0f} / {live['p99_s'] * 1000:.0f} / "
+                f"{live['max_s'] * 1000:.0f} ms | {live['records']:,} records, "
+                f"{live['rate_published']:,.0f} rec/s achieved (simulator "
+                f"{live['sim_rate']:,.0f}/s), peak RSS {live['peak_rss_mb']:.0f} MB, "
+                f"{live['cpu_us_per_record']:.1f} µs CPU/rec |")
+    prof = r.get("profile_drain")
+    if prof:
+        add(f"| drain under cProfile | {prof['rate_wall']:,.0f} rec/s | profiling overhead "
+            "included |")
+    add("")
+    add("Targets:")
+    add("")
+    add("| Target | Measured | Result |")
+    add("|---|---:|---|")
+    verdicts: list[str] = []
+    if drain:
+        ok = drain["rate_wall"] >= TARGET_DRAIN
+        add(f"| drain ≥ {TARGET_DRAIN:,.0f} rec/s, one process | {drain['rate_wall']:,.0f} "
+            f"(first→last commit {drain['rate_commits']:,.0f}) | {_pf(ok)} |")
+        verdicts.append(f"drain {_pf(ok)}")
+    if drain and naive:
+        ratio = drain["rate_wall"] / naive["rate_wall"]
+        ok = ratio >= TARGET_VS_NAIVE
+        add(f"| ≥ {TARGET_VS_NAIVE:.0f}x the naive consumer | {ratio:.1f}x | {_pf(ok)} |")
+        verdicts.append(f"vs naive {_pf(ok)}")
+    if drain and cref:
+        ratio = drain["rate_wall"] / cref["rate_wall"]
+        ok = ratio >= TARGET_VS_C
+        add(f"| ≥ {TARGET_VS_C} of the C subscriber's rate | {ratio:.2f} | {_pf(ok)} |")
+        verdicts.append(f"vs C {_pf(ok)}")
+    live = r.get("live")
+    if live:
+        ok = live["p99_s"] < TARGET_P99_S
+        add(f"| live p99 < {TARGET_P99_S} s at {a.live_rate:,}/s | "
+            f"{live['p99_s'] * 1000:.0f} ms | {_pf(ok)} |")
+        verdicts.append(f"live p99 {_pf(ok)}")
+    add("")
+    summary = r.get("profile")
+    if summary:
+        add(f"### Profile (cProfile, one drain of {a.messages:,} messages)")
+        add("")
+        add(f"Total profiled time {summary['total_s']:.2f} s = "
+            f"{summary['us_per_record']:.1f} µs per record (cProfile inflates Python "
+            "function calls; shares matter, not absolutes).")
+        add("")
+        add("Time by area (sum of tottime):")
+        add("")
+        add("| Area | s | share |")
+        add("|---|---:|---:|")
+        for label, t in summary["categories"]:
+            add(f"| {label} | {t:.2f} | {t / summary['total_s'] * 100:.1f}% |")
+        add("")
+        add("Inclusive (cumtime) of the stages:")
+        add("")
+        add("| Stage | cumtime s | calls | µs/record |")
+        add("|---|---:|---:|---:|")
+        for label, (ct, nc) in summary["inclusive"].items():
+            add(f"| {label} | {ct:.2f} | {nc:,} | {ct / a.messages * 1e6:.1f} |")
+        add("")
+        add(f"Top {len(summary['top'])} functions by tottime:")
+        add("")
+        add("| tottime s | cumtime s | calls | function |")
+        add("|---:|---:|---:|---|")
+        for tt, ct, nc, where in summary["top"]:
+            add(f"| {tt:.3f} | {ct:.3f} | {nc:,} | `{where}` |")
+        add("")
+    return "\n".join(lines) + "\n", ", ".join(verdicts)
+
+
+def write_results(section: str) -> None:
+    header = ("# Load test results\n\n"
+              "Written by `python -m load_tests.bench_ingest` (newest last). The machine is "
+              "a shared 2-core box: compare ratios within one run, not absolute figures "
+              "across runs.\n\n")
+    text = RESULTS.read_text() if RESULTS.exists() else header
+    if not text.endswith("\n\n"):
+        text = text.rstrip("\n") + "\n\n"
+    RESULTS.write_text(text + section)
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m load_tests.bench_ingest",
+                                description="Ingest drain/live benchmark with references.")
+    p.add_argument("--messages", type=int, default=100_000, help="drain backlog")
+    p.add_argument("--naive-messages", type=int, default=20_000,
+                   help="backlog for the naive consumer (a rate; default 20,000)")
+    p.add_argument("--live-seconds", type=int, default=60)
+    p.add_argument("--live-rate", type=int, default=10_000, help="records/s")
+    p.add_argument("--live-mix", action="store_true",
+                   help="also a live run with the realistic mix of kinds")
+    p.add_argument("--skip-live", action="store_true")
+    p.add_argument("--skip-drain", action="store_true", help="no plain drain")
+    p.add_argument("--skip-refs", action="store_true", help="no C/naive references")
+    p.add_argument("--profile", action="store_true", help="also a drain under cProfile")
+    p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
+    return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _top_before() -> str:
+    try:
+        out = subprocess.run(["top", "-bn1"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "top unavailable"
+    cpu = next((ln.strip() for ln in out.splitlines() if "Cpu(s)" in ln), "?")
+    return f"load {load_line()}, top: `{cpu}`"
+
+
+def run(args: argparse.Namespace) -> int:
+    started = dt.datetime.now(dt.UTC)
+    with contextlib.ExitStack() as stack, _sigterm_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix="mdm-bench-"))
+        stack.callback(shutil.rmtree, tmp, True)
+        b = Bench(args, tmp, stack)
+        b.results["versions"] = versions()
+        b.results["top_before"] = _top_before()
+        log(f"work dir {tmp}; {b.results['top_before']}")
+        b.db_url = asyncio.run(services.create_database("mdm_bench"))
+        stack.callback(lambda: asyncio.run(services.drop_database(b.db_url)))
+        b.db = Db(b.db_url)
+        stack.callback(b.db.close)
+        from load_tests.simulator import enroll_fleet
+
+        asyncio.run(enroll_fleet(b.db_url, "mqtt://127.0.0.1:1883", TENANT, DEVICES))
+
+        try:
+            phases(b, tmp)
+        except BenchError:
+            keep = REPO / "var" / "bench-ingest-logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir(parents=True)
+            for f in tmp.glob("*.log"):
+                shutil.copy(f, keep / f.name)
+            log(f"logs kept in {keep}")
+            raise
+        section, verdicts = render(b, started)
+        print(section)
+        print(f"targets: {verdicts}")
+        if not args.no_results:
+            write_results(section)
+            log(f"appended to {RESULTS}")
+    return 0
+
+
+def phases(b: Bench, tmp: Path) -> None:
+    args = b.args
+    if not args.skip_drain:
+        b.results["drain"] = b.phase_drain("drain")
+    if not args.skip_refs:
+        b.results["c_ref"] = b.phase_c_ref()
+        b.results["naive"] = b.phase_naive()
+    if not args.skip_live:
+        b.results["live"] = b.phase_live("live", "location")
+        if args.live_mix:
+            b.results["live_mix"] = b.phase_live(
+                "live-mix", "location,identity,sim,network,apps,checkinout")
+    if args.profile:
+        prof_path = tmp / "ingest.prof"
+        b.results["profile_drain"] = b.phase_drain("profile", profile=prof_path)
+        if not prof_path.exists():
+            raise BenchError("cProfile wrote no profile (did the ingest exit cleanly?)")
+        keep = REPO / "var" / "bench-ingest.prof"
+        keep.parent.mkdir(exist_ok=True)
+        shutil.copy(prof_path, keep)
+        b.results["profile"] = summarise_profile(prof_path, args.messages)
+        log(f"profile kept in {keep}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if not shutil.which("mosquitto_sub"):
+        print("bench: mosquitto_sub is not installed", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log("interrupted; cleaned up")
+        return 130
+    except BenchError as e:
+        log(f"failed: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
