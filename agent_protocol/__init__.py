@@ -35,7 +35,7 @@ from agent_protocol.errors import (
     Reason,
     RemoteProtocolError,
 )
-from agent_protocol.kinds import KINDS, validate_data
+from agent_protocol.kinds import FIELD_TYPES, KINDS, REQUIRED_FIELDS, validate_data
 from agent_protocol.signing import CommandRejected, NonceStore, sign_command, verify_command
 from agent_protocol.topics import (
     ACKS_FILTER,
@@ -55,6 +55,7 @@ __all__ = [
     "ACK_STATES",
     "COMMANDS_FILTER",
     "COMMAND_TYPES",
+    "FIELD_TYPES",
     "KINDS",
     "MAX_AGE_MS",
     "MAX_BATCH_RECORDS",
@@ -62,6 +63,7 @@ __all__ = [
     "MAX_ID_LEN",
     "MAX_PAYLOAD_BYTES",
     "PROTOCOL_VERSION",
+    "REQUIRED_FIELDS",
     "TELEMETRY_FILTER",
     "WIPE_SCOPES",
     "Ack",

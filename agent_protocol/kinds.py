@@ -16,7 +16,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 from agent_protocol._time import parse_ts
@@ -24,7 +25,9 @@ from agent_protocol.errors import Reason, RemoteProtocolError
 
 __all__ = [
     "APPS_MAX",
+    "FIELD_TYPES",
     "KINDS",
+    "REQUIRED_FIELDS",
     "STR_MAX",
     "validate_data",
 ]
@@ -328,6 +331,55 @@ _VALIDATORS: dict[str, Validator] = {
     "checkinout": _validate_checkinout,
 }
 assert tuple(_VALIDATORS) == KINDS  # import-time consistency check
+
+# --- public description of the fields (read by privacy_filters; no behaviour here) -----
+
+_FIELD_TYPES: dict[str, dict[str, str]] = {
+    "location": {
+        "lat": "number", "lon": "number", "accuracy_m": "number", "altitude_m": "number",
+        "speed_mps": "number", "heading_deg": "number", "source": "enum",
+    },
+    "identity": {name: "string" for name in IDENTITY},
+    "sim": {
+        "state": "enum", "iccid": "string", "imsi": "string", "carrier": "string",
+        "mcc": "string", "mnc": "string", "roaming": "boolean",
+    },
+    "network": {
+        "rssi_dbm": "number", "rsrp_dbm": "number", "network_type": "enum",
+        "cell_id": "integer", "lac": "integer", "mcc": "string", "mnc": "string",
+        "carrier": "string", "wifi_ssid": "string", "ip": "string",
+    },
+    "apps": {"apps": "list"},
+    "checkinout": {
+        "event": "enum", "user_id": "string", "shift_id": "string", "condition": "object",
+        "condition.battery_pct": "number", "condition.screen": "enum",
+        "condition.case": "enum", "condition.notes": "string",
+    },
+}  # fmt: skip
+
+FIELD_TYPES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType(
+    {kind: MappingProxyType(types) for kind, types in _FIELD_TYPES.items()}
+)
+"""Per kind, every field the contract knows -> its JSON type.
+
+Types: ``number`` (stored as float), ``integer``, ``string`` (free text or a format
+such as digits or a MAC address), ``enum`` (a string from a fixed list), ``boolean``,
+``object`` and ``list``. Fields of a nested object appear twice: the object itself
+(``condition``) and each of its fields with a dotted path (``condition.notes``).
+Entries of the ``apps`` list are not described field by field.
+"""
+
+REQUIRED_FIELDS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"location": ("lat", "lon"), "checkinout": ("event",)}
+)
+"""Fields without which a record of the kind is invalid (kinds not listed: none)."""
+
+assert tuple(FIELD_TYPES) == KINDS  # import-time consistency checks
+assert set(FIELD_TYPES["location"]) == set(LOCATION)
+assert set(FIELD_TYPES["identity"]) == set(IDENTITY)
+assert set(FIELD_TYPES["sim"]) == set(SIM)
+assert set(FIELD_TYPES["network"]) == set(NETWORK)
+assert set(FIELD_TYPES["checkinout"]) == set(CHECKINOUT) | {f"condition.{f}" for f in CONDITION}
 
 
 def validate_data(
