@@ -117,18 +117,17 @@ async def enroll_fleet(
     Personal devices carry their user's e-mail. Returns the enrollment JSON of each.
     """
     # Imported here: only enrollment needs the database driver and the server package.
-    import asyncpg
-
     from mdm_server.storage.devices import (
         EnrollmentError,
         enroll_device,
         reenroll_device,
     )
+    from mdm_server.storage.pool import connect
     from mdm_server.storage.tenants import ensure_tenant
 
     personal = _ownership_plan(n, personal_share, seed)
     out: list[dict[str, Any]] = []
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         await ensure_tenant(conn, tenant)
         for i in range(n):

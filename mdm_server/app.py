@@ -13,21 +13,19 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-import asyncpg
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
+from mdm_server.api import devices, policies
+from mdm_server.api.context import CONFIG, POOL
+from mdm_server.api.errors import error_middleware
 from mdm_server.config import Config
 from mdm_server.ingest.worker import IngestStats, IngestWorker
 from mdm_server.storage.pool import create_pool
-from mdm_server.storage.tenants import hash_token
 
 __all__ = ["CONFIG", "INGEST", "POOL", "create_app", "live_line"]
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-POOL = web.AppKey("pool", asyncpg.Pool)
 INGEST = web.AppKey("ingest", IngestWorker)
 
 
@@ -49,6 +47,27 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     yield
     await pool.close()
+
+
+async def _retention_loop(app: web.Application, interval_s: float) -> None:
+    from mdm_server.retention import run_retention
+
+    while True:
+        try:
+            async with app[POOL].acquire() as conn:
+                await run_retention(conn)
+        except Exception as exc:  # a failed run is retried next time; serving goes on
+            log.error("retention run failed (%s)", type(exc).__name__)
+        await asyncio.sleep(interval_s)
+
+
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(
+        _retention_loop(app, app[CONFIG].retention_interval_s), name="retention")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -75,31 +94,6 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
             await t
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
-        return web.json_response({"error": exc.reason}, status=exc.status)
-
-
-async def _admin_tenant(request: web.Request) -> str:
-    auth = request.headers.get("Authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise web.HTTPUnauthorized(reason="a bearer token is required",
-                                   headers={"WWW-Authenticate": "Bearer"})
-    row = await request.app[POOL].fetchrow(
-        "SELECT tenant_id FROM api_tokens WHERE token_sha256 = $1 AND role = 'admin' "
-        "AND revoked_at IS NULL", hash_token(token))
-    if row is None:
-        raise web.HTTPUnauthorized(reason="the token is not valid",
-                                   headers={"WWW-Authenticate": "Bearer"})
-    return str(row["tenant_id"])
-
-
 async def healthz(request: web.Request) -> web.Response:
     await request.app[POOL].fetchval("SELECT 1")
     body: dict[str, object] = {"status": "ok"}
@@ -110,26 +104,20 @@ async def healthz(request: web.Request) -> web.Response:
             "broker_connected": worker.consumer.connected.is_set(),
             "messages": s.messages, "records_stored": s.records_stored,
             "duplicates": s.duplicates, "dead_letters": s.dead_letters,
+            "not_collected": s.not_collected, "suppressed": s.suppressed,
         }
     return web.json_response(body)
 
 
-async def list_devices(request: web.Request) -> web.Response:
-    tenant = await _admin_tenant(request)
-    rows = await request.app[POOL].fetch(
-        "SELECT device_id, ownership, status, enrolled_at FROM devices "
-        "WHERE tenant_id = $1 ORDER BY device_id LIMIT 1000", tenant)
-    return web.json_response({"devices": [
-        {"device": r["device_id"], "ownership": r["ownership"], "status": r["status"],
-         "enrolled_at": r["enrolled_at"].isoformat()} for r in rows]})
-
-
 def create_app(config: Config, *, ingest: bool = True) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=1024 * 1024)
+    # 8 MiB: a policy with a thousand work-zone polygons is a few MiB of GeoJSON.
+    app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[CONFIG] = config
     app.cleanup_ctx.append(_pool_ctx)
     if ingest:
         app.cleanup_ctx.append(_ingest_ctx)
+        app.cleanup_ctx.append(_retention_ctx)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/api/v1/devices", list_devices)
+    app.router.add_routes(devices.routes())
+    app.router.add_routes(policies.routes())
     return app

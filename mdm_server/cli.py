@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="ingest processes (one per core is the rule)")
     ingest = sub.add_parser("ingest", help="one ingest worker, no HTTP (serve starts these)")
     ingest.add_argument("--index", type=int, default=0, help="worker number: its MQTT session")
+    retention = sub.add_parser("retention", help="remove data past its retention")
+    retention.add_subparsers(dest="action", required=True).add_parser(
+        "run", help="apply every policy's retention now (serve also does it hourly)")
     tenant = sub.add_parser("tenant", help="tenants").add_subparsers(dest="action", required=True)
     tenant.add_parser("create").add_argument("name")
     admin = sub.add_parser("admin", help="admins").add_subparsers(dest="action", required=True)
@@ -45,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--device", required=True)
     de.add_argument("--ownership", required=True, choices=["corporate", "personal"])
     de.add_argument("--user-email")
+    de.add_argument("--group", action="append", default=[], dest="groups",
+                    help="a group the device belongs to (repeatable); policies select by it")
     return p
 
 
@@ -58,6 +63,19 @@ async def _migrate(cfg: Config) -> None:
         print(f"applied {m.version:03d}_{m.name}")
     if not applied:
         print("database is up to date")
+
+
+async def _retention_run(cfg: Config) -> None:
+    from mdm_server.retention import run_retention
+
+    conn = await connect(cfg.database_url)
+    try:
+        report = await run_retention(conn)
+    finally:
+        await conn.close()
+    print(json.dumps({"dropped_partitions": report.dropped_partitions,
+                      "deleted_rows": report.deleted_rows,
+                      "deleted_dead_letters": report.deleted_dead_letters}))
 
 
 async def _tenant_create(cfg: Config, name: str) -> None:
@@ -83,7 +101,7 @@ async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
     try:
         enrollment = await enroll_device(
             conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
-            user_email=args.user_email, mqtt_url=cfg.mqtt.url(),
+            user_email=args.user_email, mqtt_url=cfg.mqtt.url(), groups=tuple(args.groups),
         )
     finally:
         await conn.close()
@@ -135,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         cfg = load_config()
+        if args.command in ("serve", "ingest") and cfg.master_key is None:
+            raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: policies "
+                              "hash values under keys derived from it (generate one with "
+                              "`head -c 32 /dev/urandom | base64`)")
         if args.command == "migrate":
             asyncio.run(_migrate(cfg))
         elif args.command == "serve":
@@ -142,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "ingest":
             with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
                 asyncio.run(_ingest(cfg, args.index))
+        elif args.command == "retention":
+            asyncio.run(_retention_run(cfg))
         elif args.command == "tenant":
             asyncio.run(_tenant_create(cfg, args.name))
         elif args.command == "admin":

@@ -6,6 +6,10 @@ never appear in error messages or in ``repr``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,9 +65,43 @@ class Config:
     batch_max_delay_s: float = 0.1
     max_pending_bytes: int = 64 * 1024 * 1024
     share_group: str = "mdm-ingest"
+    retention_interval_s: float = 3600.0
+    # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
+    # per-tenant hashing keys. Never stored in the database, so a database dump
+    # alone cannot reverse a hashed phone number by trying every number.
+    master_key: bytes | None = field(default=None, repr=False)
     # Test-only: acknowledge before the database commit. Exists so a test can
     # prove that the crash test detects loss; never set it in production.
     unsafe_ack_before_commit: bool = False
+
+
+    def tenant_hash_key(self, tenant: str) -> bytes:
+        """The key a tenant's policies hash values under (HMAC-SHA256)."""
+        if self.master_key is None:
+            raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE is not set")
+        return hmac.new(self.master_key, b"tenant-hash-key:" + tenant.encode(),
+                        hashlib.sha256).digest()
+
+
+def _master_key(env: Mapping[str, str]) -> bytes | None:
+    raw = env.get("MDM_MASTER_KEY", "")
+    var = "MDM_MASTER_KEY"
+    if not raw and env.get("MDM_MASTER_KEY_FILE"):
+        var = "MDM_MASTER_KEY_FILE"
+        try:
+            with open(env["MDM_MASTER_KEY_FILE"], encoding="ascii") as fh:
+                raw = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{var} cannot be read ({type(exc).__name__})") from None
+    if not raw:
+        return None
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{var} must hold 32 bytes in base64") from None
+    if len(key) != 32:
+        raise ConfigError(f"{var} must hold 32 bytes in base64")
+    return key
 
 
 def _parse_addr(value: str, var: str) -> tuple[str, int]:
@@ -111,5 +149,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         batch_max_records=_int(env, "MDM_INGEST_BATCH", 5000, 1, 100_000),
         batch_max_delay_s=_int(env, "MDM_INGEST_BATCH_DELAY_MS", 100, 1, 10_000) / 1000,
         max_pending_bytes=_int(env, "MDM_INGEST_MAX_PENDING_MB", 64, 1, 4096) * 1024 * 1024,
+        master_key=_master_key(env),
+        retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400 * 7)),
         unsafe_ack_before_commit=unsafe,
     )

@@ -24,10 +24,23 @@ from agent_protocol import (
 )
 from mdm_server.ingest.mqtt import InboundMessage
 
-__all__ = ["DeadLetter", "Decoded", "SinkItem", "StageRow", "build_items", "decode_messages"]
+__all__ = [
+    "CheckoutRow",
+    "DeadLetter",
+    "Decoded",
+    "DecodedRow",
+    "SinkItem",
+    "StageRow",
+    "build_items",
+    "decode_messages",
+]
 
-# (tenant_id, device_id, kind, record_id, ts_ms, data) — the staging table's columns.
-StageRow = tuple[str, str, str, str, int, dict[str, Any]]
+# (tenant_id, device_id, kind, record_id, ts_ms, data) as decoded, and as staged
+# once a policy has shaped it: (..., ts_ms, policy_id, policy_version, data).
+DecodedRow = tuple[str, str, str, str, int, dict[str, Any]]
+StageRow = tuple[str, str, str, str, int, str, int, dict[str, Any]]
+# A check-out/check-in event: (tenant_id, device_id, ts_ms, record_id, event).
+CheckoutRow = tuple[str, str, int, str, str]
 
 _MAX_TOPIC_CHARS = 300
 
@@ -50,12 +63,23 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class SinkItem:
-    """What one MQTT message contributes: its rows, or its dead letter."""
+    """What one MQTT message contributes, written together or not at all.
+
+    ``decoded`` holds the records as they arrived until the policy shapes them
+    into ``rows``; the raw ``decoded`` rows never reach the sink.
+    """
 
     topic: str
     payload_bytes: int
+    decoded: list[DecodedRow] = field(default_factory=list)
     rows: list[StageRow] = field(default_factory=list)
     dead: DeadLetter | None = None
+    checkouts: list[CheckoutRow] = field(default_factory=list)
+    # (tenant, device, day number) of each location point the policy suppressed.
+    suppressed: list[tuple[str, str, int]] = field(default_factory=list)
+    # (tenant, device, ts_ms) of check-ins after which stored locations must go
+    # (a check-in can arrive after locations that followed it).
+    enforce_checkins: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +139,6 @@ def build_items(decoded: list[Decoded], is_enrolled: Callable[[str, str], bool]
                                     "no enrolled device for this topic"))
             continue
         tenant, device, kind = t.tenant, t.device, t.kind
-        rows: list[StageRow] = [(tenant, device, kind, r.id, r.ts_ms, r.data) for r in d.records]
-        items.append(SinkItem(msg.topic, len(msg.payload), rows))
+        rows = [(tenant, device, kind, r.id, r.ts_ms, r.data) for r in d.records]
+        items.append(SinkItem(msg.topic, len(msg.payload), decoded=rows))
     return items

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,17 +35,49 @@ STORAGE_REFUSED = "storage_refused"
 log = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
-_STAGE_COLUMNS = ("tenant_id", "device_id", "kind", "record_id", "ts_ms", "data")
+_STAGE_COLUMNS = ("tenant_id", "device_id", "kind", "record_id", "ts_ms", "policy_id",
+                  "policy_version", "data")
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
-    tenant_id text, device_id text, kind text, record_id text, ts_ms bigint, data jsonb
+    tenant_id text, device_id text, kind text, record_id text, ts_ms bigint,
+    policy_id text, policy_version integer, data jsonb
 ) ON COMMIT DELETE ROWS"""
 _INSERT = """
-INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, received_at, data)
+INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, received_at,
+                       policy_id, policy_version, data)
 SELECT tenant_id, device_id, kind, record_id,
-       timestamptz 'epoch' + ts_ms * interval '1 millisecond', statement_timestamp(), data
+       timestamptz 'epoch' + ts_ms * interval '1 millisecond', statement_timestamp(),
+       policy_id, policy_version, data
 FROM ingest_stage
 ON CONFLICT DO NOTHING"""
+_INSERT_CHECKOUTS = """
+INSERT INTO checkout_events (tenant_id, device_id, ts, record_id, event)
+SELECT t, d, timestamptz 'epoch' + ms * interval '1 millisecond', r, e
+FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[]) AS x(t, d, ms, r, e)
+ON CONFLICT DO NOTHING"""
+_ADD_SUPPRESSED = """
+INSERT INTO suppressed_locations (tenant_id, device_id, day, count)
+SELECT t, d, date 'epoch' + day::int, n
+FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS x(t, d, day, n)
+ON CONFLICT (tenant_id, device_id, day)
+DO UPDATE SET count = suppressed_locations.count + EXCLUDED.count"""
+# A check-in that arrives after locations that followed it: those locations were
+# stored while the device looked checked out; remove them, count them suppressed.
+_ENFORCE_CHECKIN = """
+WITH gone AS (
+    DELETE FROM telemetry
+    WHERE kind = 'location' AND tenant_id = $1 AND device_id = $2
+      AND ts > timestamptz 'epoch' + $3::int8 * interval '1 millisecond'
+      AND ts < coalesce((
+          SELECT min(ts) FROM checkout_events
+          WHERE tenant_id = $1 AND device_id = $2 AND event = 'check_out'
+            AND ts > timestamptz 'epoch' + $3::int8 * interval '1 millisecond'),
+          'infinity')
+    RETURNING ts)
+INSERT INTO suppressed_locations (tenant_id, device_id, day, count)
+SELECT $1, $2, (ts AT TIME ZONE 'UTC')::date, count(*) FROM gone GROUP BY 3
+ON CONFLICT (tenant_id, device_id, day)
+DO UPDATE SET count = suppressed_locations.count + EXCLUDED.count"""
 _INSERT_DEAD = """
 INSERT INTO dead_letters (topic, tenant_id, device_id, reason, detail, payload_bytes)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[])"""
@@ -71,6 +104,11 @@ class WriteResult:
     @property
     def duplicates(self) -> int:
         return self.offered - self.inserted
+
+
+def _columns(rows: Sequence[tuple[object, ...]]) -> list[list[object]]:
+    """Rows to column arrays, for INSERT ... SELECT FROM unnest($1, $2, ...)."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def partition_name(kind: str, day: int) -> str:
@@ -151,11 +189,12 @@ class TelemetrySink:
                 return WriteResult(a.inserted + b.inserted, a.offered + b.offered,
                                    a.dead_letters + b.dead_letters, a.refused + b.refused)
             item = items[0]
-            if not item.rows:  # a lone dead letter was refused: that is our bug
+            source = item.rows or item.checkouts
+            if not source:  # a lone dead letter was refused: that is our bug
                 raise
             # The failed transaction has rolled back; the connection is usable.
             sqlstate = getattr(exc, "sqlstate", None) or type(exc).__name__
-            tenant, device = item.rows[0][0], item.rows[0][1]
+            tenant, device = source[0][0], source[0][1]
             log.warning("database refused a message (%s); dead-lettered", sqlstate)
             dead = DeadLetter(
                 topic=item.topic, tenant=tenant, device=device, reason=STORAGE_REFUSED,
@@ -169,6 +208,9 @@ class TelemetrySink:
     async def _write_once(self, items: Sequence[SinkItem]) -> WriteResult:
         rows = [r for it in items for r in it.rows]
         dead = [it.dead.as_row() for it in items if it.dead is not None]
+        checkouts = [c for it in items for c in it.checkouts]
+        enforce = [e for it in items for e in it.enforce_checkins]
+        suppressed = Counter(s for it in items for s in it.suppressed)
         if rows:
             await self.ensure_partitions({(r[2], r[4] // _DAY_MS) for r in rows})
         conn = await self._connection()
@@ -181,5 +223,12 @@ class TelemetrySink:
                 status = await conn.execute(_INSERT)
                 inserted = int(status.rsplit(" ", 1)[1])
             if dead:
-                await conn.execute(_INSERT_DEAD, *[list(col) for col in zip(*dead, strict=True)])
+                await conn.execute(_INSERT_DEAD, *_columns(dead))
+            if checkouts:
+                await conn.execute(_INSERT_CHECKOUTS, *_columns(checkouts))
+            if suppressed:
+                await conn.execute(_ADD_SUPPRESSED, *_columns(
+                    [(t, d, day, n) for (t, d, day), n in suppressed.items()]))
+            if enforce:
+                await conn.executemany(_ENFORCE_CHECKIN, enforce)
         return WriteResult(inserted=inserted, offered=len(rows), dead_letters=len(dead))

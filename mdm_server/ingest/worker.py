@@ -23,11 +23,15 @@ import asyncpg
 
 from agent_protocol import TELEMETRY_FILTER, shared_subscription
 from mdm_server.config import Config
-from mdm_server.ingest.batch import build_items, decode_messages
+from mdm_server.ingest.batch import SinkItem, build_items, decode_messages
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
+from mdm_server.ingest.shaping import ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, is_transient
+from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
+from mdm_server.storage.checkouts import checkout_history
 from mdm_server.storage.devices import lookup_devices
 from mdm_server.storage.pool import connect
+from privacy_filters import CompiledPolicy
 
 __all__ = ["IngestStats", "IngestWorker"]
 
@@ -42,42 +46,58 @@ class IngestStats:
     records_stored: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    not_collected: int = 0  # records of kinds the policy does not collect
+    suppressed: int = 0  # location points the policy kept out of storage
     batches: int = 0
 
 
 class _DeviceRegistry:
-    """Which (tenant, device) pairs are enrolled; asks the database on a miss."""
+    """Which (tenant, device) pairs are enrolled, and how (ownership, groups);
+    asks the database on a miss."""
 
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._known: dict[tuple[str, str], bool] = {}
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], DeviceProfile] = {}
         self._unknown_until: dict[tuple[str, str], float] = {}
-        self._conn: asyncpg.Connection | None = None
 
-    async def refresh(self, keys: set[tuple[str, str]]) -> None:
+    async def refresh(self, conn: asyncpg.Connection, keys: set[tuple[str, str]]) -> None:
         now = time.monotonic()
         missing = [k for k in keys
                    if k not in self._known and self._unknown_until.get(k, 0.0) <= now]
         if not missing:
             return
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self._dsn)
-        try:
-            found = await lookup_devices(self._conn, missing)
-        except Exception:
-            conn, self._conn = self._conn, None
-            conn.terminate()
-            raise
+        found = await lookup_devices(conn, missing)
         for k in missing:
             info = found.get(k)
             if info is not None and info.enrolled:
-                self._known[k] = True
+                self._known[k] = DeviceProfile(info.ownership, info.groups)
                 self._unknown_until.pop(k, None)
             else:
                 self._unknown_until[k] = now + _UNKNOWN_TTL_S
 
     def is_enrolled(self, tenant: str, device: str) -> bool:
-        return self._known.get((tenant, device), False)
+        return (tenant, device) in self._known
+
+    def profile(self, tenant: str, device: str) -> DeviceProfile:
+        return self._known[(tenant, device)]
+
+
+class _LookupConnection:
+    """The worker's connection for reads on the hot path (devices, policies,
+    check-out history); replaced after any error."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self._dsn)
+        return self._conn
+
+    def reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -95,7 +115,9 @@ class IngestWorker:
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._sink = TelemetrySink(config.database_url)
-        self._devices = _DeviceRegistry(config.database_url)
+        self._devices = _DeviceRegistry()
+        self._lookup = _LookupConnection(config.database_url)
+        self.policies = PolicyEngine(config)
         self.consumer = MqttConsumer(
             config.mqtt,
             client_id=self.client_id,
@@ -123,9 +145,10 @@ class IngestWorker:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.consumer.run(), name=f"{self.client_id}-mqtt")
                 tg.create_task(self._batches(), name=f"{self.client_id}-batches")
+                tg.create_task(self.policies.watch(), name=f"{self.client_id}-policies")
         finally:
             await self._sink.close()
-            await self._devices.close()
+            await self._lookup.close()
 
     async def _prepare(self) -> None:
         async def prepare() -> None:
@@ -170,8 +193,9 @@ class IngestWorker:
         decoded = decode_messages(batch, int(time.time() * 1000))
         keys = {(d.topic.tenant, d.topic.device) for d in decoded
                 if d.error is None and d.topic is not None}
-        await self._with_db_retry(lambda: self._devices.refresh(keys))
+        await self._with_db_retry(lambda: self._load(keys))
         items = build_items(decoded, self._devices.is_enrolled)
+        shaped = await self._shape(items)
         if self._config.unsafe_ack_before_commit:
             self.consumer.ack(batch)  # test-only: the crash test must catch this
         result = await self._sink.write(items)
@@ -182,7 +206,46 @@ class IngestWorker:
         s.records_stored += result.inserted
         s.duplicates += result.duplicates
         s.dead_letters += result.dead_letters
+        s.not_collected += shaped.not_collected
+        s.suppressed += shaped.suppressed
         s.batches += 1
+
+    async def _load(self, keys: set[tuple[str, str]]) -> None:
+        """Devices and the policies of their tenants, from the database if needed."""
+        try:
+            conn = await self._lookup.get()
+            await self._devices.refresh(conn, keys)
+            await self.policies.load(conn, {t for t, _ in keys})
+        except Exception:
+            self._lookup.reset()
+            raise
+
+    async def _shape(self, items: list[SinkItem]) -> ShapeStats:
+        def choose(tenant: str, device: str) -> CompiledPolicy:
+            return self.policies.policy_for(tenant, device, self._devices.profile(tenant, device))
+
+        p = plan(items, choose)
+        views = {}
+        if p.needs_checkouts:
+            ts = [r[4] for it in items for r in it.decoded if r[2] == "location"]
+            history: dict[tuple[str, str], list[tuple[int, bool]]] = {}
+
+            async def fetch() -> None:
+                nonlocal history
+                try:
+                    history = await checkout_history(await self._lookup.get(),
+                                                     p.needs_checkouts, min(ts), max(ts))
+                except Exception:
+                    self._lookup.reset()
+                    raise
+
+            await self._with_db_retry(fetch)
+            per_tenant: dict[str, dict[str, list[tuple[int, bool]]]] = {}
+            for key in p.needs_checkouts | set(p.batch_events):
+                events = sorted(history.get(key, []) + p.batch_events.get(key, []))
+                per_tenant.setdefault(key[0], {})[key[1]] = events
+            views = {t: checked_out_view(ev) for t, ev in per_tenant.items()}
+        return apply(p, items, views)
 
     async def _with_db_retry(self, op: Callable[[], Awaitable[None]]) -> None:
         backoff = 0.1

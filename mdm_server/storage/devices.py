@@ -35,6 +35,7 @@ class DeviceInfo:
     tenant: str
     device: str
     ownership: str
+    groups: tuple[str, ...]
     enrolled: bool
 
 
@@ -85,10 +86,13 @@ async def enroll_device(
     ownership: str,
     user_email: str | None,
     mqtt_url: str,
+    groups: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Register a device; return what its agent needs (credentials shown only here)."""
     if not is_valid_id(device):
         raise EnrollmentError("device ids are 1-64 characters of A-Z a-z 0-9 _ -")
+    if not all(is_valid_id(g) for g in groups):
+        raise EnrollmentError("group names are 1-64 characters of A-Z a-z 0-9 _ -")
     if ownership not in ("corporate", "personal"):
         raise EnrollmentError("ownership must be corporate or personal")
     if user_email is not None and ("@" not in user_email or len(user_email) > 320):
@@ -98,10 +102,10 @@ async def enroll_device(
     try:
         await conn.execute(
             """INSERT INTO devices (tenant_id, device_id, ownership, user_email,
-                                    mqtt_username, mqtt_password_hash)
-               VALUES ($1, $2, $3, $4, $5, $6)""",
+                                    mqtt_username, mqtt_password_hash, groups)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
             tenant, device, ownership, user_email,
-            mqtt_username(tenant, device), _hash_password(password),
+            mqtt_username(tenant, device), _hash_password(password), sorted(set(groups)),
         )
     except asyncpg.UniqueViolationError:
         raise EnrollmentError(f"device {device!r} is enrolled already") from None
@@ -133,7 +137,7 @@ async def lookup_devices(
     if not keys:
         return {}
     rows = await conn.fetch(
-        """SELECT d.tenant_id, d.device_id, d.ownership, d.status
+        """SELECT d.tenant_id, d.device_id, d.ownership, d.groups, d.status
            FROM devices d
            JOIN unnest($1::text[], $2::text[]) AS k(t, dev)
              ON d.tenant_id = k.t AND d.device_id = k.dev""",
@@ -141,7 +145,8 @@ async def lookup_devices(
     )
     return {
         (r["tenant_id"], r["device_id"]): DeviceInfo(
-            r["tenant_id"], r["device_id"], r["ownership"], r["status"] == "enrolled"
+            r["tenant_id"], r["device_id"], r["ownership"], tuple(r["groups"]),
+            r["status"] == "enrolled",
         )
         for r in rows
     }

@@ -24,17 +24,30 @@ async def create_tenant(conn: asyncpg.Connection, name: str) -> None:
     if not is_valid_id(name):
         raise TenantError("tenant names are 1-64 characters of A-Z a-z 0-9 _ -")
     try:
-        await conn.execute("INSERT INTO tenants (tenant_id) VALUES ($1)", name)
+        async with conn.transaction():
+            await conn.execute("INSERT INTO tenants (tenant_id) VALUES ($1)", name)
+            await _create_default_policy(conn, name)
     except asyncpg.UniqueViolationError:
         raise TenantError(f"tenant {name!r} exists already") from None
+
+
+async def _create_default_policy(conn: asyncpg.Connection, tenant: str) -> None:
+    # Collect everything, keep 90 days: the admin narrows it (docs/policies.md).
+    await conn.execute(
+        "INSERT INTO policies (tenant_id, name, version, body, created_by) "
+        "VALUES ($1, 'default', 1, $2, 'system') ON CONFLICT DO NOTHING",
+        tenant, {"applies_to": {}})
 
 
 async def ensure_tenant(conn: asyncpg.Connection, name: str) -> None:
     if not is_valid_id(name):
         raise TenantError("tenant names are 1-64 characters of A-Z a-z 0-9 _ -")
-    await conn.execute(
-        "INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING", name
-    )
+    async with conn.transaction():
+        created = await conn.fetchval(
+            "INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING "
+            "RETURNING true", name)
+        if created:
+            await _create_default_policy(conn, name)
 
 
 async def create_admin_token(conn: asyncpg.Connection, *, tenant: str, name: str) -> str:

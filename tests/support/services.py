@@ -21,12 +21,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT", REPO / "scripts" / "broker"))
+
+
+# A fixed key for tests only (32 bytes, base64).
+TEST_MASTER_KEY = "dGVzdC1vbmx5LW1hc3Rlci1rZXktMzItYnl0ZXMhISE="
 
 
 def pg_admin_url() -> str:
@@ -172,7 +177,8 @@ class IngestProcess:
 def server_env(database_url: str, mqtt_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDM_")}
     env.update({"MDM_DATABASE_URL": database_url, "MDM_MQTT_URL": mqtt_url,
-                "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}"})
+                "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+                "MDM_MASTER_KEY": TEST_MASTER_KEY})
     env.update(extra)
     return env
 
@@ -185,9 +191,10 @@ async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[st
                  ownership: str = "corporate") -> None:
     """Create ``tenant`` (if needed) and enroll ``devices`` in it."""
     from mdm_server.storage.devices import enroll_device
+    from mdm_server.storage.pool import connect
     from mdm_server.storage.tenants import ensure_tenant
 
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url)
     try:
         await ensure_tenant(conn, tenant)
         for d in devices:
@@ -198,7 +205,9 @@ async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[st
 
 
 async def fetchval(database_url: str, sql: str, *args: object) -> object:
-    conn = await asyncpg.connect(database_url)
+    from mdm_server.storage.pool import connect
+
+    conn = await connect(database_url)
     try:
         return await conn.fetchval(sql, *args)
     finally:
@@ -206,7 +215,10 @@ async def fetchval(database_url: str, sql: str, *args: object) -> object:
 
 
 async def fetch(database_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
+    """Rows with jsonb decoded, as the server reads them."""
+    from mdm_server.storage.pool import connect
+
+    conn = await connect(database_url)
     try:
         return list(await conn.fetch(sql, *args))
     finally:
@@ -313,3 +325,70 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         except subprocess.CalledProcessError:
             pass  # already stopped by the test
         shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Server:
+    """``mdm-server serve`` as a real process, with its HTTP base URL."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return "http://" + self.env["MDM_HTTP_ADDR"]
+
+    def start(self, ingest_workers: int = 1) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mdm_server", "serve", "--ingest-workers",
+             str(ingest_workers)], env=self.env, stdout=log, stderr=log, cwd=REPO)
+        log.close()
+        wait_port(int(self.env["MDM_HTTP_ADDR"].rsplit(":", 1)[1]), timeout=30)
+        deadline = time.monotonic() + 30
+        while self.log_text().count("subscribed") < ingest_workers:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("server did not come up:\n" + self.log_text()[-3000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "mdm_server", *args], env=self.env,
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise AssertionError(f"mdm-server {' '.join(args)} failed: {out.stderr}")
+        return out.stdout
+
+    def request(self, method: str, path: str, token: str | None = None,
+                body: object = None) -> tuple[int, Any]:
+        """One HTTP call; returns (status, decoded JSON body or None)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            return err.code, json.loads(raw) if raw else None

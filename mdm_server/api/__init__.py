@@ -1,0 +1,1 @@
+"""The HTTP API (aiohttp): one module per resource; only this package speaks HTTP."""

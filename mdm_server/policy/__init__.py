@@ -1,0 +1,1 @@
+"""Which policy shapes each device's telemetry, kept current while ingest runs."""

@@ -1,0 +1,113 @@
+"""Retention: telemetry older than its policy allows is removed.
+
+Per kind, a day partition that is past the longest retention any policy gives
+that kind is dropped whole (cheap, and it returns the space at once). Inside
+the partitions that remain, rows whose own policy keeps them for less are
+deleted by (tenant, policy, kind), which partition pruning keeps to the old
+partitions. A record is kept for what its policy's CURRENT version says: an
+admin who shortens retention expects old data to go.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from agent_protocol import KINDS
+from mdm_server.policy.engine import STRICT_PERSONAL_ID
+from mdm_server.storage.policies import DEFAULT_POLICY
+from privacy_filters import STRICT_PERSONAL, PolicyError, parse_policy
+
+__all__ = ["DEAD_LETTER_DAYS", "RetentionReport", "run_retention"]
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_DAYS = 30
+_PARTITION = re.compile(r"^telemetry_([a-z]+)_(\d{8})$")
+
+
+@dataclass(slots=True)
+class RetentionReport:
+    dropped_partitions: list[str] = field(default_factory=list)
+    deleted_rows: int = 0
+    deleted_dead_letters: int = 0
+
+
+async def _retention_table(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, int]]:
+    """(tenant, policy id) -> days per kind, for every policy in force."""
+    rows = await conn.fetch(
+        """SELECT tenant_id, name, body FROM (
+               SELECT DISTINCT ON (tenant_id, name) * FROM policies
+               ORDER BY tenant_id, name, version DESC) newest
+           WHERE NOT deleted""")
+    table: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rows:
+        try:
+            policy = parse_policy(r["body"], name=r["name"])
+        except PolicyError:
+            policy = STRICT_PERSONAL  # the engine applies it in that case too
+        table[(r["tenant_id"], r["name"])] = {k: policy.retention_for(k) for k in KINDS}
+    for tenant in {t for t, _ in table}:
+        table[(tenant, STRICT_PERSONAL_ID)] = {k: STRICT_PERSONAL.retention_for(k)
+                                               for k in KINDS}
+    return table
+
+
+async def run_retention(conn: asyncpg.Connection, now: datetime | None = None
+                        ) -> RetentionReport:
+    now = now or datetime.now(UTC)
+    report = RetentionReport()
+    table = await _retention_table(conn)
+    longest = {k: max((days[k] for days in table.values()), default=STRICT_PERSONAL
+                      .retention_for(k)) for k in KINDS}
+
+    parts = await conn.fetch(
+        """SELECT c.relname FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+           WHERE p.relname = ANY($1::text[])""", [f"telemetry_{k}" for k in KINDS])
+    for (name,) in sorted(parts):
+        m = _PARTITION.match(name)
+        if not m or m.group(1) not in KINDS:
+            continue
+        day_end = datetime.strptime(m.group(2), "%Y%m%d").replace(tzinfo=UTC) + timedelta(1)
+        if day_end <= now - timedelta(days=longest[m.group(1)]):
+            await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+            report.dropped_partitions.append(name)
+
+    # Rows whose policy keeps them shorter than the longest; rows of a policy
+    # since deleted (or from before policies) follow the tenant's default.
+    for (tenant, policy_id), days in sorted(table.items()):
+        for kind in KINDS:
+            if days[kind] >= longest[kind]:
+                continue
+            cutoff = now - timedelta(days=days[kind])
+            status = await conn.execute(
+                "DELETE FROM telemetry WHERE kind = $1 AND tenant_id = $2 AND ts < $3 "
+                "AND policy_id = $4", kind, tenant, cutoff, policy_id)
+            report.deleted_rows += int(status.split()[-1])
+            if policy_id == DEFAULT_POLICY:
+                status = await conn.execute(
+                    """DELETE FROM telemetry t WHERE kind = $1 AND tenant_id = $2 AND ts < $3
+                       AND (policy_id IS NULL OR NOT EXISTS (
+                           SELECT 1 FROM policies p WHERE p.tenant_id = t.tenant_id
+                           AND p.name = t.policy_id AND NOT p.deleted
+                           AND p.version = (SELECT max(version) FROM policies q
+                                            WHERE q.tenant_id = p.tenant_id
+                                            AND q.name = p.name)))""",
+                    kind, tenant, cutoff)
+                report.deleted_rows += int(status.split()[-1])
+
+    status = await conn.execute("DELETE FROM dead_letters WHERE received_at < $1",
+                                now - timedelta(days=DEAD_LETTER_DAYS))
+    report.deleted_dead_letters = int(status.split()[-1])
+    status = await conn.execute(
+        "DELETE FROM checkout_events WHERE ts < $1",
+        now - timedelta(days=longest["location"] + 1))
+    log.info("retention: dropped %d partitions, deleted %d rows and %d dead letters",
+             len(report.dropped_partitions), report.deleted_rows,
+             report.deleted_dead_letters)
+    return report

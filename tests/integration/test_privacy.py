@@ -1,0 +1,134 @@
+"""The raw-value test: values a policy masks, hashes or drops never reach the
+database (a full pg_dump) or the server's logs, whatever they are."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent_protocol import Record, encode_telemetry, telemetry_topic
+from mdm_server.storage.policies import put_policy
+from mdm_server.storage.pool import connect
+from tests.support.mqtt import publish_all
+from tests.support.services import (
+    IngestProcess,
+    create_database,
+    drop_database,
+    enroll,
+    fetchval,
+    running_broker,
+    server_env,
+    wait_for_count,
+)
+
+pytestmark = pytest.mark.integration
+
+POLICY: dict[str, Any] = {"fields": {
+    "identity.imei": {"action": "mask", "keep_last": 4},
+    "identity.phone_number": {"action": "mask", "keep_last": 4},
+    "identity.serial": {"action": "hash"},
+    "identity.wifi_mac": {"action": "hash"},
+    "identity.bluetooth_mac": {"action": "hash"},
+    "identity.user_email": {"action": "drop"},
+    "identity.user_name": {"action": "drop"},
+    "identity.first_name": {"action": "drop"},
+    "identity.last_name": {"action": "drop"},
+    "identity.device_name": {"action": "drop"},
+    "sim.iccid": {"action": "hash"},
+    "sim.imsi": {"action": "hash"},
+    "network.ip": {"action": "drop"},
+    "network.wifi_ssid": {"action": "drop"},
+}}
+
+# Values long and specific enough that finding one by chance in a dump is not a
+# concern (masked values keep their last 4 characters, so the raw value as a
+# whole still must not appear).
+digits = st.text("0123456789", min_size=15, max_size=15)
+mac = st.lists(st.text("0123456789abcdef", min_size=2, max_size=2), min_size=6,
+               max_size=6).map(":".join)
+word = st.text("abcdefghijklmnopqrstuvwxyz", min_size=8, max_size=16)
+identity = st.fixed_dictionaries({
+    "imei": digits, "phone_number": digits.map(lambda d: "+" + d[:12]),
+    "serial": word.map(str.upper), "wifi_mac": mac, "bluetooth_mac": mac,
+    "user_email": st.tuples(word, word).map(lambda t: f"{t[0]}@{t[1]}.example"),
+    "user_name": word, "first_name": word.map(str.title), "last_name": word.map(str.title),
+    "device_name": word.map(lambda w: f"{w}'s phone"),
+})
+sim = st.fixed_dictionaries({"iccid": st.text("0123456789", min_size=19, max_size=20),
+                             "imsi": digits, "state": st.just("ready")})
+network = st.fixed_dictionaries({
+    "ip": st.tuples(*[st.integers(11, 223)] * 4).map(lambda t: ".".join(map(str, t))),
+    "wifi_ssid": word.map(lambda w: f"home-{w}"), "network_type": st.just("wifi")})
+
+
+def _raw_values(kind: str, data: dict[str, Any]) -> list[str]:
+    masked = {f.split(".", 1)[1] for f in POLICY["fields"] if f.startswith(kind + ".")}
+    return [str(v) for k, v in data.items() if k in masked]
+
+
+class Env:
+    def __init__(self, database: str, port: int, ingest: IngestProcess) -> None:
+        self.database, self.port, self.ingest = database, port, ingest
+        self.ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("privacy")
+    database = asyncio.run(create_database())
+
+    async def setup(mqtt_url: str) -> None:
+        await enroll(database, mqtt_url, "acme", ["phone"])
+        conn = await connect(database)
+        try:
+            await put_policy(conn, "acme", "default", {"applies_to": {}, **POLICY}, "test")
+        finally:
+            await conn.close()
+
+    with running_broker(tmp) as broker:
+        asyncio.run(setup(broker.url))
+        ingest = IngestProcess(server_env(database, broker.url, MDM_LOG_LEVEL="DEBUG"),
+                               tmp / "ingest.log")
+        ingest.start()
+        ingest.wait_ready()
+        try:
+            yield Env(database, broker.port, ingest)
+        finally:
+            ingest.stop()
+    asyncio.run(drop_database(database))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=st.lists(st.one_of(identity.map(lambda d: ("identity", d)),
+                                  sim.map(lambda d: ("sim", d)),
+                                  network.map(lambda d: ("network", d))),
+                        min_size=3, max_size=12))
+def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
+    env: Env, records: list[tuple[str, dict[str, Any]]]
+) -> None:
+    before = int(asyncio.run(fetchval(env.database, "SELECT count(*) FROM telemetry")))  # type: ignore[arg-type]
+    messages, raw = [], []
+    for kind, data in records:
+        rec = Record(f"r{next(env.ids)}", int(time.time() * 1000), data)
+        messages.append((telemetry_topic("acme", "phone", kind),
+                         encode_telemetry([rec], device="phone", kind=kind)))
+        raw += _raw_values(kind, data)
+    publish_all("127.0.0.1", env.port, messages)
+    stored = wait_for_count(env.database, "SELECT count(*) FROM telemetry",
+                            before + len(records), timeout=30, proc=env.ingest)
+    assert stored == before + len(records)
+    dump = subprocess.run(["pg_dump", "--no-owner", env.database], capture_output=True,
+                          text=True, check=True).stdout
+    logs = env.ingest.log_text()
+    assert "hmac-sha256:" in dump  # the hashed fields are there, in their hashed form
+    for value in raw:
+        assert value not in dump, "a raw value reached the database"
+        assert value not in logs, "a raw value reached the logs"
