@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import contextlib
 import itertools
@@ -117,6 +118,7 @@ async def enroll_fleet(
     Personal devices carry their user's e-mail. Returns the enrollment JSON of each.
     """
     # Imported here: only enrollment needs the database driver and the server package.
+    from mdm_server.commands.keys import public_keys
     from mdm_server.storage.devices import (
         EnrollmentError,
         enroll_device,
@@ -125,10 +127,18 @@ async def enroll_fleet(
     from mdm_server.storage.pool import connect
     from mdm_server.storage.tenants import ensure_tenant
 
+    # The server's command-signing key is created by the first enrollment, stored
+    # encrypted under the master key: the same MDM_MASTER_KEY the server runs with.
+    # Without it, enrollment works only once a key exists (the server made one).
+    raw_key = os.environ.get("MDM_MASTER_KEY", "")
+    master_key = base64.b64decode(raw_key, validate=True) if raw_key else None
     personal = _ownership_plan(n, personal_share, seed)
     out: list[dict[str, Any]] = []
     conn = await connect(dsn)
     try:
+        if master_key is None and not await public_keys(conn):
+            raise RuntimeError("enroll_fleet needs MDM_MASTER_KEY (base64 of 32 bytes) in "
+                               "the environment, the same as the server's")
         await ensure_tenant(conn, tenant)
         for i in range(n):
             device = device_name(i)
@@ -137,11 +147,12 @@ async def enroll_fleet(
                 enrollment = await enroll_device(
                     conn, tenant=tenant, device=device,
                     ownership="personal" if personal[i] else "corporate",
-                    user_email=email, mqtt_url=mqtt_url,
+                    user_email=email, mqtt_url=mqtt_url, master_key=master_key,
                 )
             except EnrollmentError:
                 enrollment = await reenroll_device(
-                    conn, tenant=tenant, device=device, mqtt_url=mqtt_url
+                    conn, tenant=tenant, device=device, mqtt_url=mqtt_url,
+                    master_key=master_key,
                 )
             if email is not None:
                 enrollment.setdefault("user_email", email)

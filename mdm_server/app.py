@@ -18,15 +18,17 @@ from aiohttp import web
 from mdm_server.api import devices, policies
 from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import error_middleware
+from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
 from mdm_server.ingest.worker import IngestStats, IngestWorker
 from mdm_server.storage.pool import create_pool
 
-__all__ = ["CONFIG", "INGEST", "POOL", "create_app", "live_line"]
+__all__ = ["CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app", "live_line"]
 
 log = logging.getLogger(__name__)
 
 INGEST = web.AppKey("ingest", IngestWorker)
+DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
@@ -94,6 +96,25 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
             await t
 
 
+async def _dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Signed commands: the outbox dispatcher, next to the in-process ingest."""
+    dispatcher = CommandDispatcher(app[CONFIG], app[POOL])
+    app[DISPATCHER] = dispatcher
+    task = asyncio.create_task(dispatcher.run(), name="command-dispatch")
+
+    def _fatal(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s stopped", task.get_name(), exc_info=task.exception())
+            raise web.GracefulExit  # commands accepted but never sent: stop, be restarted
+
+    task.add_done_callback(_fatal)
+    yield
+    task.remove_done_callback(_fatal)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def healthz(request: web.Request) -> web.Response:
     await request.app[POOL].fetchval("SELECT 1")
     body: dict[str, object] = {"status": "ok"}
@@ -117,6 +138,7 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     if ingest:
         app.cleanup_ctx.append(_ingest_ctx)
         app.cleanup_ctx.append(_retention_ctx)
+        app.cleanup_ctx.append(_dispatch_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes(devices.routes())
     app.router.add_routes(policies.routes())

@@ -101,7 +101,8 @@ async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
     try:
         enrollment = await enroll_device(
             conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
-            user_email=args.user_email, mqtt_url=cfg.mqtt.url(), groups=tuple(args.groups),
+            user_email=args.user_email, mqtt_url=cfg.mqtt.url(), master_key=cfg.master_key,
+            groups=tuple(args.groups),
         )
     finally:
         await conn.close()

@@ -12,6 +12,7 @@ from agent_protocol import KINDS, ProtocolError, Topic, decode_telemetry
 from mdm_server.api.auth import require_admin
 from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import json_error
+from mdm_server.commands.outbox import enqueue_sync_policy
 from mdm_server.storage import policies as store
 from privacy_filters import (
     PolicyError,
@@ -76,8 +77,10 @@ async def put_policy(request: web.Request) -> web.Response:
     if name == store.DEFAULT_POLICY and (policy.applies_to.ownership or policy.applies_to.groups):
         return json_error(422, "the policy is not valid", issues=[
             {"path": "applies_to", "message": "the default policy applies to every device"}])
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         v = await store.put_policy(conn, who.tenant, name, policy_to_doc(policy), who.name)
+        # Same transaction: the devices are told exactly when the change is committed.
+        await enqueue_sync_policy(conn, who.tenant, who.name)
     return web.json_response(_version_json(v), status=201 if v.version == 1 else 200)
 
 
@@ -86,8 +89,10 @@ async def delete_policy(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name == store.DEFAULT_POLICY:
         return json_error(409, "the default policy can be changed but not deleted")
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         v = await store.delete_policy(conn, who.tenant, name, who.name)
+        if v is not None:
+            await enqueue_sync_policy(conn, who.tenant, who.name)
     if v is None:
         raise web.HTTPNotFound(reason="no such policy")
     return web.Response(status=204)

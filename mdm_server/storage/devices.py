@@ -11,6 +11,7 @@ from typing import Any, Literal
 import asyncpg
 
 from agent_protocol import acks_topic, commands_topic, is_valid_id, telemetry_topic
+from mdm_server.commands.keys import SigningKeyError, public_keys, signing_key
 from mdm_server.config import MqttSettings
 
 __all__ = [
@@ -52,8 +53,23 @@ def _hash_password(password: str) -> str:
     return f"pbkdf2-sha512${_PBKDF2_ROUNDS}${b64(salt).decode()}${b64(digest).decode()}"
 
 
-def _enrollment(tenant: str, device: str, ownership: str, password: str, mqtt: MqttSettings
-                ) -> dict[str, Any]:
+async def _server_keys(conn: asyncpg.Connection, master_key: bytes | None) -> dict[str, str]:
+    """The public keys an agent verifies commands with; the first is created if none."""
+    keys = await public_keys(conn)
+    if keys:
+        return keys
+    if master_key is None:
+        raise EnrollmentError("MDM_MASTER_KEY (or MDM_MASTER_KEY_FILE) is not set: the "
+                              "server's command-signing key is created and stored under it")
+    try:
+        await signing_key(conn, master_key)
+    except SigningKeyError as exc:
+        raise EnrollmentError(str(exc)) from None
+    return await public_keys(conn)
+
+
+def _enrollment(tenant: str, device: str, ownership: str, password: str, mqtt: MqttSettings,
+                server_keys: dict[str, str]) -> dict[str, Any]:
     user = mqtt_username(tenant, device)
     return {
         "tenant": tenant,
@@ -75,6 +91,8 @@ def _enrollment(tenant: str, device: str, ownership: str, password: str, mqtt: M
             "acks": acks_topic(tenant, device),
             "commands": commands_topic(tenant, device),
         },
+        # key id -> base64 raw Ed25519 public key: commands must verify against one.
+        "server_keys": server_keys,
     }
 
 
@@ -86,9 +104,13 @@ async def enroll_device(
     ownership: str,
     user_email: str | None,
     mqtt_url: str,
+    master_key: bytes | None,
     groups: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Register a device; return what its agent needs (credentials shown only here)."""
+    """Register a device; return what its agent needs (credentials shown only here).
+
+    ``master_key`` (Config.master_key) is needed when no command-signing key
+    exists yet: the first one is created then."""
     if not is_valid_id(device):
         raise EnrollmentError("device ids are 1-64 characters of A-Z a-z 0-9 _ -")
     if not all(is_valid_id(g) for g in groups):
@@ -98,6 +120,7 @@ async def enroll_device(
     if user_email is not None and ("@" not in user_email or len(user_email) > 320):
         raise EnrollmentError("user email is not an e-mail address")
     mqtt = MqttSettings.from_url(mqtt_url)
+    server_keys = await _server_keys(conn, master_key)
     password = secrets.token_urlsafe(24)
     try:
         await conn.execute(
@@ -111,13 +134,15 @@ async def enroll_device(
         raise EnrollmentError(f"device {device!r} is enrolled already") from None
     except asyncpg.ForeignKeyViolationError:
         raise EnrollmentError(f"no tenant {tenant!r}") from None
-    return _enrollment(tenant, device, ownership, password, mqtt)
+    return _enrollment(tenant, device, ownership, password, mqtt, server_keys)
 
 
 async def reenroll_device(
-    conn: asyncpg.Connection, *, tenant: str, device: str, mqtt_url: str
+    conn: asyncpg.Connection, *, tenant: str, device: str, mqtt_url: str,
+    master_key: bytes | None,
 ) -> dict[str, Any]:
     """Issue new credentials to an enrolled device (the old password stops working)."""
+    server_keys = await _server_keys(conn, master_key)
     password = secrets.token_urlsafe(24)
     row = await conn.fetchrow(
         """UPDATE devices SET mqtt_password_hash = $3, status = 'enrolled', revoked_at = NULL
@@ -127,7 +152,7 @@ async def reenroll_device(
     if row is None:
         raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
     return _enrollment(tenant, device, row["ownership"], password,
-                       MqttSettings.from_url(mqtt_url))
+                       MqttSettings.from_url(mqtt_url), server_keys)
 
 
 async def lookup_devices(

@@ -57,9 +57,21 @@ async def create_database(prefix: str = "mdm_test") -> str:
     conn = await asyncpg.connect(url)
     try:
         await apply_migrations(conn)
+        await _seed_signing_key(conn)
     finally:
         await conn.close()
     return url
+
+
+async def _seed_signing_key(conn: asyncpg.Connection) -> None:
+    """The command-signing key, as a server run with :func:`server_env` (the test
+    master key) creates it; so code that enrolls in-process without a master key
+    (load_tests/bench_ingest.py through enroll_fleet) works on a fresh database."""
+    import base64
+
+    from mdm_server.commands.keys import signing_key
+
+    await signing_key(conn, base64.b64decode(TEST_MASTER_KEY))
 
 
 async def drop_database(url: str) -> None:
@@ -190,6 +202,14 @@ def have(cmd: str) -> bool:
 async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
                  ownership: str = "corporate") -> None:
     """Create ``tenant`` (if needed) and enroll ``devices`` in it."""
+    await enroll_devices(database_url, mqtt_url, tenant, devices, ownership)
+
+
+async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
+                         ownership: str = "corporate") -> list[dict[str, Any]]:
+    """As :func:`enroll`; returns each device's enrollment JSON (with server_keys)."""
+    import base64
+
     from mdm_server.storage.devices import enroll_device
     from mdm_server.storage.pool import connect
     from mdm_server.storage.tenants import ensure_tenant
@@ -197,9 +217,10 @@ async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[st
     conn = await connect(database_url)
     try:
         await ensure_tenant(conn, tenant)
-        for d in devices:
-            await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
-                                user_email=None, mqtt_url=mqtt_url)
+        return [await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
+                                    user_email=None, mqtt_url=mqtt_url,
+                                    master_key=base64.b64decode(TEST_MASTER_KEY))
+                for d in devices]
     finally:
         await conn.close()
 

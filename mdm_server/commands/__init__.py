@@ -1,0 +1,1 @@
+"""Signed commands to devices: signing keys, the outbox and its dispatcher."""

@@ -1,0 +1,316 @@
+"""The command outbox: commands are rows first, MQTT messages second.
+
+``enqueue`` inserts a ``queued`` row inside the caller's transaction (so a command
+exists exactly when the change that asked for it was committed) and NOTIFYs
+``mdm_commands``. The :class:`CommandDispatcher` signs queued commands, stores the
+signed bytes (a resend is byte-identical, so the agent's nonce check absorbs a
+duplicate), publishes them at QoS 1 (never retained) and marks a command ``sent``
+only once the broker has acknowledged it. While the broker is away commands stay
+queued; a server restart loses nothing, because the queue is the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent_protocol import (
+    COMMAND_TYPES,
+    Command,
+    LocalProtocolError,
+    Notice,
+    commands_topic,
+    encode_command,
+    sign_command,
+)
+from mdm_server.commands.keys import signing_key
+from mdm_server.config import Config
+from mdm_server.storage.pool import connect
+
+__all__ = ["NOTIFY_CHANNEL", "CommandDispatcher", "enqueue", "enqueue_sync_policy"]
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "mdm_commands"
+DEFAULT_TTL_S = 86_400
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms(dt: datetime) -> int:
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _dt(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _check(tenant: str, device: str, type_: str, params: Mapping[str, Any]) -> None:
+    """Refuse what could never be signed, before it is queued (ValueError)."""
+    if type_ not in COMMAND_TYPES:
+        raise ValueError(f"command type must be one of {', '.join(COMMAND_TYPES)}")
+    try:
+        Command(command_id="check", tenant=tenant, device=device, type=type_,
+                params=dict(params), notice=None, issued_at_ms=0, expires_at_ms=1,
+                nonce="checking", key_id="check")
+    except LocalProtocolError as exc:
+        raise ValueError(str(exc)) from None
+
+
+async def enqueue(conn: asyncpg.Connection, *, tenant: str, device: str, type: str,
+                  params: Mapping[str, Any], reason: str | None, requested_by: str,
+                  ttl_s: int = DEFAULT_TTL_S) -> uuid.UUID:
+    """Queue one command for one device; call inside the caller's transaction."""
+    _check(tenant, device, type, params)
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    command_id: uuid.UUID = await conn.fetchval(
+        """INSERT INTO commands (tenant_id, device_id, type, params, state, reason,
+                                 requested_by, expires_at)
+           VALUES ($1, $2, $3, $4, 'queued', $5, $6, now() + make_interval(secs => $7))
+           RETURNING command_id""",
+        tenant, device, type, dict(params), reason, requested_by, float(ttl_s))
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, tenant)
+    return command_id
+
+
+async def enqueue_sync_policy(conn: asyncpg.Connection, tenant: str, actor: str,
+                              ttl_s: int = DEFAULT_TTL_S) -> int:
+    """Queue ``sync_policy`` for every enrolled device of ``tenant``; return how many.
+
+    One statement, inside the caller's transaction (the policy write)."""
+    count: int = await conn.fetchval(
+        """WITH ins AS (
+               INSERT INTO commands (tenant_id, device_id, type, params, state, reason,
+                                     requested_by, expires_at)
+               SELECT tenant_id, device_id, 'sync_policy', $2::jsonb, 'queued',
+                      'policy changed', $3::text, now() + make_interval(secs => $4::float8)
+               FROM devices WHERE tenant_id = $1 AND status = 'enrolled'
+               RETURNING 1)
+           SELECT count(*) FROM ins""",
+        tenant, {"reason": "policy changed"}, actor, float(ttl_s))
+    if count:
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, tenant)
+    return count
+
+
+class CommandDispatcher:
+    """Signs and publishes queued commands; one per ``serve`` process.
+
+    Several dispatchers (several servers) may run against one database: rows are
+    claimed with ``FOR UPDATE SKIP LOCKED``. The MQTT client is paho's own
+    thread (``loop_start``); ``publish`` is thread-safe and PUBACKs come back to
+    the event loop through ``call_soon_threadsafe``. At most ``batch`` publishes
+    are unacknowledged at any time (paho's message ids are 16-bit).
+    """
+
+    def __init__(self, config: Config, pool: asyncpg.Pool, *, batch: int = 500,
+                 poll_s: float = 2.0, ack_timeout_s: float = 10.0,
+                 client_id: str = "mdm-dispatch") -> None:
+        self._config = config
+        self._pool = pool
+        self._batch = batch
+        self._poll_s = poll_s
+        self._ack_timeout_s = ack_timeout_s
+        self._client_id = client_id
+        self._pending: dict[int, asyncio.Future[bool]] = {}
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self.sent = 0
+
+    # -- MQTT (callbacks run on paho's thread) ---------------------------------
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object,
+                    rc: ReasonCode, props: object) -> None:
+        if rc.is_failure:
+            log.error("command dispatch: broker refused the connection: %s", rc)
+            return
+        log.info("command dispatch connected to the broker")
+        self._call(self._wake.set)
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
+                       rc: ReasonCode, props: object) -> None:
+        log.warning("command dispatch disconnected from the broker: %s", rc)
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
+                    rc: ReasonCode, props: object) -> None:
+        self._call(self._acked, mid, not rc.is_failure)
+
+    def _acked(self, mid: int, ok: bool) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(ok)
+
+    def _start_client(self) -> paho.Client:
+        s = self._config.mqtt
+        c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                        client_id=self._client_id, clean_session=True,
+                        protocol=paho.MQTTv311)
+        if s.username:
+            c.username_pw_set(s.username, s.password)
+        c.max_inflight_messages_set(self._batch)
+        c.reconnect_delay_set(min_delay=1, max_delay=5)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.connect_async(s.host, s.port, keepalive=30)
+        c.loop_start()  # retries the first connection too
+        return c
+
+    # -- the loop --------------------------------------------------------------
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> asyncpg.Connection | None:
+        try:
+            conn = await connect(self._config.database_url)
+            await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("command dispatch cannot LISTEN (%s); polling", type(exc).__name__)
+            return None
+        return conn
+
+    async def run(self) -> None:
+        """Dispatch until cancelled: on NOTIFY, on (re)connection, and every poll_s."""
+        self._loop = asyncio.get_running_loop()
+        self._client = self._start_client()
+        listen: asyncpg.Connection | None = None
+        try:
+            while True:
+                if listen is None or listen.is_closed():
+                    listen = await self._listen()
+                self._wake.clear()
+                try:
+                    more = await self.dispatch_once()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                        TimeoutError) as exc:
+                    log.warning("command dispatch failed (%s); retrying",
+                                type(exc).__name__)
+                    more = False
+                if not more:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._poll_s)
+        finally:
+            client, self._client = self._client, None
+            client.disconnect()
+            await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+            for fut in self._pending.values():
+                fut.cancel()
+            self._pending.clear()
+            if listen is not None and not listen.is_closed():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listen.close(), 5)
+
+    async def dispatch_once(self) -> bool:
+        """Sign what is unsigned, publish one batch; True if more may be waiting."""
+        client = self._client
+        if client is None or not client.is_connected():
+            return False  # nothing is claimed while the broker is away
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE commands SET state = 'expired' "
+                "WHERE state = 'queued' AND expires_at <= now()")
+            await self._sign_queued(conn)
+            return await self._publish_signed(conn, client)
+
+    async def _sign_queued(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                """SELECT command_id, tenant_id, device_id, type, params, notice, expires_at
+                   FROM commands WHERE state = 'queued' AND payload IS NULL
+                   ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED""", self._batch)
+            if not rows:
+                return
+            key_id, key = await signing_key(conn, self._config.master_key)
+            now_ms = _ms(datetime.now(UTC))
+            signed: list[tuple[uuid.UUID, bytes, str, datetime]] = []
+            failed: list[uuid.UUID] = []
+            for r in rows:
+                notice = r["notice"]
+                try:
+                    cmd = sign_command(Command(
+                        command_id=str(r["command_id"]), tenant=r["tenant_id"],
+                        device=r["device_id"], type=r["type"], params=r["params"],
+                        notice=None if notice is None else Notice(notice["text"],
+                                                                  notice["lang"]),
+                        issued_at_ms=now_ms, expires_at_ms=_ms(r["expires_at"]),
+                        nonce=secrets.token_urlsafe(16), key_id=key_id), key)
+                    payload = encode_command(cmd)
+                except (LocalProtocolError, KeyError, TypeError) as exc:
+                    # Never leaves this server: a bug or a bad row, not the device's.
+                    log.error("command %s cannot be signed (%s); marked failed",
+                              r["command_id"], exc)
+                    failed.append(r["command_id"])
+                    continue
+                signed.append((r["command_id"], payload, cmd.nonce, _dt(now_ms)))
+            if signed:
+                await conn.execute(
+                    """UPDATE commands c SET payload = s.payload, nonce = s.nonce,
+                              key_id = $5, issued_at = s.issued_at
+                       FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[])
+                            AS s(command_id, payload, nonce, issued_at)
+                       WHERE c.command_id = s.command_id""",
+                    [s[0] for s in signed], [s[1] for s in signed],
+                    [s[2] for s in signed], [s[3] for s in signed], key_id)
+            if failed:
+                await conn.execute("UPDATE commands SET state = 'failed' "
+                                   "WHERE command_id = ANY($1::uuid[])", failed)
+
+    async def _publish_signed(self, conn: asyncpg.Connection, client: paho.Client) -> bool:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                """SELECT command_id, tenant_id, device_id, payload FROM commands
+                   WHERE state = 'queued' AND payload IS NOT NULL
+                   ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED""", self._batch)
+            if not rows:
+                return False
+            acked = await self._publish(
+                client, [(commands_topic(r["tenant_id"], r["device_id"]), r["payload"])
+                         for r in rows])
+            if acked:
+                await conn.execute(
+                    "UPDATE commands SET state = 'sent', sent_at = now() "
+                    "WHERE command_id = ANY($1::uuid[])",
+                    [rows[i]["command_id"] for i in acked])
+                self.sent += len(acked)
+            return len(acked) == len(rows) == self._batch
+
+    async def _publish(self, client: paho.Client, messages: list[tuple[str, bytes]]
+                       ) -> list[int]:
+        """Publish at QoS 1, not retained; the indices the broker acknowledged."""
+        assert self._loop is not None
+        waiting: list[tuple[int, int, asyncio.Future[bool]]] = []
+        try:
+            for i, (topic, payload) in enumerate(messages):
+                info = client.publish(topic, payload, qos=1, retain=False)
+                if info.rc != paho.MQTT_ERR_SUCCESS:
+                    break  # disconnected: the rest stays queued for the next round
+                fut: asyncio.Future[bool] = self._loop.create_future()
+                # Registered before the loop runs any PUBACK callback (same thread).
+                self._pending[info.mid] = fut
+                waiting.append((i, info.mid, fut))
+            if waiting:
+                await asyncio.wait([f for _, _, f in waiting], timeout=self._ack_timeout_s)
+            return [i for i, _, f in waiting if f.done() and not f.cancelled() and f.result()]
+        finally:
+            for _, mid, f in waiting:
+                if self._pending.get(mid) is f:
+                    del self._pending[mid]
