@@ -2,6 +2,7 @@
 
     python -m load_tests.bench_ingest [--messages 100000] [--naive-messages 20000]
         [--live-seconds 60] [--live-rate 10000] [--live-mix] [--skip-live] [--profile]
+        [--policy-mix] [--pair-runs 2] [--skip-policy]
 
 Phases, each on a fresh private broker (scripts/broker, the project's config) and the
 run's throwaway database (created, migrated, dropped at the end):
@@ -15,11 +16,24 @@ naive      ``--naive-messages`` drained by load_tests/naive_consumer.py (paho au
            same decode and validation, one INSERT per message).
 live       ingest running; simulator at ``--live-rate`` records/s for
            ``--live-seconds`` s; publish->commit latency = received_at - ts in SQL.
-profile    (--profile) the drain again with the ingest under cProfile.
+profile    (--profile) the drain again with the ingest under cProfile (and a policy-B
+           drain under cProfile unless --skip-policy).
+micro      CompiledPolicy.filter_batch on 1,000-record batches, strict policy and the
+           open default (load_tests/bench_policy.py), best of --micro-repeats.
+pair       policy A/B: drains of tenant ``bench`` (its default policy as created: keeps
+           everything) and of tenant ``bench-strict`` (default policy = the strictest
+           realistic one, bench_policy.strict_policy_doc, set with put_policy before any
+           ingest ran), alternating A B B A (--pair-runs each). Before each backlog a
+           check_out per device (ts a minute earlier) is ingested by the primed ingest;
+           the timed ingest runs until stored + suppressed = backlog. Location only;
+           with --policy-mix also the simulator's realistic mix of kinds.
 
-Prints a summary and appends a dated section to load_tests/RESULTS.md. Everything it
-starts (brokers, ingest and consumer processes, the database) is stopped or dropped
-on exit, Ctrl-C and SIGTERM included.
+Ingest processes get MDM_MASTER_KEY (the tests' key) through tests/support/services
+server_env(); the bench sets the same key in its own environment for enrollment.
+
+Prints a summary and inserts a dated section at the top of load_tests/RESULTS.md
+(--no-results: print only). Everything it starts (brokers, ingest and consumer
+processes, the database) is stopped or dropped on exit, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
@@ -48,7 +62,15 @@ from typing import Any
 
 import asyncpg
 import orjson
+import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]  # no stubs installed (types-psutil)
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent_protocol import Record, encode_telemetry, telemetry_topic
+from load_tests import bench_policy
+from mdm_server.storage.policies import put_policy
+from mdm_server.storage.pool import connect
+from privacy_filters import parse_policy
 
 # The tests' helpers (databases, brokers started with the project's config, the
 # server's environment), imported at run time: mypy --strict of tests/support is not
@@ -59,6 +81,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "load_tests" / "RESULTS.md"
 PY = sys.executable
 TENANT = "bench"
+STRICT_TENANT = "bench-strict"  # its default policy: load_tests/bench_policy.py
+POLICY_SEED = 7  # simulator data seed of the policy pairs (same devices and walks)
+MIX_KINDS = "location,identity,sim,network,apps,checkinout"  # simulator's default weights
 DEVICES = 20
 FILTER = "mdm/v1/+/devices/+/telemetry/+"
 
@@ -66,6 +91,7 @@ TARGET_DRAIN = 30_000.0
 TARGET_VS_NAIVE = 5.0
 TARGET_VS_C = 0.3
 TARGET_P99_S = 0.5
+TARGET_POLICY_RATIO = 0.85
 
 
 class BenchError(Exception):
@@ -234,11 +260,14 @@ class Bench:
 
     def simulate(self, name: str, broker: Any, *, count: int | None = None,
                  rate: float = 0.0, duration: float = 0.0, kinds: str = "location",
-                 enroll: bool = True) -> dict[str, Any]:
+                 enroll: bool = True, tenant: str = TENANT,
+                 seed: int | None = None) -> dict[str, Any]:
         stats = self.tmp / f"{name}-sim.json"
-        cmd = [PY, "-m", "load_tests.simulator", "--tenant", TENANT, "--devices", str(DEVICES),
+        cmd = [PY, "-m", "load_tests.simulator", "--tenant", tenant, "--devices", str(DEVICES),
                "--kinds", kinds, "--rate", str(rate), "--mqtt-url", broker.url,
                "--json-stats", str(stats), "--quiet"]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
         cmd += ["--database-url", self.db_url] if enroll else ["--no-enroll"]
         if count is not None:
             cmd += ["--count", str(count)]
@@ -257,19 +286,22 @@ class Bench:
 
     def reset_tables(self) -> None:
         assert self.db is not None
-        self.db.execute("TRUNCATE telemetry, dead_letters")
+        self.db.execute(
+            "TRUNCATE telemetry, dead_letters, checkout_events, suppressed_locations")
 
     def note_load(self, phase: str) -> None:
         self.loads.append((phase, load_line()))
         log(f"{phase}: load average {load_line()}")
 
-    def wait_count(self, n: int, watch: Proc | None, timeout: float) -> float:
-        """Poll count(*) every 100 ms until it reaches n; returns the monotonic time."""
+    def wait_count(self, n: int, watch: Proc | None, timeout: float,
+                   sql: str = "SELECT count(*) FROM telemetry") -> float:
+        """Poll ``sql`` (a count) every 100 ms until it reaches n; returns the
+        monotonic time."""
         assert self.db is not None
         deadline = time.monotonic() + timeout
         last, moved = -1, time.monotonic()
         while True:
-            c = int(self.db.val("SELECT count(*) FROM telemetry"))
+            c = int(self.db.val(sql))
             now = time.monotonic()
             if c >= n:
                 return now
@@ -322,6 +354,97 @@ class Bench:
         log(f"{name}: {res['rate_wall']:,.0f} rec/s from start, {res['rate_commits']:,.0f} "
             f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record")
         return res
+
+    def publish_checkouts(self, broker: Any, tenant: str, ts_ms: int) -> None:
+        """One ``check_out`` event per device at ``ts_ms`` (QoS 1, all PUBACKed)."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-checkout-{tenant}")
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            infos = []
+            for i in range(DEVICES):
+                device = f"sim-{i:04d}"
+                payload = encode_telemetry(
+                    [Record(id=f"checkout-{ts_ms}-{i}", ts_ms=ts_ms,
+                            data={"event": "check_out", "user_id": f"user-{i}",
+                                  "shift_id": f"{device}-bench"})],
+                    device=device, kind="checkinout")
+                infos.append(client.publish(telemetry_topic(tenant, device, "checkinout"),
+                                            payload, qos=1))
+            for info in infos:
+                info.wait_for_publish(timeout=10)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+
+    def phase_policy_drain(self, name: str, tenant: str, kinds: str,
+                           profile: Path | None = None) -> dict[str, Any]:
+        """A drain like phase_drain, for ``tenant`` under its current default policy:
+        primed ingest, a check_out per device (ts a minute before the backlog) ingested
+        by it, then the backlog (simulator, seed POLICY_SEED), then the timed ingest
+        until every record is stored or counted suppressed."""
+        n = self.args.messages
+        self.note_load(name)
+        self.reset_tables()
+        broker = self.broker(name)
+        prime = self.ingest(f"{name}-prime", broker)
+        prime.wait_log("subscribed")
+        self.publish_checkouts(broker, tenant, int(time.time() * 1000) - 60_000)
+        self.wait_count(DEVICES, prime, timeout=60,
+                        sql="SELECT count(*) FROM checkout_events")
+        prime.stop()
+        log(f"{name}: check-outs ingested; publishing {n:,} messages ({kinds}, {tenant})")
+        sim = self.simulate(name, broker, count=n, kinds=kinds, tenant=tenant, seed=POLICY_SEED)
+        ing = self.ingest(name, broker, profile)
+        t0 = ing.started_at
+        mon = Monitor(ing.pid)
+        processed = (f"SELECT (SELECT count(*) FROM telemetry) - {DEVICES}"
+                     " + (SELECT coalesce(sum(count), 0) FROM suppressed_locations)")
+        t1 = self.wait_count(n, ing, timeout=600, sql=processed)
+        mon.stop()
+        rc = ing.stop()
+        wall = t1 - t0
+        assert self.db is not None
+        r = self.db.row(f"""
+            SELECT count(*) - {DEVICES} AS stored,
+                   count(*) FILTER (WHERE kind = 'location') AS loc_stored,
+                   extract(epoch FROM
+                       max(received_at) FILTER (WHERE record_id NOT LIKE 'checkout-%')
+                       - min(received_at) FILTER (WHERE record_id NOT LIKE 'checkout-%')
+                   ) AS span,
+                   count(DISTINCT received_at) FILTER (
+                       WHERE record_id NOT LIKE 'checkout-%') AS commits,
+                   min(policy_version) AS vmin, max(policy_version) AS vmax,
+                   (SELECT coalesce(sum(count), 0) FROM suppressed_locations) AS suppressed,
+                   (SELECT count(*) FROM dead_letters) AS dead
+            FROM telemetry""")
+        span = float(r["span"] or 0.0)
+        res = {
+            "tenant": tenant, "kinds": kinds, "messages": n, "stored": int(r["stored"]),
+            "loc_stored": int(r["loc_stored"]), "suppressed": int(r["suppressed"]),
+            "dead_letters": int(r["dead"]), "commits": int(r["commits"]),
+            "policy_version": (r["vmin"], r["vmax"]),
+            "wall_s": wall, "rate_wall": n / wall, "span_s": span,
+            "rate_commits": n / span if span else float("nan"),
+            "cpu_s": mon.cpu_s, "cpu_us_per_record": mon.cpu_s / n * 1e6,
+            "peak_rss_mb": mon.peak_rss / 2**20, "publish_rate": sim["rate_msgs_per_s"],
+            "sim_by_kind": sim.get("unique_by_kind", {}), "exit_code": rc,
+        }
+        log(f"{name}: {res['rate_wall']:,.0f} rec/s from start, {res['rate_commits']:,.0f} "
+            f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record, stored "
+            f"{res['stored']:,}, suppressed {res['suppressed']:,}")
+        return res
+
+    def phase_policy_pair(self, label: str, kinds: str) -> dict[str, Any]:
+        """Drains A (open default) and B (strict default), alternating, --pair-runs each."""
+        runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+        order = ["A", "B", "B", "A"] * self.args.pair_runs
+        order = order[: 2 * self.args.pair_runs]
+        for i, which in enumerate(order):
+            tenant = TENANT if which == "A" else STRICT_TENANT
+            runs[which].append(self.phase_policy_drain(f"{label}-{which}{i // 2 + 1}",
+                                                       tenant, kinds))
+        return {"kinds": kinds, "A": runs["A"], "B": runs["B"]}
 
     def phase_c_ref(self) -> dict[str, Any]:
         n = self.args.messages
@@ -411,6 +534,8 @@ class Bench:
 # --- profile summary ---------------------------------------------------------------------
 
 _CATEGORIES = [
+    ("privacy_filters (policy filter)", ("privacy_filters/",)),
+    ("shapely / numpy (Python side)", ("shapely/", "numpy/")),
     ("paho (MQTT parsing, acks)", ("paho/mqtt",)),
     ("agent_protocol (decode, validation)", ("agent_protocol/",)),
     ("asyncpg (COPY, queries)", ("asyncpg/",)),
@@ -433,6 +558,8 @@ def _where(func: tuple[str, int, str]) -> str:
 def _category(func: tuple[str, int, str]) -> str:
     file, _, name = func
     if file == "~":
+        if "shapely" in name or "numpy" in name:
+            return "shapely / numpy (C)"
         if "orjson" in name or "loads" in name:
             return "orjson (C; JSON parse/encode)"
         if "select" in name or "poll" in name:
@@ -459,10 +586,19 @@ def summarise_profile(path: Path, records: int, top: int = 15) -> dict[str, Any]
     inclusive = {}
     wanted = {
         "MqttConsumer._readable": ("mdm_server/ingest/mqtt.py", "_readable"),
+        "_BufferedClient._packet_read (fast path)": ("mdm_server/ingest/mqtt.py",
+                                                     "_packet_read"),
+        "MqttConsumer._fast_publish": ("mdm_server/ingest/mqtt.py", "_fast_publish"),
         "MqttConsumer.ack": ("mdm_server/ingest/mqtt.py", "ack"),
         "decode_messages": ("mdm_server/ingest/batch.py", "decode_messages"),
         "decode_telemetry": ("agent_protocol/envelope.py", "decode_telemetry"),
         "build_items": ("mdm_server/ingest/batch.py", "build_items"),
+        "IngestWorker._shape (policy, all of it)": ("mdm_server/ingest/worker.py", "_shape"),
+        "shaping.plan": ("mdm_server/ingest/shaping.py", "plan"),
+        "shaping.apply": ("mdm_server/ingest/shaping.py", "apply"),
+        "CompiledPolicy.filter_batch": ("privacy_filters/compile.py", "filter_batch"),
+        "checkout_history (query)": ("mdm_server/storage/checkouts.py", "checkout_history"),
+        "PolicyEngine.load (incl. compile)": ("mdm_server/policy/engine.py", "load"),
         "TelemetrySink._write_once": ("mdm_server/ingest/sink.py", "_write_once"),
         "copy_records_to_table": ("asyncpg/connection.py", "copy_records_to_table"),
         "paho Client._packet_read": ("paho/mqtt/client.py", "_packet_read"),
@@ -504,7 +640,142 @@ def versions() -> dict[str, str]:
     with contextlib.suppress(Exception):
         out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                     capture_output=True, text=True, check=True).stdout.strip()
+    with contextlib.suppress(Exception):
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout
+        others = [ln[3:] for ln in status.splitlines() if not ln[3:].startswith("load_tests/")]
+        out["dirty"] = ", ".join(others)
     return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def render_policy(b: Bench, add: Any) -> list[str]:
+    """The policy A/B section; returns the verdicts."""
+    a, r = b.args, b.results
+    verdicts: list[str] = []
+    micro = r.get("micro")
+    pairs = [(key, r[key]) for key in ("pair_location", "pair_mix") if r.get(key)]
+    if not pairs and not micro:
+        return verdicts
+    add("### Policy cost: open default (A) against the strictest realistic policy (B)")
+    add("")
+    add(f"A = tenant `{TENANT}` under its `default` policy as created with the tenant "
+        "(`{\"applies_to\": {}}`: collects every kind, keeps every field — \"no policy\"; "
+        "the engine still runs and copies each record). "
+        f"B = tenant `{STRICT_TENANT}` (same 20 device ids, its own enrollment) whose "
+        f"`default` policy (version {r.get('strict_version', '?')}, set with `put_policy` "
+        "before any ingest ran) is `load_tests/bench_policy.py`'s `strict_policy_doc()`: "
+        "IMEI and phone number masked (keep_last 4); serial, Wi-Fi MAC, Bluetooth MAC, "
+        "ICCID and IMSI hashed; user e-mail, user name, IP and Wi-Fi SSID dropped; "
+        "locations snapped to 1 km, kept only inside 1,000 work-zone polygons (6-20 "
+        "vertices, star-shaped so valid, about 1-4 km across, 125 around each of the "
+        "simulator's 8 home cities), never inside 10 excluded zones, and only while "
+        "checked out. Every drain, A and B alike: fresh broker, tables truncated, ingest "
+        "primed, one `check_out` event per device with ts one minute before the backlog "
+        "published and ingested by the primed ingest (not timed), then the backlog of "
+        f"{a.messages:,} single-record messages published by the simulator (seed "
+        f"{POLICY_SEED}: the same devices and walks in A and B, fresh record ids), then "
+        "the ingest started and timed until stored + suppressed = backlog. Runs "
+        "alternate A B B A; the rate is from process start (includes Python start-up "
+        "and, for B, loading and compiling the policy with its 1,010 zones).")
+    add("")
+    for key, pair in pairs:
+        label = "location only" if key == "pair_location" else \
+            "realistic mix of kinds (simulator default weights)"
+        add(f"**{label.capitalize()}** — each drain:")
+        add("")
+        add("| Drain | rec/s from start | rec/s first→last commit | CPU µs/rec | "
+            "stored | suppressed | peak RSS |")
+        add("|---|---:|---:|---:|---:|---:|---:|")
+        for which in ("A", "B"):
+            for i, d in enumerate(pair[which], 1):
+                add(f"| {which}{i} | {d['rate_wall']:,.0f} | {d['rate_commits']:,.0f} | "
+                    f"{d['cpu_us_per_record']:.1f} | {d['stored']:,} | {d['suppressed']:,} | "
+                    f"{d['peak_rss_mb']:.0f} MB |")
+        add("")
+        best_a = max(d["rate_wall"] for d in pair["A"])
+        best_b = max(d["rate_wall"] for d in pair["B"])
+        mean_a = _mean([d["rate_wall"] for d in pair["A"]])
+        mean_b = _mean([d["rate_wall"] for d in pair["B"]])
+        ca = _mean([d["rate_commits"] for d in pair["A"]])
+        cb = _mean([d["rate_commits"] for d in pair["B"]])
+        cpu_a = _mean([d["cpu_us_per_record"] for d in pair["A"]])
+        cpu_b = _mean([d["cpu_us_per_record"] for d in pair["B"]])
+        ratio = best_b / best_a
+        ok = ratio >= TARGET_POLICY_RATIO
+        last_b = pair["B"][-1]
+        by_kind = last_b.get("sim_by_kind") or {}
+        add(f"- Best A {best_a:,.0f} rec/s, best B {best_b:,.0f} rec/s: **B/A = {ratio:.2f}** "
+            f"(target ≥ {TARGET_POLICY_RATIO}: **{_pf(ok)}**). Means: A {mean_a:,.0f}, B "
+            f"{mean_b:,.0f} (B/A {mean_b / mean_a:.2f}); first→last commit A {ca:,.0f}, "
+            f"B {cb:,.0f} (B/A {cb / ca:.2f}).")
+        add(f"- CPU per record (ingest process, user+sys, psutil; mean of the runs): A "
+            f"{cpu_a:.1f} µs, B {cpu_b:.1f} µs, difference **{cpu_b - cpu_a:+.1f} µs** — "
+            "the policy's cost inside the real pipeline (filter, check-out history query, "
+            "suppressed-count upserts, policy load and compile).")
+        loc = by_kind.get("location", a.messages if key == "pair_location" else 0)
+        add(f"- B stored {last_b['stored']:,} records ({last_b['loc_stored']:,} locations, "
+            f"check-out events of the set-up excluded) and suppressed "
+            f"{last_b['suppressed']:,} of {loc:,} locations "
+            f"({last_b['suppressed'] / loc * 100 if loc else 0:.1f}%); "
+            f"dead letters {last_b['dead_letters']}."
+            + (f" Simulated kinds: {', '.join(f'{k} {v:,}' for k, v in by_kind.items())}."
+               if key == "pair_mix" else ""))
+        add("")
+        verdicts.append(f"policy B/A ({'location' if key == 'pair_location' else 'mix'}) "
+                        f"{_pf(ok)}")
+    if micro:
+        loc, ident = micro["kinds"]["location"], micro["kinds"]["identity"]
+        add(f"**The filter alone** (`CompiledPolicy.filter_batch`, batches of "
+            f"{micro['records']:,} records from the simulator's generator, seed {POLICY_SEED}; "
+            f"best of {micro['repeats']} runs of {micro['inner']} calls; check-out state from "
+            "the ingest's `checked_out_view`):")
+        add("")
+        add("| Kind | strict policy µs/rec | open default µs/rec | filter cost µs/rec |")
+        add("|---|---:|---:|---:|")
+        add(f"| location | {loc['strict']:.2f} | {loc['open']:.2f} | "
+            f"{loc['strict'] - loc['open']:.2f} |")
+        add(f"| identity | {ident['strict']:.2f} | {ident['open']:.2f} | "
+            f"{ident['strict'] - ident['open']:.2f} |")
+        add("")
+        add(f"Compiling the strict policy (parse excluded): {micro['compile_s'] * 1000:.0f} ms. "
+            f"The zones keep {micro['zone_share_100k']:.1%} of 100,000 simulated points "
+            f"({loc['kept_share']:.0%} of the first 1,000).")
+        add("")
+    return verdicts
+
+
+def render_profile(add: Any, title: str, summary: dict[str, Any], records: int) -> None:
+    add(f"### {title}")
+    add("")
+    add(f"Total profiled time {summary['total_s']:.2f} s = "
+        f"{summary['us_per_record']:.1f} µs per record (cProfile inflates Python "
+        "function calls; shares matter, not absolutes).")
+    add("")
+    add("Time by area (sum of tottime):")
+    add("")
+    add("| Area | s | share |")
+    add("|---|---:|---:|")
+    for label, t in summary["categories"]:
+        add(f"| {label} | {t:.2f} | {t / summary['total_s'] * 100:.1f}% |")
+    add("")
+    add("Inclusive (cumtime) of the stages:")
+    add("")
+    add("| Stage | cumtime s | calls | µs/record |")
+    add("|---|---:|---:|---:|")
+    for label, (ct, nc) in summary["inclusive"].items():
+        add(f"| {label} | {ct:.2f} | {nc:,} | {ct / records * 1e6:.1f} |")
+    add("")
+    add(f"Top {len(summary['top'])} functions by tottime:")
+    add("")
+    add("| tottime s | cumtime s | calls | function |")
+    add("|---:|---:|---:|---|")
+    for tt, ct, nc, where in summary["top"]:
+        add(f"| {tt:.3f} | {ct:.3f} | {nc:,} | `{where}` |")
+    add("")
 
 
 def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
@@ -515,7 +786,9 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     add(f"## {started:%Y-%m-%d %H:%M} UTC — ingest benchmark")
     add("")
     v = r.get("versions", {})
-    add(f"Commit {v.get('git', '?')}; Python {v.get('python')}, paho-mqtt {v.get('paho-mqtt')}, "
+    dirty = f" (working tree also modified: {v['dirty']})" if v.get("dirty") else ""
+    add(f"Commit {v.get('git', '?')}{dirty}; Python {v.get('python')}, "
+        f"paho-mqtt {v.get('paho-mqtt')}, "
         f"asyncpg {v.get('asyncpg')}, Mosquitto {v.get('mosquitto')}; "
         f"{os.cpu_count()} cores, shared.")
     add("")
@@ -528,8 +801,10 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
         f"process while the consumer was stopped; naive consumer backlog "
         f"{a.naive_messages:,}; live {a.live_rate:,} records/s for {a.live_seconds} s. "
         "Ingest defaults (batch 5,000 / 100 ms, ack after commit, full validation). "
-        "Policy: the default one — there is no policy engine yet, so no per-tenant filtering "
-        "or coarsening runs in these figures. One private broker per phase "
+        "Policy in the drain, reference, live and profile phases: the tenant's `default` "
+        "policy as created with the tenant (collect everything, keep every field — no "
+        "filtering; the policy engine still shapes every record); the strict policy's "
+        "cost is measured separately below. One private broker per phase "
         "(scripts/broker, project config). Ratios are within this run only.")
     add("")
     add("| Measure | Value | Notes |")
@@ -564,6 +839,10 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     if prof:
         add(f"| drain under cProfile | {prof['rate_wall']:,.0f} rec/s | profiling overhead "
             "included |")
+    prof_b = r.get("profile_drain_b")
+    if prof_b:
+        add(f"| drain under cProfile, strict policy B | {prof_b['rate_wall']:,.0f} rec/s | "
+            f"profiling overhead included; {prof_b['suppressed']:,} suppressed |")
     add("")
     add("Targets:")
     add("")
@@ -583,7 +862,7 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     if drain and cref:
         ratio = drain["rate_wall"] / cref["rate_wall"]
         ok = ratio >= TARGET_VS_C
-        add(f"| ≥ {TARGET_VS_C} of the C subscriber's rate | {ratio:.2f} | {_pf(ok)} |")
+        add(f"| ≥ {TARGET_VS_C} of the C subscriber's rate | {ratio:.3f} | {_pf(ok)} |")
         verdicts.append(f"vs C {_pf(ok)}")
     live = r.get("live")
     if live:
@@ -592,47 +871,28 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
             f"{live['p99_s'] * 1000:.0f} ms | {_pf(ok)} |")
         verdicts.append(f"live p99 {_pf(ok)}")
     add("")
-    summary = r.get("profile")
-    if summary:
-        add(f"### Profile (cProfile, one drain of {a.messages:,} messages)")
-        add("")
-        add(f"Total profiled time {summary['total_s']:.2f} s = "
-            f"{summary['us_per_record']:.1f} µs per record (cProfile inflates Python "
-            "function calls; shares matter, not absolutes).")
-        add("")
-        add("Time by area (sum of tottime):")
-        add("")
-        add("| Area | s | share |")
-        add("|---|---:|---:|")
-        for label, t in summary["categories"]:
-            add(f"| {label} | {t:.2f} | {t / summary['total_s'] * 100:.1f}% |")
-        add("")
-        add("Inclusive (cumtime) of the stages:")
-        add("")
-        add("| Stage | cumtime s | calls | µs/record |")
-        add("|---|---:|---:|---:|")
-        for label, (ct, nc) in summary["inclusive"].items():
-            add(f"| {label} | {ct:.2f} | {nc:,} | {ct / a.messages * 1e6:.1f} |")
-        add("")
-        add(f"Top {len(summary['top'])} functions by tottime:")
-        add("")
-        add("| tottime s | cumtime s | calls | function |")
-        add("|---:|---:|---:|---|")
-        for tt, ct, nc, where in summary["top"]:
-            add(f"| {tt:.3f} | {ct:.3f} | {nc:,} | `{where}` |")
-        add("")
+    verdicts += render_policy(b, add)
+    for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
+        summary = r.get(key)
+        if summary:
+            render_profile(add, f"Profile (cProfile, one drain of {a.messages:,} messages, "
+                           f"{title})", summary, a.messages)
     return "\n".join(lines) + "\n", ", ".join(verdicts)
 
 
+HEADER = ("# Load test results\n\n"
+          "Written by `python -m load_tests.bench_ingest`, newest first: each run inserts "
+          "its dated section here, above the earlier ones (which describe earlier code). "
+          "The machine is a shared 2-core box: compare ratios within one run, not "
+          "absolute figures across runs.\n\n")
+
+
 def write_results(section: str) -> None:
-    header = ("# Load test results\n\n"
-              "Written by `python -m load_tests.bench_ingest` (newest last). The machine is "
-              "a shared 2-core box: compare ratios within one run, not absolute figures "
-              "across runs.\n\n")
-    text = RESULTS.read_text() if RESULTS.exists() else header
-    if not text.endswith("\n\n"):
-        text = text.rstrip("\n") + "\n\n"
-    RESULTS.write_text(text + section)
+    """Insert ``section`` after the header, above the earlier runs."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    first = text.find("\n## ")
+    rest = text[first + 1:] if first >= 0 else ""
+    RESULTS.write_text(HEADER + section.rstrip("\n") + "\n\n" + rest)
 
 
 # --- main --------------------------------------------------------------------------------
@@ -652,6 +912,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-drain", action="store_true", help="no plain drain")
     p.add_argument("--skip-refs", action="store_true", help="no C/naive references")
     p.add_argument("--profile", action="store_true", help="also a drain under cProfile")
+    p.add_argument("--skip-policy", action="store_true",
+                   help="no policy A/B drains and no filter micro-benchmark")
+    p.add_argument("--policy-mix", action="store_true",
+                   help="also an A/B pair with the realistic mix of kinds")
+    p.add_argument("--pair-runs", type=int, default=2,
+                   help="drains of each policy per pair, alternating A B B A (default 2)")
+    p.add_argument("--micro-repeats", type=int, default=7,
+                   help="runs of the filter micro-benchmark; the best counts")
     p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     return p.parse_args(argv)
 
@@ -677,8 +945,23 @@ def _top_before() -> str:
     return f"load {load_line()}, top: `{cpu}`"
 
 
+async def _set_strict_policy(db_url: str) -> int:
+    """The strict policy as STRICT_TENANT's ``default`` (validated first); its version."""
+    body = bench_policy.strict_policy_doc()
+    parse_policy(body, name="default")  # put_policy stores what it is given
+    conn = await connect(db_url)
+    try:
+        pv = await put_policy(conn, STRICT_TENANT, "default", body, "bench")
+    finally:
+        await conn.close()
+    return pv.version
+
+
 def run(args: argparse.Namespace) -> int:
     started = dt.datetime.now(dt.UTC)
+    # Enrollment (here and in the simulator's processes) creates the command-signing
+    # key under the master key; the ingest gets the same one from server_env().
+    os.environ["MDM_MASTER_KEY"] = services.TEST_MASTER_KEY
     with contextlib.ExitStack() as stack, _sigterm_as_interrupt():
         tmp = Path(tempfile.mkdtemp(prefix="mdm-bench-"))
         stack.callback(shutil.rmtree, tmp, True)
@@ -693,6 +976,9 @@ def run(args: argparse.Namespace) -> int:
         from load_tests.simulator import enroll_fleet
 
         asyncio.run(enroll_fleet(b.db_url, "mqtt://127.0.0.1:1883", TENANT, DEVICES))
+        if not args.skip_policy:
+            asyncio.run(enroll_fleet(b.db_url, "mqtt://127.0.0.1:1883", STRICT_TENANT, DEVICES))
+            b.results["strict_version"] = asyncio.run(_set_strict_policy(b.db_url))
 
         try:
             phases(b, tmp)
@@ -709,22 +995,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"targets: {verdicts}")
         if not args.no_results:
             write_results(section)
-            log(f"appended to {RESULTS}")
+            log(f"written to {RESULTS}")
     return 0
 
 
 def phases(b: Bench, tmp: Path) -> None:
     args = b.args
+    if not args.skip_policy:
+        log("policy micro-benchmark (filter_batch, 1,000-record batches)")
+        b.note_load("micro")
+        b.results["micro"] = bench_policy.micro(records=1000, repeats=args.micro_repeats,
+                                                seed=POLICY_SEED)
     if not args.skip_drain:
         b.results["drain"] = b.phase_drain("drain")
+    if not args.skip_policy:
+        b.results["pair_location"] = b.phase_policy_pair("pair-loc", "location")
+        if args.policy_mix:
+            b.results["pair_mix"] = b.phase_policy_pair("pair-mix", MIX_KINDS)
     if not args.skip_refs:
         b.results["c_ref"] = b.phase_c_ref()
         b.results["naive"] = b.phase_naive()
     if not args.skip_live:
         b.results["live"] = b.phase_live("live", "location")
         if args.live_mix:
-            b.results["live_mix"] = b.phase_live(
-                "live-mix", "location,identity,sim,network,apps,checkinout")
+            b.results["live_mix"] = b.phase_live("live-mix", MIX_KINDS)
     if args.profile:
         prof_path = tmp / "ingest.prof"
         b.results["profile_drain"] = b.phase_drain("profile", profile=prof_path)
@@ -735,6 +1029,16 @@ def phases(b: Bench, tmp: Path) -> None:
         shutil.copy(prof_path, keep)
         b.results["profile"] = summarise_profile(prof_path, args.messages)
         log(f"profile kept in {keep}")
+        if not args.skip_policy:
+            prof_b = tmp / "ingest-strict.prof"
+            b.results["profile_drain_b"] = b.phase_policy_drain(
+                "profile-B", STRICT_TENANT, "location", profile=prof_b)
+            if not prof_b.exists():
+                raise BenchError("cProfile wrote no profile for the policy B drain")
+            keep_b = REPO / "var" / "bench-ingest-strict.prof"
+            shutil.copy(prof_b, keep_b)
+            b.results["profile_b"] = summarise_profile(prof_b, args.messages)
+            log(f"profile of the strict-policy drain kept in {keep_b}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
