@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -20,28 +18,15 @@ from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import error_middleware
 from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
-from mdm_server.ingest.worker import IngestStats, IngestWorker
+from mdm_server.ingest.worker import IngestWorker, live_line
 from mdm_server.storage.pool import create_pool
 
-__all__ = ["CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app", "live_line"]
+__all__ = ["CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app"]
 
 log = logging.getLogger(__name__)
 
 INGEST = web.AppKey("ingest", IngestWorker)
 DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
-
-
-async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
-    """Print a line a second: records stored per second, and the totals."""
-    last_stored, last_t = stats.records_stored, time.monotonic()
-    while True:
-        await asyncio.sleep(interval_s)
-        now = time.monotonic()
-        rate = (stats.records_stored - last_stored) / (now - last_t)
-        last_stored, last_t = stats.records_stored, now
-        print(f"{label}: {rate:,.0f} records/s  stored={stats.records_stored:,} "
-              f"duplicates={stats.duplicates:,} dead_letters={stats.dead_letters:,} "
-              f"messages={stats.messages:,}", file=sys.stderr, flush=True)
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,8 +13,6 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from mdm_server.config import Config, ConfigError, load_config
 from mdm_server.storage.devices import EnrollmentError, enroll_device
 from mdm_server.storage.migrate import apply_migrations
@@ -110,8 +108,7 @@ async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
 
 
 async def _ingest(cfg: Config, index: int) -> None:
-    from mdm_server.app import live_line
-    from mdm_server.ingest.worker import IngestWorker
+    from mdm_server.ingest.worker import IngestWorker, live_line
 
     worker = IngestWorker(cfg, index=index)
     loop = asyncio.get_running_loop()
@@ -125,6 +122,8 @@ async def _ingest(cfg: Config, index: int) -> None:
 
 
 def _serve(cfg: Config, workers: int) -> None:
+    from aiohttp import web
+
     from mdm_server.app import create_app
 
     if workers < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from mdm_server.storage.devices import lookup_devices
 from mdm_server.storage.pool import connect
 from privacy_filters import CompiledPolicy
 
-__all__ = ["IngestStats", "IngestWorker"]
+__all__ = ["IngestStats", "IngestWorker", "live_line"]
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +260,16 @@ class IngestWorker:
                 log.warning("database unavailable (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
+    """Print a line a second: records stored per second, and the totals."""
+    last_stored, last_t = stats.records_stored, time.monotonic()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        rate = (stats.records_stored - last_stored) / (now - last_t)
+        last_stored, last_t = stats.records_stored, now
+        print(f"{label}: {rate:,.0f} records/s  stored={stats.records_stored:,} "
+              f"duplicates={stats.duplicates:,} dead_letters={stats.dead_letters:,} "
+              f"messages={stats.messages:,}", file=sys.stderr, flush=True)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.support.mqtt import publish_all
-from tests.support.services import REPO, Broker, server_env, wait_for_count, wait_port
+from tests.support.services import REPO, Broker, Server, server_env, wait_for_count
 from tests.support.telemetry import location
 
 pytestmark = pytest.mark.integration
@@ -82,17 +79,6 @@ def test_bad_configuration_is_named(broker: Broker) -> None:
     assert "MDM_HTTP_ADDR" in result.stderr
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
-    req = urllib.request.Request(url)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def test_serve_runs_http_and_two_ingest_workers(database: str, broker: Broker,
                                                 tmp_path: Path) -> None:
     env = server_env(database, broker.url)
@@ -103,39 +89,30 @@ def test_serve_runs_http_and_two_ingest_workers(database: str, broker: Broker,
     for d in ("d1", "d2"):
         cli(env, "device", "enroll", "--tenant", "acme", "--device", d, "--ownership",
             "corporate")
-    host, port = env["MDM_HTTP_ADDR"].split(":")
-    base = f"http://{host}:{port}"
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mdm_server", "serve", "--ingest-workers",
-                             "2"], env=env, cwd=REPO, stdout=log, stderr=log)
+    server = Server(env, tmp_path / "serve.log")
+    server.start(ingest_workers=2)
     try:
-        wait_port(int(port), timeout=30)
-        deadline = time.monotonic() + 30
-        while (tmp_path / "serve.log").read_text().count("subscribed") < 2:
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.1)
-        status, health = _get(base + "/healthz")
+        assert server.proc is not None
+        status, health = server.request("GET", "/healthz")
         assert status == 200
         assert health["status"] == "ok"
-        assert _get(base + "/api/v1/devices")[0] == 401
-        assert _get(base + "/api/v1/devices", "mdm_wrong")[0] == 401
-        status, body = _get(base + "/api/v1/devices", token)
+        assert server.request("GET", "/api/v1/devices")[0] == 401
+        assert server.request("GET", "/api/v1/devices", "mdm_wrong")[0] == 401
+        status, body = server.request("GET", "/api/v1/devices", token)
         assert status == 200
-        assert [d["device"] for d in body["devices"]] == ["d1", "d2"]  # type: ignore[index]
-        status, body = _get(base + "/api/v1/devices", other)
+        assert [d["device"] for d in body["devices"]] == ["d1", "d2"]
+        status, body = server.request("GET", "/api/v1/devices", other)
         assert (status, body["devices"]) == (200, [])  # another tenant sees none of acme's
         publish_all("127.0.0.1", broker.port,
                     [location("acme", f"d{1 + i % 2}", i) for i in range(2000)])
         stored = wait_for_count(database, "SELECT count(*) FROM telemetry", 2000)
         assert stored == 2000
         time.sleep(1.5)
-        workers = psutil.Process(proc.pid).children()
+        workers = psutil.Process(server.proc.pid).children()
         assert len(workers) == 1  # ingest-1; ingest-0 runs inside serve
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        log.close()
-    text = (tmp_path / "serve.log").read_text()
+        server.stop()
+    text = server.log_text()
     # Both workers took part (shared subscription) and printed their live lines.
     assert "ingest-0:" in text
     assert "ingest-1:" in text

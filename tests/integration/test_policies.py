@@ -290,3 +290,28 @@ def test_policy_change_while_messages_flow(server: Server, admin: str) -> None:
     assert by_version.get(v_mask, {masked}) == {masked}
     assert set(by_version) <= {v_keep, v_mask}
     assert v_mask in by_version  # the change reached the running worker
+
+
+def test_only_inside_keeps_points_in_the_work_zones_only(server: Server, admin: str) -> None:
+    work = {"type": "MultiPolygon", "coordinates": [
+        [[[5.0, 51.0], [5.1, 51.0], [5.1, 51.1], [5.0, 51.1], [5.0, 51.0]]],
+        [[[6.0, 52.0], [6.1, 52.0], [6.1, 52.1], [6.0, 52.1], [6.0, 52.0]]]]}
+    policy = {"applies_to": {"groups": ["zoned"]}, "location": {"only_inside": [work]}}
+    assert server.request("PUT", "/api/v1/policies/zoned", admin, policy)[0] in (200, 201)
+    server.cli("device", "enroll", "--tenant", "acme", "--device", "z1", "--ownership",
+               "corporate", "--group", "zoned")
+    time.sleep(1.0)
+    _publish(server, [
+        _msg("z1", "location", "site-a", {"lat": 51.05, "lon": 5.05}),
+        _msg("z1", "location", "site-b", {"lat": 52.05, "lon": 6.05}),
+        _msg("z1", "location", "edge", {"lat": 51.0, "lon": 5.05}),  # on the boundary
+        _msg("z1", "location", "home", {"lat": 51.5, "lon": 5.5}),
+    ])
+    _wait_rows(server, "z1", 3)
+    time.sleep(1.0)
+    rows = _rows(server, "z1")
+    assert set(rows) == {"site-a", "site-b", "edge"}
+    assert rows["site-a"]["data"] == {"lat": 51.05, "lon": 5.05}  # no snapping asked
+    counts = asyncio.run(fetch(_db(server), "SELECT count FROM suppressed_locations "
+                                            "WHERE device_id = 'z1'"))
+    assert [r["count"] for r in counts] == [1]

@@ -138,33 +138,18 @@ def running_broker(tmp: Path) -> Iterator[Broker]:
 
 
 @dataclass
-class IngestProcess:
-    """``mdm-server ingest`` as a real process, so tests can SIGKILL it."""
+class MdmProcess:
+    """An ``mdm-server`` subcommand as a real process, its output in a log file."""
 
     env: dict[str, str]
     log_path: Path
-    index: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    stop_signal = signal.SIGTERM
 
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mdm_server", "ingest", "--index", str(self.index)],
-            env=self.env, stdout=log, stderr=log, cwd=REPO,
-        )
-        log.close()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the worker's subscription is acknowledged by the broker:
-        from then on the broker keeps messages for its session."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "subscribed" in self.log_text():
-                return
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError("ingest process died:\n" + self.log_text()[-3000:])
-            time.sleep(0.05)
-        raise TimeoutError("ingest worker did not subscribe:\n" + self.log_text()[-3000:])
+    def spawn(self, *args: str) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mdm_server", *args],
+                                         env=self.env, stdout=log, stderr=log, cwd=REPO)
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -174,9 +159,9 @@ class IngestProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(self.stop_signal)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -184,6 +169,30 @@ class IngestProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_subscribed(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Block until ``count`` ingest subscriptions are acknowledged by the broker:
+        from then on the broker keeps messages for their sessions."""
+        deadline = time.monotonic() + timeout
+        while self.log_text().count("subscribed") < count:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("process died:\n" + self.log_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError("no subscription:\n" + self.log_text()[-3000:])
+            time.sleep(0.05)
+
+
+@dataclass
+class IngestProcess(MdmProcess):
+    """``mdm-server ingest``, so tests can SIGKILL it."""
+
+    index: int = 0
+
+    def start(self) -> None:
+        self.spawn("ingest", "--index", str(self.index))
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        self.wait_subscribed(1, timeout)
 
 
 def server_env(database_url: str, mqtt_url: str, **extra: str) -> dict[str, str]:
@@ -349,42 +358,19 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 
 
 @dataclass
-class Server:
-    """``mdm-server serve`` as a real process, with its HTTP base URL."""
+class Server(MdmProcess):
+    """``mdm-server serve``, with its HTTP base URL."""
 
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    stop_signal = signal.SIGINT
 
     @property
     def base(self) -> str:
         return "http://" + self.env["MDM_HTTP_ADDR"]
 
     def start(self, ingest_workers: int = 1) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mdm_server", "serve", "--ingest-workers",
-             str(ingest_workers)], env=self.env, stdout=log, stderr=log, cwd=REPO)
-        log.close()
+        self.spawn("serve", "--ingest-workers", str(ingest_workers))
         wait_port(int(self.env["MDM_HTTP_ADDR"].rsplit(":", 1)[1]), timeout=30)
-        deadline = time.monotonic() + 30
-        while self.log_text().count("subscribed") < ingest_workers:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("server did not come up:\n" + self.log_text()[-3000:])
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        self.wait_subscribed(ingest_workers)
 
     def cli(self, *args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "mdm_server", *args], env=self.env,
