@@ -19,6 +19,7 @@ from mdm_server.api.errors import error_middleware
 from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
 from mdm_server.ingest.worker import IngestWorker, live_line
+from mdm_server.logsafe import describe
 from mdm_server.storage.pool import create_pool
 
 __all__ = ["CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app"]
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 
 INGEST = web.AppKey("ingest", IngestWorker)
 DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
+
+
+def _fatal(task: asyncio.Task[None]) -> None:
+    """Done-callback of the server's background tasks: one that fails stops the
+    server (to be restarted by its supervisor) rather than serving without ingest
+    or leaving accepted commands unsent."""
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None:
+        log.critical("%s stopped: %s", task.get_name(), describe(exc))
+        raise web.GracefulExit
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -65,11 +76,6 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(live_line(worker.stats, "ingest-0"), name="ingest-0-live"),
     ]
 
-    def _fatal(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("%s stopped", task.get_name(), exc_info=task.exception())
-            raise web.GracefulExit  # never keep serving without ingest
-
     for t in tasks:
         t.add_done_callback(_fatal)
     yield
@@ -86,11 +92,6 @@ async def _dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     dispatcher = CommandDispatcher(app[CONFIG], app[POOL])
     app[DISPATCHER] = dispatcher
     task = asyncio.create_task(dispatcher.run(), name="command-dispatch")
-
-    def _fatal(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("%s stopped", task.get_name(), exc_info=task.exception())
-            raise web.GracefulExit  # commands accepted but never sent: stop, be restarted
 
     task.add_done_callback(_fatal)
     yield

@@ -4,10 +4,11 @@ never a value from the request."""
 from __future__ import annotations
 
 import logging
-import traceback
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from mdm_server.logsafe import describe
 
 __all__ = ["error_middleware", "json_error"]
 
@@ -30,10 +31,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {k: v for k, v in exc.headers.items() if k in _KEEP_HEADERS}
         return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
     except Exception as exc:
-        # The exception's text may quote request data: log its type and where it
-        # happened, not its message.
-        where = "".join(traceback.format_tb(exc.__traceback__, limit=-3))
-        log.error("unhandled %s in %s %s\n%s", type(exc).__name__, request.method,
-                  request.match_info.route.resource.canonical if request.match_info.route.resource
-                  else "?", where)
+        resource = request.match_info.route.resource
+        log.error("unhandled error in %s %s: %s", request.method,
+                  resource.canonical if resource else "?", describe(exc))
         return json_error(500, "internal error")
