@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import bisect
 import contextlib
 import itertools
@@ -119,6 +118,7 @@ async def enroll_fleet(
     """
     # Imported here: only enrollment needs the database driver and the server package.
     from mdm_server.commands.keys import public_keys
+    from mdm_server.config import master_key_from_env
     from mdm_server.storage.devices import (
         EnrollmentError,
         enroll_device,
@@ -130,14 +130,13 @@ async def enroll_fleet(
     # The server's command-signing key is created by the first enrollment, stored
     # encrypted under the master key: the same MDM_MASTER_KEY the server runs with.
     # Without it, enrollment works only once a key exists (the server made one).
-    raw_key = os.environ.get("MDM_MASTER_KEY", "")
-    master_key = base64.b64decode(raw_key, validate=True) if raw_key else None
+    master_key = master_key_from_env(os.environ)
     personal = _ownership_plan(n, personal_share, seed)
     out: list[dict[str, Any]] = []
     conn = await connect(dsn)
     try:
         if master_key is None and not await public_keys(conn):
-            raise RuntimeError("enroll_fleet needs MDM_MASTER_KEY (base64 of 32 bytes) in "
+            raise RuntimeError("enroll_fleet needs MDM_MASTER_KEY or MDM_MASTER_KEY_FILE in "
                                "the environment, the same as the server's")
         await ensure_tenant(conn, tenant)
         for i in range(n):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Config", "ConfigError", "MqttSettings", "load_config"]
+__all__ = ["Config", "ConfigError", "MqttSettings", "load_config", "master_key_from_env"]
 
 
 class ConfigError(Exception):
@@ -83,7 +83,9 @@ class Config:
                         hashlib.sha256).digest()
 
 
-def _master_key(env: Mapping[str, str]) -> bytes | None:
+def master_key_from_env(env: Mapping[str, str]) -> bytes | None:
+    """MDM_MASTER_KEY (base64) or the file named by MDM_MASTER_KEY_FILE; None if
+    neither is set. For tools that need only the key, not a whole Config."""
     raw = env.get("MDM_MASTER_KEY", "")
     var = "MDM_MASTER_KEY"
     if not raw and env.get("MDM_MASTER_KEY_FILE"):
@@ -149,7 +151,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         batch_max_records=_int(env, "MDM_INGEST_BATCH", 5000, 1, 100_000),
         batch_max_delay_s=_int(env, "MDM_INGEST_BATCH_DELAY_MS", 100, 1, 10_000) / 1000,
         max_pending_bytes=_int(env, "MDM_INGEST_MAX_PENDING_MB", 64, 1, 4096) * 1024 * 1024,
-        master_key=_master_key(env),
+        master_key=master_key_from_env(env),
         retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400 * 7)),
         unsafe_ack_before_commit=unsafe,
     )
