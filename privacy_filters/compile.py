@@ -79,16 +79,7 @@ def _make_shaper(ops: _Ops, nested: tuple[tuple[str, _Ops], ...]) -> _Shaper:
     if not nested:
 
         def shape(r: dict[str, Any]) -> dict[str, Any]:
-            for key, fn in ops:
-                if key in r:
-                    if fn is None:
-                        del r[key]
-                    else:
-                        v = fn(r[key])
-                        if v is DROP:
-                            del r[key]
-                        else:
-                            r[key] = v
+            _apply(r, ops)
             return r
 
         return shape

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
 
@@ -26,7 +27,15 @@ from agent_protocol import KINDS
 from mdm_server.ingest.batch import DeadLetter, SinkItem
 from mdm_server.storage.pool import connect
 
-__all__ = ["STORAGE_REFUSED", "TelemetrySink", "WriteResult", "is_transient"]
+__all__ = [
+    "STORAGE_REFUSED",
+    "TelemetrySink",
+    "WriteResult",
+    "is_transient",
+    "retry_while_away",
+]
+
+T = TypeVar("T")
 
 # Dead-letter reason for a message the database refused (the protocol's own
 # reasons live in agent_protocol.Reason).
@@ -84,6 +93,24 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
 
 # SQLSTATE classes that mean "the server is away or busy", not "the data is bad".
 _TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
+
+
+async def retry_while_away(op: Callable[[], Awaitable[T]], reset: Callable[[], None]) -> T:
+    """Run ``op`` until it succeeds, waiting out a database that is away (with
+    backoff, calling ``reset`` to drop the broken connection); any other error
+    is raised at once."""
+    backoff = 0.1
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            reset()
+            log.warning("database unavailable (%s); retrying in %.1fs",
+                        type(exc).__name__, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -157,20 +184,9 @@ class TelemetrySink:
     async def write(self, items: Sequence[SinkItem]) -> WriteResult:
         """Store the items durably; returns once committed. Retries while the
         database is away; never raises for bad data."""
-        backoff = 0.1
-        while True:
-            try:
-                return await self._write_splitting(items)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                await self.reset()
-                log.warning("database unavailable (%s); retrying in %.1fs",
-                            type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        return await retry_while_away(lambda: self._write_splitting(items), self.reset)
 
-    async def reset(self) -> None:
+    def reset(self) -> None:
         """Forget the connection (after an error); the next write reconnects."""
         conn, self._conn = self._conn, None
         if conn is not None:

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -27,7 +26,7 @@ from mdm_server.config import Config
 from mdm_server.ingest.batch import SinkItem, build_items, decode_messages
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
 from mdm_server.ingest.shaping import ShapeStats, apply, plan
-from mdm_server.ingest.sink import TelemetrySink, is_transient
+from mdm_server.ingest.sink import TelemetrySink, retry_while_away
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
 from mdm_server.storage.checkouts import checkout_history
 from mdm_server.storage.devices import lookup_devices
@@ -152,14 +151,8 @@ class IngestWorker:
             await self._lookup.close()
 
     async def _prepare(self) -> None:
-        async def prepare() -> None:
-            try:
-                await self._sink.prepare(int(time.time() * 1000))
-            except Exception:
-                await self._sink.reset()
-                raise
-
-        await self._with_db_retry(prepare)
+        await retry_while_away(lambda: self._sink.prepare(int(time.time() * 1000)),
+                               self._sink.reset)
 
     async def _next_batch(self) -> list[InboundMessage]:
         cfg = self._config
@@ -194,7 +187,7 @@ class IngestWorker:
         decoded = decode_messages(batch, int(time.time() * 1000))
         keys = {(d.topic.tenant, d.topic.device) for d in decoded
                 if d.error is None and d.topic is not None}
-        await self._with_db_retry(lambda: self._load(keys))
+        await retry_while_away(lambda: self._load(keys), self._lookup.reset)
         items = build_items(decoded, self._devices.is_enrolled)
         shaped = await self._shape(items)
         if self._config.unsafe_ack_before_commit:
@@ -213,13 +206,9 @@ class IngestWorker:
 
     async def _load(self, keys: set[tuple[str, str]]) -> None:
         """Devices and the policies of their tenants, from the database if needed."""
-        try:
-            conn = await self._lookup.get()
-            await self._devices.refresh(conn, keys)
-            await self.policies.load(conn, {t for t, _ in keys})
-        except Exception:
-            self._lookup.reset()
-            raise
+        conn = await self._lookup.get()
+        await self._devices.refresh(conn, keys)
+        await self.policies.load(conn, {t for t, _ in keys})
 
     async def _shape(self, items: list[SinkItem]) -> ShapeStats:
         def choose(tenant: str, device: str) -> CompiledPolicy:
@@ -229,37 +218,18 @@ class IngestWorker:
         views = {}
         if p.needs_checkouts:
             ts = [r[4] for it in items for r in it.decoded if r[2] == "location"]
-            history: dict[tuple[str, str], list[tuple[int, bool]]] = {}
 
-            async def fetch() -> None:
-                nonlocal history
-                try:
-                    history = await checkout_history(await self._lookup.get(),
-                                                     p.needs_checkouts, min(ts), max(ts))
-                except Exception:
-                    self._lookup.reset()
-                    raise
+            async def fetch() -> dict[tuple[str, str], list[tuple[int, bool]]]:
+                return await checkout_history(await self._lookup.get(), p.needs_checkouts,
+                                              min(ts), max(ts))
 
-            await self._with_db_retry(fetch)
+            history = await retry_while_away(fetch, self._lookup.reset)
             per_tenant: dict[str, dict[str, list[tuple[int, bool]]]] = {}
             for key in p.needs_checkouts | set(p.batch_events):
                 events = sorted(history.get(key, []) + p.batch_events.get(key, []))
                 per_tenant.setdefault(key[0], {})[key[1]] = events
             views = {t: checked_out_view(ev) for t, ev in per_tenant.items()}
         return apply(p, items, views)
-
-    async def _with_db_retry(self, op: Callable[[], Awaitable[None]]) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await op()
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("database unavailable (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:

@@ -204,10 +204,6 @@ def server_env(database_url: str, mqtt_url: str, **extra: str) -> dict[str, str]
     return env
 
 
-def have(cmd: str) -> bool:
-    return shutil.which(cmd) is not None
-
-
 async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
                  ownership: str = "corporate") -> None:
     """Create ``tenant`` (if needed) and enroll ``devices`` in it."""
