@@ -1,4 +1,6 @@
-# The MDM server image: `docker-compose up` builds it (see docker-compose.yml).
+# The MDM server image: `docker-compose up` builds it (see docker-compose.yml), for
+# the server and for broker-init, which runs `python -m mdm_server.broker.bootstrap`
+# to write the server's MQTT user into the broker's dynamic-security config.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

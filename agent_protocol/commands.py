@@ -22,21 +22,28 @@ from agent_protocol.topics import is_valid_id
 __all__ = [
     "ACK_STATES",
     "COMMAND_TYPES",
+    "STATUS_STATES",
     "WIPE_SCOPES",
     "Ack",
     "Command",
     "Notice",
+    "Status",
     "canonical_json",
     "command_signing_fields",
     "decode_ack",
     "decode_command",
+    "decode_status",
     "encode_ack",
     "encode_command",
+    "encode_status",
 ]
 
-COMMAND_TYPES: tuple[str, ...] = ("lock", "locate", "wipe", "factory_reset", "sync_policy")
+COMMAND_TYPES: tuple[str, ...] = (
+    "lock", "locate", "wipe", "factory_reset", "sync_policy", "trust_key",
+)  # fmt: skip
 WIPE_SCOPES: tuple[str, ...] = ("managed", "full")
 ACK_STATES: tuple[str, ...] = ("received", "notice_shown", "completed", "failed", "rejected")
+STATUS_STATES: tuple[str, ...] = ("online", "offline")
 
 NOTICE_TEXT_MAX: Final = 4000
 ACK_DETAIL_MAX: Final = 1000
@@ -48,6 +55,7 @@ SIG_B64_LEN: Final = 88  # base64 of a 64-byte Ed25519 signature, padded
 _LANG_RE = re.compile(r"[A-Za-z0-9-]{2,35}")
 _NONCE_RE = re.compile(rf"[A-Za-z0-9_-]{{{NONCE_MIN},{NONCE_MAX}}}")
 _B64_RE = re.compile(r"[A-Za-z0-9+/]{86}==")
+_PUBKEY_RE = re.compile(r"[A-Za-z0-9+/]{43}=")
 
 
 def _local(reason: str, detail: str, path: str | None) -> LocalProtocolError:
@@ -94,6 +102,15 @@ def _check_params(type_: str, params: object) -> None:
         raise _local(Reason.WRONG_TYPE, "params must be an object", "params")
     if not all(type(k) is str for k in params):
         raise _local(Reason.WRONG_TYPE, "params keys must be strings", "params")
+    if type_ == "trust_key":
+        key_id, public_key = params.get("key_id"), params.get("public_key")
+        if type(key_id) is not str or not is_valid_id(key_id):
+            raise _local(Reason.BAD_VALUE, "params.key_id must be 1-64 of [A-Za-z0-9_-]",
+                         "params.key_id")
+        if type(public_key) is not str or _PUBKEY_RE.fullmatch(public_key) is None:
+            raise _local(Reason.BAD_VALUE,
+                         "params.public_key must be padded base64 of a 32-byte Ed25519 key",
+                         "params.public_key")
     if type_ == "wipe":
         scope = params.get("scope")
         if scope is None:
@@ -326,3 +343,37 @@ def encode_ack(ack: Ack) -> bytes:
     if ack.detail is not None:
         obj["detail"] = ack.detail
     return orjson.dumps(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A device's connection status: ``online`` is published by the agent right after
+    every (re)connection, ``offline`` is its MQTT will. On ``online`` the server
+    re-sends commands the device has not yet acknowledged receiving."""
+
+    state: str
+    ts_ms: int
+
+    def __post_init__(self) -> None:
+        if type(self.state) is not str or self.state not in STATUS_STATES:
+            raise _local(
+                Reason.BAD_VALUE, f"state must be one of {', '.join(STATUS_STATES)}", "state"
+            )
+        if not is_valid_ms(self.ts_ms):
+            raise _local(Reason.BAD_TIMESTAMP, "ts must be epoch ms >= 0", "ts")
+
+
+def decode_status(payload: bytes) -> Status:
+    """Decode a status message (RemoteProtocolError on bad input). Its ``ts`` is
+    informational (a will is published by the broker, possibly much later)."""
+    obj = _loads_object(payload, 1024, "status")
+    try:
+        return Status(state=_required(obj, "state"),
+                      ts_ms=parse_ts(_required(obj, "ts"), "ts"))
+    except LocalProtocolError as exc:
+        raise _to_remote(exc) from None
+
+
+def encode_status(status: Status) -> bytes:
+    return orjson.dumps({"v": PROTOCOL_VERSION, "state": status.state,
+                         "ts": format_ms(status.ts_ms)})

@@ -1,6 +1,7 @@
 """MQTT topic names of the protocol: parse and format.
 
-``mdm/v1/{tenant}/devices/{device}/telemetry/{kind}``, ``.../acks``, ``.../commands``;
+``mdm/v1/{tenant}/devices/{device}/telemetry/{kind}``, ``.../acks``, ``.../status``,
+``.../commands``;
 ``{tenant}`` and ``{device}`` are 1-64 characters of ``[A-Za-z0-9_-]``.
 """
 
@@ -17,6 +18,7 @@ from agent_protocol.kinds import KINDS
 __all__ = [
     "ACKS_FILTER",
     "COMMANDS_FILTER",
+    "STATUS_FILTER",
     "TELEMETRY_FILTER",
     "Channel",
     "Topic",
@@ -25,15 +27,17 @@ __all__ = [
     "is_valid_id",
     "parse_topic",
     "shared_subscription",
+    "status_topic",
     "telemetry_topic",
 ]
 
-Channel = Literal["telemetry", "acks", "commands"]
+Channel = Literal["telemetry", "acks", "status", "commands"]
 CHANNELS: tuple[str, ...] = get_args(Channel)
 
 PREFIX = "mdm/v1/"
 TELEMETRY_FILTER = "mdm/v1/+/devices/+/telemetry/+"
 ACKS_FILTER = "mdm/v1/+/devices/+/acks"
+STATUS_FILTER = "mdm/v1/+/devices/+/status"
 COMMANDS_FILTER = "mdm/v1/+/devices/+/commands"
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -66,7 +70,7 @@ class Topic:
                 raise LocalProtocolError(
                     Reason.UNKNOWN_KIND, f"kind must be one of {', '.join(KINDS)}", "kind"
                 )
-        elif self.channel in ("acks", "commands"):
+        elif self.channel in ("acks", "status", "commands"):
             if self.kind is not None:
                 raise LocalProtocolError(
                     Reason.BAD_TOPIC, "kind is only set on the telemetry channel", "kind"
@@ -123,6 +127,8 @@ def _parse_topic(topic: str) -> Topic:
         return Topic(tenant, device, "telemetry", kind)
     if channel == "acks":
         return Topic(tenant, device, "acks")
+    if channel == "status":
+        return Topic(tenant, device, "status")
     if channel == "commands":
         return Topic(tenant, device, "commands")
     if channel == "telemetry":
@@ -151,6 +157,12 @@ def acks_topic(tenant: str, device: str) -> str:
     """``mdm/v1/{tenant}/devices/{device}/acks`` (LocalProtocolError if bad)."""
     _check_ids(tenant, device)
     return f"{PREFIX}{tenant}/devices/{device}/acks"
+
+
+def status_topic(tenant: str, device: str) -> str:
+    """``mdm/v1/{tenant}/devices/{device}/status`` (LocalProtocolError if bad)."""
+    _check_ids(tenant, device)
+    return f"{PREFIX}{tenant}/devices/{device}/status"
 
 
 def commands_topic(tenant: str, device: str) -> str:

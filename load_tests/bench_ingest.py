@@ -30,6 +30,10 @@ pair       policy A/B: drains of tenant ``bench`` (its default policy as created
 
 Ingest processes get MDM_MASTER_KEY (the tests' key) through tests/support/services
 server_env(); the bench sets the same key in its own environment for enrollment.
+Brokers let nobody in anonymously: every fresh broker is given the enrolled devices'
+identities (reconcile, as ``serve`` does), devices publish with their own
+credentials, and the references (C subscriber, naive consumer) log in as the
+server's MQTT user.
 
 Prints a summary and inserts a dated section at the top of load_tests/RESULTS.md
 (--no-results: print only). Everything it starts (brokers, ingest and consumer
@@ -62,9 +66,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]  # no stubs installed (types-psutil)
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_protocol import Record, encode_telemetry, telemetry_topic
 from load_tests import bench_policy
@@ -76,6 +78,7 @@ from privacy_filters import parse_policy
 # server's environment), imported at run time: mypy --strict of tests/support is not
 # clean with the pinned mypy, and following the import would fail this file's check.
 services: Any = importlib.import_module("tests.support.services")
+test_mqtt: Any = importlib.import_module("tests.support.mqtt")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "load_tests" / "RESULTS.md"
@@ -240,10 +243,13 @@ class Bench:
     # -- plumbing ----------------------------------------------------------------
 
     def broker(self, name: str) -> Any:
+        """A fresh private broker (the project's config: no anonymous access), given
+        the enrolled devices' identities as ``serve`` would (reconcile)."""
         b = services.Broker(services.free_port(), self.tmp / f"broker-{name}")
         b.dir.mkdir(parents=True, exist_ok=True)
         b.start()
         self.stack.callback(b.stop)
+        asyncio.run(_reconcile(self.db_url, b.url))
         return b
 
     def proc(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -263,9 +269,10 @@ class Bench:
                  enroll: bool = True, tenant: str = TENANT,
                  seed: int | None = None) -> dict[str, Any]:
         stats = self.tmp / f"{name}-sim.json"
+        # The broker's URL (the server's MQTT user, which enrolls or provisions the
+        # devices) goes in the environment, not on a command line.
         cmd = [PY, "-m", "load_tests.simulator", "--tenant", tenant, "--devices", str(DEVICES),
-               "--kinds", kinds, "--rate", str(rate), "--mqtt-url", broker.url,
-               "--json-stats", str(stats), "--quiet"]
+               "--kinds", kinds, "--rate", str(rate), "--json-stats", str(stats), "--quiet"]
         if seed is not None:
             cmd += ["--seed", str(seed)]
         cmd += ["--database-url", self.db_url] if enroll else ["--no-enroll"]
@@ -273,7 +280,7 @@ class Bench:
             cmd += ["--count", str(count)]
         if duration:
             cmd += ["--duration", str(duration)]
-        p = self.proc(f"{name}-sim", cmd)
+        p = self.proc(f"{name}-sim", cmd, {**os.environ, "MDM_MQTT_URL": broker.url})
         assert p.proc is not None
         rc = p.proc.wait()
         p.proc = None
@@ -328,7 +335,7 @@ class Bench:
         self.reset_tables()
         broker = self.broker(name)
         prime = self.ingest(f"{name}-prime", broker)
-        prime.wait_log("subscribed")
+        prime.wait_log("ingest subscribed")
         prime.stop()
         log(f"{name}: ingest primed; publishing {n:,} messages")
         sim = self.simulate(name, broker, count=n)
@@ -356,26 +363,23 @@ class Bench:
         return res
 
     def publish_checkouts(self, broker: Any, tenant: str, ts_ms: int) -> None:
-        """One ``check_out`` event per device at ``ts_ms`` (QoS 1, all PUBACKed)."""
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-checkout-{tenant}")
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        try:
-            infos = []
-            for i in range(DEVICES):
-                device = f"sim-{i:04d}"
-                payload = encode_telemetry(
-                    [Record(id=f"checkout-{ts_ms}-{i}", ts_ms=ts_ms,
-                            data={"event": "check_out", "user_id": f"user-{i}",
-                                  "shift_id": f"{device}-bench"})],
-                    device=device, kind="checkinout")
-                infos.append(client.publish(telemetry_topic(tenant, device, "checkinout"),
-                                            payload, qos=1))
-            for info in infos:
-                info.wait_for_publish(timeout=10)
-        finally:
-            client.loop_stop()
-            client.disconnect()
+        """One ``check_out`` event per device at ``ts_ms`` (QoS 1, all PUBACKed), each
+        published by its device with its own credentials."""
+        assert self.db is not None
+        generations = {(tenant, f"sim-{i:04d}"): int(self.db.val(
+            f"SELECT mqtt_generation FROM devices WHERE tenant_id = '{tenant}' "
+            f"AND device_id = 'sim-{i:04d}'")) for i in range(DEVICES)}
+        messages = []
+        for i in range(DEVICES):
+            device = f"sim-{i:04d}"
+            payload = encode_telemetry(
+                [Record(id=f"checkout-{ts_ms}-{i}", ts_ms=ts_ms,
+                        data={"event": "check_out", "user_id": f"user-{i}",
+                              "shift_id": f"{device}-bench"})],
+                device=device, kind="checkinout")
+            messages.append((telemetry_topic(tenant, device, "checkinout"), payload))
+        test_mqtt.publish_as_devices(broker.port, messages, generations=generations,
+                                     timeout=30)
 
     def phase_policy_drain(self, name: str, tenant: str, kinds: str,
                            profile: Path | None = None) -> dict[str, Any]:
@@ -388,7 +392,7 @@ class Bench:
         self.reset_tables()
         broker = self.broker(name)
         prime = self.ingest(f"{name}-prime", broker)
-        prime.wait_log("subscribed")
+        prime.wait_log("ingest subscribed")
         self.publish_checkouts(broker, tenant, int(time.time() * 1000) - 60_000)
         self.wait_count(DEVICES, prime, timeout=60,
                         sql="SELECT count(*) FROM checkout_events")
@@ -452,12 +456,20 @@ class Bench:
         broker = self.broker("c-ref")
         base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-c",
                 "-i", "ref-c", "-t", f"$share/ref/{FILTER}"]
-        subprocess.run([*base, "-E"], check=True, timeout=30)
+        # Logged in as the server's user, from mosquitto_sub's options file rather
+        # than the command line (which every local user can read).
+        xdg = self.tmp / "xdg-c-ref"
+        xdg.mkdir(mode=0o700, exist_ok=True)
+        opts = xdg / "mosquitto_sub"
+        opts.write_text(f"-u {services.SERVER_USER}\n-P {broker.password}\n")
+        opts.chmod(0o600)
+        env = {**os.environ, "XDG_CONFIG_HOME": str(xdg)}
+        subprocess.run([*base, "-E"], check=True, timeout=30, env=env)
         sim = self.simulate("c-ref", broker, count=n, enroll=False)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         subprocess.run([*base, "-C", str(n)], check=True, timeout=600,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=env)
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -471,14 +483,14 @@ class Bench:
         self.note_load("naive")
         self.reset_tables()
         broker = self.broker("naive")
-        base = [PY, "-m", "load_tests.naive_consumer", "--mqtt-url", broker.url,
-                "--database-url", self.db_url]
-        prime = self.proc("naive-prime", [*base, "--prime"])
+        base = [PY, "-m", "load_tests.naive_consumer", "--database-url", self.db_url]
+        env = {**os.environ, "MDM_MQTT_URL": broker.url}  # the server's MQTT user
+        prime = self.proc("naive-prime", [*base, "--prime"], env)
         assert prime.proc is not None
         if prime.proc.wait(timeout=30) != 0:
             raise BenchError("naive consumer could not subscribe:\n" + prime.log_text())
         sim = self.simulate("naive", broker, count=n, enroll=False)
-        cons = self.proc("naive", [*base, "--count", str(n)])
+        cons = self.proc("naive", [*base, "--count", str(n)], env)
         t0 = cons.started_at
         mon = Monitor(cons.pid)
         t1 = self.wait_count(n, cons, timeout=600)
@@ -498,7 +510,7 @@ class Bench:
         self.reset_tables()
         broker = self.broker(name)
         ing = self.ingest(name, broker)
-        ing.wait_log("subscribed")
+        ing.wait_log("ingest subscribed")
         mon = Monitor(ing.pid)
         log(f"{name}: {self.args.live_rate:,} records/s for {self.args.live_seconds} s ({kinds})")
         sim = self.simulate(name, broker, rate=self.args.live_rate,
@@ -943,6 +955,22 @@ def _top_before() -> str:
         return "top unavailable"
     cpu = next((ln.strip() for ln in out.splitlines() if "Cpu(s)" in ln), "?")
     return f"load {load_line()}, top: `{cpu}`"
+
+
+async def _reconcile(db_url: str, mqtt_url: str) -> None:
+    """Give a fresh broker every enrolled device's identity, as ``serve`` does."""
+    import base64
+
+    from mdm_server.broker.dynsec import Dynsec
+    from mdm_server.broker.identity import reconcile
+    from mdm_server.config import MqttSettings
+
+    conn = await connect(db_url)
+    try:
+        async with Dynsec(MqttSettings.from_url(mqtt_url)) as dynsec:
+            await reconcile(dynsec, conn, base64.b64decode(services.TEST_MASTER_KEY))
+    finally:
+        await conn.close()
 
 
 async def _set_strict_policy(db_url: str) -> int:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import paho.mqtt.client as paho
@@ -56,7 +56,7 @@ class NaiveConsumer:
                  group: str = "naive", count: int | None = None) -> None:
         parts = urlsplit(mqtt_url)
         if parts.scheme != "mqtt" or not parts.hostname:
-            raise ValueError("--mqtt-url must look like mqtt://host:port")
+            raise ValueError("--mqtt-url must look like mqtt://[user:pass@]host:port")
         self._host, self._port = parts.hostname, parts.port or 1883
         self._dsn = database_url
         self._topic = f"$share/{group}/{FILTER}"
@@ -71,6 +71,9 @@ class NaiveConsumer:
         self._conn: asyncpg.Connection | None = None
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         clean_session=False, protocol=paho.MQTTv311)
+        if parts.username:  # the server's MQTT user: the broker lets no one in anonymously
+            c.username_pw_set(unquote(parts.username),
+                              unquote(parts.password) if parts.password else None)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
@@ -132,7 +135,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m load_tests.naive_consumer",
                                 description="One INSERT per message: a reference consumer.")
     p.add_argument("--database-url", default=os.environ.get("MDM_DATABASE_URL"))
-    p.add_argument("--mqtt-url", default=os.environ.get("MDM_MQTT_URL"))
+    p.add_argument("--mqtt-url", default=os.environ.get("MDM_MQTT_URL"),
+                   help="mqtt://mdm-server:PASSWORD@host:port, the server's MQTT user "
+                        "(default: $MDM_MQTT_URL)")
     p.add_argument("--client-id", default="naive-0")
     p.add_argument("--group", default="naive", help="shared subscription group")
     p.add_argument("--count", type=int, default=None, help="exit after N messages")

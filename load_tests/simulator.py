@@ -7,7 +7,7 @@ CLI::
 
 Library (benchmarks, tests)::
 
-    enrollments = await enroll_fleet(dsn, mqtt_url, "demo", 100)
+    enrollments = await enroll_fleet(dsn, mqtt_url, "demo", 100)  # database + broker
     with Fleet(enrollments, mqtt_url) as fleet:
         stats = fleet.publish(100_000, rate=10_000)      # returns once all are PUBACKed
     stats.unique_by_device_kind[("sim-0000", "location")]  # compare with what is stored
@@ -34,6 +34,14 @@ seconds per (device, kind, record id); about 200 bytes a record).
 
 Record ids are ``{run_id}-{n}`` with ``n`` counting per device; ``run_id`` is fresh
 per ``Fleet`` unless given, so a second run is not deduplicated against the first.
+
+Credentials: the project's broker lets each device in with its own credentials
+only, and lets it publish only under its own topics. ``mqtt_url`` carries the
+server's MQTT user (``mqtt://mdm-server:PASSWORD@host:port``, as ``MDM_MQTT_URL``):
+``enroll_fleet`` uses it to give the enrolled devices their broker clients, as
+``mdm-server device enroll`` does; ``--no-enroll`` gives synthetic devices broker
+clients of their own (``provision_synthetic``). Every device then connects on a
+connection of its own with its own credentials.
 """
 
 from __future__ import annotations
@@ -63,16 +71,28 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from agent_protocol import Record, encode_telemetry, telemetry_topic
+from agent_protocol import (
+    Record,
+    Status,
+    acks_topic,
+    commands_topic,
+    encode_status,
+    encode_telemetry,
+    status_topic,
+    telemetry_topic,
+)
+from agent_protocol.agent import CommandHandler, Outcome
 from load_tests.fleet_data import DEFAULT_KIND_WEIGHTS, KIND_ORDER, DeviceProfile, person_for
 
 __all__ = [
     "DEFAULT_KIND_WEIGHTS",
+    "AgentStats",
     "Fleet",
     "SimulatorError",
     "Stats",
     "enroll_fleet",
     "main",
+    "provision_synthetic",
     "synthetic_enrollments",
 ]
 
@@ -110,15 +130,18 @@ async def enroll_fleet(
     personal_share: float = 0.0,
     *,
     seed: int | None = None,
+    master_key: bytes | None = None,
 ) -> list[dict[str, Any]]:
     """Enroll devices ``sim-0000``.. in ``tenant`` (created if missing).
 
     Devices that are enrolled already get new credentials (``reenroll_device``).
-    Personal devices carry their user's e-mail. Returns the enrollment JSON of each.
+    Personal devices carry their user's e-mail. If ``mqtt_url`` names the server's
+    MQTT user, the broker gets the devices' identities (SimulatorError if it cannot
+    be told). Returns the enrollment JSON of each.
     """
     # Imported here: only enrollment needs the database driver and the server package.
-    from mdm_server.commands.keys import public_keys
-    from mdm_server.config import master_key_from_env
+    from mdm_server.broker.identity import sync_or_defer
+    from mdm_server.config import MqttSettings, master_key_from_env
     from mdm_server.storage.devices import (
         EnrollmentError,
         enroll_device,
@@ -127,15 +150,15 @@ async def enroll_fleet(
     from mdm_server.storage.pool import connect
     from mdm_server.storage.tenants import ensure_tenant
 
-    # The server's command-signing key is created by the first enrollment, stored
-    # encrypted under the master key: the same MDM_MASTER_KEY the server runs with.
-    # Without it, enrollment works only once a key exists (the server made one).
-    master_key = master_key_from_env(os.environ)
+    # Device MQTT passwords are derived from the master key, and the server's
+    # command-signing key is created by the first enrollment, stored encrypted under
+    # it: the same MDM_MASTER_KEY the server runs with (``master_key`` if given).
+    master_key = master_key or master_key_from_env(os.environ)
     personal = _ownership_plan(n, personal_share, seed)
     out: list[dict[str, Any]] = []
     conn = await connect(dsn)
     try:
-        if master_key is None and not await public_keys(conn):
+        if master_key is None:
             raise RuntimeError("enroll_fleet needs MDM_MASTER_KEY or MDM_MASTER_KEY_FILE in "
                                "the environment, the same as the server's")
         await ensure_tenant(conn, tenant)
@@ -156,6 +179,12 @@ async def enroll_fleet(
             if email is not None:
                 enrollment.setdefault("user_email", email)
             out.append(enrollment)
+        settings = MqttSettings.from_url(mqtt_url)
+        if settings.username:
+            why = await sync_or_defer(settings, conn, master_key,
+                                      [(tenant, e["device"]) for e in out])
+            if why is not None:
+                raise SimulatorError(f"devices enrolled, but the broker was not updated: {why}")
     finally:
         await conn.close()
     return out
@@ -172,9 +201,10 @@ def synthetic_enrollments(
 ) -> list[dict[str, Any]]:
     """Enrollment-shaped dicts without a database (broker-only tests and benchmarks).
 
-    Credentials come from ``mqtt_url`` if it has any, otherwise none.
+    Each device gets the username and client id ``{tenant}.{device}`` and a random
+    password; :func:`provision_synthetic` gives them broker clients.
     """
-    host, port, user, password = _parse_mqtt_url(mqtt_url)
+    host, port, _, _ = _parse_mqtt_url(mqtt_url)
     personal = _ownership_plan(n, personal_share, seed)
     out = []
     for i in range(n):
@@ -185,7 +215,8 @@ def synthetic_enrollments(
             "ownership": "personal" if personal[i] else "corporate",
             "mqtt": {
                 "url": f"mqtt://{host}:{port}", "host": host, "port": port,
-                "username": user, "password": password, "client_id": f"{tenant}.{device}",
+                "username": f"{tenant}.{device}", "password": secrets.token_urlsafe(24),
+                "client_id": f"{tenant}.{device}",
             },
             "topics": {"telemetry": f"mdm/v1/{tenant}/devices/{device}/telemetry/{{kind}}"},
         }
@@ -193,6 +224,41 @@ def synthetic_enrollments(
             e["user_email"] = person_for(device, seed).email
         out.append(e)
     return out
+
+
+SYNTHETIC_TEXTNAME = "mdm-simulated"  # not "mdm-device": serve's reconcile leaves them alone
+
+
+async def provision_synthetic(mqtt_url: str, enrollments: Sequence[Mapping[str, Any]]) -> None:
+    """Give synthetic devices broker clients of their own (no database), with the
+    same rights an enrolled device gets, through the dynamic-security plugin as
+    the server's user named in ``mqtt_url``. A client of the same name is replaced."""
+    from mdm_server.broker.dynsec import Dynsec, DynsecError
+    from mdm_server.broker.identity import device_acls
+    from mdm_server.config import MqttSettings
+
+    commands: list[dict[str, Any]] = []
+    for e in enrollments:
+        m, role = e["mqtt"], f"mdm-sim:{e['mqtt']['username']}"
+        commands += [
+            {"command": "deleteClient", "username": m["username"]},
+            {"command": "deleteRole", "rolename": role},
+            {"command": "createRole", "rolename": role,
+             "acls": device_acls(e["tenant"], e["device"])},
+            {"command": "createClient", "username": m["username"], "clientid": m["client_id"],
+             "password": m["password"], "textname": SYNTHETIC_TEXTNAME,
+             "roles": [{"rolename": role}]},
+        ]
+    try:
+        async with Dynsec(MqttSettings.from_url(mqtt_url)) as dynsec:
+            responses = await dynsec.call(commands)
+    except DynsecError as exc:
+        raise SimulatorError(f"cannot give the devices broker clients: {exc}") from None
+    refused = [r for c, r in zip(commands, responses, strict=True)
+               if "error" in r and not c["command"].startswith("delete")]
+    if refused:
+        raise SimulatorError(f"the broker refused {refused[0]['command']}: "
+                             f"{refused[0]['error']}")
 
 
 def _parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
@@ -318,20 +384,85 @@ class TokenBucket:
 # --- connections ------------------------------------------------------------------------------
 
 
+@dataclass
+class AgentStats:
+    """What the fleet's agents did with the commands they received."""
+
+    received: int = 0  # command messages that arrived
+    executed: int = 0  # verified and carried out (each command id once)
+    duplicates: int = 0  # arrived again: the first acks repeated, nothing done
+    rejected: Counter[str] = field(default_factory=Counter)  # reason -> count
+    notices_shown: int = 0
+    acks_published: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)  # executed, per command type
+
+    def summary(self) -> dict[str, Any]:
+        return {"received": self.received, "executed": self.executed,
+                "duplicates": self.duplicates, "rejected": dict(self.rejected),
+                "notices_shown": self.notices_shown, "acks_published": self.acks_published,
+                "by_type": dict(self.by_type)}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Agent:
+    """A device's agent side: verifies each command with the real agent code
+    (agent_protocol.agent.CommandHandler), "shows" the notice (counts it), acts
+    (counts it) and publishes the acks. ``online`` on every connection."""
+
+    __slots__ = ("acks", "commands", "handler", "stats", "status")
+
+    def __init__(self, enrollment: Mapping[str, Any], stats: AgentStats) -> None:
+        # Imported here: only agents verify signatures.
+        import base64
+
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        tenant, device = enrollment["tenant"], enrollment["device"]
+        keys = {k: Ed25519PublicKey.from_public_bytes(base64.b64decode(v))
+                for k, v in enrollment.get("server_keys", {}).items()}
+        self.handler = CommandHandler(tenant, device, keys)
+        self.commands = commands_topic(tenant, device)
+        self.acks = acks_topic(tenant, device)
+        self.status = status_topic(tenant, device)
+        self.stats = stats
+
+    def handle(self, payload: bytes) -> tuple[bytes, ...]:
+        st = self.stats
+        st.received += 1
+        result = self.handler.handle(payload, _now_ms())
+        if result.outcome is Outcome.EXECUTED:
+            st.executed += 1
+            if result.action is not None:
+                st.by_type[result.action.type] += 1
+        elif result.outcome is Outcome.DUPLICATE:
+            st.duplicates += 1
+        else:
+            st.rejected[result.reason or "?"] += 1
+        if result.notice is not None:
+            st.notices_shown += 1
+        return result.payloads()
+
+
 class _Connection:
     """One MQTT connection driven by the fleet's thread (paho without ``loop_start``)."""
 
     def __init__(
         self, *, index: int, host: str, port: int, client_id: str, username: str | None,
         password: str | None, max_inflight: int, keepalive: int,
+        agent: _Agent | None = None,
     ) -> None:
         self.index = index
+        self.agent = agent
         self.host = host
         self.port = port
         self.max_inflight = max_inflight
         self.inflight = 0
         self.acked = 0
         self.connected = False
+        self.subscribed = False
         self.reconnects = 0
         self.last_error = ""
         self.next_reconnect = 0.0
@@ -349,6 +480,10 @@ class _Connection:
         client.on_publish = self._on_publish
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        if agent is not None:
+            client.will_set(agent.status, encode_status(Status("offline", _now_ms())), qos=1)
+            client.on_subscribe = self._on_subscribe
+            client.on_message = self._on_message
         self.keepalive = keepalive
         self.client = client
 
@@ -366,10 +501,31 @@ class _Connection:
         else:
             self.connected = True
             self.backoff = 0.1
+            if self.agent is not None:
+                client.subscribe(self.agent.commands, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any,
+                      props: Any) -> None:
+        # Subscribed: tell the server, which re-sends what this device may lack.
+        assert self.agent is not None
+        self.subscribed = True
+        self._send(self.agent.status, encode_status(Status("online", _now_ms())))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        assert self.agent is not None
+        for ack in self.agent.handle(bytes(msg.payload)):
+            self._send(self.agent.acks, ack)
+            self.agent.stats.acks_published += 1
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        # Counted like telemetry: on_publish decrements when the broker PUBACKs.
+        if self.client.publish(topic, payload, qos=1).rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.inflight += 1
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                        props: Any) -> None:
         self.connected = False
+        self.subscribed = False
         self.last_error = f"disconnected: {rc}"
 
     def connect(self) -> None:
@@ -422,14 +578,15 @@ ProgressFn = Callable[[Stats, int, float], None]
 
 
 class Fleet:
-    """A set of enrolled devices multiplexed over MQTT connections.
+    """A set of enrolled devices, each on an MQTT connection of its own.
 
-    ``connections`` defaults to one per device up to 64. A connection that carries
-    a single device logs in with that device's credentials and client id; one that
-    carries several logs in with the credentials of ``mqtt_url`` if it has any, else
-    with those of its first device (fine while the broker allows anonymous access;
-    with per-device ACLs use one connection per device). Either way every device
-    publishes only on its own topics.
+    ``connections`` defaults to one per device, which is what the project's broker
+    requires: a connection logs in with its device's credentials and client id,
+    and the broker lets it publish only under that device's topics. Fewer
+    connections than devices multiplex several devices on one connection, logged
+    in with the credentials of ``mqtt_url`` if it has any, else those of its first
+    device: only an anonymous experimental broker accepts the others' messages
+    (the project's broker PUBACKs and drops them).
     """
 
     def __init__(
@@ -442,12 +599,15 @@ class Fleet:
         seed: int | None = None,
         run_id: str | None = None,
         keepalive: int = 60,
+        agents: bool = False,
     ) -> None:
         if not enrollments:
             raise SimulatorError("a fleet needs at least one device")
+        if agents and connections not in (None, len(enrollments)):
+            raise SimulatorError("agents need one connection per device (their own identity)")
         if not 1 <= max_inflight <= MAX_MQTT_INFLIGHT:
             raise SimulatorError(f"max_inflight must be 1..{MAX_MQTT_INFLIGHT} (16-bit ids)")
-        n_conn = connections if connections else min(len(enrollments), 64)
+        n_conn = connections if connections else len(enrollments)
         n_conn = max(1, min(n_conn, len(enrollments)))
         self.seed = seed
         self.run_id = run_id or secrets.token_hex(4)
@@ -461,6 +621,7 @@ class Fleet:
             groups[i % n_conn].append(e)
         self._conns: list[_Connection] = []
         self.devices: list[_Device] = []
+        self.agent_stats = AgentStats()
         for ci, group in enumerate(groups):
             m = group[0]["mqtt"]
             if mqtt_url is None:
@@ -475,6 +636,7 @@ class Fleet:
             self._conns.append(_Connection(
                 index=ci, host=host, port=port, client_id=cid, username=user, password=pw,
                 max_inflight=max_inflight, keepalive=keepalive,
+                agent=_Agent(group[0], self.agent_stats) if agents else None,
             ))
         # Devices in enrollment order; device i rides on connection i % n_conn.
         for i, e in enumerate(enrollments):
@@ -604,6 +766,28 @@ class Fleet:
         for c in self._conns:
             if c.client.socket() is not None:
                 c.client.loop_misc()
+
+    def serve_commands(self, until: Callable[[], bool], *, timeout: float = 60.0,
+                       poll_s: float = 0.05) -> bool:
+        """Run the agents (receive, verify, ack) until ``until()`` is true or
+        ``timeout``; True if ``until()`` became true. ``publish`` runs them too."""
+        self.connect()
+        deadline = time.monotonic() + timeout
+        next_misc = 0.0
+        while not until():
+            now = time.monotonic()
+            if now > deadline:
+                return False
+            if now >= next_misc:
+                self._keepalive()
+                next_misc = now + 1.0
+            self._poll(poll_s)
+        return True
+
+    @property
+    def agents_subscribed(self) -> int:
+        """How many agents have their commands subscription (and said online)."""
+        return sum(1 for c in self._conns if c.agent is not None and c.subscribed)
 
     def publish(
         self,
@@ -851,7 +1035,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-inflight", type=int, default=1000,
                    help="unacknowledged publishes per connection (max 65535)")
     p.add_argument("--connections", type=int, default=None,
-                   help="MQTT connections (default one per device, up to 64)")
+                   help="MQTT connections (default one per device, which the project's "
+                        "broker requires; fewer only for an anonymous broker)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible data")
     p.add_argument("--run-id", default=None, help="record id prefix (default random)")
     p.add_argument("--json-stats", default=None, metavar="FILE",
@@ -859,7 +1044,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mqtt-url", default=None, help="default: $MDM_MQTT_URL")
     p.add_argument("--database-url", default=None, help="default: $MDM_DATABASE_URL")
     p.add_argument("--no-enroll", action="store_true",
-                   help="skip the database: synthetic devices, credentials from --mqtt-url")
+                   help="skip the database: synthetic devices, given broker clients of "
+                        "their own through the server's MQTT user in --mqtt-url")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to wait for PUBACKs at shutdown (default 30)")
     p.add_argument("--quiet", action="store_true", help="no live line")
@@ -882,6 +1068,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_enroll:
         enrollments = synthetic_enrollments(
             args.tenant, args.devices, mqtt_url, args.personal_share, seed=args.seed)
+        if _parse_mqtt_url(mqtt_url)[2] is not None:
+            try:
+                asyncio.run(provision_synthetic(mqtt_url, enrollments))
+            except SimulatorError as e:
+                print(f"sim: {e}", file=err)
+                return 1
     else:
         dsn = args.database_url or os.environ.get("MDM_DATABASE_URL")
         if not dsn:

@@ -13,21 +13,23 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mdm_server.api import devices, policies
+from mdm_server.api import commands, devices, me, policies
 from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import error_middleware
+from mdm_server.commands.acks import AckConsumer
 from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
 from mdm_server.ingest.worker import IngestWorker, live_line
 from mdm_server.logsafe import describe
 from mdm_server.storage.pool import create_pool
 
-__all__ = ["CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app"]
+__all__ = ["ACKS", "CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app"]
 
 log = logging.getLogger(__name__)
 
 INGEST = web.AppKey("ingest", IngestWorker)
 DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
+ACKS = web.AppKey("acks", AckConsumer)
 
 
 def _fatal(task: asyncio.Task[None]) -> None:
@@ -49,11 +51,16 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _retention_loop(app: web.Application, interval_s: float) -> None:
     from mdm_server.retention import run_retention
+    from mdm_server.storage.erasure import fulfil_due
 
     while True:
         try:
             async with app[POOL].acquire() as conn:
                 await run_retention(conn)
+                # Erasure requests nobody answered within 30 days are fulfilled.
+                erased = await fulfil_due(conn)
+                if erased:
+                    log.info("fulfilled %d erasure request(s) that were due", erased)
         except Exception as exc:  # a failed run is retried next time; serving goes on
             log.error("retention run failed (%s)", type(exc).__name__)
         await asyncio.sleep(interval_s)
@@ -88,17 +95,23 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Signed commands: the outbox dispatcher, next to the in-process ingest."""
+    """Signed commands: the outbox dispatcher and the ack consumer, next to the
+    in-process ingest."""
     dispatcher = CommandDispatcher(app[CONFIG], app[POOL])
+    acks = AckConsumer(app[CONFIG], app[POOL])
     app[DISPATCHER] = dispatcher
-    task = asyncio.create_task(dispatcher.run(), name="command-dispatch")
-
-    task.add_done_callback(_fatal)
+    app[ACKS] = acks
+    tasks = [asyncio.create_task(dispatcher.run(), name="command-dispatch"),
+             asyncio.create_task(acks.run(), name="command-acks")]
+    for t in tasks:
+        t.add_done_callback(_fatal)
     yield
-    task.remove_done_callback(_fatal)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for t in tasks:
+        t.remove_done_callback(_fatal)
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -127,5 +140,8 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
         app.cleanup_ctx.append(_dispatch_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes(devices.routes())
+    app.router.add_routes(commands.routes())
+    app.router.add_routes(me.routes())
+    app[me.EXPORTS] = set()
     app.router.add_routes(policies.routes())
     return app

@@ -13,11 +13,24 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+
+from mdm_server import audit
 from mdm_server.config import Config, ConfigError, load_config
-from mdm_server.storage.devices import EnrollmentError, enroll_device
+from mdm_server.storage.devices import (
+    EnrollmentError,
+    enroll_device,
+    reenroll_device,
+    revoke_device,
+)
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
-from mdm_server.storage.tenants import TenantError, create_admin_token, create_tenant
+from mdm_server.storage.tenants import (
+    TenantError,
+    create_admin_token,
+    create_tenant,
+    create_user_token,
+)
 
 __all__ = ["main"]
 
@@ -40,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     ac = admin.add_parser("create", help="create an admin; prints its API token")
     ac.add_argument("--tenant", required=True)
     ac.add_argument("--name", required=True)
+    ac.add_argument("--role", choices=["admin", "auditor"], default="admin",
+                    help="auditor: reads everything an admin reads, changes nothing")
+    user = sub.add_parser("user", help="device users").add_subparsers(dest="action",
+                                                                      required=True)
+    ut = user.add_parser("token", help="a token for a device's user (the /api/v1/me API "
+                                       "and the portal); prints it")
+    ut.add_argument("--tenant", required=True)
+    ut.add_argument("--device", required=True)
     device = sub.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
     de = device.add_parser("enroll", help="enroll a device; prints what its agent needs (JSON)")
     de.add_argument("--tenant", required=True)
@@ -48,6 +69,42 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--user-email")
     de.add_argument("--group", action="append", default=[], dest="groups",
                     help="a group the device belongs to (repeatable); policies select by it")
+    for name, text in (("revoke", "revoke a device: the broker disconnects it and lets it in "
+                                  "no more, ingest refuses its telemetry (exit 4: the broker "
+                                  "could not be told yet)"),
+                       ("reenroll", "new credentials for a device, revoked or not; prints "
+                                    "what its agent needs (JSON)")):
+        dr = device.add_parser(name, help=text)
+        dr.add_argument("--tenant", required=True)
+        dr.add_argument("--device", required=True)
+    broker = sub.add_parser("broker", help="the MQTT broker's device identities")
+    bsub = broker.add_subparsers(dest="action", required=True)
+    bsub.add_parser(
+        "reconcile", help="make the broker's clients match the database now (serve does it "
+                          "at start, when the broker comes back and every 5 minutes)")
+    bp = bsub.add_parser(
+        "provision-offline", help="write every enrolled device's account into the broker's "
+                                  "dynamic-security file while the broker is STOPPED (bulk "
+                                  "import: thousands of devices in seconds)")
+    bp.add_argument("file", help="the broker's dynamic-security.json")
+    keys = sub.add_parser("keys", help="the server's command-signing keys").add_subparsers(
+        dest="action", required=True)
+    keys.add_parser("list", help="signing keys and how many devices trust each (JSON lines)")
+    keys.add_parser("rotate", help="create a new signing key and hand it to every enrolled "
+                                   "device (signed with a key it trusts); prints its id")
+    kr = keys.add_parser("retire", help="stop signing with a key (refused while a device "
+                                        "trusts no newer one)")
+    kr.add_argument("key_id")
+    kr.add_argument("--force", action="store_true",
+                    help="retire even if devices are left without a key they trust")
+    aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action",
+                                                                       required=True)
+    av = aud.add_parser("verify", help="check the hash chain; exit 1 at the first broken entry")
+    av.add_argument("--head", action="store_true",
+                    help="also print the newest entry's hash (keep it outside the database)")
+    al = aud.add_parser("list", help="a tenant's entries, newest first (JSON lines)")
+    al.add_argument("--tenant", required=True)
+    al.add_argument("--limit", type=int, default=100)
     return p
 
 
@@ -79,16 +136,34 @@ async def _retention_run(cfg: Config) -> None:
 async def _tenant_create(cfg: Config, name: str) -> None:
     conn = await connect(cfg.database_url)
     try:
-        await create_tenant(conn, name)
+        async with conn.transaction():
+            await create_tenant(conn, name)
+            await audit.append(conn, tenant=name, actor="cli", action="tenant.create",
+                               target=f"tenant:{name}")
     finally:
         await conn.close()
     print(json.dumps({"tenant": name}))
 
 
-async def _admin_create(cfg: Config, tenant: str, name: str) -> None:
+async def _admin_create(cfg: Config, tenant: str, name: str, role: str) -> None:
     conn = await connect(cfg.database_url)
     try:
-        token = await create_admin_token(conn, tenant=tenant, name=name)
+        async with conn.transaction():
+            token = await create_admin_token(conn, tenant=tenant, name=name, role=role)
+            await audit.append(conn, tenant=tenant, actor="cli", action=f"{role}.create",
+                               target=f"admin:{name}")
+    finally:
+        await conn.close()
+    print(token)
+
+
+async def _user_token(cfg: Config, tenant: str, device: str) -> None:
+    conn = await connect(cfg.database_url)
+    try:
+        async with conn.transaction():
+            token = await create_user_token(conn, tenant=tenant, device=device)
+            await audit.append(conn, tenant=tenant, actor="cli", action="user_token.create",
+                               target=f"device:{device}")
     finally:
         await conn.close()
     print(token)
@@ -97,14 +172,164 @@ async def _admin_create(cfg: Config, tenant: str, name: str) -> None:
 async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
     conn = await connect(cfg.database_url)
     try:
-        enrollment = await enroll_device(
-            conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
-            user_email=args.user_email, mqtt_url=cfg.mqtt.url(), master_key=cfg.master_key,
-            groups=tuple(args.groups),
-        )
+        async with conn.transaction():
+            enrollment = await enroll_device(
+                conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
+                user_email=args.user_email, mqtt_url=cfg.mqtt.url(), master_key=cfg.master_key,
+                groups=tuple(args.groups),
+            )
+            # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
+            await audit.append(conn, tenant=args.tenant, actor="cli", action="device.enroll",
+                               target=f"device:{args.device}",
+                               details={"ownership": args.ownership,
+                                        "groups": sorted(set(args.groups))})
+        print(json.dumps(enrollment, indent=2))
+        await _sync_broker(cfg, conn, args.tenant, args.device, "is enrolled")
     finally:
         await conn.close()
-    print(json.dumps(enrollment, indent=2))
+
+
+async def _sync_broker(cfg: Config, conn: asyncpg.Connection, tenant: str, device: str,
+                       done: str) -> bool:
+    """Give the broker the device's identity (or take it away); on failure say so
+    on stderr: a running serve reconciles as soon as it reaches the broker."""
+    from mdm_server.broker.identity import sync_or_defer
+
+    if not cfg.mqtt.username:
+        print(f"mdm-server: note: the device {done}; MDM_MQTT_URL names no MQTT user, so "
+              "the broker was not told (fine only for an anonymous experimental broker)",
+              file=sys.stderr)
+        return False
+    assert cfg.master_key is not None  # enrollment and revocation need it
+    why = await sync_or_defer(cfg.mqtt, conn, cfg.master_key, [(tenant, device)])
+    if why is not None:
+        print(f"mdm-server: warning: the device {done} in the database, but the broker was "
+              f"not updated: {why}. `mdm-server serve` updates it as soon as it reaches the "
+              "broker (or run `mdm-server broker reconcile`).", file=sys.stderr)
+        return False
+    return True
+
+
+async def _device_revoke(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.master_key is None:
+        raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set")
+    conn = await connect(cfg.database_url)
+    try:
+        async with conn.transaction():
+            changed = await revoke_device(conn, tenant=args.tenant, device=args.device)
+            if changed:
+                await audit.append(conn, tenant=args.tenant, actor="cli",
+                                   action="device.revoke", target=f"device:{args.device}")
+        print(json.dumps({"tenant": args.tenant, "device": args.device, "status": "revoked"}))
+        synced = await _sync_broker(cfg, conn, args.tenant, args.device, "is revoked")
+    finally:
+        await conn.close()
+    return 0 if synced or not cfg.mqtt.username else 4
+
+
+async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
+    conn = await connect(cfg.database_url)
+    try:
+        async with conn.transaction():
+            enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
+                                               mqtt_url=cfg.mqtt.url(),
+                                               master_key=cfg.master_key)
+            await audit.append(conn, tenant=args.tenant, actor="cli",
+                               action="device.reenroll", target=f"device:{args.device}")
+        print(json.dumps(enrollment, indent=2))
+        await _sync_broker(cfg, conn, args.tenant, args.device, "has new credentials")
+    finally:
+        await conn.close()
+
+
+async def _broker_offline(cfg: Config, file: str) -> int:
+    from pathlib import Path
+
+    from mdm_server.broker.offline import provision_offline
+
+    if cfg.master_key is None:
+        raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set")
+    conn = await connect(cfg.database_url)
+    try:
+        report = await provision_offline(conn, cfg.master_key, Path(file))
+    finally:
+        await conn.close()
+    print(json.dumps(report))
+    return 0
+
+
+async def _broker_reconcile(cfg: Config) -> int:
+    from mdm_server.broker.dynsec import Dynsec, DynsecError
+    from mdm_server.broker.identity import reconcile
+
+    if cfg.master_key is None:
+        raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set")
+    conn = await connect(cfg.database_url)
+    try:
+        async with Dynsec(cfg.mqtt) as dynsec:
+            report = await reconcile(dynsec, conn, cfg.master_key)
+    except DynsecError as exc:
+        print(f"mdm-server: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        await conn.close()
+    print(json.dumps({"created": report.created, "updated": report.updated,
+                      "deleted": report.deleted, "not_derivable": report.not_derivable}))
+    return 0
+
+
+async def _keys(cfg: Config, args: argparse.Namespace) -> int:
+    from mdm_server.commands import keys
+
+    conn = await connect(cfg.database_url)
+    try:
+        if args.action == "list":
+            for r in await conn.fetch(
+                    """SELECT k.key_id, k.created_at, k.retired_at,
+                              (SELECT count(*) FROM devices d WHERE d.status = 'enrolled'
+                                 AND k.key_id = ANY(d.trusted_key_ids)) AS devices
+                       FROM signing_keys k ORDER BY k.created_at"""):
+                print(json.dumps({"key_id": r["key_id"], "created_at": r["created_at"].isoformat(),
+                                  "retired_at": r["retired_at"] and r["retired_at"].isoformat(),
+                                  "trusted_by_devices": r["devices"]}))
+            return 0
+        if cfg.master_key is None:
+            raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: signing "
+                              "keys are stored encrypted under it")
+        try:
+            async with conn.transaction():
+                if args.action == "rotate":
+                    key_id, told = await keys.rotate_key(conn, cfg.master_key, actor="cli")
+                    print(key_id)
+                    print(f"trust_key queued for {told} device(s)", file=sys.stderr)
+                else:
+                    stranded = await keys.retire_key(conn, args.key_id, actor="cli",
+                                                     force=args.force)
+                    if stranded:
+                        print(f"warning: {stranded} device(s) trust no current key now: "
+                              "re-enroll them", file=sys.stderr)
+        except keys.SigningKeyError as exc:
+            print(f"mdm-server: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        await conn.close()
+
+
+async def _audit(cfg: Config, args: argparse.Namespace) -> int:
+    conn = await connect(cfg.database_url)
+    try:
+        if args.action == "verify":
+            result = await audit.verify(conn)
+            print(result)
+            if args.head and result.head is not None:
+                print(f"head {result.head.hex()}")
+            return 0 if result.ok else 1
+        for entry in await audit.read(conn, args.tenant, limit=args.limit):
+            print(json.dumps(entry.to_json()))
+        return 0
+    finally:
+        await conn.close()
 
 
 async def _ingest(cfg: Config, index: int) -> None:
@@ -125,6 +350,7 @@ def _serve(cfg: Config, workers: int) -> None:
     from aiohttp import web
 
     from mdm_server.app import create_app
+    from mdm_server.broker.service import broker_identity_ctx
 
     if workers < 1:
         raise ConfigError("--ingest-workers must be at least 1")
@@ -133,8 +359,11 @@ def _serve(cfg: Config, workers: int) -> None:
         subprocess.Popen([sys.executable, "-m", "mdm_server", "ingest", "--index", str(i)])  # noqa: S603
         for i in range(1, workers)
     ]
+    app = create_app(cfg)
+    # Device identities on the broker: reconciled at start and whenever it comes back.
+    app.cleanup_ctx.append(broker_identity_ctx)
     try:
-        web.run_app(create_app(cfg), host=cfg.http_host, port=cfg.http_port,
+        web.run_app(app, host=cfg.http_host, port=cfg.http_port,
                     print=lambda msg: print(msg, file=sys.stderr))
     finally:
         for proc in extra:
@@ -169,9 +398,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "tenant":
             asyncio.run(_tenant_create(cfg, args.name))
         elif args.command == "admin":
-            asyncio.run(_admin_create(cfg, args.tenant, args.name))
-        elif args.command == "device":
+            asyncio.run(_admin_create(cfg, args.tenant, args.name, args.role))
+        elif args.command == "user":
+            asyncio.run(_user_token(cfg, args.tenant, args.device))
+        elif args.command == "device" and args.action == "enroll":
             asyncio.run(_device_enroll(cfg, args))
+        elif args.command == "device" and args.action == "reenroll":
+            asyncio.run(_device_reenroll(cfg, args))
+        elif args.command == "device":
+            return asyncio.run(_device_revoke(cfg, args))
+        elif args.command == "broker" and args.action == "provision-offline":
+            return asyncio.run(_broker_offline(cfg, args.file))
+        elif args.command == "broker":
+            return asyncio.run(_broker_reconcile(cfg))
+        elif args.command == "audit":
+            return asyncio.run(_audit(cfg, args))
+        elif args.command == "keys":
+            return asyncio.run(_keys(cfg, args))
     except (ConfigError, TenantError, EnrollmentError) as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@
 #                              or 127.0.0.1:5432, else (or with MDM_PG_PRIVATE=1) a
 #                              private cluster in var/pg (stopped on exit)
 #   mdm_ensure_broker          start scripts/broker on a free port, export MDM_MQTT_URL
-#                              (stopped and removed on exit)
+#                              (with the server's MQTT user; stopped and removed on exit)
+#   mdm_redact_url URL         URL with its password replaced by *** (for logs)
 #   mdm_on_exit CMD...         run CMD when the calling script exits (last in, first out)
 
 MDM_REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
@@ -295,8 +296,23 @@ mdm_mosquitto_bin() {
     fi
 }
 
-# mdm_render_broker_config PORT BIND DATA_DIR USER LOG_DEST: print the project's
-# broker config (deploy/mosquitto/mosquitto.conf) with its @PLACEHOLDERS@ filled in.
+# mdm_dynsec_plugin: path of Mosquitto's dynamic-security plugin (Debian puts it
+# under the multiarch directory, the eclipse-mosquitto image in /usr/lib).
+mdm_dynsec_plugin() {
+    local p
+    for p in /usr/lib/*/mosquitto_dynamic_security.so /usr/lib/mosquitto_dynamic_security.so \
+        /usr/local/lib/mosquitto_dynamic_security.so; do
+        if [[ -f "$p" ]]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# mdm_render_broker_config PORT BIND DATA_DIR USER LOG_DEST PLUGIN: print the
+# project's broker config (deploy/mosquitto/mosquitto.conf) with its @PLACEHOLDERS@
+# filled in (PLUGIN: path of mosquitto_dynamic_security.so).
 mdm_render_broker_config() {
     local conf
     conf="$(<"$MDM_REPO/deploy/mosquitto/mosquitto.conf")"
@@ -306,36 +322,50 @@ mdm_render_broker_config() {
     conf="${conf//@DATA_DIR@/"$3"}"
     conf="${conf//@USER@/"$4"}"
     conf="${conf//@LOG_DEST@/"$5"}"
+    conf="${conf//@DYNSEC_PLUGIN@/"$6"}"
     printf '%s\n' \
         "# GENERATED from deploy/mosquitto/mosquitto.conf by scripts/broker: edit that file." \
         "# docker.conf is regenerated with: scripts/broker --docker-config >deploy/mosquitto/docker.conf" \
         "" "$conf"
 }
 
-# Start our own broker (never the machine's) on a free port; export MDM_MQTT_URL.
+# mdm_new_secret: 32 random bytes, base64url without padding (safe inside a URL).
+mdm_new_secret() {
+    head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+}
+
+# Start our own broker (never the machine's) on a free port; export MDM_MQTT_URL with
+# the server's MQTT user and a password made for this broker (it never reaches a log:
+# scripts/broker's stdout, which prints it, is discarded).
 mdm_ensure_broker() {
-    local port dir pid line="" i
+    local port dir pid password
     if ! mdm_mosquitto_bin >/dev/null; then
         mdm_ensure_apt mosquitto mosquitto-clients
     fi
     port="$(mdm_free_port)"
     dir="$MDM_VAR/broker-$port"
     rm -rf "$dir"
-    mkdir -p "$dir"
-    "$MDM_REPO/scripts/broker" --port "$port" --dir "$dir" >"$dir/stdout.log" 2>&1 &
+    mkdir -p -m 700 "$dir"
+    password="$(mdm_new_secret)"
+    MDM_MQTT_SERVER_PASSWORD="$password" "$MDM_REPO/scripts/broker" --port "$port" \
+        --dir "$dir" >/dev/null 2>"$dir/stderr.log" &
     pid=$!
     mdm_on_exit rm -rf "$dir"
     mdm_on_exit mdm_stop_pid "$pid" 20
     if ! mdm_wait_port 127.0.0.1 "$port" 15 "$pid"; then
-        cat "$dir/stdout.log" "$dir/mosquitto.log" >&2 2>/dev/null || true
+        cat "$dir/stderr.log" "$dir/mosquitto.log" >&2 2>/dev/null || true
         mdm_die "the broker did not start on port $port"
     fi
-    for ((i = 0; i < 50; i++)); do
-        line="$(grep -m1 '^MDM_MQTT_URL=' "$dir/stdout.log" || true)"
-        [[ -n "$line" ]] && break
-        sleep 0.1
-    done
-    [[ -n "$line" ]] || mdm_die "scripts/broker printed no MDM_MQTT_URL line"
-    export MDM_MQTT_URL="${line#MDM_MQTT_URL=}"
-    mdm_log "MQTT broker: $MDM_MQTT_URL (pid $pid, data and log in $dir)"
+    export MDM_MQTT_URL="mqtt://mdm-server:$password@127.0.0.1:$port"
+    mdm_log "MQTT broker: $(mdm_redact_url "$MDM_MQTT_URL") (pid $pid, data and log in $dir)"
+}
+
+# mdm_redact_url URL: URL with the password of its userinfo replaced by ***.
+mdm_redact_url() {
+    local url=$1
+    if [[ "$url" =~ ^([a-z]+://[^:/@]+):[^@]*@(.*)$ ]]; then
+        echo "${BASH_REMATCH[1]}:***@${BASH_REMATCH[2]}"
+    else
+        echo "$url"
+    fi
 }

@@ -9,7 +9,14 @@ from aiohttp import web
 
 from mdm_server.storage.tenants import hash_token
 
-__all__ = ["Principal", "require_admin", "require_principal"]
+__all__ = [
+    "Principal",
+    "require_admin",
+    "require_principal",
+    "require_reader",
+    "require_user",
+    "user_devices",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +48,31 @@ async def require_admin(request: web.Request, pool: asyncpg.Pool) -> Principal:
     if who.role != "admin":
         raise web.HTTPForbidden(reason="this needs an admin of the tenant")
     return who
+
+
+async def require_reader(request: web.Request, pool: asyncpg.Pool) -> Principal:
+    """An admin or an auditor (read-only): the GET routes of the admin API."""
+    who = await require_principal(request, pool)
+    if who.role not in ("admin", "auditor"):
+        raise web.HTTPForbidden(reason="this needs an admin or auditor of the tenant")
+    return who
+
+
+async def require_user(request: web.Request, pool: asyncpg.Pool) -> Principal:
+    """A device user: the /api/v1/me routes."""
+    who = await require_principal(request, pool)
+    if who.role != "user" or who.device is None:
+        raise web.HTTPForbidden(reason="this needs a device user's token")
+    return who
+
+
+async def user_devices(conn: asyncpg.Connection, who: Principal) -> list[str]:
+    """The devices a user token covers: its own, and the tenant's other devices
+    with the same user e-mail (one person, several phones)."""
+    rows = await conn.fetch(
+        """SELECT d.device_id FROM devices d
+           JOIN devices own ON own.tenant_id = d.tenant_id AND own.device_id = $2
+           WHERE d.tenant_id = $1 AND (d.device_id = $2 OR (own.user_email IS NOT NULL
+                                                            AND d.user_email = own.user_email))
+           ORDER BY d.device_id""", who.tenant, who.device)
+    return [r["device_id"] for r in rows]

@@ -9,7 +9,8 @@ import orjson
 from aiohttp import web
 
 from agent_protocol import KINDS, ProtocolError, Topic, decode_telemetry
-from mdm_server.api.auth import require_admin
+from mdm_server import audit
+from mdm_server.api.auth import require_admin, require_reader
 from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import json_error
 from mdm_server.commands.outbox import enqueue_sync_policy
@@ -52,14 +53,14 @@ async def _json_body(request: web.Request) -> Any:
 
 
 async def list_policies(request: web.Request) -> web.Response:
-    who = await require_admin(request, request.app[POOL])
+    who = await require_reader(request, request.app[POOL])
     async with request.app[POOL].acquire() as conn:
         current = await store.current_policies(conn, who.tenant)
     return web.json_response({"policies": [_version_json(v, with_body=False) for v in current]})
 
 
 async def get_policy(request: web.Request) -> web.Response:
-    who = await require_admin(request, request.app[POOL])
+    who = await require_reader(request, request.app[POOL])
     async with request.app[POOL].acquire() as conn:
         v = await store.get_policy(conn, who.tenant, request.match_info["name"])
     if v is None:
@@ -81,6 +82,8 @@ async def put_policy(request: web.Request) -> web.Response:
         v = await store.put_policy(conn, who.tenant, name, policy_to_doc(policy), who.name)
         # Same transaction: the devices are told exactly when the change is committed.
         await enqueue_sync_policy(conn, who.tenant, who.name)
+        await audit.append(conn, tenant=who.tenant, actor=who.name, action="policy.put",
+                           target=f"policy:{name}", details={"version": v.version})
     return web.json_response(_version_json(v), status=201 if v.version == 1 else 200)
 
 
@@ -93,13 +96,16 @@ async def delete_policy(request: web.Request) -> web.Response:
         v = await store.delete_policy(conn, who.tenant, name, who.name)
         if v is not None:
             await enqueue_sync_policy(conn, who.tenant, who.name)
+            await audit.append(conn, tenant=who.tenant, actor=who.name,
+                               action="policy.delete", target=f"policy:{name}",
+                               details={"version": v.version})
     if v is None:
         raise web.HTTPNotFound(reason="no such policy")
     return web.Response(status=204)
 
 
 async def list_versions(request: web.Request) -> web.Response:
-    who = await require_admin(request, request.app[POOL])
+    who = await require_reader(request, request.app[POOL])
     async with request.app[POOL].acquire() as conn:
         versions = await store.list_versions(conn, who.tenant, request.match_info["name"])
     if not versions:

@@ -26,7 +26,16 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-__all__ = ["SigningKeyError", "public_keys", "signing_key"]
+from mdm_server import audit
+
+__all__ = [
+    "KeyRing",
+    "SigningKeyError",
+    "public_keys",
+    "retire_key",
+    "rotate_key",
+    "signing_key",
+]
 
 _INFO = b"mdm signing key v1"
 _NONCE_BYTES = 12
@@ -71,6 +80,15 @@ async def _newest(conn: asyncpg.Connection) -> asyncpg.Record | None:
         "ORDER BY created_at DESC, key_id DESC LIMIT 1")
 
 
+async def _create(conn: asyncpg.Connection, master_key: bytes) -> tuple[str, Ed25519PrivateKey]:
+    key = Ed25519PrivateKey.generate()
+    key_id = time.strftime("server-%Y%m%d-", time.gmtime()) + secrets.token_hex(4)
+    await conn.execute(
+        "INSERT INTO signing_keys (key_id, public_key, private_key_enc) VALUES ($1, $2, $3)",
+        key_id, _raw_public(key), encrypt_private_key(key, key_id, master_key))
+    return key_id, key
+
+
 async def signing_key(conn: asyncpg.Connection, master_key: bytes | None
                       ) -> tuple[str, Ed25519PrivateKey]:
     """The newest unretired key (key id, private key); created on first use.
@@ -86,13 +104,7 @@ async def signing_key(conn: asyncpg.Connection, master_key: bytes | None
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _LOCK)
             row = await _newest(conn)
             if row is None:
-                key = Ed25519PrivateKey.generate()
-                key_id = time.strftime("server-%Y%m%d-", time.gmtime()) + secrets.token_hex(4)
-                await conn.execute(
-                    "INSERT INTO signing_keys (key_id, public_key, private_key_enc) "
-                    "VALUES ($1, $2, $3)",
-                    key_id, _raw_public(key), encrypt_private_key(key, key_id, master_key))
-                return key_id, key
+                return await _create(conn, master_key)
     return row["key_id"], decrypt_private_key(row["private_key_enc"], row["key_id"],
                                               master_key)
 
@@ -103,3 +115,92 @@ async def public_keys(conn: asyncpg.Connection) -> dict[str, str]:
         "SELECT key_id, public_key FROM signing_keys WHERE retired_at IS NULL "
         "ORDER BY created_at, key_id")
     return {r["key_id"]: base64.b64encode(r["public_key"]).decode("ascii") for r in rows}
+
+
+async def rotate_key(conn: asyncpg.Connection, master_key: bytes, *, actor: str,
+                     ttl_s: int = 30 * 86_400) -> tuple[str, int]:
+    """Create a new signing key and queue ``trust_key`` for every enrolled device.
+
+    Each ``trust_key`` is signed with a key the device already trusts (the
+    dispatcher picks it), so devices keep working under the old key until they
+    have confirmed the new one; from then on their commands are signed with the
+    new key. Returns (new key id, devices told). Call inside a transaction.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _LOCK)
+    key_id, key = await _create(conn, master_key)
+    params = {"key_id": key_id,
+              "public_key": base64.b64encode(_raw_public(key)).decode("ascii")}
+    told: int = await conn.fetchval(
+        """WITH ins AS (
+               INSERT INTO commands (tenant_id, device_id, type, params, state, reason,
+                                     requested_by, expires_at)
+               SELECT tenant_id, device_id, 'trust_key', $1::jsonb, 'queued',
+                      'signing key rotation', $2::text, now() + make_interval(secs => $3)
+               FROM devices WHERE status = 'enrolled'
+               RETURNING 1)
+           SELECT count(*) FROM ins""", params, actor, float(ttl_s))
+    await audit.append(conn, tenant=None, actor=actor, action="signing_key.rotate",
+                       target=f"signing_key:{key_id}", details={"devices": told})
+    await conn.execute("SELECT pg_notify('mdm_commands', 'rotate')")
+    return key_id, told
+
+
+async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
+                     force: bool = False) -> int:
+    """Stop signing with ``key_id``. Refused (SigningKeyError) while an enrolled
+    device trusts no other unretired key, unless ``force`` (those devices can then
+    verify nothing until re-enrolled). Returns how many devices were stranded."""
+    row = await conn.fetchrow(
+        "SELECT retired_at FROM signing_keys WHERE key_id = $1 FOR UPDATE", key_id)
+    if row is None:
+        raise SigningKeyError("no such signing key")
+    if row["retired_at"] is not None:
+        raise SigningKeyError("the key is retired already")
+    stranded: int = await conn.fetchval(
+        """SELECT count(*) FROM devices d
+           WHERE d.status = 'enrolled' AND NOT EXISTS (
+               SELECT 1 FROM signing_keys k
+               WHERE k.key_id = ANY(d.trusted_key_ids) AND k.key_id <> $1
+                 AND k.retired_at IS NULL)""", key_id)
+    if stranded and not force:
+        raise SigningKeyError(
+            f"{stranded} enrolled device(s) have not confirmed a newer key yet: retiring "
+            "this one would leave them unable to verify commands (use --force to do it "
+            "anyway)")
+    await conn.execute("UPDATE signing_keys SET retired_at = now() WHERE key_id = $1", key_id)
+    await audit.append(conn, tenant=None, actor=actor, action="signing_key.retire",
+                       target=f"signing_key:{key_id}", details={"stranded": stranded})
+    return stranded
+
+
+class KeyRing:
+    """The unretired private keys, decrypted once each; picks a device's key."""
+
+    def __init__(self, master_key: bytes | None) -> None:
+        self._master_key = master_key
+        self._keys: dict[str, Ed25519PrivateKey] = {}
+        self._order: list[str] = []  # newest first
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        if self._master_key is None:
+            raise SigningKeyError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE is not set: "
+                                  "commands cannot be signed")
+        if not self._order:
+            await signing_key(conn, self._master_key)  # the first key, if none yet
+        rows = await conn.fetch(
+            "SELECT key_id, private_key_enc FROM signing_keys WHERE retired_at IS NULL "
+            "ORDER BY created_at DESC, key_id DESC")
+        for r in rows:
+            if r["key_id"] not in self._keys:
+                self._keys[r["key_id"]] = decrypt_private_key(
+                    r["private_key_enc"], r["key_id"], self._master_key)
+        self._order = [r["key_id"] for r in rows]
+
+    def for_device(self, trusted: list[str] | None) -> tuple[str, Ed25519PrivateKey] | None:
+        """The newest unretired key among ``trusted`` (None: trusts none of them)."""
+        if not trusted:
+            return None
+        for key_id in self._order:
+            if key_id in trusted:
+                return key_id, self._keys[key_id]
+        return None

@@ -34,11 +34,13 @@ from agent_protocol import (
     encode_command,
     sign_command,
 )
-from mdm_server.commands.keys import signing_key
+from mdm_server.commands import states
+from mdm_server.commands.keys import KeyRing
 from mdm_server.config import Config
 from mdm_server.storage.pool import connect
 
-__all__ = ["NOTIFY_CHANNEL", "CommandDispatcher", "enqueue", "enqueue_sync_policy"]
+__all__ = ["NOTIFY_CHANNEL", "CommandDispatcher", "check_command", "enqueue",
+           "enqueue_sync_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def _dt(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-def _check(tenant: str, device: str, type_: str, params: Mapping[str, Any]) -> None:
+def check_command(tenant: str, device: str, type_: str, params: Mapping[str, Any]) -> None:
     """Refuse what could never be signed, before it is queued (ValueError)."""
     if type_ not in COMMAND_TYPES:
         raise ValueError(f"command type must be one of {', '.join(COMMAND_TYPES)}")
@@ -71,7 +73,7 @@ async def enqueue(conn: asyncpg.Connection, *, tenant: str, device: str, type: s
                   params: Mapping[str, Any], reason: str | None, requested_by: str,
                   ttl_s: int = DEFAULT_TTL_S) -> uuid.UUID:
     """Queue one command for one device; call inside the caller's transaction."""
-    _check(tenant, device, type, params)
+    check_command(tenant, device, type, params)
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     command_id: uuid.UUID = await conn.fetchval(
@@ -104,6 +106,30 @@ async def enqueue_sync_policy(conn: asyncpg.Connection, tenant: str, actor: str,
     return count
 
 
+#: A command already published is expired this long after its expires_at: an agent
+#: may have accepted it just in time and its ``received`` ack still be on the way.
+SENT_EXPIRY_GRACE_S = 120
+
+
+async def expire_due(conn: asyncpg.Connection) -> int:
+    """Mark expired the commands whose time ran out before the device received them."""
+    status: str = await conn.execute(
+        """WITH due AS (
+               SELECT command_id, state FROM commands
+               WHERE state = ANY($1::text[])
+                 AND expires_at + CASE WHEN state = 'sent' THEN make_interval(secs => $2)
+                                       ELSE interval '0' END <= now()
+               FOR UPDATE SKIP LOCKED),
+           exp AS (
+               UPDATE commands c SET state = 'expired', finished_at = now()
+               FROM due WHERE c.command_id = due.command_id
+               RETURNING c.command_id, due.state AS old_state)
+           INSERT INTO command_events (command_id, event, from_state, to_state, accepted)
+           SELECT command_id, 'expired', old_state, 'expired', true FROM exp""",
+        list(states.EXPIRE_FROM_STATES), float(SENT_EXPIRY_GRACE_S))
+    return int(status.rsplit(" ", 1)[-1])
+
+
 class CommandDispatcher:
     """Signs and publishes queued commands; one per ``serve`` process.
 
@@ -127,6 +153,7 @@ class CommandDispatcher:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
+        self._keys = KeyRing(config.master_key)
         self.sent = 0
 
     # -- MQTT (callbacks run on paho's thread) ---------------------------------
@@ -221,30 +248,38 @@ class CommandDispatcher:
 
     async def dispatch_once(self) -> bool:
         """Sign what is unsigned, publish one batch; True if more may be waiting."""
-        client = self._client
-        if client is None or not client.is_connected():
-            return False  # nothing is claimed while the broker is away
         async with self._pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE commands SET state = 'expired' "
-                "WHERE state = 'queued' AND expires_at <= now()")
+            await expire_due(conn)  # time runs out whether or not the broker is there
+            client = self._client
+            if client is None or not client.is_connected():
+                return False  # nothing is claimed while the broker is away
             await self._sign_queued(conn)
             return await self._publish_signed(conn, client)
 
     async def _sign_queued(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():
             rows = await conn.fetch(
-                """SELECT command_id, tenant_id, device_id, type, params, notice, expires_at
-                   FROM commands WHERE state = 'queued' AND payload IS NULL
-                   ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED""", self._batch)
+                """SELECT c.command_id, c.tenant_id, c.device_id, c.type, c.params, c.notice,
+                          c.expires_at, d.trusted_key_ids
+                   FROM commands c JOIN devices d USING (tenant_id, device_id)
+                   WHERE c.state = 'queued' AND c.payload IS NULL
+                   ORDER BY c.created_at LIMIT $1 FOR UPDATE OF c SKIP LOCKED""", self._batch)
             if not rows:
                 return
-            key_id, key = await signing_key(conn, self._config.master_key)
+            await self._keys.refresh(conn)
             now_ms = _ms(datetime.now(UTC))
-            signed: list[tuple[uuid.UUID, bytes, str, datetime]] = []
-            failed: list[uuid.UUID] = []
+            signed: list[tuple[uuid.UUID, bytes, str, datetime, str]] = []
+            failed: list[tuple[uuid.UUID, str]] = []
             for r in rows:
                 notice = r["notice"]
+                chosen = self._keys.for_device(r["trusted_key_ids"])
+                if chosen is None:
+                    log.error("command %s: the device trusts no current signing key; "
+                              "marked failed (re-enroll the device)", r["command_id"])
+                    failed.append((r["command_id"], "the device trusts no current signing "
+                                   "key: re-enroll it"))
+                    continue
+                key_id, key = chosen
                 try:
                     cmd = sign_command(Command(
                         command_id=str(r["command_id"]), tenant=r["tenant_id"],
@@ -257,39 +292,65 @@ class CommandDispatcher:
                 except (LocalProtocolError, KeyError, TypeError) as exc:
                     # Never leaves this server: a bug or a bad row, not the device's.
                     log.error("command %s cannot be signed (%s); marked failed",
-                              r["command_id"], exc)
-                    failed.append(r["command_id"])
+                              r["command_id"], type(exc).__name__)
+                    failed.append((r["command_id"], "the command could not be signed"))
                     continue
-                signed.append((r["command_id"], payload, cmd.nonce, _dt(now_ms)))
+                signed.append((r["command_id"], payload, cmd.nonce, _dt(now_ms), key_id))
             if signed:
                 await conn.execute(
                     """UPDATE commands c SET payload = s.payload, nonce = s.nonce,
-                              key_id = $5, issued_at = s.issued_at
-                       FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[])
-                            AS s(command_id, payload, nonce, issued_at)
+                              key_id = s.key_id, issued_at = s.issued_at
+                       FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[],
+                                   $5::text[])
+                            AS s(command_id, payload, nonce, issued_at, key_id)
                        WHERE c.command_id = s.command_id""",
-                    [s[0] for s in signed], [s[1] for s in signed],
-                    [s[2] for s in signed], [s[3] for s in signed], key_id)
+                    *(list(col) for col in zip(*signed, strict=True)))
             if failed:
-                await conn.execute("UPDATE commands SET state = 'failed' "
-                                   "WHERE command_id = ANY($1::uuid[])", failed)
+                await conn.executemany(
+                    """WITH f AS (UPDATE commands SET state = 'failed', finished_at = now(),
+                                                     outcome_detail = $2
+                                  WHERE command_id = $1 RETURNING command_id)
+                       INSERT INTO command_events (command_id, event, from_state, to_state,
+                                                   accepted, detail)
+                       SELECT command_id, 'sign_failed', 'queued', 'failed', true, $2 FROM f""",
+                    failed)
 
     async def _publish_signed(self, conn: asyncpg.Connection, client: paho.Client) -> bool:
         async with conn.transaction():
+            # First sends, then re-sends owed to devices that reconnected before
+            # acknowledging receipt (same signed bytes: the agent's nonce and
+            # executed-command checks absorb a copy it did get).
             rows = await conn.fetch(
-                """SELECT command_id, tenant_id, device_id, payload FROM commands
-                   WHERE state = 'queued' AND payload IS NOT NULL
-                   ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED""", self._batch)
+                """SELECT command_id, tenant_id, device_id, payload, state FROM commands
+                   WHERE (state = 'queued' AND payload IS NOT NULL)
+                      OR (state = ANY($2::text[]) AND resend AND expires_at > now())
+                   ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                self._batch, list(states.from_states("reconnect")))
             if not rows:
                 return False
             acked = await self._publish(
                 client, [(commands_topic(r["tenant_id"], r["device_id"]), r["payload"])
                          for r in rows])
             if acked:
+                ids = [rows[i]["command_id"] for i in acked]
                 await conn.execute(
-                    "UPDATE commands SET state = 'sent', sent_at = now() "
-                    "WHERE command_id = ANY($1::uuid[])",
-                    [rows[i]["command_id"] for i in acked])
+                    """WITH upd AS (
+                           UPDATE commands c
+                           SET state = CASE WHEN c.state = 'queued' THEN 'sent'
+                                            ELSE c.state END,
+                               resend = false, send_count = send_count + 1,
+                               sent_at = CASE WHEN c.state = 'queued' THEN now()
+                                              ELSE c.sent_at END
+                           FROM (SELECT command_id, state AS old_state FROM commands
+                                 WHERE command_id = ANY($1::uuid[])) o
+                           WHERE c.command_id = o.command_id
+                           RETURNING c.command_id, o.old_state)
+                       INSERT INTO command_events (command_id, event, from_state, to_state,
+                                                   accepted)
+                       SELECT command_id, CASE WHEN old_state = 'queued' THEN 'published'
+                                               ELSE 'resent' END,
+                              old_state, CASE WHEN old_state = 'queued' THEN 'sent'
+                                              ELSE old_state END, true FROM upd""", ids)
                 self.sent += len(acked)
             return len(acked) == len(rows) == self._batch
 

@@ -141,8 +141,10 @@ class MqttConsumer:
         subscriptions: list[str],
         on_message: Callable[[InboundMessage], None],
         keepalive_s: int = 30,
+        label: str = "ingest",
     ) -> None:
         self._settings = settings
+        self._label = label
         self._subscriptions = subscriptions
         self._deliver = on_message
         self._keepalive = keepalive_s
@@ -198,7 +200,8 @@ class MqttConsumer:
         if any(rc.is_failure for rc in rcs):
             log.error("the broker refused a subscription: %s", rcs)
         else:
-            log.info("subscribed (%d filters)", len(rcs))
+            # "ingest subscribed": tests and benchmarks wait for this line.
+            log.info("%s subscribed (%d filters)", self._label, len(rcs))
             self._loop.call_soon_threadsafe(self.subscribed.set)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -38,6 +38,10 @@ __all__ = ["IngestStats", "IngestWorker", "live_line"]
 log = logging.getLogger(__name__)
 
 _UNKNOWN_TTL_S = 5.0  # how long "not enrolled" is believed before asking again
+# How long "enrolled" is believed: a revoked device's telemetry (published before
+# the broker cut it off, or while the broker could not be told) is refused at the
+# latest this long after the revocation.
+_KNOWN_TTL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -53,16 +57,18 @@ class IngestStats:
 
 class _DeviceRegistry:
     """Which (tenant, device) pairs are enrolled, and how (ownership, groups);
-    asks the database on a miss."""
+    asks the database on a miss, and again once an answer is older than its TTL."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], DeviceProfile] = {}
+        self._known_until: dict[tuple[str, str], float] = {}
         self._unknown_until: dict[tuple[str, str], float] = {}
 
     async def refresh(self, conn: asyncpg.Connection, keys: set[tuple[str, str]]) -> None:
         now = time.monotonic()
+        known_until, unknown_until = self._known_until, self._unknown_until
         missing = [k for k in keys
-                   if k not in self._known and self._unknown_until.get(k, 0.0) <= now]
+                   if known_until.get(k, 0.0) <= now and unknown_until.get(k, 0.0) <= now]
         if not missing:
             return
         found = await lookup_devices(conn, missing)
@@ -70,9 +76,12 @@ class _DeviceRegistry:
             info = found.get(k)
             if info is not None and info.enrolled:
                 self._known[k] = DeviceProfile(info.ownership, info.groups)
-                self._unknown_until.pop(k, None)
-            else:
-                self._unknown_until[k] = now + _UNKNOWN_TTL_S
+                known_until[k] = now + _KNOWN_TTL_S
+                unknown_until.pop(k, None)
+            else:  # unknown, or revoked since it was last looked up
+                self._known.pop(k, None)
+                known_until.pop(k, None)
+                unknown_until[k] = now + _UNKNOWN_TTL_S
 
     def is_enrolled(self, tenant: str, device: str) -> bool:
         return (tenant, device) in self._known

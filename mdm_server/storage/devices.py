@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import asyncpg
 
 from agent_protocol import acks_topic, commands_topic, is_valid_id, telemetry_topic
+from mdm_server.broker.credentials import device_password
 from mdm_server.commands.keys import SigningKeyError, public_keys, signing_key
 from mdm_server.config import MqttSettings
 
 __all__ = [
+    "DeviceIdentity",
     "DeviceInfo",
     "EnrollmentError",
+    "device_identities",
     "enroll_device",
     "lookup_devices",
     "mqtt_username",
     "reenroll_device",
+    "revoke_device",
 ]
 
 Ownership = Literal["corporate", "personal"]
-_PBKDF2_ROUNDS = 100_000
 
 
 class EnrollmentError(Exception):
@@ -40,17 +40,28 @@ class DeviceInfo:
     enrolled: bool
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """What the broker must know of a device: its credential generation (0: enrolled
+    before broker identity, password not derivable) and whether it may connect."""
+
+    tenant: str
+    device: str
+    generation: int
+    enrolled: bool
+
+
 def mqtt_username(tenant: str, device: str) -> str:
     # Ids are [A-Za-z0-9_-]: "." cannot occur in either, so the name is unambiguous,
     # and it holds no "+", "#" or "/" (which broker pattern ACLs refuse).
     return f"{tenant}.{device}"
 
 
-def _hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ROUNDS)
-    b64 = base64.b64encode
-    return f"pbkdf2-sha512${_PBKDF2_ROUNDS}${b64(salt).decode()}${b64(digest).decode()}"
+def _password(master_key: bytes | None, tenant: str, device: str, generation: int) -> str:
+    if master_key is None:
+        raise EnrollmentError("MDM_MASTER_KEY (or MDM_MASTER_KEY_FILE) is not set: device "
+                              "MQTT passwords are derived from it")
+    return device_password(master_key, tenant, device, generation)
 
 
 async def _server_keys(conn: asyncpg.Connection, master_key: bytes | None) -> dict[str, str]:
@@ -109,8 +120,11 @@ async def enroll_device(
 ) -> dict[str, Any]:
     """Register a device; return what its agent needs (credentials shown only here).
 
-    ``master_key`` (Config.master_key) is needed when no command-signing key
-    exists yet: the first one is created then."""
+    ``master_key`` (Config.master_key) derives the device's MQTT password
+    (mdm_server/broker/credentials.py), and creates the first command-signing key
+    if none exists yet. This writes the database only: the caller gives the device
+    its broker client once the transaction has committed
+    (:func:`mdm_server.broker.identity.sync_devices`)."""
     if not is_valid_id(device):
         raise EnrollmentError("device ids are 1-64 characters of A-Z a-z 0-9 _ -")
     if not all(is_valid_id(g) for g in groups):
@@ -120,15 +134,15 @@ async def enroll_device(
     if user_email is not None and ("@" not in user_email or len(user_email) > 320):
         raise EnrollmentError("user email is not an e-mail address")
     mqtt = MqttSettings.from_url(mqtt_url)
+    password = _password(master_key, tenant, device, 1)
     server_keys = await _server_keys(conn, master_key)
-    password = secrets.token_urlsafe(24)
     try:
         await conn.execute(
             """INSERT INTO devices (tenant_id, device_id, ownership, user_email,
-                                    mqtt_username, mqtt_password_hash, groups)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                                    mqtt_username, groups, mqtt_generation, trusted_key_ids)
+               VALUES ($1, $2, $3, $4, $5, $6, 1, $7)""",
             tenant, device, ownership, user_email,
-            mqtt_username(tenant, device), _hash_password(password), sorted(set(groups)),
+            mqtt_username(tenant, device), sorted(set(groups)), list(server_keys),
         )
     except asyncpg.UniqueViolationError:
         raise EnrollmentError(f"device {device!r} is enrolled already") from None
@@ -141,18 +155,66 @@ async def reenroll_device(
     conn: asyncpg.Connection, *, tenant: str, device: str, mqtt_url: str,
     master_key: bytes | None,
 ) -> dict[str, Any]:
-    """Issue new credentials to an enrolled device (the old password stops working)."""
+    """Issue new credentials to a device, revoked or not: the next credential
+    generation. The old password stops working once the broker is synced
+    (:func:`mdm_server.broker.identity.sync_devices`, after the commit)."""
+    _password(master_key, tenant, device, 1)  # refuses early without a master key
     server_keys = await _server_keys(conn, master_key)
-    password = secrets.token_urlsafe(24)
-    row = await conn.fetchrow(
-        """UPDATE devices SET mqtt_password_hash = $3, status = 'enrolled', revoked_at = NULL
-           WHERE tenant_id = $1 AND device_id = $2 RETURNING ownership""",
-        tenant, device, _hash_password(password),
-    )
-    if row is None:
-        raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE devices SET mqtt_generation = mqtt_generation + 1,
+                                  status = 'enrolled', revoked_at = NULL
+               WHERE tenant_id = $1 AND device_id = $2
+               RETURNING ownership, mqtt_generation""",
+            tenant, device,
+        )
+        if row is None:
+            raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+        password = _password(master_key, tenant, device, row["mqtt_generation"])
+        # The new enrollment hands out every current public key: trusted from now.
+        await conn.execute(
+            "UPDATE devices SET trusted_key_ids = $3 WHERE tenant_id = $1 AND device_id = $2",
+            tenant, device, list(server_keys))
     return _enrollment(tenant, device, row["ownership"], password,
                        MqttSettings.from_url(mqtt_url), server_keys)
+
+
+async def revoke_device(conn: asyncpg.Connection, *, tenant: str, device: str) -> bool:
+    """Mark a device revoked; False if it was revoked already. The caller then
+    deletes its broker client (:func:`mdm_server.broker.identity.sync_devices`),
+    which disconnects it; ingest refuses its telemetry from the commit on."""
+    was: str | None = await conn.fetchval(
+        """WITH old AS (SELECT status FROM devices
+                        WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE)
+           UPDATE devices d
+           SET status = 'revoked',
+               revoked_at = CASE WHEN old.status = 'revoked' THEN d.revoked_at ELSE now() END
+           FROM old WHERE d.tenant_id = $1 AND d.device_id = $2
+           RETURNING old.status""",
+        tenant, device,
+    )
+    if was is None:
+        raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+    return was != "revoked"
+
+
+async def device_identities(
+    conn: asyncpg.Connection, keys: list[tuple[str, str]] | None = None
+) -> list[DeviceIdentity]:
+    """Every device (``keys`` None) or those among ``keys`` (tenant, device)."""
+    if keys is None:
+        rows = await conn.fetch(
+            "SELECT tenant_id, device_id, mqtt_generation, status FROM devices")
+    else:
+        rows = await conn.fetch(
+            """SELECT d.tenant_id, d.device_id, d.mqtt_generation, d.status
+               FROM devices d
+               JOIN unnest($1::text[], $2::text[]) AS k(t, dev)
+                 ON d.tenant_id = k.t AND d.device_id = k.dev""",
+            [k[0] for k in keys], [k[1] for k in keys],
+        )
+    return [DeviceIdentity(r["tenant_id"], r["device_id"], r["mqtt_generation"],
+                           r["status"] == "enrolled") for r in rows]
 
 
 async def lookup_devices(

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -72,16 +72,25 @@ class Broker:
         )
         self.host = "127.0.0.1"
         self.port = port or 0
+        self.username: str | None = None
+        self.password: str | None = None
 
     def wait_ready(self) -> None:
-        """Read the URL that scripts/broker prints (if it does), wait for the port."""
+        """Read the URL that scripts/broker prints (if it does), with the server's
+        MQTT user and password: the project's broker lets nobody in anonymously."""
         if self.proc.stdout is not None:
             line = self.proc.stdout.readline().decode().strip()
-            assert line.startswith("MDM_MQTT_URL="), f"unexpected first line: {line!r}"
+            assert line.startswith("MDM_MQTT_URL="), "unexpected first line"
             url = urlsplit(line.removeprefix("MDM_MQTT_URL="))
-            assert url.scheme == "mqtt" and url.hostname and url.port, line
+            assert url.scheme == "mqtt" and url.hostname and url.port, url.hostname
+            assert url.username == "mdm-server" and url.password
             self.host, self.port = url.hostname, url.port
+            self.username, self.password = unquote(url.username), unquote(url.password)
         _wait_for_port(self.port, self.proc)
+
+    def login(self, client: mqtt.Client) -> None:
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -188,6 +197,7 @@ class Subscriber:
             self._last_message = time.monotonic()
 
     def _connect(self, client: mqtt.Client, broker: Broker) -> None:
+        broker.login(client)
         self._connected.clear()
         client.connect(broker.host, broker.port, keepalive=30)
         client.loop_start()
@@ -252,6 +262,7 @@ def publish(broker: Broker, topic: str, count: int) -> None:
         clean_session=True,
         protocol=MQTTProtocolVersion.MQTTv311,
     )
+    broker.login(client)
     client.max_inflight_messages_set(PUBLISH_WINDOW)
     client.on_publish = on_publish
     client.connect(broker.host, broker.port, keepalive=30)
@@ -268,7 +279,9 @@ def publish(broker: Broker, topic: str, count: int) -> None:
 
 
 def _topic() -> str:
-    return f"probe/{uuid.uuid4().hex}/telemetry"
+    # A device's commands topic: on the project's broker the server's user (the
+    # credentials scripts/broker prints) may both publish and subscribe there.
+    return f"mdm/v1/probe/devices/{uuid.uuid4().hex}/commands"
 
 
 def test_project_config_keeps_a_large_backlog_for_an_offline_subscriber(

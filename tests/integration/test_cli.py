@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.mqtt import publish_all
+from tests.support.mqtt import publish_as_devices
 from tests.support.services import REPO, Broker, Server, server_env, wait_for_count
 from tests.support.telemetry import location
 
@@ -103,8 +103,8 @@ def test_serve_runs_http_and_two_ingest_workers(database: str, broker: Broker,
         assert [d["device"] for d in body["devices"]] == ["d1", "d2"]
         status, body = server.request("GET", "/api/v1/devices", other)
         assert (status, body["devices"]) == (200, [])  # another tenant sees none of acme's
-        publish_all("127.0.0.1", broker.port,
-                    [location("acme", f"d{1 + i % 2}", i) for i in range(2000)])
+        publish_as_devices(broker.port,
+                           [location("acme", f"d{1 + i % 2}", i) for i in range(2000)])
         stored = wait_for_count(database, "SELECT count(*) FROM telemetry", 2000)
         assert stored == 2000
         time.sleep(1.5)

@@ -104,10 +104,15 @@ def test_enrollment_hands_out_the_public_keys_and_needs_the_master_key_for_the_f
                                         mqtt_url="mqtt://127.0.0.1:1883", master_key=MASTER)
             assert first["server_keys"] == await public_keys(conn)
             assert len(first["server_keys"]) == 1
-            # Once a key exists, enrolling needs no master key (public keys only).
+            # Once a key exists, enrolling still needs the master key: the device's
+            # MQTT password is derived from it (mdm_server/broker/credentials.py).
+            with pytest.raises(EnrollmentError, match="MQTT passwords"):
+                await enroll_device(conn, tenant="acme", device="d2", ownership="corporate",
+                                    user_email=None, mqtt_url="mqtt://127.0.0.1:1883",
+                                    master_key=None)
             second = await enroll_device(conn, tenant="acme", device="d2",
                                          ownership="corporate", user_email=None,
-                                         mqtt_url="mqtt://127.0.0.1:1883", master_key=None)
+                                         mqtt_url="mqtt://127.0.0.1:1883", master_key=MASTER)
             assert second["server_keys"] == first["server_keys"]
         finally:
             await conn.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support.mqtt import publish_all
+from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Broker,
     IngestProcess,
@@ -39,8 +39,8 @@ class Stream:
 
     def _run(self, port: int) -> None:
         try:
-            publish_all("127.0.0.1", port,
-                        (location("acme", DEVICES[i % 50], i) for i in range(N)))
+            publish_as_devices(port,
+                               (location("acme", DEVICES[i % 50], i) for i in range(N)))
         except BaseException as exc:
             self.error = exc
 

@@ -11,8 +11,8 @@ import pytest
 
 from mdm_server.config import MqttSettings
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
-from tests.support.mqtt import publish_all
-from tests.support.services import Broker
+from tests.support.mqtt import publish_as_devices
+from tests.support.services import Broker, broker_only_devices
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +27,15 @@ def test_every_size_of_message_arrives_intact_and_in_full(broker: Broker) -> Non
     got: list[InboundMessage] = []
 
     async def main() -> None:
-        consumer = MqttConsumer(MqttSettings("127.0.0.1", broker.port), client_id="reader",
+        await broker_only_devices(broker.url, "t", [f"d{i}" for i in range(7)])
+        consumer = MqttConsumer(MqttSettings.from_url(broker.url), client_id="reader",
                                 subscriptions=["$share/g/mdm/v1/+/devices/+/telemetry/+"],
                                 on_message=got.append)
         task = asyncio.create_task(consumer.run())
         await asyncio.wait_for(consumer.subscribed.wait(), 10)
         loop = asyncio.get_running_loop()
-        publishing = loop.run_in_executor(None, lambda: publish_all(
-            "127.0.0.1", broker.port, sent, max_inflight=200))
+        publishing = loop.run_in_executor(None, lambda: publish_as_devices(
+            broker.port, sent, max_inflight=200))
         acked = 0
         for _ in range(600):
             await asyncio.sleep(0.05)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent_protocol import Record, encode_telemetry, telemetry_topic
-from tests.support.mqtt import publish_all
+from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Server,
     create_database,
@@ -79,7 +79,7 @@ def _db(server: Server) -> str:
 
 
 def _publish(server: Server, messages: list[tuple[str, bytes]]) -> None:
-    publish_all("127.0.0.1", int(server.env["BROKER_PORT"]), messages)
+    publish_as_devices(int(server.env["BROKER_PORT"]), messages)
 
 
 def _msg(device: str, kind: str, rid: str, data: dict[str, Any], ts_ms: int | None = None

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from agent_protocol import Record, encode_telemetry, telemetry_topic
 from mdm_server.storage.policies import put_policy
 from mdm_server.storage.pool import connect
-from tests.support.mqtt import publish_all
+from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     IngestProcess,
     create_database,
@@ -126,7 +126,7 @@ def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
         messages.append((telemetry_topic("acme", "phone", kind),
                          encode_telemetry([rec], device="phone", kind=kind)))
         raw += _raw_values(kind, data)
-    publish_all("127.0.0.1", env.port, messages)
+    publish_as_devices(env.port, messages)
     stored = wait_for_count(env.database, "SELECT count(*) FROM telemetry",
                             before + len(records), timeout=30, proc=env.ingest)
     assert stored == before + len(records)

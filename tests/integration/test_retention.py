@@ -13,7 +13,7 @@ import pytest
 from agent_protocol import Record, encode_telemetry, telemetry_topic
 from mdm_server.storage.policies import put_policy
 from mdm_server.storage.pool import connect
-from tests.support.mqtt import publish_all
+from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     REPO,
     Broker,
@@ -65,7 +65,7 @@ def test_retention_drops_old_partitions_and_deletes_per_policy(
             messages.append((telemetry_topic("acme", device, "location"),
                              encode_telemetry([rec], device=device, kind="location")))
     try:
-        publish_all("127.0.0.1", broker.port, messages)
+        publish_as_devices(broker.port, messages)
         assert wait_for_count(database, "SELECT count(*) FROM telemetry", 6,
                               proc=ingest) == 6
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -29,26 +31,31 @@ from load_tests.simulator import (
     Stats,
     TokenBucket,
     enroll_fleet,
+    provision_synthetic,
     synthetic_enrollments,
 )
-from tests.support.services import REPO, Broker
+from mdm_server.config import MqttSettings
+from tests.support.services import REPO, TEST_MASTER_KEY, Broker
 
 pytestmark = pytest.mark.integration
 
 
 class Subscriber:
-    """A plain paho QoS 1 subscriber that keeps every (topic, payload) it receives."""
+    """A plain paho QoS 1 subscriber that keeps every (topic, payload) it receives;
+    logged in as the server's user (the only one that may read every device)."""
 
-    def __init__(self, port: int, topic_filter: str) -> None:
+    def __init__(self, broker: Broker, topic_filter: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:8]}",
                         protocol=paho.MQTTv311)
+        server = MqttSettings.from_url(broker.url)
+        c.username_pw_set(server.username, server.password)
         c.on_message = self._on_message
         c.on_subscribe = lambda *a: self._subscribed.set()
         c.on_connect = lambda client, *a: client.subscribe(topic_filter, qos=1)
-        c.connect("127.0.0.1", port, keepalive=60)
+        c.connect("127.0.0.1", broker.port, keepalive=60)
         c.loop_start()
         if not self._subscribed.wait(10):
             raise TimeoutError("no SUBACK")
@@ -73,7 +80,7 @@ class Subscriber:
 
 @contextmanager
 def subscriber(broker: Broker, tenant: str) -> Iterator[Subscriber]:
-    sub = Subscriber(broker.port, f"mdm/v1/{tenant}/devices/+/telemetry/+")
+    sub = Subscriber(broker, f"mdm/v1/{tenant}/devices/+/telemetry/+")
     try:
         yield sub
     finally:
@@ -82,6 +89,13 @@ def subscriber(broker: Broker, tenant: str) -> Iterator[Subscriber]:
 
 def unique_tenant() -> str:
     return f"sim{uuid.uuid4().hex[:10]}"
+
+
+def synthetic(broker: Broker, tenant: str, n: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """Synthetic devices with broker clients of their own (no database)."""
+    enrollments = synthetic_enrollments(tenant, n, broker.url, **kwargs)
+    asyncio.run(provision_synthetic(broker.url, enrollments))
+    return enrollments
 
 
 def record_keys(messages: list[tuple[str, bytes]]) -> list[tuple[str, str, str]]:
@@ -104,7 +118,7 @@ def test_70k_messages_on_one_connection_all_arrive(broker: Broker) -> None:
     assert broker.proc is not None
     pid = broker.proc.pid  # scripts/broker execs mosquitto: same pid
     tenant = unique_tenant()
-    fleet = Fleet(synthetic_enrollments(tenant, 1, broker.url), broker.url, connections=1,
+    fleet = Fleet(synthetic(broker, tenant, 1), broker.url, connections=1,
                   max_inflight=1000, seed=1)
     results: list[Stats] = []
     with subscriber(broker, tenant) as sub, fleet:
@@ -131,7 +145,7 @@ def test_70k_messages_on_one_connection_all_arrive(broker: Broker) -> None:
 
 def test_every_kind_decodes_and_counts_match(broker: Broker) -> None:
     tenant = unique_tenant()
-    enrollments = synthetic_enrollments(tenant, 5, broker.url, personal_share=0.4, seed=7)
+    enrollments = synthetic(broker, tenant, 5, personal_share=0.4, seed=7)
     fleet = Fleet(enrollments, broker.url, seed=7)
     with subscriber(broker, tenant) as sub, fleet:
         stats = fleet.publish(
@@ -178,7 +192,7 @@ def test_same_seed_same_data() -> None:
 
 def test_rate_limit_2000_per_second(broker: Broker) -> None:
     tenant = unique_tenant()
-    with Fleet(synthetic_enrollments(tenant, 20, broker.url), broker.url, seed=2) as fleet:
+    with Fleet(synthetic(broker, tenant, 20), broker.url, seed=2) as fleet:
         t0 = time.monotonic()
         stats = fleet.publish(rate=2000, duration=3.0)
         elapsed = time.monotonic() - t0
@@ -201,8 +215,11 @@ def test_token_bucket_is_exact_over_time() -> None:
 
 def test_enroll_fleet_then_reenroll(database: str, broker: Broker) -> None:
     tenant = unique_tenant()
-    first = asyncio.run(enroll_fleet(database, broker.url, tenant, 5, personal_share=0.2))
-    again = asyncio.run(enroll_fleet(database, broker.url, tenant, 5, personal_share=0.2))
+    key = base64.b64decode(TEST_MASTER_KEY)
+    first = asyncio.run(enroll_fleet(database, broker.url, tenant, 5, personal_share=0.2,
+                                     master_key=key))
+    again = asyncio.run(enroll_fleet(database, broker.url, tenant, 5, personal_share=0.2,
+                                     master_key=key))
     assert [e["device"] for e in first] == [f"sim-{i:04d}" for i in range(5)]
     assert [e["device"] for e in again] == [e["device"] for e in first]
     assert all(a["mqtt"]["password"] != b["mqtt"]["password"]

@@ -47,13 +47,16 @@ class Devices:
     clients: list[paho.Client] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self, devices: list[str]) -> None:
-        for d in devices:
+    def start(self, enrollments: list[dict[str, Any]]) -> None:
+        for e in enrollments:
+            d, m = e["device"], e["mqtt"]
             self.received[d] = []
             subscribed = threading.Event()
+            # Each device logs in as itself: the broker lets nobody else read its commands.
             c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                            client_id=f"test-agent-{d}", clean_session=False,
+                            client_id=m["client_id"], clean_session=False,
                             protocol=paho.MQTTv311)
+            c.username_pw_set(m["username"], m["password"])
             c.reconnect_delay_set(1, 1)
 
             def on_connect(c: paho.Client, u: Any, f: Any, rc: Any, p: Any,
@@ -118,7 +121,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
             enrolled = asyncio.run(enroll_devices(database, broker.url, TENANT, DEVICES))
             admin = srv.cli("admin", "create", "--tenant", TENANT, "--name", "alice").strip()
             devices = Devices(broker.port)
-            devices.start(DEVICES)
+            devices.start(enrolled)
             srv.start()
             try:
                 yield Setup(srv, broker, database, admin,

@@ -1,10 +1,17 @@
-"""A small, exact QoS 1 publisher for tests: every message is PUBACKed or it raises."""
+"""A small, exact QoS 1 publisher for tests: every message is PUBACKed or it raises.
+
+The project's broker lets a device publish only under its own topics, and only
+on a connection with its own credentials: :func:`publish_as_devices` publishes
+each message as the device its topic names. Remember that a refused publish is
+still PUBACKed under MQTT 3.1.1: check what arrived, not the acks.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -16,11 +23,14 @@ def publish_all(
     messages: Iterable[tuple[str, bytes]],
     *,
     client_id: str = "",
+    username: str | None = None,
+    password: str | None = None,
     max_inflight: int = 1000,
     timeout: float = 300.0,
 ) -> int:
-    """Publish at QoS 1 with at most ``max_inflight`` unacknowledged (paho's mids
-    are 16-bit); return the count once every one is acknowledged by the broker."""
+    """Publish at QoS 1 on one connection with at most ``max_inflight``
+    unacknowledged (paho's mids are 16-bit); return the count once every one is
+    acknowledged by the broker."""
     window = threading.Semaphore(max_inflight)
     done = threading.Event()
     state = {"sent": 0, "acked": 0, "finished": False}
@@ -36,11 +46,26 @@ def publish_all(
 
     c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                     protocol=paho.MQTTv311)
+    if username is not None:
+        c.username_pw_set(username, password)
     c.max_inflight_messages_set(max_inflight)
     c.max_queued_messages_set(0)
     c.on_publish = on_publish
+    refused: list[str] = []
+    connected = threading.Event()
+
+    def on_connect(client: paho.Client, userdata: object, flags: object, rc: object,
+                   props: object) -> None:
+        if getattr(rc, "is_failure", False):
+            refused.append(str(rc))
+        connected.set()
+
+    c.on_connect = on_connect
     c.connect(host, port, keepalive=60)
     c.loop_start()
+    if not connected.wait(30) or refused:
+        c.loop_stop()
+        raise ConnectionRefusedError(f"broker refused {username or 'anonymous'}: {refused}")
     deadline = time.monotonic() + timeout
     try:
         for topic, payload in messages:
@@ -61,3 +86,38 @@ def publish_all(
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def publish_as_devices(
+    port: int,
+    messages: Iterable[tuple[str, bytes]],
+    *,
+    host: str = "127.0.0.1",
+    generations: Mapping[tuple[str, str], int] | None = None,
+    max_inflight: int = 1000,
+    timeout: float = 300.0,
+) -> int:
+    """Publish each message as the device its topic ``mdm/v1/{tenant}/devices/{device}/...``
+    names: one connection per device (client id and username ``{tenant}.{device}``,
+    the password its enrollment with the tests' master key gave it, generation 1
+    unless ``generations`` says otherwise), each device's messages in order, the
+    devices in parallel. Returns the count once every message is acknowledged."""
+    from tests.support.services import device_credentials
+
+    by_device: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+    for topic, payload in messages:
+        parts = topic.split("/")
+        if len(parts) < 6 or parts[:2] != ["mdm", "v1"] or parts[3] != "devices":
+            raise ValueError(f"not a device topic: {topic!r}")
+        by_device.setdefault((parts[2], parts[4]), []).append((topic, payload))
+    gens = generations or {}
+
+    def one(key: tuple[str, str]) -> int:
+        user, password = device_credentials(*key, gens.get(key, 1))
+        return publish_all(host, port, by_device[key], client_id=user, username=user,
+                           password=password, max_inflight=max_inflight, timeout=timeout)
+
+    if not by_device:
+        return 0
+    with ThreadPoolExecutor(max_workers=min(32, len(by_device))) as pool:
+        return sum(pool.map(one, list(by_device)))

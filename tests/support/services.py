@@ -9,6 +9,7 @@ through ``scripts/broker`` (so tests run what production runs).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -65,8 +66,7 @@ async def create_database(prefix: str = "mdm_test") -> str:
 
 async def _seed_signing_key(conn: asyncpg.Connection) -> None:
     """The command-signing key, as a server run with :func:`server_env` (the test
-    master key) creates it; so code that enrolls in-process without a master key
-    (load_tests/bench_ingest.py through enroll_fleet) works on a fresh database."""
+    master key) creates it, so every database starts as a served one would."""
     import base64
 
     from mdm_server.commands.keys import signing_key
@@ -100,22 +100,32 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+SERVER_USER = "mdm-server"
+
+
 @dataclass
 class Broker:
-    """A private Mosquitto with the project's config; restartable on the same data."""
+    """A private Mosquitto with the project's config; restartable on the same data.
+
+    Nobody is let in anonymously: ``url`` carries the server's MQTT user and this
+    broker's password for it (given to scripts/broker, which writes it into the
+    dynamic-security config); devices log in with their enrollment credentials."""
 
     port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        """The server's URL: ``mqtt://mdm-server:PASSWORD@127.0.0.1:PORT``."""
+        return f"mqtt://{SERVER_USER}:{self.password}@127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [str(BROKER_SCRIPT), "--port", str(self.port), "--dir", str(self.dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "MDM_MQTT_SERVER_PASSWORD": self.password},
         )
         wait_port(self.port)
 
@@ -170,11 +180,21 @@ class MdmProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Block until ``text`` appears ``count`` times in the process's log."""
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(text) < count:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("process died:\n" + self.log_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} in the log:\n" + self.log_text()[-3000:])
+            time.sleep(0.05)
+
     def wait_subscribed(self, count: int = 1, timeout: float = 30.0) -> None:
         """Block until ``count`` ingest subscriptions are acknowledged by the broker:
         from then on the broker keeps messages for their sessions."""
         deadline = time.monotonic() + timeout
-        while self.log_text().count("subscribed") < count:
+        while self.log_text().count("ingest subscribed") < count:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError("process died:\n" + self.log_text()[-3000:])
             if time.monotonic() > deadline:
@@ -212,22 +232,67 @@ async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[st
 
 async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
                          ownership: str = "corporate") -> list[dict[str, Any]]:
-    """As :func:`enroll`; returns each device's enrollment JSON (with server_keys)."""
+    """As :func:`enroll`; returns each device's enrollment JSON (with server_keys).
+    When ``mqtt_url`` names the server's user (``Broker.url`` does), the devices get
+    their broker clients too, as the CLI gives them."""
     import base64
 
+    from mdm_server.broker.identity import sync_or_defer
+    from mdm_server.config import MqttSettings
     from mdm_server.storage.devices import enroll_device
     from mdm_server.storage.pool import connect
     from mdm_server.storage.tenants import ensure_tenant
 
+    master_key = base64.b64decode(TEST_MASTER_KEY)
     conn = await connect(database_url)
     try:
         await ensure_tenant(conn, tenant)
-        return [await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
-                                    user_email=None, mqtt_url=mqtt_url,
-                                    master_key=base64.b64decode(TEST_MASTER_KEY))
-                for d in devices]
+        out = [await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
+                                   user_email=None, mqtt_url=mqtt_url, master_key=master_key)
+               for d in devices]
+        settings = MqttSettings.from_url(mqtt_url)
+        if settings.username:
+            why = await sync_or_defer(settings, conn, master_key, [(tenant, d) for d in devices])
+            assert why is None, why
+        return out
     finally:
         await conn.close()
+
+
+def device_credentials(tenant: str, device: str, generation: int = 1) -> tuple[str, str]:
+    """(username, password) of a device enrolled with the tests' master key, as its
+    enrollment JSON gave them (credential ``generation``: 1, +1 per re-enrollment)."""
+    import base64
+
+    from mdm_server.broker.credentials import device_password
+
+    return (f"{tenant}.{device}",
+            device_password(base64.b64decode(TEST_MASTER_KEY), tenant, device, generation))
+
+
+async def broker_only_devices(mqtt_url: str, tenant: str, devices: list[str]) -> None:
+    """Give ``devices`` broker clients (as enrollment would, generation 1) without
+    enrolling them in any database: for tests of the broker alone, and of what
+    ingest does with telemetry of devices the database does not know."""
+    from mdm_server.broker.dynsec import Dynsec
+    from mdm_server.broker.identity import TEXTNAME, device_acls, device_rolename
+    from mdm_server.config import MqttSettings
+
+    commands: list[dict[str, Any]] = []
+    for d in devices:
+        user, password = device_credentials(tenant, d)
+        commands += [
+            {"command": "createRole", "rolename": device_rolename(tenant, d),
+             "acls": device_acls(tenant, d)},
+            {"command": "createClient", "username": user, "clientid": user,
+             "password": password, "textname": TEXTNAME,
+             "textdescription": "credential generation 1",
+             "roles": [{"rolename": device_rolename(tenant, d)}]},
+        ]
+    async with Dynsec(MqttSettings.from_url(mqtt_url)) as dynsec:
+        responses = await dynsec.call(commands)
+    errors = [r["error"] for r in responses if "error" in r]
+    assert not errors, errors
 
 
 async def fetchval(database_url: str, sql: str, *args: object) -> object:

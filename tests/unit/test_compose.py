@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT") or REPO / "scripts" / "broker")
 TEMPLATE = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
 DOCKER_CONF = REPO / "deploy" / "mosquitto" / "docker.conf"
-PLACEHOLDERS = {"@PORT@", "@BIND@", "@DATA_DIR@", "@USER@", "@LOG_DEST@"}
+PLACEHOLDERS = {"@PORT@", "@BIND@", "@DATA_DIR@", "@USER@", "@LOG_DEST@", "@DYNSEC_PLUGIN@"}
 
 
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
@@ -80,6 +80,10 @@ def test_docker_conf_differs_from_the_template_only_in_placeholders() -> None:
             assert docker[key] == values, key
     assert docker["listener"] == ["1883 0.0.0.0"]
     assert docker["persistence_location"] == ["/mosquitto/data/"]
+    # The eclipse-mosquitto image's plugin, its config next to the broker's data.
+    assert docker["plugin"] == ["/usr/lib/mosquitto_dynamic_security.so"]
+    assert docker["plugin_opt_config_file"] == ["/mosquitto/data/dynamic-security.json"]
+    assert docker["allow_anonymous"] == ["false"]
 
 
 def test_local_rendering_uses_the_given_port_and_dir(tmp_path: Path) -> None:
@@ -89,4 +93,7 @@ def test_local_rendering_uses_the_given_port_and_dir(tmp_path: Path) -> None:
     assert local["listener"] == ["18999 127.0.0.1"]
     assert local["persistence_location"] == [f"{tmp_path}/"]
     assert local["log_dest"] == [f"file {tmp_path}/mosquitto.log"]
+    assert local["plugin_opt_config_file"] == [f"{tmp_path}/dynamic-security.json"]
+    assert local["plugin"][0].endswith("/mosquitto_dynamic_security.so")
+    assert local["allow_anonymous"] == ["false"]
     assert local["max_queued_messages"] == _settings(DOCKER_CONF.read_text())["max_queued_messages"]

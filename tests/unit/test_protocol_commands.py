@@ -309,3 +309,27 @@ def test_ack_validates_when_built() -> None:
         Ack("", "received", NOW)
     with pytest.raises(LocalProtocolError):
         dataclasses.replace(Ack("c", "received", NOW), detail="x" * 1001)
+
+
+def test_status_round_trip_and_bad_status() -> None:
+    from agent_protocol import Status, decode_status, encode_status
+
+    for state in ("online", "offline"):
+        assert decode_status(encode_status(Status(state, 1_700_000_000_000))) == Status(
+            state, 1_700_000_000_000)
+    for bad in (b'{"v":1,"state":"away","ts":"2026-11-24T09:31:12.345Z"}',
+                b'{"v":1,"state":"online"}', b'{"v":2,"state":"online","ts":"x"}', b"[]",
+                b"x" * 2000):
+        with pytest.raises(RemoteProtocolError):
+            decode_status(bad)
+
+
+def test_trust_key_params_are_checked() -> None:
+    good = {"key_id": "server-2", "public_key": "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="}
+    base = dict(command_id="c1", tenant="t", device="d", type="trust_key", notice=None,
+                issued_at_ms=1, expires_at_ms=2, nonce="nonce-123", key_id="k")
+    assert Command(params=good, **base).params == good  # type: ignore[arg-type]
+    for bad in ({}, {**good, "key_id": "a/b"}, {**good, "public_key": "AAAA"},
+                {**good, "public_key": 7}):
+        with pytest.raises(LocalProtocolError):
+            Command(params=bad, **base)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from agent_protocol import (
     ACKS_FILTER,
     KINDS,
+    STATUS_FILTER,
     TELEMETRY_FILTER,
     LocalProtocolError,
     Reason,
@@ -19,6 +20,7 @@ from agent_protocol import (
     is_valid_id,
     parse_topic,
     shared_subscription,
+    status_topic,
     telemetry_topic,
 )
 
@@ -42,6 +44,8 @@ def test_acks_and_commands_round_trip(tenant: str, device: str) -> None:
     assert parse_topic(acks_topic(tenant, device)) == Topic(tenant, device, "acks", None)
     assert parse_topic(commands_topic(tenant, device)) == Topic(tenant, device, "commands")
     assert str(parse_topic(acks_topic(tenant, device))) == acks_topic(tenant, device)
+    assert parse_topic(status_topic(tenant, device)) == Topic(tenant, device, "status")
+    assert str(parse_topic(status_topic(tenant, device))) == status_topic(tenant, device)
 
 
 def test_examples() -> None:
@@ -52,6 +56,8 @@ def test_examples() -> None:
     assert commands_topic("acme", "d") == "mdm/v1/acme/devices/d/commands"
     assert TELEMETRY_FILTER == "mdm/v1/+/devices/+/telemetry/+"
     assert ACKS_FILTER == "mdm/v1/+/devices/+/acks"
+    assert STATUS_FILTER == "mdm/v1/+/devices/+/status"
+    assert status_topic("acme", "d") == "mdm/v1/acme/devices/d/status"
     assert shared_subscription("ingest", TELEMETRY_FILTER) == (
         "$share/ingest/mdm/v1/+/devices/+/telemetry/+"
     )
@@ -68,7 +74,8 @@ BAD_TOPICS = [
     "mdm/v1/acme/device/dev-1/telemetry/location",
     "mdm/v1/acme/devices/dev-1/telemetry",
     "mdm/v1/acme/devices/dev-1/telemetry/location/extra",
-    "mdm/v1/acme/devices/dev-1/status",
+    "mdm/v1/acme/devices/dev-1/state",
+    "mdm/v1/acme/devices/dev-1/status/online",
     "mdm/v1/acme/devices/dev-1/acks/location",
     "mdm/v1/acme/devices/dev-1/commands/x",
     "mdm/v1/acme/devices/dev-1",
@@ -127,7 +134,7 @@ def test_error_never_quotes_topic() -> None:
     ("tenant", "device"), [("", "d"), ("t", ""), ("a/b", "d"), ("t", "+"), ("t", "x" * 65)]
 )
 def test_format_rejects_bad_ids(tenant: str, device: str) -> None:
-    for make in (acks_topic, commands_topic):
+    for make in (acks_topic, commands_topic, status_topic):
         with pytest.raises(LocalProtocolError):
             make(tenant, device)
     with pytest.raises(LocalProtocolError):
@@ -146,7 +153,9 @@ def test_topic_validates_when_built() -> None:
     with pytest.raises(LocalProtocolError):
         Topic("t", "d", "acks", "location")
     with pytest.raises(LocalProtocolError):
-        Topic("t", "d", "status")  # type: ignore[arg-type]
+        Topic("t", "d", "state")  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        Topic("t", "d", "status", "location")
     with pytest.raises(LocalProtocolError):
         Topic("t/x", "d", "acks")
 

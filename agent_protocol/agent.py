@@ -1,0 +1,258 @@
+"""The agent's side of the command channel, sans I/O: command bytes in, acks out.
+
+:class:`CommandHandler` is what a device agent (the fleet simulator, the tests)
+runs for every message on its commands topic::
+
+    result = handler.handle(payload, now_ms)
+    for ack in result.payloads(): publish(acks_topic(...), ack)
+    if result.action is not None: execute(result.action)
+
+Rules, in order:
+
+1. Verify (:func:`verify_command`: signature, addressed to this device, expiry,
+   nonce). A refused or malformed command gets one ack, ``rejected``, whose detail
+   is the machine reason (``bad_signature``, ``expired``, ...). A payload without a
+   readable ``command_id`` cannot be acked: the result says ``unreadable``.
+2. Execute each command id at most once. A command already executed is not
+   executed again, whatever the nonce store forgot: its acks are returned again,
+   unchanged, and no action. Its id is remembered until ``remember_after_expiry_ms``
+   (24 h by default) past the command's expiry, so the same signed bytes arriving
+   again (a resend after a reconnect, a broker redelivery, even after the expiry)
+   are answered with what happened, not with ``replayed_nonce`` or ``expired``:
+   the acks of the first delivery may have been lost.
+3. Otherwise: ack ``received``; show the notice, if any, and ack ``notice_shown``;
+   return the action and ack ``completed``.
+4. ``trust_key`` (key rotation) is carried out by the handler itself: the new
+   public key joins the trusted keys (:attr:`CommandHandler.keys`), acks
+   ``received`` and ``completed`` (``failed`` with ``bad_public_key`` if the key
+   does not load).
+
+All acks carry ``now_ms``. The handler trusts no clock of its own: the caller
+passes "now" to every call.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent_protocol.commands import MAX_COMMAND_BYTES, Ack, Command, decode_command, encode_ack
+from agent_protocol.envelope import MAX_ID_LEN
+from agent_protocol.errors import Reason, RemoteProtocolError
+from agent_protocol.signing import CommandRejected, NonceStore, verify_command
+
+__all__ = ["REMEMBER_AFTER_EXPIRY_MS", "Action", "CommandHandler", "HandleResult", "NoticeShown",
+           "Outcome"]
+
+REMEMBER_AFTER_EXPIRY_MS: Final = 24 * 3600 * 1000
+
+# Refusals verify_command raises only after the signature and the addressee held.
+_AFTER_SIGNATURE: Final = frozenset({Reason.EXPIRED, Reason.REPLAYED_NONCE})
+
+
+class Outcome(StrEnum):
+    """What :meth:`CommandHandler.handle` did with a payload."""
+
+    EXECUTED = "executed"  # verified, first time: the action is to be executed
+    DUPLICATE = "duplicate"  # already executed: its acks again, no action
+    REJECTED = "rejected"  # refused or malformed: one ``rejected`` ack
+    UNREADABLE = "unreadable"  # malformed, no command_id to ack: nothing to send
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What the agent must do: the command's type and parameters."""
+
+    command_id: str
+    type: str
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeShown:
+    """The notice shown to the device's user, and when."""
+
+    command_id: str
+    text: str
+    lang: str
+    shown_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandleResult:
+    """The outcome of one payload.
+
+    ``reason`` is the machine reason of a ``rejected`` or ``unreadable`` outcome
+    (also the detail of the ``rejected`` ack). ``command_id`` is None only for
+    ``unreadable``. ``notice`` is the notice shown by this call (never on a
+    duplicate: it was shown the first time).
+    """
+
+    outcome: Outcome
+    command_id: str | None
+    acks: tuple[Ack, ...] = ()
+    action: Action | None = None
+    notice: NoticeShown | None = None
+    reason: str | None = None
+
+    def payloads(self) -> tuple[bytes, ...]:
+        """The acks as wire bytes, in the order to publish them."""
+        return tuple(encode_ack(a) for a in self.acks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Executed:
+    forget_at_ms: int
+    acks: tuple[Ack, ...]
+
+
+class CommandHandler:
+    """Verifies and runs commands for one device; see the module docstring.
+
+    ``keys`` are the server's public keys the agent was enrolled with, by key id.
+    ``nonces`` may be shared or persisted by the caller; by default the handler
+    keeps its own. ``remember_after_expiry_ms``: how long past a command's expiry
+    its execution is remembered (at least 0).
+    """
+
+    __slots__ = ("_device", "_executed", "_forget_heap", "_keys", "_nonces", "_remember_ms",
+                 "_tenant")
+
+    def __init__(
+        self,
+        tenant: str,
+        device: str,
+        keys: Mapping[str, Ed25519PublicKey],
+        *,
+        nonces: NonceStore | None = None,
+        remember_after_expiry_ms: int = REMEMBER_AFTER_EXPIRY_MS,
+    ) -> None:
+        if remember_after_expiry_ms < 0:
+            raise ValueError("remember_after_expiry_ms must be >= 0")
+        self._tenant = tenant
+        self._device = device
+        self._keys = dict(keys)
+        self._nonces = NonceStore() if nonces is None else nonces
+        self._remember_ms = remember_after_expiry_ms
+        self._executed: dict[str, _Executed] = {}
+        self._forget_heap: list[tuple[int, str]] = []
+
+    def executed(self, command_id: str, now_ms: int) -> bool:
+        """True while ``command_id`` is remembered as executed."""
+        self._prune(now_ms)
+        return command_id in self._executed
+
+    def handle(self, payload: bytes, now_ms: int) -> HandleResult:
+        """Verify ``payload`` (a command's wire bytes) and decide what to do with it."""
+        self._prune(now_ms)
+        try:
+            cmd = verify_command(
+                payload,
+                keys=self._keys,
+                tenant=self._tenant,
+                device=self._device,
+                now_ms=now_ms,
+                seen_nonces=self._nonces,
+            )
+        except CommandRejected as exc:
+            if exc.reason in _AFTER_SIGNATURE:
+                # Signed for this device: if it is a command already executed, its
+                # acks are the truth (the first ones may have been lost).
+                again = self._again_same(payload)
+                if again is not None:
+                    return again
+            return _rejected(payload, exc, now_ms)
+        except RemoteProtocolError as exc:
+            return _rejected(payload, exc, now_ms)
+        done = self._executed.get(cmd.command_id)
+        if done is not None:
+            return HandleResult(Outcome.DUPLICATE, cmd.command_id, done.acks)
+        return self._execute(cmd, now_ms)
+
+    def _again_same(self, payload: bytes) -> HandleResult | None:
+        cmd = decode_command(payload)  # decoded and verified once already
+        done = self._executed.get(cmd.command_id)
+        if done is None:
+            return None
+        return HandleResult(Outcome.DUPLICATE, cmd.command_id, done.acks)
+
+    def _execute(self, cmd: Command, now_ms: int) -> HandleResult:
+        cid = cmd.command_id
+        if cmd.type == "trust_key":
+            return self._trust_key(cmd, now_ms)
+        acks = [Ack(cid, "received", now_ms)]
+        shown = None
+        if cmd.notice is not None:
+            shown = NoticeShown(cid, cmd.notice.text, cmd.notice.lang, now_ms)
+            acks.append(Ack(cid, "notice_shown", now_ms))
+        acks.append(Ack(cid, "completed", now_ms))
+        done = _Executed(cmd.expires_at_ms + self._remember_ms, tuple(acks))
+        self._executed[cid] = done
+        heapq.heappush(self._forget_heap, (done.forget_at_ms, cid))
+        action = Action(cid, cmd.type, dict(cmd.params))
+        return HandleResult(Outcome.EXECUTED, cid, done.acks, action, shown)
+
+    def _trust_key(self, cmd: Command, now_ms: int) -> HandleResult:
+        """Key rotation: a new server key, signed by one already trusted, is trusted
+        from now on (the caller persists :attr:`keys` with the agent's state)."""
+        cid = cmd.command_id
+        try:
+            key = Ed25519PublicKey.from_public_bytes(base64.b64decode(cmd.params["public_key"]))
+        except ValueError:
+            acks: tuple[Ack, ...] = (Ack(cid, "received", now_ms),
+                                     Ack(cid, "failed", now_ms, detail="bad_public_key"))
+        else:
+            self._keys[cmd.params["key_id"]] = key
+            acks = (Ack(cid, "received", now_ms), Ack(cid, "completed", now_ms))
+        done = _Executed(cmd.expires_at_ms + self._remember_ms, acks)
+        self._executed[cid] = done
+        heapq.heappush(self._forget_heap, (done.forget_at_ms, cid))
+        return HandleResult(Outcome.EXECUTED, cid, acks, Action(cid, cmd.type, dict(cmd.params)))
+
+    @property
+    def keys(self) -> Mapping[str, Ed25519PublicKey]:
+        """The server keys this agent trusts (grows with each ``trust_key``)."""
+        return self._keys
+
+    def _prune(self, now_ms: int) -> None:
+        # Forgotten only past the command's expiry, from when verify_command refuses
+        # it as expired: forgetting never allows a second execution.
+        heap = self._forget_heap
+        while heap and heap[0][0] <= now_ms:
+            forget_at, cid = heapq.heappop(heap)
+            done = self._executed.get(cid)
+            if done is not None and done.forget_at_ms == forget_at:
+                del self._executed[cid]
+
+
+def _rejected(payload: bytes, exc: RemoteProtocolError, now_ms: int) -> HandleResult:
+    reason = str(exc.reason)
+    cid = _readable_command_id(payload)
+    if cid is None:
+        return HandleResult(Outcome.UNREADABLE, None, reason=reason)
+    return HandleResult(
+        Outcome.REJECTED, cid, (Ack(cid, "rejected", now_ms, detail=reason),), reason=reason
+    )
+
+
+def _readable_command_id(payload: bytes) -> str | None:
+    """The ``command_id`` of a payload that is not a valid command, if it has a usable one."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return None
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    cid = obj.get("command_id")
+    if type(cid) is not str or not 0 < len(cid) <= MAX_ID_LEN or "\x00" in cid:
+        return None
+    return cid

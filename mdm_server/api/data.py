@@ -1,0 +1,71 @@
+"""Reading a device's telemetry over HTTP: the query parameters and the page,
+shared by the admin route and the device user's route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from aiohttp import web
+
+from agent_protocol import KINDS
+from mdm_server.storage.telemetry_read import Cursor, decode_cursor, encode_cursor, read_page
+
+__all__ = ["LIMIT_MAX", "DataQuery", "page_limit", "parse_data_query", "read_data"]
+
+LIMIT_DEFAULT = 100
+LIMIT_MAX = 500
+
+
+def page_limit(request: web.Request) -> int:
+    """``?limit=``: 1..LIMIT_MAX (400 otherwise)."""
+    raw = request.query.get("limit", str(LIMIT_DEFAULT))
+    if not raw.isdigit() or not 0 < int(raw) <= LIMIT_MAX:
+        raise web.HTTPBadRequest(reason=f"limit must be 1-{LIMIT_MAX}")
+    return int(raw)
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{name} must be an RFC 3339 timestamp") from None
+    if t.tzinfo is None:
+        raise web.HTTPBadRequest(reason=f"{name} needs a time zone (Z or +hh:mm)")
+    return t
+
+
+@dataclass(frozen=True, slots=True)
+class DataQuery:
+    kind: str
+    start: datetime | None
+    end: datetime | None
+    limit: int
+    after: Cursor | None
+
+
+def parse_data_query(request: web.Request) -> DataQuery:
+    kind = request.query.get("kind")
+    if kind not in KINDS:
+        raise web.HTTPBadRequest(reason="kind must be one of " + ", ".join(KINDS))
+    start, end = _time(request, "from"), _time(request, "to")
+    if start is not None and end is not None and end < start:
+        raise web.HTTPBadRequest(reason="to must not be before from")
+    cursor = request.query.get("cursor")
+    try:
+        after = None if cursor is None else decode_cursor(cursor)
+    except ValueError:
+        raise web.HTTPBadRequest(reason="cursor is not valid") from None
+    return DataQuery(kind, start, end, page_limit(request), after)
+
+
+async def read_data(conn: asyncpg.Connection, tenant: str, device: str, q: DataQuery
+                    ) -> dict[str, object]:
+    page = await read_page(conn, tenant=tenant, device=device, kind=q.kind, start=q.start,
+                           end=q.end, limit=q.limit, after=q.after)
+    return {"records": page.records,
+            "next": None if page.next is None else encode_cursor(page.next)}

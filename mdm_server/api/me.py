@@ -1,0 +1,293 @@
+"""/api/v1/me: what a device's user may see and do about their own device(s).
+
+Access (GDPR art. 15): the data held, per kind, exactly as stored; the policy in
+force in plain words; the notices and commands that concerned the device; who in
+an admin role read the data. Portability (art. 20): everything as one ZIP of JSON
+and CSV, streamed with flat memory. Erasure (art. 17): a request an admin fulfils
+or refuses, fulfilled automatically after 30 days.
+
+A user token covers its device and the tenant's other devices with the same user
+e-mail; any other device is 404, exactly like a device that does not exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from agent_protocol import FIELD_TYPES, KINDS
+from mdm_server.api.auth import Principal, require_user, user_devices
+from mdm_server.api.context import POOL
+from mdm_server.api.data import page_limit, parse_data_query, read_data
+from mdm_server.api.errors import json_error
+from mdm_server.commands.service import notice_log
+from mdm_server.storage import erasure
+from mdm_server.storage.policies import current_policies
+from privacy_filters import STRICT_PERSONAL, explain_policy, parse_policy, select_policy
+
+__all__ = ["EXPORTS", "routes"]
+
+_DEVICE = "{device:[A-Za-z0-9_-]{1,64}}"
+#: Exports running now, one per user (per process: ``serve`` runs one HTTP process).
+EXPORTS: web.AppKey[set[tuple[str, str]]] = web.AppKey("exports", set)
+_FLUSH_BYTES = 256 * 1024
+_FETCH_ROWS = 1000
+
+
+async def _mine(request: web.Request) -> tuple[Principal, str]:
+    """The caller (a device user) and the device of the URL, if it is theirs."""
+    who = await require_user(request, request.app[POOL])
+    device = request.match_info["device"]
+    async with request.app[POOL].acquire() as conn:
+        if device not in await user_devices(conn, who):
+            raise web.HTTPNotFound(reason="no such device")
+    return who, device
+
+
+async def my_devices(request: web.Request) -> web.Response:
+    who = await require_user(request, request.app[POOL])
+    async with request.app[POOL].acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT device_id, ownership, status, enrolled_at FROM devices "
+            "WHERE tenant_id = $1 AND device_id = ANY($2::text[]) ORDER BY device_id",
+            who.tenant, await user_devices(conn, who))
+    return web.json_response({"devices": [
+        {"device": r["device_id"], "ownership": r["ownership"], "status": r["status"],
+         "enrolled_at": r["enrolled_at"].isoformat()} for r in rows]})
+
+
+async def my_data(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    q = parse_data_query(request)
+    async with request.app[POOL].acquire() as conn:
+        return web.json_response(await read_data(conn, who.tenant, device, q))
+
+
+async def _policy_in_force(conn: asyncpg.Connection, tenant: str, device: str
+                           ) -> dict[str, Any]:
+    """The policy that shapes this device's telemetry now, as the ingest picks it."""
+    dev = await conn.fetchrow("SELECT ownership, groups FROM devices "
+                              "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
+    assert dev is not None
+    candidates = []
+    for v in await current_policies(conn, tenant):
+        candidates.append((parse_policy(v.body, name=v.name), (v.name, v.version)))
+    strict = (STRICT_PERSONAL, ("builtin:strict-personal", 1))
+    chosen = select_policy(candidates, ownership=dev["ownership"], groups=list(dev["groups"]),
+                           personal_fallback=strict[1])
+    name, version = chosen if chosen is not None else strict[1]
+    policy = next((p for p, nv in candidates if nv == (name, version)), STRICT_PERSONAL)
+    return {"policy": name, "version": version, "explanation": explain_policy(policy)}
+
+
+async def my_policy(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    async with request.app[POOL].acquire() as conn:
+        return web.json_response(await _policy_in_force(conn, who.tenant, device))
+
+
+async def my_notices(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    async with request.app[POOL].acquire() as conn:
+        log = await notice_log(conn, who.tenant, device, limit=page_limit(request))
+    return web.json_response({"notices": log})
+
+
+async def _access_log(conn: asyncpg.Connection, tenant: str, device: str, limit: int
+                      ) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT at, actor, details FROM audit_log WHERE tenant_id = $1 "
+        "AND action = 'personal_data.read' AND target = $2 ORDER BY seq DESC LIMIT $3",
+        tenant, f"device:{device}", limit)
+    return [{"at": r["at"].isoformat(), "actor": r["actor"],
+             "role": r["details"].get("role"), "what": r["details"].get("what")}
+            for r in rows]
+
+
+async def my_access_log(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    async with request.app[POOL].acquire() as conn:
+        entries = await _access_log(conn, who.tenant, device, page_limit(request))
+    return web.json_response({"entries": entries})
+
+
+async def _counts(conn: asyncpg.Connection, tenant: str, device: str) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT kind, count(*) AS n FROM telemetry WHERE tenant_id = $1 AND device_id = $2 "
+        "GROUP BY kind", tenant, device)
+    found = {r["kind"]: int(r["n"]) for r in rows}
+    return {k: found.get(k, 0) for k in KINDS}
+
+
+async def export_summary(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    async with request.app[POOL].acquire() as conn:
+        counts = await _counts(conn, who.tenant, device)
+    return web.json_response({"records": counts, "total": sum(counts.values())})
+
+
+class _Chunks(io.RawIOBase):
+    """The ZIP writer's output: bytes collected until the handler sends them."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self._parts.append(data)
+        self.size += len(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        out = b"".join(self._parts)
+        self._parts, self.size = [], 0
+        return out
+
+
+def _csv_line(values: list[Any]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(values)
+    return buf.getvalue().encode()
+
+
+async def _rows(conn: asyncpg.Connection, tenant: str, device: str, kind: str
+                ) -> AsyncIterator[asyncpg.Record]:
+    async for r in conn.cursor(
+            "SELECT record_id, ts, received_at, policy_id, policy_version, data "
+            "FROM telemetry WHERE tenant_id = $1 AND device_id = $2 AND kind = $3 "
+            "ORDER BY ts, record_id", tenant, device, kind, prefetch=_FETCH_ROWS):
+        yield r
+
+
+async def my_export(request: web.Request) -> web.StreamResponse:
+    """Everything held about the device as one ZIP, streamed (memory stays flat)."""
+    who, device = await _mine(request)
+    key = (who.tenant, who.device or "")
+    running = request.app[EXPORTS]
+    if key in running:
+        return json_error(429, "an export is already running for you: wait for it to finish",
+                          code="export_running")
+    running.add(key)
+    try:
+        return await _stream_export(request, who, device)
+    finally:
+        running.discard(key)
+
+
+async def _stream_export(request: web.Request, who: Principal, device: str
+                         ) -> web.StreamResponse:
+    pool = request.app[POOL]
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                        readonly=True):
+        counts = await _counts(conn, who.tenant, device)
+        dev = await conn.fetchrow(
+            "SELECT device_id, ownership, groups, status, enrolled_at, user_email FROM devices "
+            "WHERE tenant_id = $1 AND device_id = $2", who.tenant, device)
+        assert dev is not None
+        resp = web.StreamResponse(headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{device}-export.zip"',
+            "X-Export-Records": str(sum(counts.values())),
+            "Cache-Control": "no-store",
+        })
+        await resp.prepare(request)
+        out = _Chunks()
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+
+            def put(name: str, obj: Any) -> None:
+                zf.writestr(name, orjson.dumps(obj, option=orjson.OPT_INDENT_2))
+
+            put("device.json", {
+                "device": dev["device_id"], "ownership": dev["ownership"],
+                "groups": list(dev["groups"]), "status": dev["status"],
+                "enrolled_at": dev["enrolled_at"].isoformat(), "user_email": dev["user_email"],
+                "records": counts})
+            put("policy.json", await _policy_in_force(conn, who.tenant, device))
+            put("notices.json", await notice_log(conn, who.tenant, device, limit=100_000))
+            put("access-log.json", await _access_log(conn, who.tenant, device, 100_000))
+            put("erasure-requests.json",
+                await erasure.list_requests(conn, who.tenant, device=device, limit=1000))
+            await resp.write(out.take())
+            for kind in KINDS:
+                if not counts[kind]:
+                    continue
+                fields = list(FIELD_TYPES[kind])
+                with zf.open(f"telemetry/{kind}.jsonl", "w", force_zip64=True) as f:
+                    async for r in _rows(conn, who.tenant, device, kind):
+                        f.write(orjson.dumps({
+                            "id": r["record_id"], "ts": r["ts"].isoformat(),
+                            "received_at": r["received_at"].isoformat(),
+                            "policy": r["policy_id"], "policy_version": r["policy_version"],
+                            "data": r["data"]}) + b"\n")
+                        if out.size >= _FLUSH_BYTES:
+                            await resp.write(out.take())
+                with zf.open(f"telemetry/{kind}.csv", "w", force_zip64=True) as f:
+                    f.write(_csv_line(["id", "ts", "received_at", "policy", "policy_version",
+                                       *fields]))
+                    async for r in _rows(conn, who.tenant, device, kind):
+                        data = r["data"]
+                        cells = [data.get(name) for name in fields]
+                        f.write(_csv_line([
+                            r["record_id"], r["ts"].isoformat(), r["received_at"].isoformat(),
+                            r["policy_id"], r["policy_version"],
+                            *[c if c is None or isinstance(c, str | int | float)
+                              else orjson.dumps(c).decode() for c in cells]]))
+                        if out.size >= _FLUSH_BYTES:
+                            await resp.write(out.take())
+                await resp.write(out.take())
+        await resp.write(out.take())
+        await resp.write_eof()
+        return resp
+
+
+async def request_erasure(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    raw = await request.read()
+    if raw:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise web.HTTPBadRequest(reason="the body is not valid JSON") from None
+        if not isinstance(body, dict) or body:
+            return json_error(422, "the request is not valid", issues=[
+                {"path": "body", "message": "an erasure request takes no fields"}])
+    try:
+        async with request.app[POOL].acquire() as conn, conn.transaction():
+            made = await erasure.request_erasure(conn, tenant=who.tenant, device=device,
+                                                 actor=who.name)
+    except erasure.ErasureError as exc:
+        return json_error(exc.status, str(exc), code=exc.code)
+    return web.json_response(made, status=201)
+
+
+async def my_erasure_requests(request: web.Request) -> web.Response:
+    who, device = await _mine(request)
+    async with request.app[POOL].acquire() as conn:
+        found = await erasure.list_requests(conn, who.tenant, device=device)
+    return web.json_response({"erasure_requests": found})
+
+
+def routes() -> list[web.RouteDef]:
+    base = f"/api/v1/me/devices/{_DEVICE}"
+    return [
+        web.get("/api/v1/me/devices", my_devices),
+        web.get(f"{base}/data", my_data),
+        web.get(f"{base}/policy", my_policy),
+        web.get(f"{base}/notices", my_notices),
+        web.get(f"{base}/access-log", my_access_log),
+        web.get(f"{base}/export/summary", export_summary),
+        web.get(f"{base}/export", my_export),
+        web.post(f"{base}/erasure-requests", request_erasure),
+        web.get(f"{base}/erasure-requests", my_erasure_requests),
+    ]

@@ -1,0 +1,164 @@
+"""Erasure requests: a device user asks, an admin fulfils or refuses, and the server
+fulfils what is still pending after 30 days (GDPR art. 12(3), art. 17).
+
+Fulfilling removes everything held about the device's use: its telemetry (every
+kind), check-out history, suppressed-point counts, dead letters, and the user's
+e-mail on the device record. What remains is the fact: the request (when, by
+whom decided, counts of what was removed), the audit entry, and the notice log of
+the commands sent to the device (what the user was told, and when).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+
+from mdm_server import audit
+
+__all__ = [
+    "ErasureError",
+    "erase_device_data",
+    "fulfil",
+    "fulfil_due",
+    "list_requests",
+    "refuse",
+    "request_erasure",
+    "request_json",
+]
+
+#: The server's name in decisions it takes itself.
+SYSTEM = "system (30 days passed)"
+
+
+class ErasureError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def request_json(r: asyncpg.Record) -> dict[str, Any]:
+    def iso(v: Any) -> Any:
+        return None if v is None else v.isoformat()
+
+    return {"id": str(r["request_id"]), "device": r["device_id"], "state": r["state"],
+            "requested_at": iso(r["requested_at"]), "due_at": iso(r["due_at"]),
+            "decided_by": r["decided_by"], "decided_at": iso(r["decided_at"]),
+            "refusal_reason": r["refusal_reason"], "erased": r["erased"]}
+
+
+async def request_erasure(conn: asyncpg.Connection, *, tenant: str, device: str,
+                          actor: str) -> dict[str, Any]:
+    """File a request (409 if one is pending already). Call inside a transaction."""
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "INSERT INTO erasure_requests (tenant_id, device_id) VALUES ($1, $2) "
+                "RETURNING *", tenant, device)
+    except asyncpg.UniqueViolationError:
+        raise ErasureError(409, "pending_exists",
+                           "an erasure request for this device is pending already") from None
+    assert row is not None
+    await audit.append(conn, tenant=tenant, actor=actor, action="erasure.request",
+                       target=f"device:{device}", details={"request_id": str(row["request_id"])})
+    return request_json(row)
+
+
+async def list_requests(conn: asyncpg.Connection, tenant: str, *, device: str | None = None,
+                        state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT * FROM erasure_requests WHERE tenant_id = $1 "
+        "AND ($2::text IS NULL OR device_id = $2) AND ($3::text IS NULL OR state = $3) "
+        "ORDER BY requested_at DESC LIMIT $4", tenant, device, state, limit)
+    return [request_json(r) for r in rows]
+
+
+async def erase_device_data(conn: asyncpg.Connection, tenant: str, device: str
+                            ) -> dict[str, int]:
+    """Delete everything held about the device's use; counts per table."""
+
+    async def count(sql: str) -> int:
+        status: str = await conn.execute(sql, tenant, device)
+        return int(status.rsplit(" ", 1)[-1])
+
+    erased = {
+        "telemetry": await count(
+            "DELETE FROM telemetry WHERE tenant_id = $1 AND device_id = $2"),
+        "checkout_events": await count(
+            "DELETE FROM checkout_events WHERE tenant_id = $1 AND device_id = $2"),
+        "suppressed_locations": await count(
+            "DELETE FROM suppressed_locations WHERE tenant_id = $1 AND device_id = $2"),
+        "dead_letters": await count(
+            "DELETE FROM dead_letters WHERE tenant_id = $1 AND device_id = $2"),
+    }
+    await conn.execute("UPDATE devices SET user_email = NULL "
+                       "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
+    # What the device reported about commands (free text) goes too; what it was
+    # told, and when, stays: that is the notice log.
+    await conn.execute(
+        "UPDATE commands SET outcome_detail = NULL WHERE tenant_id = $1 AND device_id = $2",
+        tenant, device)
+    await conn.execute(
+        """UPDATE command_events e SET detail = NULL FROM commands c
+           WHERE c.command_id = e.command_id AND c.tenant_id = $1 AND c.device_id = $2
+             AND e.event = 'ack'""", tenant, device)
+    return erased
+
+
+async def _pending(conn: asyncpg.Connection, tenant: str, request_id: uuid.UUID
+                   ) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "SELECT * FROM erasure_requests WHERE tenant_id = $1 AND request_id = $2 FOR UPDATE",
+        tenant, request_id)
+    if row is None:
+        raise ErasureError(404, "no_such_request", "no such erasure request")
+    if row["state"] != "pending":
+        raise ErasureError(409, "decided", f"the request is {row['state']} already")
+    return row
+
+
+async def fulfil(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID,
+                 actor: str) -> dict[str, Any]:
+    """Erase now. Call inside a transaction: the erasure, the request's new state
+    and the audit entry commit together."""
+    row = await _pending(conn, tenant, request_id)
+    erased = await erase_device_data(conn, tenant, row["device_id"])
+    new = await conn.fetchrow(
+        "UPDATE erasure_requests SET state = 'fulfilled', decided_by = $2, decided_at = now(), "
+        "erased = $3 WHERE request_id = $1 RETURNING *", request_id, actor, erased)
+    await audit.append(conn, tenant=tenant, actor=actor, action="erasure.fulfil",
+                       target=f"device:{row['device_id']}",
+                       details={"request_id": str(request_id), **erased})
+    assert new is not None
+    return request_json(new)
+
+
+async def refuse(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID,
+                 actor: str, reason: str) -> dict[str, Any]:
+    row = await _pending(conn, tenant, request_id)
+    new = await conn.fetchrow(
+        "UPDATE erasure_requests SET state = 'refused', decided_by = $2, decided_at = now(), "
+        "refusal_reason = $3 WHERE request_id = $1 RETURNING *", request_id, actor, reason)
+    await audit.append(conn, tenant=tenant, actor=actor, action="erasure.refuse",
+                       target=f"device:{row['device_id']}",
+                       details={"request_id": str(request_id)})
+    assert new is not None
+    return request_json(new)
+
+
+async def fulfil_due(conn: asyncpg.Connection) -> int:
+    """Fulfil every request still pending at its due date; how many."""
+    done = 0
+    while True:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT tenant_id, request_id FROM erasure_requests "
+                "WHERE state = 'pending' AND due_at <= now() "
+                "ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED")
+            if row is None:
+                return done
+            await fulfil(conn, tenant=row["tenant_id"], request_id=row["request_id"],
+                         actor=SYSTEM)
+            done += 1

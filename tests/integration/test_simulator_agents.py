@@ -1,0 +1,103 @@
+"""The fleet simulator's devices run the agent side for real: a group wipe issued
+through the API is verified, shown, executed once and acked by each device; a
+forged command is refused and reported."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent_protocol import commands_topic
+from load_tests.simulator import Fleet, enroll_fleet
+from mdm_server.config import MqttSettings
+from tests.support.services import (
+    Server,
+    create_database,
+    drop_database,
+    fetch,
+    running_broker,
+    server_env,
+)
+
+pytestmark = pytest.mark.integration
+
+TENANT = "fleet"
+
+
+def _states(database: str) -> dict[str, str]:
+    rows = asyncio.run(fetch(database, "SELECT device_id, state FROM commands "
+                                       "WHERE type = 'wipe'"))
+    return {r["device_id"]: r["state"] for r in rows}
+
+
+def test_simulated_agents_verify_show_execute_and_ack_a_group_wipe(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    from tests.support.services import TEST_MASTER_KEY
+
+    monkeypatch.setenv("MDM_MASTER_KEY", TEST_MASTER_KEY)
+    database = asyncio.run(create_database())
+    try:
+        with running_broker(tmp_path) as broker:
+            enrollments = asyncio.run(enroll_fleet(database, broker.url, TENANT, 5,
+                                                   personal_share=0.2, seed=7))
+            personal = {e["device"] for e in enrollments if e["ownership"] == "personal"}
+            assert len(personal) == 1
+            asyncio.run(fetch(database, "UPDATE devices SET groups = '{crate-9}'"))
+            srv = Server(server_env(database, broker.url), tmp_path / "serve.log")
+            admin = srv.cli("admin", "create", "--tenant", TENANT, "--name", "ops").strip()
+            srv.start()
+            try:
+                srv.wait_log("acks subscribed")
+                with Fleet(enrollments, broker.url, agents=True) as fleet:
+                    assert fleet.serve_commands(lambda: fleet.agents_subscribed == 5,
+                                                timeout=30)
+                    status, batch = srv.request(
+                        "POST", "/api/v1/groups/crate-9/commands", admin,
+                        {"type": "wipe", "scope": "full", "reason": "crate lost"})
+                    assert status == 201 and batch["commands"] == 4, batch
+                    corporate = {e["device"] for e in enrollments} - personal
+                    assert fleet.serve_commands(
+                        lambda: set(_states(database)) == corporate
+                        and set(_states(database).values()) == {"completed"}, timeout=30)
+                    stats = fleet.agent_stats
+                    assert (stats.executed, stats.notices_shown, dict(stats.by_type)) == (
+                        4, 4, {"wipe": 4})
+                    # A command not signed by the server: refused, reported, not run.
+                    _publish_as_server(srv, sorted(corporate)[0], _forged(database))
+                    assert fleet.serve_commands(lambda: sum(stats.rejected.values()) == 1,
+                                                timeout=15)
+                    assert dict(stats.rejected) == {"bad_signature": 1}
+                    assert stats.executed == 4
+                    status, progress = srv.request(
+                        "GET", f"/api/v1/command-batches/{batch['batch_id']}", admin)
+                    assert progress["done"] and progress["states"] == {"completed": 4}
+            finally:
+                srv.stop()
+    finally:
+        asyncio.run(drop_database(database))
+
+
+def _forged(database: str) -> bytes:
+    [row] = asyncio.run(fetch(database, "SELECT payload FROM commands WHERE type = 'wipe' "
+                                        "ORDER BY device_id LIMIT 1"))
+    return bytes(row["payload"]).replace(b'"scope":"full"', b'"scope":"managed"')
+
+
+def _publish_as_server(srv: Server, device: str, payload: bytes) -> None:
+    m = MqttSettings.from_url(srv.env["MDM_MQTT_URL"])
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                    client_id=f"test-forger-{time.monotonic_ns()}", protocol=paho.MQTTv311)
+    c.username_pw_set(m.username, m.password)
+    c.connect(m.host, m.port)
+    c.loop_start()
+    try:
+        c.publish(commands_topic(TENANT, device), payload, qos=1).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()

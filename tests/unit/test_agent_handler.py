@@ -1,0 +1,263 @@
+"""The agent's command handler: every refusal acked with its reason, a good command
+acked step by step and executed once, whatever arrives again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent_protocol import (
+    Ack,
+    Action,
+    Command,
+    CommandHandler,
+    NonceStore,
+    Notice,
+    NoticeShown,
+    Outcome,
+    decode_ack,
+    encode_command,
+    sign_command,
+)
+
+NOW = 1_795_521_600_000
+HOUR = 3_600_000
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+FORGER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+KEYS = {"k1": KEY.public_key()}
+NOTICE = Notice("Uw telefoon wordt gewist — bel IT: ☎ 1234", "nl")
+
+
+def command(key: Ed25519PrivateKey = KEY, **over: Any) -> bytes:
+    fields: dict[str, Any] = {
+        "command_id": "c-1",
+        "tenant": "acme",
+        "device": "dev-1",
+        "type": "wipe",
+        "params": {"scope": "managed"},
+        "notice": NOTICE,
+        "issued_at_ms": NOW,
+        "expires_at_ms": NOW + HOUR,
+        "nonce": "n0nce-abcdefgh",
+        "key_id": "k1",
+        **over,
+    }
+    return encode_command(sign_command(Command(**fields), key))
+
+
+def handler(**kw: Any) -> CommandHandler:
+    return CommandHandler("acme", "dev-1", KEYS, **kw)
+
+
+def acked(payloads: tuple[bytes, ...]) -> list[tuple[str, str, str | None]]:
+    out = []
+    for p in payloads:
+        a = decode_ack(p, now_ms=NOW)
+        out.append((a.command_id, a.state, a.detail))
+    return out
+
+
+def test_good_wipe_with_notice_is_acked_step_by_step_and_executed_once() -> None:
+    h = handler()
+    r = h.handle(command(), NOW + 5)
+    assert r.outcome is Outcome.EXECUTED
+    assert r.command_id == "c-1"
+    assert r.reason is None
+    assert r.action == Action("c-1", "wipe", {"scope": "managed"})
+    assert r.notice == NoticeShown("c-1", NOTICE.text, "nl", NOW + 5)
+    assert [a.state for a in r.acks] == ["received", "notice_shown", "completed"]
+    assert all(a == Ack("c-1", a.state, NOW + 5) for a in r.acks)
+    assert acked(r.payloads()) == [
+        ("c-1", "received", None), ("c-1", "notice_shown", None), ("c-1", "completed", None),
+    ]  # fmt: skip
+    assert h.executed("c-1", NOW + 5)
+
+
+def test_command_without_notice_skips_notice_shown() -> None:
+    r = handler().handle(command(type="lock", params={}, notice=None), NOW)
+    assert r.outcome is Outcome.EXECUTED
+    assert r.notice is None
+    assert [a.state for a in r.acks] == ["received", "completed"]
+    assert r.action == Action("c-1", "lock", {})
+
+
+def test_redelivery_of_the_same_bytes_yields_the_same_acks_and_no_action() -> None:
+    h = handler()
+    payload = command()
+    first = h.handle(payload, NOW)
+    again = h.handle(payload, NOW + 1000)  # nonce remembered: would be "replayed_nonce"
+    assert again.outcome is Outcome.DUPLICATE
+    assert again.action is None
+    assert again.notice is None  # shown once, not again
+    assert again.reason is None
+    assert again.acks == first.acks  # the original acks, original times
+    assert [a.state for a in again.acks][-1] == "completed"
+
+
+def test_redelivery_after_the_nonce_store_forgot_is_not_executed_again() -> None:
+    nonces = NonceStore()
+    h = handler(nonces=nonces)
+    payload = command()
+    assert h.handle(payload, NOW).action is not None
+    nonces.__init__()  # type: ignore[misc]  # an agent restart that lost its nonces
+    again = h.handle(payload, NOW + 1)
+    assert again.outcome is Outcome.DUPLICATE
+    assert again.action is None
+    # The same command id re-signed with a fresh nonce is not executed again either.
+    resigned = h.handle(command(nonce="another-nonce-1"), NOW + 2)
+    assert resigned.outcome is Outcome.DUPLICATE
+    assert resigned.action is None
+
+
+def test_redelivery_past_expiry_tells_what_happened() -> None:
+    h = handler()
+    payload = command()
+    first = h.handle(payload, NOW)
+    late = h.handle(payload, NOW + HOUR)  # expired, but it was executed in time
+    assert late.outcome is Outcome.DUPLICATE
+    assert late.acks == first.acks
+    assert h.executed("c-1", NOW + HOUR)
+    assert not h.executed("c-1", NOW + HOUR + 24 * HOUR)
+    forgotten = h.handle(payload, NOW + 25 * HOUR)
+    assert forgotten.outcome is Outcome.REJECTED
+    assert forgotten.reason == "expired"
+    assert forgotten.action is None
+
+
+def test_remember_after_expiry_can_be_zero() -> None:
+    h = handler(remember_after_expiry_ms=0)
+    h.handle(command(), NOW)
+    assert not h.executed("c-1", NOW + HOUR)
+    assert h.handle(command(), NOW + HOUR).reason == "expired"
+    with pytest.raises(ValueError):
+        handler(remember_after_expiry_ms=-1)
+
+
+def _rejected(payload: bytes, reason: str, h: CommandHandler | None = None,
+              cid: str = "c-1") -> None:
+    r = (h or handler()).handle(payload, NOW)
+    assert r.outcome is Outcome.REJECTED
+    assert r.reason == reason
+    assert r.action is None
+    assert r.notice is None
+    assert r.command_id == cid
+    assert acked(r.payloads()) == [(cid, "rejected", reason)]
+
+
+def test_forged_signature_is_rejected() -> None:
+    _rejected(command(key=FORGER), "bad_signature")
+
+
+def test_tampered_command_is_rejected() -> None:
+    obj = orjson.loads(command())
+    obj["params"]["scope"] = "full"
+    _rejected(orjson.dumps(obj), "bad_signature")
+
+
+def test_unknown_key_is_rejected() -> None:
+    _rejected(command(key_id="k9"), "unknown_key")
+
+
+def test_expired_command_is_rejected() -> None:
+    _rejected(command(issued_at_ms=NOW - 2 * HOUR, expires_at_ms=NOW), "expired")
+
+
+def test_command_for_another_device_is_rejected() -> None:
+    _rejected(command(device="dev-2"), "not_for_this_device")
+    _rejected(command(tenant="other"), "not_for_this_device")
+
+
+def test_replayed_nonce_with_a_new_command_id_is_rejected() -> None:
+    h = handler()
+    assert h.handle(command(), NOW).outcome is Outcome.EXECUTED
+    _rejected(command(command_id="c-2"), "replayed_nonce", h, cid="c-2")
+    assert not h.executed("c-2", NOW)
+
+
+def test_rejected_command_is_not_remembered_as_executed() -> None:
+    h = handler()
+    _rejected(command(key=FORGER), "bad_signature", h)
+    # The genuine command with the same id is then executed normally.
+    assert h.handle(command(), NOW).outcome is Outcome.EXECUTED
+
+
+def test_a_forgery_of_an_executed_command_does_not_replay_its_acks() -> None:
+    h = handler()
+    h.handle(command(), NOW)
+    _rejected(command(key=FORGER), "bad_signature", h)
+
+
+def test_malformed_command_with_a_readable_id_is_rejected() -> None:
+    obj = orjson.loads(command())
+    del obj["nonce"]
+    _rejected(orjson.dumps(obj), "missing_field")
+    obj = orjson.loads(command())
+    obj["v"] = 2
+    _rejected(orjson.dumps(obj), "bad_envelope")
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"not json", "not_json"),
+        (b"[1, 2]", "bad_envelope"),
+        (b'{"v": 1, "type": "wipe"}', "missing_field"),
+        (b'{"v": 1, "command_id": 7}', "missing_field"),
+        (b'{"v": 1, "command_id": ""}', "missing_field"),
+        (orjson.dumps({"v": 1, "command_id": "x" * 65}), "missing_field"),
+        (b"{" + b" " * (64 * 1024) + b"}", "too_large"),
+    ],
+)
+def test_malformed_command_without_a_readable_id_cannot_be_acked(
+    payload: bytes, reason: str
+) -> None:
+    r = handler().handle(payload, NOW)
+    assert r.outcome is Outcome.UNREADABLE
+    assert r.reason == reason
+    assert r.command_id is None
+    assert r.acks == ()
+    assert r.payloads() == ()
+    assert r.action is None
+
+
+def test_commands_are_independent() -> None:
+    h = handler()
+    one = h.handle(command(), NOW)
+    two = h.handle(command(command_id="c-2", nonce="n0nce-second", notice=None,
+                           type="factory_reset", params={}), NOW + 1)
+    assert one.action is not None and two.action is not None
+    assert two.action == Action("c-2", "factory_reset", {})
+    assert h.executed("c-1", NOW + 1) and h.executed("c-2", NOW + 1)
+
+
+
+def test_trust_key_adds_the_new_key_only_when_signed_by_a_trusted_one() -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    new = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+    raw = new.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    params = {"key_id": "k2", "public_key": base64.b64encode(raw).decode()}
+    h = handler()
+    # Signed with a key the agent does not trust: refused, nothing learned.
+    r = h.handle(command(FORGER, command_id="t-0", type="trust_key", params=params,
+                         notice=None, nonce="nonce-trust-0"), NOW)
+    assert (r.outcome, r.reason) == (Outcome.REJECTED, "bad_signature")
+    assert set(h.keys) == {"k1"}
+    assert h.handle(command(new, key_id="k2", command_id="c-9", nonce="nonce-new-9"),
+                    NOW).reason == "unknown_key"
+    # Signed with the trusted key: acked received + completed, and k2 now verifies.
+    r = h.handle(command(command_id="t-1", type="trust_key", params=params, notice=None,
+                         nonce="nonce-trust-1"), NOW)
+    assert r.outcome is Outcome.EXECUTED
+    assert acked(r.payloads()) == [("t-1", "received", None), ("t-1", "completed", None)]
+    assert set(h.keys) == {"k1", "k2"}
+    r = h.handle(command(new, key_id="k2", command_id="c-10", nonce="nonce-new-10"), NOW)
+    assert r.outcome is Outcome.EXECUTED
+    # The old key keeps working until the server stops using it.
+    assert h.handle(command(command_id="c-11", nonce="nonce-old-11"), NOW).outcome \
+        is Outcome.EXECUTED
