@@ -13,9 +13,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mdm_server.api import commands, devices, me, policies
+from mdm_server.api import commands, devices, me, openapi, pages, policies
 from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import error_middleware
+from mdm_server.api.limits import (
+    POLICY_BODY_LIMIT,
+    RATE_LIMITER,
+    RateLimiter,
+    limits_middleware,
+)
 from mdm_server.commands.acks import AckConsumer
 from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
@@ -131,7 +137,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     # 8 MiB: a policy with a thousand work-zone polygons is a few MiB of GeoJSON.
-    app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware, limits_middleware],
+                          client_max_size=POLICY_BODY_LIMIT)
+    app[RATE_LIMITER] = RateLimiter(rate=config.api_rate_per_s, burst=config.api_burst)
     app[CONFIG] = config
     app.cleanup_ctx.append(_pool_ctx)
     if ingest:
@@ -144,4 +152,6 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app.router.add_routes(me.routes())
     app[me.EXPORTS] = set()
     app.router.add_routes(policies.routes())
+    app.router.add_routes(openapi.routes())  # GET /api/v1/openapi.json, no token
+    app.router.add_routes(pages.routes())  # /portal/ and /console/ (mdm_server/web)
     return app

@@ -66,6 +66,9 @@ class Config:
     max_pending_bytes: int = 64 * 1024 * 1024
     share_group: str = "mdm-ingest"
     retention_interval_s: float = 3600.0
+    # Per-token API rate limit: a burst, then a steady rate (mdm_server/api/limits.py).
+    api_rate_per_s: float = 20.0
+    api_burst: float = 200.0
     # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
     # per-tenant hashing keys. Never stored in the database, so a database dump
     # alone cannot reverse a hashed phone number by trying every number.
@@ -153,5 +156,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         max_pending_bytes=_int(env, "MDM_INGEST_MAX_PENDING_MB", 64, 1, 4096) * 1024 * 1024,
         master_key=master_key_from_env(env),
         retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400 * 7)),
+        api_rate_per_s=float(_int(env, "MDM_API_RATE_PER_S", 20, 1, 100_000)),
+        api_burst=float(_int(env, "MDM_API_BURST", 200, 1, 1_000_000)),
         unsafe_ack_before_commit=unsafe,
     )

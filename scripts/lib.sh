@@ -13,6 +13,8 @@
 #   mdm_ensure_broker          start scripts/broker on a free port, export MDM_MQTT_URL
 #                              (with the server's MQTT user; stopped and removed on exit)
 #   mdm_redact_url URL         URL with its password replaced by *** (for logs)
+#   mdm_ensure_browser         Debian's chromium and chromium-driver (the browser tests),
+#                              export MDM_CHROMIUM and MDM_CHROMEDRIVER
 #   mdm_on_exit CMD...         run CMD when the calling script exits (last in, first out)
 
 MDM_REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
@@ -283,6 +285,17 @@ mdm_pg_url_for() {
     "$(mdm_python)" -c 'import sys, urllib.parse as u
 p = u.urlsplit(sys.argv[1])
 print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$MDM_PG_ADMIN_URL" "$1"
+}
+
+# --- Browser (tests/browser) -----------------------------------------------------
+# The pages are tested in a real headless Chromium driven through chromedriver: the
+# machine's own Debian packages, never a browser downloaded at test time.
+mdm_ensure_browser() {
+    mdm_ensure_apt chromium chromium-driver
+    export MDM_CHROMIUM="${MDM_CHROMIUM:-/usr/bin/chromium}"
+    export MDM_CHROMEDRIVER="${MDM_CHROMEDRIVER:-/usr/bin/chromedriver}"
+    [[ -x "$MDM_CHROMIUM" && -x "$MDM_CHROMEDRIVER" ]] ||
+        mdm_die "chromium or chromedriver missing ($MDM_CHROMIUM, $MDM_CHROMEDRIVER)"
 }
 
 # --- Mosquitto -------------------------------------------------------------------

@@ -35,6 +35,8 @@ async def require_principal(request: web.Request, pool: asyncpg.Pool) -> Princip
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized("a bearer token is required")
+    if not token.isascii() or not token.strip().isprintable():
+        raise _unauthorized("the token is not valid")
     row = await pool.fetchrow(
         "SELECT tenant_id, role, name, device_id FROM api_tokens "
         "WHERE token_sha256 = $1 AND revoked_at IS NULL", hash_token(token.strip()))

@@ -38,6 +38,12 @@ def _invalid(*issues: tuple[str, str]) -> web.Response:
                       issues=[{"path": p, "message": m} for p, m in issues])
 
 
+def _valid_key(key: str) -> bool:
+    """An Idempotency-Key we can store: a header that is not UTF-8 arrives with
+    surrogates, which the database refuses."""
+    return 0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
+
+
 def _refused(exc: CommandRefused) -> web.Response:
     return json_error(exc.status, str(exc), code=exc.code)
 
@@ -99,57 +105,48 @@ def parse_command_request(body: dict[str, Any]
             "ttl_s": ttl}, []
 
 
-async def create_command(request: web.Request) -> web.Response:
+async def _create(request: web.Request, target: str) -> web.Response:
+    """POST a command for one device (``target`` = ``device:{id}``) or a group
+    (``group:{name}``): parse, check the Idempotency-Key, issue, answer."""
     who = await require_admin(request, request.app[POOL])
-    device = request.match_info["device"]
     body = await _json_object(request)
     parsed, issues = parse_command_request(body)
     if parsed is None:
         return _invalid(*issues)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
-        return _invalid(("Idempotency-Key",
-                         f"the Idempotency-Key header must be 1-{IDEMPOTENCY_KEY_MAX} characters"))
+    if key is not None and not _valid_key(key):
+        return _invalid(("Idempotency-Key", f"the Idempotency-Key header must be "
+                                            f"1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters"))
+    kind, _, name = target.partition(":")
+    digest = None if key is None else service.request_digest(
+        name if kind == "device" else target, body)
     try:
         async with request.app[POOL].acquire() as conn, conn.transaction():
-            result = await service.issue(
-                conn, tenant=who.tenant, device=device, actor=who.name,
-                idempotency_key=key,
-                digest=None if key is None else service.request_digest(device, body),
-                **parsed)
+            if kind == "device":
+                result = await service.issue(conn, tenant=who.tenant, device=name,
+                                             actor=who.name, idempotency_key=key,
+                                             digest=digest, **parsed)
+            else:
+                result = await service.issue_group(conn, tenant=who.tenant, group=name,
+                                                   actor=who.name, idempotency_key=key,
+                                                   digest=digest, **parsed)
     except CommandRefused as exc:
         return _refused(exc)
-    cmd = result.command
-    return web.json_response(
-        cmd, status=201 if result.created else 200,
-        headers={"Location": f"/api/v1/devices/{device}/commands/{cmd['command_id']}"})
+    made = result.command
+    location = (f"/api/v1/devices/{name}/commands/{made['command_id']}" if kind == "device"
+                else f"/api/v1/command-batches/{made['batch_id']}")
+    return web.json_response(made, status=201 if result.created else 200,
+                             headers={"Location": location})
+
+
+async def create_command(request: web.Request) -> web.Response:
+    return await _create(request, "device:" + request.match_info["device"])
 
 
 async def create_group_command(request: web.Request) -> web.Response:
     """The same command for every enrolled device of a group; answers with the batch,
     whose progress ``GET /api/v1/command-batches/{batch_id}`` follows."""
-    who = await require_admin(request, request.app[POOL])
-    group = request.match_info["group"]
-    body = await _json_object(request)
-    parsed, issues = parse_command_request(body)
-    if parsed is None:
-        return _invalid(*issues)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
-        return _invalid(("Idempotency-Key",
-                         f"the Idempotency-Key header must be 1-{IDEMPOTENCY_KEY_MAX} characters"))
-    try:
-        async with request.app[POOL].acquire() as conn, conn.transaction():
-            result = await service.issue_group(
-                conn, tenant=who.tenant, group=group, actor=who.name, idempotency_key=key,
-                digest=None if key is None else service.request_digest("group:" + group, body),
-                **parsed)
-    except CommandRefused as exc:
-        return _refused(exc)
-    batch = result.command
-    return web.json_response(
-        batch, status=201 if result.created else 200,
-        headers={"Location": f"/api/v1/command-batches/{batch['batch_id']}"})
+    return await _create(request, "group:" + request.match_info["group"])
 
 
 async def get_batch(request: web.Request) -> web.Response:
@@ -174,7 +171,8 @@ def _command_id(request: web.Request) -> uuid.UUID:
 
 def _limit(request: web.Request, default: int = 100) -> int:
     raw = request.query.get("limit", str(default))
-    if not raw.isdigit() or not 0 < int(raw) <= LIST_LIMIT_MAX:
+    # isascii: "²".isdigit() is true, but int() refuses it.
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= LIST_LIMIT_MAX:
         raise web.HTTPBadRequest(reason=f"limit must be 1-{LIST_LIMIT_MAX}")
     return int(raw)
 

@@ -4,7 +4,7 @@ shared by the admin route and the device user's route."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 from aiohttp import web
@@ -21,7 +21,7 @@ LIMIT_MAX = 500
 def page_limit(request: web.Request) -> int:
     """``?limit=``: 1..LIMIT_MAX (400 otherwise)."""
     raw = request.query.get("limit", str(LIMIT_DEFAULT))
-    if not raw.isdigit() or not 0 < int(raw) <= LIMIT_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= LIMIT_MAX:
         raise web.HTTPBadRequest(reason=f"limit must be 1-{LIMIT_MAX}")
     return int(raw)
 
@@ -32,11 +32,11 @@ def _time(request: web.Request, name: str) -> datetime | None:
         return None
     try:
         t = datetime.fromisoformat(raw)
-    except ValueError:
+        if t.tzinfo is None:
+            raise web.HTTPBadRequest(reason=f"{name} needs a time zone (Z or +hh:mm)")
+        return t.astimezone(UTC)  # OverflowError at the ends of the calendar
+    except (ValueError, OverflowError):
         raise web.HTTPBadRequest(reason=f"{name} must be an RFC 3339 timestamp") from None
-    if t.tzinfo is None:
-        raise web.HTTPBadRequest(reason=f"{name} needs a time zone (Z or +hh:mm)")
-    return t
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from agent_protocol import KINDS
+from agent_protocol import KINDS, is_valid_id
 from mdm_server import audit
 from mdm_server.api.auth import Principal, require_admin, require_reader
 from mdm_server.api.context import POOL
@@ -37,7 +37,7 @@ def _int_cursor(request: web.Request) -> int | None:
     raw = request.query.get("cursor")
     if raw is None:
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()) or int(raw) >= 2**63:
         raise web.HTTPBadRequest(reason="cursor is not valid")
     return int(raw)
 
@@ -62,6 +62,8 @@ async def list_devices(request: web.Request) -> web.Response:
     who = await require_reader(request, request.app[POOL])
     limit = page_limit(request)
     after = request.query.get("cursor")
+    if after is not None and not is_valid_id(after):
+        raise web.HTTPBadRequest(reason="cursor is not valid")
     rows = await request.app[POOL].fetch(
         """SELECT d.device_id, d.ownership, d.groups, d.status, d.enrolled_at,
                   (SELECT max(t.received_at) FROM telemetry t
@@ -183,7 +185,7 @@ async def refuse_erasure(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason="the body is not valid JSON") from None
     reason = body.get("reason") if isinstance(body, dict) else None
     if not isinstance(body, dict) or set(body) != {"reason"} or not isinstance(reason, str) \
-            or not 0 < len(reason.strip()) <= 1000:
+            or not 0 < len(reason.strip()) <= 1000 or "\x00" in reason:
         return json_error(422, "the request is not valid", issues=[
             {"path": "reason", "message": "a refusal needs a reason of 1-1000 characters "
                                           "(and nothing else)"}])

@@ -176,8 +176,9 @@ async def my_export(request: web.Request) -> web.StreamResponse:
     key = (who.tenant, who.device or "")
     running = request.app[EXPORTS]
     if key in running:
-        return json_error(429, "an export is already running for you: wait for it to finish",
-                          code="export_running")
+        return web.json_response(
+            {"error": "an export is already running for you: wait for it to finish",
+             "code": "export_running"}, status=429, headers={"Retry-After": "10"})
     running.add(key)
     try:
         return await _stream_export(request, who, device)

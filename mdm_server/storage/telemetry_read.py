@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -45,8 +45,11 @@ def decode_cursor(text: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         ts, record_id = orjson.loads(raw)
-        return Cursor(datetime.fromisoformat(ts), str(record_id))
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+        when = datetime.fromisoformat(ts).astimezone(UTC)
+        if type(record_id) is not str or "\x00" in record_id or len(record_id) > 200:
+            raise ValueError("record id")
+        return Cursor(when, record_id)
+    except (ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
         raise ValueError("cursor is not valid") from None
 
 

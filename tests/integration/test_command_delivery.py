@@ -19,6 +19,7 @@ import pytest
 
 from agent_protocol import (
     Ack,
+    commands_topic,
     decode_command,
     encode_ack,
     encode_command,
@@ -28,6 +29,7 @@ from agent_protocol.agent import Outcome
 from mdm_server.commands.keys import signing_key
 from mdm_server.storage.pool import connect
 from tests.support.agents import DeviceAgent
+from tests.support.mqtt import publish_as_server
 from tests.support.services import (
     TEST_MASTER_KEY,
     Broker,
@@ -299,24 +301,7 @@ def _server_key(s: Setup) -> Any:
 
 def _publish_as_server(s: Setup, device: str, payload: bytes) -> None:
     """Publish on a device's commands topic with the server's own MQTT identity."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from agent_protocol import commands_topic
-    from mdm_server.config import MqttSettings
-
-    m = MqttSettings.from_url(s.server.env["MDM_MQTT_URL"])
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                    client_id=f"test-forger-{time.monotonic_ns()}", protocol=paho.MQTTv311)
-    if m.username:
-        c.username_pw_set(m.username, m.password)
-    c.connect(m.host, m.port)
-    c.loop_start()
-    try:
-        c.publish(commands_topic(TENANT, device), payload, qos=1).wait_for_publish(10)
-    finally:
-        c.disconnect()
-        c.loop_stop()
+    publish_as_server(s.server.env["MDM_MQTT_URL"], commands_topic(TENANT, device), payload)
 
 
 def test_key_rotation_keeps_devices_on_the_old_key_until_they_confirm_the_new(

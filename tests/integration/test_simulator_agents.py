@@ -5,16 +5,13 @@ forged command is refused and reported."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_protocol import commands_topic
 from load_tests.simulator import Fleet, enroll_fleet
-from mdm_server.config import MqttSettings
+from tests.support.mqtt import publish_as_server
 from tests.support.services import (
     Server,
     create_database,
@@ -69,7 +66,9 @@ def test_simulated_agents_verify_show_execute_and_ack_a_group_wipe(tmp_path: Pat
                     assert (stats.executed, stats.notices_shown, dict(stats.by_type)) == (
                         4, 4, {"wipe": 4})
                     # A command not signed by the server: refused, reported, not run.
-                    _publish_as_server(srv, sorted(corporate)[0], _forged(database))
+                    publish_as_server(srv.env["MDM_MQTT_URL"],
+                                      commands_topic(TENANT, sorted(corporate)[0]),
+                                      _forged(database))
                     assert fleet.serve_commands(lambda: sum(stats.rejected.values()) == 1,
                                                 timeout=15)
                     assert dict(stats.rejected) == {"bad_signature": 1}
@@ -87,17 +86,3 @@ def _forged(database: str) -> bytes:
     [row] = asyncio.run(fetch(database, "SELECT payload FROM commands WHERE type = 'wipe' "
                                         "ORDER BY device_id LIMIT 1"))
     return bytes(row["payload"]).replace(b'"scope":"full"', b'"scope":"managed"')
-
-
-def _publish_as_server(srv: Server, device: str, payload: bytes) -> None:
-    m = MqttSettings.from_url(srv.env["MDM_MQTT_URL"])
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                    client_id=f"test-forger-{time.monotonic_ns()}", protocol=paho.MQTTv311)
-    c.username_pw_set(m.username, m.password)
-    c.connect(m.host, m.port)
-    c.loop_start()
-    try:
-        c.publish(commands_topic(TENANT, device), payload, qos=1).wait_for_publish(10)
-    finally:
-        c.disconnect()
-        c.loop_stop()

@@ -121,3 +121,22 @@ def publish_as_devices(
         return 0
     with ThreadPoolExecutor(max_workers=min(32, len(by_device))) as pool:
         return sum(pool.map(one, list(by_device)))
+
+
+def publish_as_server(mqtt_url: str, topic: str, payload: bytes) -> None:
+    """Publish one QoS 1 message with the server's own MQTT identity (``mqtt_url`` as
+    in MDM_MQTT_URL): forged or replayed commands on a device's commands topic."""
+    from mdm_server.config import MqttSettings
+
+    m = MqttSettings.from_url(mqtt_url)
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                    client_id=f"test-server-{time.monotonic_ns()}", protocol=paho.MQTTv311)
+    if m.username:
+        c.username_pw_set(m.username, m.password)
+    c.connect(m.host, m.port)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()

@@ -456,6 +456,8 @@ class Server(MdmProcess):
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 raw = resp.read()
+                if "json" not in resp.headers.get("Content-Type", "json"):
+                    return resp.status, raw  # a download (export ZIP), a page
                 return resp.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as err:
             raw = err.read()

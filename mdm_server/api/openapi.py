@@ -1,0 +1,695 @@
+"""GET /api/v1/openapi.json: the OpenAPI 3.1 document of the whole HTTP API (no token).
+
+Built in code from the constants the handlers use (kinds, command types and states,
+limits), so a value changed there changes here. The shapes follow the handlers
+exactly; ``tests/integration/test_openapi.py`` keeps it true: every route the app
+registers under ``/api/v1`` is in the document and every documented operation the
+server serves is fuzzed with schemathesis (no 5xx, every answer matches its schema).
+
+Objects the server answers with are closed (``additionalProperties: false``) and list
+every field it always sends as required, so a field added to a handler and not here
+fails that test. Request bodies are closed where the server refuses unknown fields.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agent_protocol import KINDS, WIPE_SCOPES
+from mdm_server.api.commands import (
+    ADMIN_COMMAND_TYPES,
+    IDEMPOTENCY_KEY_MAX,
+    LIST_LIMIT_MAX,
+    REASON_MAX,
+    TTL_DEFAULT_S,
+    TTL_MAX_S,
+    TTL_MIN_S,
+)
+from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
+from mdm_server.commands.states import STATES
+from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS
+from privacy_filters.policy import (
+    MASK_MAX,
+    PRECISION_MAX_M,
+    PRECISION_MIN_M,
+    RETENTION_MAX_DAYS,
+    RETENTION_MIN_DAYS,
+)
+
+__all__ = ["PATH", "document", "routes"]
+
+PATH = "/api/v1/openapi.json"
+Schema = dict[str, Any]
+
+ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+#: Every command type a stored command can have (trust_key is the server's own).
+ALL_COMMAND_TYPES = (*ADMIN_COMMAND_TYPES, "trust_key")
+ERASURE_STATES = ("pending", "fulfilled", "refused")
+NOTICE_TEXT_MAX = 4000  # agent_protocol.commands.NOTICE_TEXT_MAX
+REFUSAL_MAX = 1000
+
+# --- schema helpers ------------------------------------------------------------------
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    if "type" in schema and isinstance(schema["type"], str):
+        return {**schema, "type": [schema["type"], "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *,
+        closed: bool = True, description: str | None = None) -> Schema:
+    """An object with these required (and optional) properties."""
+    out: Schema = {"type": "object", "properties": {**required, **(optional or {})}}
+    if required:
+        out["required"] = list(required)
+    if closed:
+        out["additionalProperties"] = False
+    if description:
+        out["description"] = description
+    return out
+
+
+def array(items: Schema, **extra: Any) -> Schema:
+    return {"type": "array", "items": items, **extra}
+
+
+def enum(values: tuple[str, ...] | list[str], **extra: Any) -> Schema:
+    return {"type": "string", "enum": list(values), **extra}
+
+
+STRING: Schema = {"type": "string"}
+TEXT: Schema = {"type": "string", "pattern": "^[^\\u0000]*$"}  # PostgreSQL refuses NUL
+INTEGER: Schema = {"type": "integer"}
+COUNT: Schema = {"type": "integer", "minimum": 0}
+BOOLEAN: Schema = {"type": "boolean"}
+TIME: Schema = {"type": "string", "format": "date-time"}
+ID: Schema = {"type": "string", "pattern": ID_PATTERN}
+UUID: Schema = {"type": "string", "format": "uuid"}
+ANY_OBJECT: Schema = {"type": "object"}
+LINES: Schema = array(STRING, description="plain-language lines for the device's user")
+NEXT: Schema = {"type": ["string", "null"],
+                "description": "the `cursor` of the next page; null on the last page"}
+
+
+def page(key: str, item: Schema) -> Schema:
+    """A page of a list: the items and the cursor of the next page."""
+    return obj({key: array(item), "next": NEXT})
+
+
+def listing(key: str, item: Schema) -> Schema:
+    return obj({key: array(item)})
+
+
+# --- components: schemas -------------------------------------------------------------
+
+NOTICE = obj({"text": {**TEXT, "minLength": 1, "maxLength": NOTICE_TEXT_MAX}},
+             {"lang": {"type": "string", "pattern": "^[A-Za-z0-9-]{2,35}$", "default": "en"}},
+             description="What the device shows its user before it acts.")
+
+_REASON = {"type": "string", "minLength": 1, "maxLength": REASON_MAX,
+           "pattern": "^[^\\u0000]*\\S[^\\u0000]*$",
+           "description": "why the command is sent (1-500 characters, not blank)"}
+_TTL = {"type": "integer", "minimum": TTL_MIN_S, "maximum": TTL_MAX_S, "default": TTL_DEFAULT_S,
+        "description": "seconds until an undelivered command expires"}
+
+
+def _command_request(types: tuple[str, ...], *, scope: bool = False,
+                     notice: bool = True) -> Schema:
+    required: dict[str, Schema] = {"type": enum(types), "reason": ref("CommandReason")}
+    if scope:
+        required["scope"] = enum(WIPE_SCOPES, description="managed: company apps and data "
+                                 "only; full: everything (never on a personal device)")
+    optional: dict[str, Schema] = {"ttl_s": ref("CommandTtl")}
+    if notice:
+        optional["notice"] = ref("Notice")
+    return obj(required, optional)
+
+
+#: A command as the API shows it (mdm_server.commands.service.command_json).
+COMMAND_FIELDS: dict[str, Schema] = {
+    "command_id": UUID,
+    "device": STRING,
+    "type": enum(ALL_COMMAND_TYPES),
+    "params": {**ANY_OBJECT, "description": "wipe: {scope}; trust_key: the new key"},
+    "notice": nullable(ref("Notice")),
+    "state": enum(STATES),
+    "reason": nullable(STRING),
+    "requested_by": STRING,
+    "approved_by": nullable(STRING),
+    "approved_at": nullable(TIME),
+    "cancelled_by": nullable(STRING),
+    "created_at": TIME,
+    "issued_at": nullable(TIME),
+    "sent_at": nullable(TIME),
+    "received_at": nullable(TIME),
+    "notice_shown_at": nullable(TIME),
+    "finished_at": nullable(TIME),
+    "expires_at": TIME,
+    "outcome_detail": nullable(STRING),
+    "send_count": COUNT,
+}
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": obj(
+        {"error": {"type": "string", "description": "what is wrong, in words; never quotes "
+                                                    "a value from the request"}},
+        {"code": {"type": "string", "description": "machine-readable reason"},
+         "issues": array(ref("Issue"), description="every problem found"),
+         # POST /policies/{name}:preview, a sample payload that is not valid telemetry:
+         "reason": {"type": "string", "description": "the wire-protocol reason (preview)"},
+         "detail": {"type": "string"},
+         "path": {"type": ["string", "null"]}}),
+    "Issue": obj({"path": STRING, "message": STRING}),
+    "Notice": NOTICE,
+    "CommandReason": _REASON,
+    "CommandTtl": _TTL,
+    "CommandRequest": {
+        "description": "A command to send. Any other field is refused (422), never ignored. "
+                       f"Only {', '.join(NOTICE_TYPES)} carry a notice; without one the "
+                       "tenant's template for the kind of command is used, else a built-in "
+                       "English text.",
+        "oneOf": [
+            _command_request(tuple(t for t in NOTICE_TYPES if t != "wipe")),
+            _command_request(("wipe",), scope=True),
+            _command_request(tuple(t for t in ADMIN_COMMAND_TYPES if t not in NOTICE_TYPES),
+                             notice=False),
+        ],
+    },
+    "Command": obj(COMMAND_FIELDS),
+    "CommandWithEvents": obj({**COMMAND_FIELDS, "events": array(
+        ref("CommandEvent"), description="every step of its life, in order")}),
+    "CommandEvent": obj({
+        "at": TIME, "event": STRING, "from": nullable(enum(STATES)),
+        "to": nullable(enum(STATES)), "accepted": BOOLEAN, "detail": nullable(STRING),
+        "actor": nullable(STRING)}),
+    "CommandBatch": obj({
+        "batch_id": UUID, "group": STRING, "type": enum(ADMIN_COMMAND_TYPES),
+        "params": ANY_OBJECT, "reason": STRING, "requested_by": STRING, "created_at": TIME,
+        "commands": {**COUNT, "description": "commands created"},
+        "refused": array(obj({"device": STRING, "code": STRING}),
+                         description="devices the guards skipped (personal_device)"),
+        "states": {"type": "object", "propertyNames": enum(STATES),
+                   "additionalProperties": COUNT,
+                   "description": "how many of the batch's commands are in each state"},
+        "finished": COUNT, "done": BOOLEAN}),
+    "NoticeLogEntry": obj({
+        "command_id": UUID, "type": enum(NOTICE_TYPES), "params": ANY_OBJECT,
+        "notice": nullable(ref("Notice")), "state": enum(STATES), "requested_at": TIME,
+        "sent_at": nullable(TIME), "received_at": nullable(TIME),
+        "notice_shown_at": nullable(TIME), "finished_at": nullable(TIME),
+        "outcome_detail": nullable(STRING)},
+        description="A command that affected the device's user, with the notice as sent."),
+    "NoticeTemplate": obj({"kind": enum(NOTICE_KINDS), "text": STRING, "lang": STRING,
+                           "source": enum(("tenant", "built_in"))}),
+    "NoticeTemplateRequest": obj({"text": NOTICE["properties"]["text"],
+                                  "lang": {"type": "string", "pattern": "^[A-Za-z0-9-]{2,35}$"}}),
+    # Policies (docs/policies.md)
+    "FieldRule": obj(
+        {"action": enum(ACTIONS)},
+        {"keep_last": {"type": "integer", "minimum": 0, "maximum": MASK_MAX},
+         "keep_first": {"type": "integer", "minimum": 0, "maximum": MASK_MAX},
+         "step": {"type": "number", "exclusiveMinimum": 0}},
+        description="keep, drop, hash: no other key; mask: exactly one of keep_last and "
+                    "keep_first; coarsen: step"),
+    "Zone": {"type": "object", "required": ["type"],
+             "properties": {"type": enum(("Polygon", "MultiPolygon", "Feature"))},
+             "description": "a GeoJSON Polygon or MultiPolygon, or a Feature of one "
+                            "([lon, lat], RFC 7946)"},
+    "Policy": obj({}, {
+        "name": ID,
+        "applies_to": obj({}, {"ownership": nullable(enum(OWNERSHIPS)),
+                               "groups": array(ID)}),
+        "collect": obj({}, {k: BOOLEAN for k in KINDS}),
+        "fields": {"type": "object",
+                   "propertyNames": {"type": "string",
+                                     "pattern": f"^({'|'.join(KINDS)})\\.[a-z_.]+$"},
+                   "additionalProperties": ref("FieldRule"),
+                   "description": 'rules by "<kind>.<field>"'},
+        "location": obj({}, {
+            "precision_m": nullable({"type": "number", "minimum": PRECISION_MIN_M,
+                                     "maximum": PRECISION_MAX_M}),
+            "only_inside": array(ref("Zone")),
+            "never_inside": array(ref("Zone")),
+            "only_while_checked_out": BOOLEAN}),
+        "retention_days": {"type": "object", "propertyNames": enum((*KINDS, "default")),
+                           "additionalProperties": {"type": "integer",
+                                                    "minimum": RETENTION_MIN_DAYS,
+                                                    "maximum": RETENTION_MAX_DAYS},
+                           "description": f"days per kind; default {DEFAULT_RETENTION_DAYS}"},
+    }, description="A collection and masking policy (docs/policies.md). Unknown keys, at "
+                   "any level but inside GeoJSON, are refused."),
+    "PolicyVersion": obj(
+        {"name": ID, "version": {"type": "integer", "minimum": 1}, "deleted": BOOLEAN,
+         "created_at": TIME, "created_by": STRING},
+        {"policy": ref("Policy"), "explanation": LINES},
+        description="One version of a policy; `policy` (canonical form) and "
+                    "`explanation` where it has a body (not in lists, not a deletion)."),
+    "PreviewRequest": obj(
+        {"kind": enum(KINDS)},
+        {"policy": ref("Policy"),
+         "payload": {"description": "a telemetry envelope as a device would publish it "
+                                    "(docs/protocol.md)"},
+         "checked_out": {**BOOLEAN, "default": True}},
+        closed=False,
+        description="Run a draft `policy` (else the stored one) over a sample payload."),
+    "Preview": obj({
+        "collected": BOOLEAN,
+        "stored": array(obj({"id": STRING, "ts_ms": INTEGER, "data": ANY_OBJECT})),
+        "suppressed": array(STRING, description="ids of points not stored"),
+        "explanation": LINES}),
+    # Devices and their data
+    "DeviceSummary": obj({
+        "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
+        "status": enum(("enrolled", "revoked")), "enrolled_at": TIME,
+        "last_seen_at": nullable(TIME)}),
+    "Device": obj({
+        "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
+        "status": enum(("enrolled", "revoked")), "enrolled_at": TIME,
+        "user_email": nullable(STRING), "last_seen_at": nullable(TIME),
+        "last": {"type": "object", "propertyNames": enum(KINDS),
+                 "additionalProperties": obj({"id": STRING, "ts": TIME, "received_at": TIME,
+                                              "data": ANY_OBJECT}),
+                 "description": "the newest record of each kind held"}}),
+    "Record": obj({
+        "kind": enum(KINDS), "id": STRING, "ts": TIME, "received_at": TIME,
+        "policy": nullable(STRING), "policy_version": nullable(INTEGER),
+        "data": ANY_OBJECT}, description="A telemetry record exactly as stored."),
+    "DeadLetter": obj({
+        "id": INTEGER, "received_at": TIME, "topic": STRING, "device": nullable(STRING),
+        "reason": STRING, "detail": STRING, "payload_bytes": COUNT},
+        description="Input that was refused: why, never its payload."),
+    "AuditEntry": obj({
+        "seq": {"type": "integer", "minimum": 1}, "at": TIME, "tenant": nullable(STRING),
+        "actor": STRING, "action": STRING, "target": STRING, "details": ANY_OBJECT,
+        "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}),
+    "ErasureRequest": obj(
+        {"id": UUID, "device": ID, "state": enum(ERASURE_STATES), "requested_at": TIME,
+         "due_at": {**TIME, "description": "fulfilled automatically then unless an admin "
+                                           "acted"}},
+        {"decided_by": nullable(STRING), "decided_at": nullable(TIME),
+         "refusal_reason": nullable(STRING),
+         "erased": nullable({"type": "object", "additionalProperties": COUNT,
+                             "description": "rows removed, per kind of data"})}),
+    # The device user's view
+    "MyDevice": obj({"device": ID, "ownership": enum(OWNERSHIPS),
+                     "status": enum(("enrolled", "revoked")), "enrolled_at": TIME}),
+    "PolicyInForce": obj({"policy": STRING, "version": INTEGER, "explanation": LINES}),
+    "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
+                           "what": {"type": "string",
+                                    "description": "`device` (its detail) or `data:<kind>`"}},
+                          description="who in an admin role read this device's personal "
+                                      "data, and when"),
+    "ExportSummary": obj({"records": {"type": "object", "propertyNames": enum(KINDS),
+                                      "additionalProperties": COUNT},
+                          "total": COUNT}),
+    "Health": obj({"status": enum(("ok",))}, {"ingest": obj({
+        "broker_connected": BOOLEAN, "messages": COUNT, "records_stored": COUNT,
+        "duplicates": COUNT, "dead_letters": COUNT, "not_collected": COUNT,
+        "suppressed": COUNT})}),
+}
+
+# --- components: parameters and responses --------------------------------------------
+
+
+def _param(name: str, where: str, schema: Schema, description: str,
+           required: bool | None = None) -> Schema:
+    return {"name": name, "in": where, "required": where == "path" or bool(required),
+            "schema": schema, "description": description}
+
+
+PARAMETERS: dict[str, Schema] = {
+    "Device": _param("device", "path", ID, "device id"),
+    "Group": _param("group", "path", ID, "group id"),
+    "CommandId": _param("command_id", "path", UUID, "command id"),
+    "BatchId": _param("batch_id", "path", UUID, "batch id (a group request)"),
+    "PolicyName": _param("name", "path", ID, "policy name"),
+    "NoticeKind": _param("kind", "path", enum(NOTICE_KINDS), "kind of command"),
+    "RequestId": _param("request_id", "path", UUID, "erasure request id"),
+    "Limit": _param("limit", "query", {"type": "integer", "minimum": 1,
+                                       "maximum": LIST_LIMIT_MAX, "default": 100},
+                    f"items per page, at most {LIST_LIMIT_MAX} (more is 400)"),
+    "Cursor": _param("cursor", "query", STRING, "`next` of the previous page"),
+    "CommandState": _param("state", "query", enum(STATES), "only commands in this state"),
+    "ErasureState": _param("state", "query", enum(ERASURE_STATES),
+                           "only requests in this state"),
+    "Kind": _param("kind", "query", enum(KINDS), "telemetry kind", required=True),
+    "From": _param("from", "query", TIME, "records with ts >= from (RFC 3339, with offset)"),
+    "To": _param("to", "query", TIME, "records with ts < to (RFC 3339, with offset)"),
+    "IdempotencyKey": _param(
+        "Idempotency-Key", "header",
+        {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX,
+         "pattern": "^[\\x20-\\x7e]+$"},
+        "your request id: the same key (per admin) and request gives the first answer "
+        "again (200), one command; the same key with another request is 422"),
+}
+
+
+def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
+    out: Schema = {"description": description,
+                   "content": {"application/json": {"schema": ref("Error")}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+#: Status -> (component name, response).
+ERRORS: dict[int, tuple[str, Schema]] = {
+    400: ("BadRequest", _error("malformed request: bad JSON, a bad query parameter")),
+    401: ("Unauthorized", _error("no token, or not a valid one", {
+        "WWW-Authenticate": {"required": True, "schema": enum(("Bearer",))}})),
+    403: ("Forbidden", _error("a route of another role (or, for a command, a guard: "
+                              "personal_device, same_admin, group_factory_reset)")),
+    404: ("NotFound", _error("not found, or not the caller's: indistinguishable")),
+    409: ("Conflict", _error("the state does not allow it (`code` says why)")),
+    413: ("PayloadTooLarge", _error("the body is over 1 MiB (8 MiB for policies)")),
+    422: ("Invalid", _error("invalid: every problem in `issues`, with its path")),
+    429: ("TooManyRequests", _error(
+        "rate limited (per token; `Retry-After` says when to try again), or an export "
+        "already running", {"Retry-After": {"required": False,
+                                           "schema": {"type": "string",
+                                                      "pattern": "^[0-9]+$"}}})),
+}
+
+
+def _json(schema: Schema, description: str, headers: dict[str, Schema] | None = None
+          ) -> Schema:
+    out: Schema = {"description": description,
+                   "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_LOCATION = {"Location": {"required": True, "schema": STRING,
+                          "description": "where the created resource is read"}}
+
+# --- operations -----------------------------------------------------------------------
+
+ADMIN, READER, USER = ("admin",), ("admin", "auditor"), ("user",)
+_ROLE_TEXT = {ADMIN: "an admin", READER: "an admin or an auditor",
+              USER: "a device user (token of one of their devices)"}
+
+
+def op(op_id: str, summary: str, *, tag: str, roles: tuple[str, ...] | None,
+       ok: dict[int, Schema], errors: tuple[int, ...] = (),
+       params: tuple[str, ...] = (), body: Schema | None = None,
+       body_required: bool = True, description: str = "") -> Schema:
+    """One operation. ``roles`` None: no token needed; else 401 and 403 are added.
+    ``x-roles`` names the roles that may call it (tests pick their token by it)."""
+    responses: dict[str, Schema] = {str(k): v for k, v in ok.items()}
+    if roles is not None:
+        errors = (*errors, 401, 403)
+        description = f"{description}\n\nCaller: {_ROLE_TEXT[roles]}.".strip()
+    if body is not None:
+        errors = (*errors, 400)
+    if any(PARAMETERS[p]["in"] == "path" for p in params):
+        errors = (*errors, 404)  # a path parameter out of its pattern matches no route
+    for status in sorted(set(errors)):
+        responses[str(status)] = {"$ref": f"#/components/responses/{ERRORS[status][0]}"}
+    out: Schema = {"operationId": op_id, "summary": summary, "tags": [tag],
+                   "responses": responses}
+    if description:
+        out["description"] = description
+    if params:
+        out["parameters"] = [{"$ref": f"#/components/parameters/{p}"} for p in params]
+    if body is not None:
+        out["requestBody"] = {"required": body_required,
+                              "content": {"application/json": {"schema": body}}}
+    if roles is None:
+        out["security"] = []
+    else:
+        out["x-roles"] = list(roles)
+    return out
+
+
+def _act_on_command(verb: str, text: str) -> Schema:
+    return op(f"{verb}Command", f"{verb.capitalize()} a command", tag="commands",
+              roles=ADMIN, params=("Device", "CommandId"), errors=(404, 409, 422),
+              ok={200: _json(ref("Command"), f"the command, {text}")},
+              description=f"Takes no body (one is 422). {text.capitalize()}.")
+
+
+def _limited(paths: dict[str, dict[str, Schema]]) -> dict[str, dict[str, Schema]]:
+    """Every /api/ request passes the limits (mdm_server/api/limits.py): a body over the
+    size limit is 413 and a token over its rate 429, whatever the route."""
+    for path, operations in paths.items():
+        if not path.startswith("/api/"):
+            continue
+        for operation in operations.values():
+            responses = operation["responses"]
+            for status in (413, 429):
+                responses[str(status)] = {
+                    "$ref": f"#/components/responses/{ERRORS[status][0]}"}
+            operation["responses"] = dict(sorted(responses.items()))
+    return paths
+
+
+def _paths() -> dict[str, dict[str, Schema]]:
+    v1 = "/api/v1"
+    dev = f"{v1}/devices/{{device}}"
+    cmds = f"{dev}/commands"
+    me = f"{v1}/me/devices/{{device}}"
+    data_params = ("Device", "Kind", "From", "To", "Limit", "Cursor")
+    return {
+        "/healthz": {"get": op(
+            "health", "Is the server up (and its ingest)?", tag="meta", roles=None,
+            ok={200: _json(ref("Health"), "the database answers")})},
+        PATH: {"get": op(
+            "openapi", "This document", tag="meta", roles=None,
+            ok={200: _json(ANY_OBJECT, "OpenAPI 3.1")})},
+        # Devices, their data, dead letters, erasure requests, the audit log
+        f"{v1}/devices": {"get": op(
+            "listDevices", "The tenant's devices", tag="devices", roles=READER,
+            params=("Limit", "Cursor"), errors=(400,),
+            ok={200: _json(page("devices", ref("DeviceSummary")), "a page of devices, "
+                           "by id")})},
+        dev: {"get": op(
+            "getDevice", "A device and its last known state", tag="devices", roles=READER,
+            params=("Device",), errors=(404,),
+            description="A read of personal data: written to the device user's access log.",
+            ok={200: _json(ref("Device"), "the device")})},
+        f"{dev}/data": {"get": op(
+            "getDeviceData", "A device's records of one kind", tag="devices", roles=READER,
+            params=data_params, errors=(400, 404),
+            description="`from <= ts < to`, oldest first, exactly as stored. A read of "
+                        "personal data: written to the device user's access log.",
+            ok={200: _json(page("records", ref("Record")), "a page of records")})},
+        f"{v1}/dead-letters": {"get": op(
+            "listDeadLetters", "Refused input, newest first", tag="devices", roles=READER,
+            params=("Limit", "Cursor"), errors=(400,),
+            ok={200: _json(page("dead_letters", ref("DeadLetter")), "never a payload")})},
+        f"{v1}/erasure-requests": {"get": op(
+            "listErasureRequests", "The tenant's erasure requests", tag="erasure",
+            roles=READER, params=("ErasureState", "Limit"), errors=(400,),
+            ok={200: _json(listing("erasure_requests", ref("ErasureRequest")),
+                           "newest first")})},
+        f"{v1}/erasure-requests/{{request_id}}:fulfil": {"post": op(
+            "fulfilErasureRequest", "Erase the device's data now", tag="erasure",
+            roles=ADMIN, params=("RequestId",), errors=(404, 409, 422),
+            description="Takes no body (one is 422). Deletes the device's telemetry, "
+                        "check-outs, suppressed counts and dead letters; keeps the fact.",
+            ok={200: _json(ref("ErasureRequest"), "the request, fulfilled")})},
+        f"{v1}/erasure-requests/{{request_id}}:refuse": {"post": op(
+            "refuseErasureRequest", "Refuse an erasure request, with a reason",
+            tag="erasure", roles=ADMIN, params=("RequestId",), errors=(404, 409, 422),
+            body=obj({"reason": {**TEXT, "minLength": 1, "maxLength": REFUSAL_MAX,
+                                 "pattern": "^[^\\u0000]*\\S[^\\u0000]*$"}}),
+            ok={200: _json(ref("ErasureRequest"), "the request, refused")})},
+        f"{v1}/audit": {"get": op(
+            "listAuditEntries", "The tenant's audit log, newest first", tag="audit",
+            roles=READER, params=("Limit", "Cursor"), errors=(400,),
+            ok={200: _json(page("entries", ref("AuditEntry")), "a page of entries")})},
+        # Policies
+        f"{v1}/policies": {"get": op(
+            "listPolicies", "The policies in force", tag="policies", roles=READER,
+            ok={200: _json(listing("policies", ref("PolicyVersion")),
+                           "the newest version of each, without bodies")})},
+        f"{v1}/policies/{{name}}": {
+            "get": op("getPolicy", "A policy's newest version", tag="policies",
+                      roles=READER, params=("PolicyName",), errors=(404,),
+                      ok={200: _json(ref("PolicyVersion"), "with body and explanation")}),
+            "put": op("putPolicy", "Create or change a policy (a new version)",
+                      tag="policies", roles=ADMIN, params=("PolicyName",), errors=(422,),
+                      body=ref("Policy"),
+                      description="`name` may be left out (the URL gives it). The devices "
+                                  "are told in the same transaction.",
+                      ok={200: _json(ref("PolicyVersion"), "a new version"),
+                          201: _json(ref("PolicyVersion"), "the first version")}),
+            "delete": op("deletePolicy", "Delete a policy (a deletion version)",
+                         tag="policies", roles=ADMIN, params=("PolicyName",),
+                         errors=(404, 409),
+                         description="The default policy cannot be deleted (409).",
+                         ok={204: {"description": "deleted"}}),
+        },
+        f"{v1}/policies/{{name}}/versions": {"get": op(
+            "listPolicyVersions", "Every version of a policy", tag="policies",
+            roles=READER, params=("PolicyName",), errors=(404,),
+            ok={200: _json(listing("versions", ref("PolicyVersion")), "oldest first")})},
+        f"{v1}/policies/{{name}}:preview": {"post": op(
+            "previewPolicy", "What a policy would store of a sample payload",
+            tag="policies", roles=ADMIN, params=("PolicyName",), errors=(404, 422),
+            body=ref("PreviewRequest"), description="Nothing is written.",
+            ok={200: _json(ref("Preview"), "what would be stored")})},
+        # Commands (docs/commands.md)
+        cmds: {
+            "post": op("createCommand", "Send a command to a device", tag="commands",
+                       roles=ADMIN, params=("Device", "IdempotencyKey"),
+                       errors=(404, 409, 422), body=ref("CommandRequest"),
+                       description="A factory reset waits in pending_approval for a second "
+                                   "admin. Guards: device_revoked (409), personal_device "
+                                   "(403).",
+                       ok={201: _json(ref("Command"), "created", _LOCATION),
+                           200: _json(ref("Command"), "the first answer to this "
+                                      "Idempotency-Key", _LOCATION)}),
+            "get": op("listDeviceCommands", "A device's commands, newest first",
+                      tag="commands", roles=READER, params=("Device", "CommandState", "Limit"),
+                      errors=(400, 404),
+                      ok={200: _json(listing("commands", ref("Command")), "commands")}),
+        },
+        f"{cmds}/{{command_id}}": {"get": op(
+            "getCommand", "A command with every event of its life", tag="commands",
+            roles=READER, params=("Device", "CommandId"), errors=(404,),
+            ok={200: _json(ref("CommandWithEvents"), "the command")})},
+        f"{cmds}/{{command_id}}:approve": {"post": _act_on_command(
+            "approve", "approved by a second admin (the requester's own approval is 403 "
+                       "same_admin)")},
+        f"{cmds}/{{command_id}}:cancel": {"post": _act_on_command(
+            "cancel", "cancelled if it has not gone to the broker yet (else 409 "
+                      "not_cancellable)")},
+        f"{dev}/notices": {"get": op(
+            "listDeviceNotices", "The device's user-notice log", tag="commands",
+            roles=READER, params=("Device", "Limit"), errors=(400, 404),
+            ok={200: _json(listing("notices", ref("NoticeLogEntry")), "newest first")})},
+        f"{v1}/commands": {"get": op(
+            "listCommands", "The tenant's commands, e.g. the approval queue",
+            tag="commands", roles=READER, params=("CommandState", "Limit"), errors=(400,),
+            ok={200: _json(listing("commands", ref("Command")), "newest first")})},
+        f"{v1}/groups/{{group}}/commands": {"post": op(
+            "createGroupCommand", "Send a command to every enrolled device of a group",
+            tag="commands", roles=ADMIN, params=("Group", "IdempotencyKey"),
+            errors=(404, 422), body=ref("CommandRequest"),
+            description="No factory reset (403 group_factory_reset); a full wipe skips "
+                        "personal devices (listed in `refused`); 404 empty_group.",
+            ok={201: _json(ref("CommandBatch"), "created", _LOCATION),
+                200: _json(ref("CommandBatch"), "the first answer to this "
+                           "Idempotency-Key", _LOCATION)})},
+        f"{v1}/command-batches/{{batch_id}}": {"get": op(
+            "getCommandBatch", "A group request's progress", tag="commands",
+            roles=READER, params=("BatchId",), errors=(404,),
+            ok={200: _json(ref("CommandBatch"), "the batch")})},
+        f"{v1}/notice-templates/{{kind}}": {
+            "get": op("getNoticeTemplate", "The notice a kind of command carries by default",
+                      tag="commands", roles=READER, params=("NoticeKind",), errors=(404,),
+                      ok={200: _json(ref("NoticeTemplate"), "the tenant's, else built in")}),
+            "put": op("putNoticeTemplate", "Set the tenant's notice for a kind of command",
+                      tag="commands", roles=ADMIN, params=("NoticeKind",), errors=(404, 422),
+                      body=ref("NoticeTemplateRequest"),
+                      ok={200: _json(ref("NoticeTemplate"), "the tenant's template")}),
+        },
+        # The device user's own devices
+        f"{v1}/me/devices": {"get": op(
+            "listMyDevices", "My devices", tag="me", roles=USER,
+            ok={200: _json(listing("devices", ref("MyDevice")), "the devices the token "
+                           "covers")})},
+        f"{me}/data": {"get": op(
+            "getMyDeviceData", "My device's records of one kind", tag="me", roles=USER,
+            params=data_params, errors=(400, 404),
+            ok={200: _json(page("records", ref("Record")), "a page of records")})},
+        f"{me}/policy": {"get": op(
+            "getMyPolicy", "The policy in force, in plain words", tag="me", roles=USER,
+            params=("Device",), errors=(404,),
+            ok={200: _json(ref("PolicyInForce"), "the policy")})},
+        f"{me}/notices": {"get": op(
+            "listMyNotices", "Every command that affected me, with its notice", tag="me",
+            roles=USER, params=("Device", "Limit"), errors=(400, 404),
+            ok={200: _json(listing("notices", ref("NoticeLogEntry")), "newest first")})},
+        f"{me}/access-log": {"get": op(
+            "getMyAccessLog", "Who in an admin role read my device's personal data",
+            tag="me", roles=USER, params=("Device", "Limit"), errors=(400, 404),
+            ok={200: _json(listing("entries", ref("AccessLogEntry")), "newest first")})},
+        f"{me}/export/summary": {"get": op(
+            "getMyExportSummary", "What an export will hold", tag="me", roles=USER,
+            params=("Device",), errors=(404,),
+            ok={200: _json(ref("ExportSummary"), "records per kind")})},
+        f"{me}/export": {"get": op(
+            "exportMyDevice", "Everything held about my device, as one ZIP", tag="me",
+            roles=USER, params=("Device",), errors=(404, 429),
+            description="Streamed: device.json, notices.json, access-log.json, policy.json "
+                        "and per kind telemetry/{kind}.jsonl and .csv. One running export "
+                        "per user (429).",
+            ok={200: {"description": "the ZIP",
+                      "headers": {"X-Export-Records": {
+                          "required": True, "schema": {"type": "string",
+                                                       "pattern": "^[0-9]+$"},
+                          "description": "records in the export"}},
+                      "content": {"application/zip": {
+                          "schema": {"type": "string", "contentMediaType": "application/zip"}
+                      }}}})},
+        f"{me}/erasure-requests": {
+            "post": op("requestErasure", "Ask for my device's data to be erased", tag="me",
+                       roles=USER, params=("Device",), errors=(404, 409, 422),
+                       body=obj({}), body_required=False,
+                       description="No body, or an empty object: any field is 422. Fulfilled "
+                                   "automatically at `due_at` (30 days) unless an admin "
+                                   "acted; 409 while one is pending.",
+                       ok={201: _json(ref("ErasureRequest"), "the request, pending")}),
+            "get": op("listMyErasureRequests", "My erasure requests", tag="me", roles=USER,
+                      params=("Device",), errors=(404,),
+                      ok={200: _json(listing("erasure_requests", ref("ErasureRequest")),
+                                     "newest first")}),
+        },
+    }
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (built once; treat it as read-only)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "MDM telemetry backend",
+            "version": "1",
+            "description": (
+                "Every request under /api/v1 carries `Authorization: Bearer <token>`. A "
+                "token has a tenant and a role: `admin` (everything of its tenant), "
+                "`auditor` (every GET an admin may), `user` (only /api/v1/me, for the "
+                "devices it is bound to). Anything outside the caller's reach is 404; a "
+                "route of another role is 403. Errors are JSON `{\"error\"}` plus, where "
+                "useful, `code` and `issues`; no error quotes a value from the request. "
+                f"Lists take `limit` (default 100, at most {LIST_LIMIT_MAX}) and a `cursor` "
+                "from the previous page's `next`. Contract: docs/api.md, docs/commands.md, "
+                "docs/policies.md."),
+        },
+        "tags": [{"name": n} for n in
+                 ("devices", "erasure", "audit", "policies", "commands", "me", "meta")],
+        "security": [{"bearerAuth": []}],
+        "paths": _limited(_paths()),
+        "components": {
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+            "parameters": PARAMETERS,
+            "responses": {name: resp for name, resp in ERRORS.values()},
+        },
+    }
+
+
+@cache
+def _body() -> bytes:
+    return orjson.dumps(document())
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=_body(), content_type="application/json")
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get(PATH, openapi_json)]

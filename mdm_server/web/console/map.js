@@ -1,0 +1,120 @@
+// The location-history map: the device's own location records drawn as SVG.
+// No tiles, no external map: the points are projected into the SVG box
+// (equirectangular, longitudes scaled by the cosine of the middle latitude so a
+// kilometre is as long east-west as north-south), joined by a polyline in time
+// order, with a light grid of latitude/longitude lines and a scale bar.
+
+import { fmtTime, s } from "./common/ui.js";
+
+const EARTH_M_PER_DEG = 111_320;
+
+/** Points [{lat, lon}] -> {xy: [[x, y]], metresPerPx, bounds} inside width x height. */
+export function project(points, width, height, pad = 24) {
+  if (!points.length) return { xy: [], metresPerPx: null, bounds: null };
+  let minLat = Infinity;
+  let maxLat = -Infinity;
+  let minLon = Infinity;
+  let maxLon = -Infinity;
+  for (const p of points) {
+    minLat = Math.min(minLat, p.lat);
+    maxLat = Math.max(maxLat, p.lat);
+    minLon = Math.min(minLon, p.lon);
+    maxLon = Math.max(maxLon, p.lon);
+  }
+  const midLat = (minLat + maxLat) / 2;
+  const kx = Math.max(Math.cos((midLat * Math.PI) / 180), 0.01);
+  // Metres spanned; at least 200 m so a single point or a still device is not a
+  // division by zero nor absurdly zoomed in.
+  const spanX = Math.max((maxLon - minLon) * kx * EARTH_M_PER_DEG, 200);
+  const spanY = Math.max((maxLat - minLat) * EARTH_M_PER_DEG, 200);
+  const innerW = width - 2 * pad;
+  const innerH = height - 2 * pad;
+  const metresPerPx = Math.max(spanX / innerW, spanY / innerH);
+  const cx = (minLon + maxLon) / 2;
+  const cy = midLat;
+  const xy = points.map((p) => [
+    round(width / 2 + ((p.lon - cx) * kx * EARTH_M_PER_DEG) / metresPerPx),
+    round(height / 2 - ((p.lat - cy) * EARTH_M_PER_DEG) / metresPerPx),
+  ]);
+  const toLon = (x) => cx + ((x - width / 2) * metresPerPx) / (kx * EARTH_M_PER_DEG);
+  const toLat = (y) => cy - ((y - height / 2) * metresPerPx) / EARTH_M_PER_DEG;
+  return { xy, metresPerPx, bounds: { west: toLon(0), east: toLon(width),
+                                      north: toLat(0), south: toLat(height) },
+           toX: (lon) => width / 2 + ((lon - cx) * kx * EARTH_M_PER_DEG) / metresPerPx,
+           toY: (lat) => height / 2 - ((lat - cy) * EARTH_M_PER_DEG) / metresPerPx };
+}
+
+function round(v) {
+  return Math.round(v * 10) / 10;
+}
+
+/** A "nice" step (1, 2 or 5 times a power of ten) near `raw`. */
+export function niceStep(raw) {
+  const p = 10 ** Math.floor(Math.log10(raw));
+  for (const m of [1, 2, 5, 10]) {
+    if (raw <= m * p) return m * p;
+  }
+  return 10 * p;
+}
+
+function fmtDistance(m) {
+  return m >= 1000 ? `${m / 1000} km` : `${m} m`;
+}
+
+/** The SVG element for the records (oldest first), with an accessible title. */
+export function locationMap(records, { width = 800, height = 500, label = "" } = {}) {
+  const pts = records
+    .filter((r) => r.data && Number.isFinite(r.data.lat) && Number.isFinite(r.data.lon))
+    .map((r) => ({ lat: r.data.lat, lon: r.data.lon, ts: r.ts, acc: r.data.accuracy_m }));
+  const { xy, metresPerPx, bounds, toX, toY } = project(pts, width, height);
+  const titleId = `map-title-${Math.random().toString(36).slice(2, 8)}`;
+  const svg = s("svg", {
+    class: "map", id: "location-map", viewBox: `0 0 ${width} ${height}`, role: "img",
+    "aria-labelledby": titleId, "data-points": pts.length,
+  }, s("title", { id: titleId }, label || `Location history: ${pts.length} points`),
+  s("rect", { class: "frame", x: 0, y: 0, width, height }));
+  if (!pts.length) {
+    svg.append(s("text", { x: width / 2, y: height / 2, "text-anchor": "middle",
+                           class: "grid-label" }, "No location in this time range"));
+    return svg;
+  }
+  // Grid: about six lines each way, at round degree values.
+  const grid = s("g", { "aria-hidden": "true" });
+  const latStep = niceStep((bounds.north - bounds.south) / 6);
+  for (let lat = Math.ceil(bounds.south / latStep) * latStep; lat <= bounds.north;
+    lat += latStep) {
+    const y = round(toY(lat));
+    grid.append(s("line", { class: "grid", x1: 0, x2: width, y1: y, y2: y }),
+                s("text", { class: "grid-label", x: 4, y: y - 3 }, `${lat.toFixed(4)}°`));
+  }
+  const lonStep = niceStep((bounds.east - bounds.west) / 6);
+  for (let lon = Math.ceil(bounds.west / lonStep) * lonStep; lon <= bounds.east;
+    lon += lonStep) {
+    const x = round(toX(lon));
+    grid.append(s("line", { class: "grid", x1: x, x2: x, y1: 0, y2: height }));
+    if (x < width - 60) { // a label cut by the edge is worse than none
+      grid.append(s("text", { class: "grid-label", x: x + 3, y: height - 4 },
+                    `${lon.toFixed(4)}°`));
+    }
+  }
+  svg.append(grid);
+  svg.append(s("polyline", { class: "track", id: "location-track",
+                             points: xy.map(([x, y]) => `${x},${y}`).join(" ") }));
+  const fixes = s("g", { class: "fixes" });
+  pts.forEach((p, i) => {
+    const cls = i === 0 ? "fix start" : i === pts.length - 1 ? "fix end" : "fix";
+    fixes.append(s("circle", { class: cls, cx: xy[i][0], cy: xy[i][1],
+                               r: i === 0 || i === pts.length - 1 ? 6 : 3.5 },
+      s("title", {}, `${fmtTime(p.ts)}: ${p.lat.toFixed(5)}, ${p.lon.toFixed(5)}` +
+        (p.acc !== undefined ? ` (±${p.acc} m)` : ""))));
+  });
+  svg.append(fixes);
+  // Scale bar: a round distance about a fifth of the width.
+  const metres = niceStep((width / 5) * metresPerPx);
+  const px = round(metres / metresPerPx);
+  svg.append(s("g", { "aria-hidden": "true" },
+    s("line", { class: "scale", x1: width - px - 16, x2: width - 16, y1: 20, y2: 20 }),
+    s("text", { class: "scale-label", x: width - 16, y: 14, "text-anchor": "end" },
+      fmtDistance(metres))));
+  return svg;
+}

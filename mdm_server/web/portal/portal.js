@@ -1,0 +1,301 @@
+// The device user's portal: my devices, my data, my notices, my policy in plain
+// words, who read my data, export, erasure request. Talks to /api/v1/me only.
+
+import { ApiError, api, apiFetch, query } from "./common/api.js";
+import {
+  $, busy, clear, dataList, fmtBytes, h, showError, showInfo, showOk, signInGate, table,
+  time, timeRange,
+} from "./common/ui.js";
+import { ZipScan } from "./common/zipscan.js";
+
+const KIND_NAMES = {
+  location: "Location", identity: "Device and account details", sim: "SIM card",
+  network: "Network connection", apps: "Installed apps", checkinout: "Check-in and check-out",
+};
+
+const state = {
+  device: null,
+  range: null,
+  cursors: [],     // cursors of the pages shown so far (null: the first page)
+  next: null,
+  exporting: false,
+};
+
+const me = (path = "") => `/me/devices/${encodeURIComponent(state.device)}${path}`;
+
+// --- devices ---------------------------------------------------------------------
+
+async function loadDevices() {
+  const status = $("#devices-status");
+  const box = clear($("#devices"));
+  let devices;
+  try {
+    ({ devices } = await api("/me/devices"));
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 403) {
+      showError(status, err, "This page is for device users");
+      status.append(h("p", {}, "Administrators: use the ", h("a", { href: "/console/" },
+        "console"), "."));
+      return;
+    }
+    throw err;
+  }
+  showInfo(status);
+  if (!devices.length) {
+    box.append(h("p", { class: "empty" }, "No device is linked to this token."));
+    return;
+  }
+  const list = h("ul", { class: "devices" });
+  for (const d of devices) {
+    list.append(h("li", {},
+      h("button", { type: "button", class: "secondary", "data-device": d.device,
+                    onclick: () => selectDevice(d.device) }, d.device),
+      ` ${d.ownership === "personal" ? "personally owned" : "company owned"}, ${d.status}, ` +
+      "enrolled ", time(d.enrolled_at)));
+  }
+  box.append(list);
+  await selectDevice(devices[0].device);
+}
+
+async function selectDevice(device) {
+  state.device = device;
+  for (const b of document.querySelectorAll("#devices button[data-device]")) {
+    b.setAttribute("aria-pressed", String(b.dataset.device === device));
+  }
+  $("#device").hidden = false;
+  $("#data-h").textContent = `Data held about ${device}`;
+  await Promise.all([loadData(true), loadNotices(), loadPolicy(), loadAccessLog(),
+                     loadErasure()]);
+}
+
+// --- data --------------------------------------------------------------------------
+
+async function loadData(fromStart, cursor = null) {
+  const status = $("#data-status");
+  const kind = $("#data-kind").value;
+  const { from, to } = state.range.value();
+  const limit = $("#data-limit").value;
+  try {
+    const page = await api(me("/data") + query({ kind, from, to, limit, cursor }));
+    if (fromStart) state.cursors = [null];
+    else state.cursors.push(cursor);
+    state.next = page.next;
+    const pageNo = state.cursors.length;
+    const rows = page.records;
+    clear($("#data-table")).append(table(
+      `${KIND_NAMES[kind]}: page ${pageNo}, ${rows.length} record${rows.length === 1 ? "" : "s"}`,
+      [
+        { title: "Time", cell: (r) => time(r.ts) },
+        { title: "Received", cell: (r) => time(r.received_at) },
+        { title: "Data", cell: (r) => dataList(r.data) },
+        { title: "Policy", cell: (r) => `${r.policy} v${r.policy_version}` },
+      ],
+      rows,
+      { id: "data-records", empty: "No records of this kind in this time range." }));
+    showInfo(status, rows.length
+      ? `Page ${pageNo}: ${rows.length} record${rows.length === 1 ? "" : "s"}` +
+        (page.next ? "; more on the next page." : "; no more records.")
+      : "");
+    $("#data-next").hidden = !page.next;
+    $("#data-first").hidden = pageNo <= 1;
+  } catch (err) {
+    showError(status, err);
+  }
+}
+
+// --- notices, policy, access log ---------------------------------------------------
+
+function stateCell(st) {
+  return h("span", { class: `state state-${st}` }, st.replace(/_/g, " "));
+}
+
+function commandName(n) {
+  if (n.type === "wipe") return `wipe (${n.params && n.params.scope === "full" ? "everything" :
+                                          "company apps and data"})`;
+  return n.type.replace(/_/g, " ");
+}
+
+async function loadNotices() {
+  const status = $("#notices-status");
+  try {
+    const { notices } = await api(me("/notices"));
+    showInfo(status);
+    clear($("#notices")).append(table("Notices, newest first", [
+      { title: "Requested", cell: (n) => time(n.requested_at) },
+      { title: "Command", cell: (n) => commandName(n) },
+      { title: "Notice", cell: (n) => n.notice
+          ? h("span", { class: "notice-text", lang: n.notice.lang }, n.notice.text)
+          : h("span", { class: "muted" }, "none") },
+      { title: "Language", cell: (n) => (n.notice ? n.notice.lang : "") },
+      { title: "Sent", cell: (n) => time(n.sent_at) },
+      { title: "Shown", cell: (n) => time(n.notice_shown_at) },
+      { title: "Outcome", cell: (n) => h("span", {}, stateCell(n.state),
+          n.outcome_detail ? ` (${n.outcome_detail})` : "") },
+    ], notices, { id: "notices-table", empty: "No command has affected this device." }));
+  } catch (err) {
+    showError(status, err);
+  }
+}
+
+async function loadPolicy() {
+  const status = $("#policy-status");
+  try {
+    const p = await api(me("/policy"));
+    showInfo(status);
+    clear($("#policy")).append(
+      h("p", {}, "Policy in force: ", h("strong", { id: "policy-name" }, p.policy),
+        `, version ${p.version}.`),
+      h("ul", { id: "policy-explanation" }, p.explanation.map((line) => h("li", {}, line))));
+  } catch (err) {
+    showError(status, err);
+  }
+}
+
+async function loadAccessLog() {
+  const status = $("#access-status");
+  try {
+    const { entries } = await api(me("/access-log"));
+    showInfo(status);
+    const what = (e) => e.action || e.what || "";
+    clear($("#access")).append(table("Reads of this device's personal data, newest first", [
+      { title: "When", cell: (e) => time(e.at) },
+      { title: "Who", cell: (e) => e.actor + (e.role ? ` (${e.role})` : "") },
+      { title: "What", cell: (e) => what(e).replace(/^data:/, "data: ") },
+    ], entries, { id: "access-table", empty: "Nobody has read this device's personal data." }));
+  } catch (err) {
+    showError(status, err);
+  }
+}
+
+// --- export ------------------------------------------------------------------------
+
+function filenameOf(resp) {
+  const cd = resp.headers.get("Content-Disposition") || "";
+  const m = /filename="?([A-Za-z0-9_.-]+)"?/.exec(cd);
+  return m ? m[1] : `${state.device}-export.zip`;
+}
+
+async function startExport() {
+  const status = $("#export-status");
+  const button = $("#export-start");
+  if (state.exporting) return;
+  state.exporting = true;
+  const box = $("#export-progress-box");
+  const bar = $("#export-progress");
+  const text = $("#export-progress-text");
+  const device = state.device;
+  await busy(button, status, async () => {
+    try {
+      showInfo(status, "Preparing the export…");
+      const summary = await api(me("/export/summary"));
+      const perKind = summary.records;
+      const resp = await apiFetch(me("/export"));
+      const total = Number(resp.headers.get("X-Export-Records") || summary.total);
+      box.hidden = false;
+      bar.max = Math.max(total, 1);
+      bar.value = 0;
+      const scan = new ZipScan();
+      const chunks = [];
+      const reader = resp.body.getReader();
+      let records = 0;
+      const update = (atEnd) => {
+        // A kind's records are all in once its JSON Lines entry is complete.
+        records = 0;
+        for (const name of scan.finished(atEnd)) {
+          const m = /^telemetry\/([a-z]+)\.jsonl$/.exec(name);
+          if (m && perKind[m[1]] !== undefined) records += perKind[m[1]];
+        }
+        if (atEnd) records = total;
+        bar.value = Math.min(records, total);
+        text.textContent = `${records} of ${total} records, ${fmtBytes(scan.bytes)} received`;
+      };
+      update(false);
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        chunks.push(value);
+        scan.push(value);
+        update(false);
+      }
+      update(true);
+      const blob = new Blob(chunks, { type: "application/zip" });
+      const url = URL.createObjectURL(blob);
+      const name = filenameOf(resp);
+      const link = h("a", { href: url, download: name, id: "export-download" },
+                     `Save ${name} (${fmtBytes(blob.size)})`);
+      showOk(status, `Export of ${device} finished: ${total} records, ${fmtBytes(blob.size)}. `,
+             link);
+      link.click();
+    } catch (err) {
+      if (err instanceof TypeError) {
+        // The stream broke off (connection lost while reading).
+        throw new ApiError(0, "the export was interrupted: try again", null);
+      }
+      throw err;
+    } finally {
+      state.exporting = false;
+    }
+  });
+}
+
+// --- erasure -------------------------------------------------------------------------
+
+async function loadErasure() {
+  const status = $("#erasure-status");
+  try {
+    const { erasure_requests: list } = await api(me("/erasure-requests"));
+    clear($("#erasure-list")).append(table("My erasure requests", [
+      { title: "Requested", cell: (r) => time(r.requested_at) },
+      { title: "State", cell: (r) => stateCell(r.state) },
+      { title: "Due", cell: (r) => time(r.due_at) },
+      { title: "Decided", cell: (r) => (r.decided_at ? h("span", {}, time(r.decided_at),
+          r.decided_by ? ` by ${r.decided_by}` : "") : h("span", { class: "muted" }, "—")) },
+      { title: "Refusal reason", cell: (r) => r.refusal_reason || "" },
+    ], list, { id: "erasure-table", empty: "No erasure request for this device." }));
+    $("#erasure-submit").disabled = list.some((r) => r.state === "pending");
+  } catch (err) {
+    showError(status, err);
+  }
+}
+
+async function requestErasure(ev) {
+  ev.preventDefault();
+  const status = $("#erasure-status");
+  await busy($("#erasure-submit"), status, async () => {
+    showInfo(status, "Sending your request…");
+    const made = await api(me("/erasure-requests"), { method: "POST" });
+    showOk(status, `Your erasure request is ${made.state}. It is due by `,
+           time(made.due_at), ".");
+  });
+  await loadErasure(); // after busy() re-enabled the button: a pending request disables it
+}
+
+// --- start -------------------------------------------------------------------------
+
+function start() {
+  state.range = timeRange("data", { hours: null }); // all the data held, by default
+  $("#data-range").append(state.range.el);
+  $("#data-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy($("#data-show"), $("#data-status"), () => loadData(true));
+  });
+  $("#data-next").addEventListener("click", () => loadData(false, state.next));
+  $("#data-first").addEventListener("click", () => loadData(true));
+  $("#export-start").addEventListener("click", startExport);
+  $("#erasure-form").addEventListener("submit", requestErasure);
+  signInGate({
+    form: $("#sign-in"), input: $("#token"), status: $("#sign-in-status"),
+    app: $("#app"), signOut: $("#sign-out"),
+    onSignedIn: async () => {
+      $("#device").hidden = true;
+      try {
+        await loadDevices();
+      } catch (err) {
+        if (err instanceof ApiError && err.status === 401) throw err;
+        showError($("#devices-status"), err);
+      }
+    },
+  });
+}
+
+start();
