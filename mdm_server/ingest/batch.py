@@ -16,12 +16,11 @@ from typing import Any
 from agent_protocol import (
     ProtocolError,
     Reason,
-    Record,
     RemoteProtocolError,
     Topic,
-    decode_telemetry,
     parse_topic,
 )
+from agent_protocol.envelope import RecordTuple, decode_records
 from mdm_server.ingest.mqtt import InboundMessage
 
 __all__ = [
@@ -88,7 +87,7 @@ class Decoded:
 
     message: InboundMessage
     topic: Topic | None
-    records: list[Record] | None
+    records: list[RecordTuple] | None
     error: ProtocolError | None
 
 
@@ -107,7 +106,7 @@ def decode_messages(messages: list[InboundMessage], now_ms: int) -> list[Decoded
             if topic.channel != "telemetry":
                 raise RemoteProtocolError(Reason.BAD_TOPIC,
                                           "only telemetry topics are ingested")
-            records = decode_telemetry(topic, msg.payload, now_ms=now_ms)
+            records = decode_records(topic, msg.payload, now_ms=now_ms)
         except ProtocolError as err:
             out.append(Decoded(msg, topic, None, err))
         else:
@@ -139,6 +138,6 @@ def build_items(decoded: list[Decoded], is_enrolled: Callable[[str, str], bool]
                                     "no enrolled device for this topic"))
             continue
         tenant, device, kind = t.tenant, t.device, t.kind
-        rows = [(tenant, device, kind, r.id, r.ts_ms, r.data) for r in d.records]
+        rows = [(tenant, device, kind, rid, ts, data) for rid, ts, data in d.records]
         items.append(SinkItem(msg.topic, len(msg.payload), decoded=rows))
     return items
