@@ -207,19 +207,18 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
         del received[:BATCH_SIZE]
         read(AHEAD)
         laps.lap("mqtt read (fast path)")
-        decoded = batch_mod.decode_messages(msgs, int(time.time() * 1000))
+        decoded = batch_mod.decode_batch(msgs, int(time.time() * 1000))
         laps.lap("decode + validate")
-        {(d.topic.tenant, d.topic.device) for d in decoded
-         if d.error is None and d.topic is not None}
-        items = batch_mod.build_items(decoded, is_enrolled)
+        decoded.devices()
+        groups, ws = batch_mod.admit(decoded, is_enrolled)
         laps.lap("batch glue")
-        p = shaping.plan(items, choose)
-        shaping.apply(p, items, {})
+        p = shaping.plan(groups, choose, ws)
+        shaping.apply(p, ws, {})
         laps.lap("policy (plan, apply)")
-        rows = [r for it in items for r in it.rows]
-        [it.dead.as_row() for it in items if it.dead is not None]
-        [c for it in items for c in it.checkouts]
-        [e for it in items for e in it.enforce_checkins]
+        rows = ws.rows
+        [d.as_row() for _, d in ws.dead]
+        [c for _, c in ws.checkouts]
+        [e for _, e in ws.enforce_checkins]
         {(r[2], r[4] // _DAY_MS) for r in rows}
         for r in rows:  # asyncpg calls the jsonb codec once per row
             _jsonb_encode(r[7])

@@ -14,6 +14,7 @@ table's unique key absorbs the repeat.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -23,9 +24,9 @@ import asyncpg
 
 from agent_protocol import TELEMETRY_FILTER, shared_subscription
 from mdm_server.config import Config
-from mdm_server.ingest.batch import SinkItem, build_items, decode_messages
+from mdm_server.ingest.batch import DecodedBatch, WriteSet, admit
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
-from mdm_server.ingest.shaping import ShapeStats, apply, plan
+from mdm_server.ingest.shaping import Plan, ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, retry_while_away
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
 from mdm_server.storage.checkouts import checkout_history
@@ -38,6 +39,7 @@ __all__ = ["IngestStats", "IngestWorker", "live_line"]
 log = logging.getLogger(__name__)
 
 _UNKNOWN_TTL_S = 5.0  # how long "not enrolled" is believed before asking again
+_DECODE_CHUNK = 500  # messages decoded between yields while a write is in flight
 
 
 @dataclass(slots=True)
@@ -114,6 +116,10 @@ class IngestWorker:
         self._first_at = 0.0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
+        # A batch ready to write: (messages, what to write, shaping counts).
+        self._to_write: asyncio.Queue[tuple[list[InboundMessage], WriteSet, ShapeStats]] = (
+            asyncio.Queue(maxsize=1))
+        self._writing = False
         self._sink = TelemetrySink(config.database_url)
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
@@ -140,11 +146,13 @@ class IngestWorker:
     async def run(self) -> None:
         """Run until cancelled. Database outages are waited out, bad input is
         dead-lettered; only a bug ends this."""
-        await self._prepare()
         try:
             async with asyncio.TaskGroup() as tg:
+                # The broker connection is made while the partitions are prepared:
+                # batches wait for _prepare, messages meanwhile wait in _pending.
                 tg.create_task(self.consumer.run(), name=f"{self.client_id}-mqtt")
                 tg.create_task(self._batches(), name=f"{self.client_id}-batches")
+                tg.create_task(self._writes(), name=f"{self.client_id}-writes")
                 tg.create_task(self.policies.watch(), name=f"{self.client_id}-policies")
         finally:
             await self._sink.close()
@@ -176,33 +184,57 @@ class IngestWorker:
         return batch
 
     async def _batches(self) -> None:
+        """Decode, check and shape batches in order and hand each to _writes. While
+        one batch is written the next is decoded, yielding to the loop between
+        chunks so the write's round trips go on; the hand-over waits for the
+        previous write, so at most one batch waits for its write."""
+        await self._prepare()
+        to_write = self._to_write
         while True:
             batch = await self._next_batch()
-            await self._process(batch)
+            decoded = DecodedBatch(batch, int(time.time() * 1000))
+            for start in range(0, len(batch), _DECODE_CHUNK):
+                decoded.decode(start, start + _DECODE_CHUNK)
+                if self._writing:  # let the write's round trips go on
+                    await asyncio.sleep(0)
+            keys = decoded.devices()
+            await retry_while_away(functools.partial(self._load, keys), self._lookup.reset)
+            groups, ws = admit(decoded, self._devices.is_enrolled)
+            del decoded
+            p = plan(groups, self._choose, ws)
+            if p.needs_checkouts:
+                # The history must hold the check-outs the previous batch writes.
+                await to_write.join()
+            shaped = await self._shape(p, ws)
+            del groups, p  # the raw values go no further than the policy
+            await to_write.join()
+            to_write.put_nowait((batch, ws, shaped))
+
+    async def _writes(self) -> None:
+        """Write each batch, then (and only then) acknowledge its messages; in order."""
+        to_write = self._to_write
+        while True:
+            batch, ws, shaped = await to_write.get()
+            self._writing = True
+            if self._config.unsafe_ack_before_commit:
+                self.consumer.ack(batch)  # test-only: the crash test must catch this
+            result = await self._sink.write(ws)
+            if not self._config.unsafe_ack_before_commit:
+                self.consumer.ack(batch)
+            s = self.stats
+            s.messages += len(batch)
+            s.records_stored += result.inserted
+            s.duplicates += result.duplicates
+            s.dead_letters += result.dead_letters
+            s.not_collected += shaped.not_collected
+            s.suppressed += shaped.suppressed
+            s.batches += 1
             self._held_bytes -= sum(len(m.payload) for m in batch)
             if self._held_bytes <= self._config.max_pending_bytes // 2:
                 self.consumer.resume_reading()
-
-    async def _process(self, batch: list[InboundMessage]) -> None:
-        decoded = decode_messages(batch, int(time.time() * 1000))
-        keys = {(d.topic.tenant, d.topic.device) for d in decoded
-                if d.error is None and d.topic is not None}
-        await retry_while_away(lambda: self._load(keys), self._lookup.reset)
-        items = build_items(decoded, self._devices.is_enrolled)
-        shaped = await self._shape(items)
-        if self._config.unsafe_ack_before_commit:
-            self.consumer.ack(batch)  # test-only: the crash test must catch this
-        result = await self._sink.write(items)
-        if not self._config.unsafe_ack_before_commit:
-            self.consumer.ack(batch)
-        s = self.stats
-        s.messages += len(batch)
-        s.records_stored += result.inserted
-        s.duplicates += result.duplicates
-        s.dead_letters += result.dead_letters
-        s.not_collected += shaped.not_collected
-        s.suppressed += shaped.suppressed
-        s.batches += 1
+            del batch, ws
+            self._writing = False
+            to_write.task_done()
 
     async def _load(self, keys: set[tuple[str, str]]) -> None:
         """Devices and the policies of their tenants, from the database if needed."""
@@ -210,18 +242,18 @@ class IngestWorker:
         await self._devices.refresh(conn, keys)
         await self.policies.load(conn, {t for t, _ in keys})
 
-    async def _shape(self, items: list[SinkItem]) -> ShapeStats:
-        def choose(tenant: str, device: str) -> CompiledPolicy:
-            return self.policies.policy_for(tenant, device, self._devices.profile(tenant, device))
+    def _choose(self, tenant: str, device: str) -> CompiledPolicy:
+        return self.policies.policy_for(tenant, device, self._devices.profile(tenant, device))
 
-        p = plan(items, choose)
+    async def _shape(self, p: Plan, ws: WriteSet) -> ShapeStats:
         views = {}
         if p.needs_checkouts:
-            ts = [r[4] for it in items for r in it.decoded if r[2] == "location"]
+            assert p.location_ts_range is not None
+            lo, hi = p.location_ts_range
 
             async def fetch() -> dict[tuple[str, str], list[tuple[int, bool]]]:
                 return await checkout_history(await self._lookup.get(), p.needs_checkouts,
-                                              min(ts), max(ts))
+                                              lo, hi)
 
             history = await retry_while_away(fetch, self._lookup.reset)
             per_tenant: dict[str, dict[str, list[tuple[int, bool]]]] = {}
@@ -229,7 +261,7 @@ class IngestWorker:
                 events = sorted(history.get(key, []) + p.batch_events.get(key, []))
                 per_tenant.setdefault(key[0], {})[key[1]] = events
             views = {t: checked_out_view(ev) for t, ev in per_tenant.items()}
-        return apply(p, items, views)
+        return apply(p, ws, views)
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
