@@ -142,6 +142,15 @@ def partition_name(kind: str, day: int) -> str:
     return f"telemetry_{kind}_{datetime.fromtimestamp(day * 86400, UTC):%Y%m%d}"
 
 
+def _create_partition(kind: str, day: int) -> str:
+    start = datetime.fromtimestamp(day * 86400, UTC)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {partition_name(kind, day)} "
+        f"PARTITION OF telemetry_{kind} FOR VALUES FROM ('{start.isoformat()}') "
+        f"TO ('{(start + timedelta(days=1)).isoformat()}')"
+    )
+
+
 class TelemetrySink:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
@@ -162,19 +171,22 @@ class TelemetrySink:
         return self._conn
 
     async def ensure_partitions(self, needed: set[tuple[str, int]]) -> None:
+        todo = sorted(needed - self._partitions)
+        if not todo:
+            return
         conn = await self._connection()
-        for kind, day in sorted(needed - self._partitions):
-            start = datetime.fromtimestamp(day * 86400, UTC)
-            sql = (
-                f"CREATE TABLE IF NOT EXISTS {partition_name(kind, day)} "
-                f"PARTITION OF telemetry_{kind} FOR VALUES FROM ('{start.isoformat()}') "
-                f"TO ('{(start + timedelta(days=1)).isoformat()}')"
-            )
-            try:
-                await conn.execute(sql)
-            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-                pass  # another worker created it between our check and ours
-            self._partitions.add((kind, day))
+        statements = [_create_partition(kind, day) for kind, day in todo]
+        try:
+            # One round trip for all (simple query protocol: one implicit
+            # transaction, so one failure undoes them all; then one by one).
+            await conn.execute(";\n".join(statements))
+        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+            for sql in statements:
+                try:
+                    await conn.execute(sql)
+                except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                    pass  # another worker created it between our check and ours
+        self._partitions.update(todo)
 
     async def prepare(self, now_ms: int) -> None:
         """Create today's and tomorrow's partitions ahead of the traffic."""

@@ -179,8 +179,11 @@ class IngestWorker:
             await self._lookup.close()
 
     async def _prepare(self) -> None:
-        await retry_while_away(lambda: self._sink.prepare(int(time.time() * 1000)),
-                               self._sink.reset)
+        """Today's and tomorrow's partitions, and the lookup connection, at once."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(retry_while_away(
+                lambda: self._sink.prepare(int(time.time() * 1000)), self._sink.reset))
+            tg.create_task(retry_while_away(self._lookup.get, self._lookup.reset))
 
     async def _next_batch(self) -> list[InboundMessage]:
         cfg = self._config
