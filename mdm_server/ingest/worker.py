@@ -40,7 +40,7 @@ __all__ = ["IngestStats", "IngestWorker", "live_line"]
 log = logging.getLogger(__name__)
 
 _UNKNOWN_TTL_S = 5.0  # how long "not enrolled" is believed before asking again
-_DECODE_CHUNK = 500  # messages decoded between yields while a write is in flight
+_DECODE_CHUNK = 250  # messages decoded between yields (the write and the reader go on)
 _GC_THRESHOLD = 50_000  # allocations before a young collection (CPython's default: 700)
 
 
@@ -138,7 +138,6 @@ class IngestWorker:
         # A batch ready to write: (messages, what to write, shaping counts).
         self._to_write: asyncio.Queue[tuple[list[InboundMessage], WriteSet, ShapeStats]] = (
             asyncio.Queue(maxsize=1))
-        self._writing = False
         self._sink = TelemetrySink(config.database_url)
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
@@ -217,9 +216,11 @@ class IngestWorker:
             batch = await self._next_batch()
             decoded = DecodedBatch(batch, int(time.time() * 1000))
             for start in range(0, len(batch), _DECODE_CHUNK):
+                # Yield first: the writer task has not started the previous batch's
+                # write until this task lets it run, and then each of its round
+                # trips (and the MQTT reader) goes on between chunks.
+                await asyncio.sleep(0)
                 decoded.decode(start, start + _DECODE_CHUNK)
-                if self._writing:  # let the write's round trips go on
-                    await asyncio.sleep(0)
             keys = decoded.devices()
             await retry_while_away(functools.partial(self._load, keys), self._lookup.reset)
             groups, ws = admit(decoded, self._devices.is_enrolled)
@@ -238,7 +239,6 @@ class IngestWorker:
         to_write = self._to_write
         while True:
             batch, ws, shaped = await to_write.get()
-            self._writing = True
             if self._config.unsafe_ack_before_commit:
                 self.consumer.ack(batch)  # test-only: the crash test must catch this
             result = await self._sink.write(ws)
@@ -256,7 +256,6 @@ class IngestWorker:
             if self._held_bytes <= self._config.max_pending_bytes // 2:
                 self.consumer.resume_reading()
             del batch, ws
-            self._writing = False
             to_write.task_done()
 
     async def _load(self, keys: set[tuple[str, str]]) -> None:
