@@ -23,11 +23,10 @@ Order of work for a location batch:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import Any, cast
 
 from agent_protocol import KINDS
 from privacy_filters.actions import DROP, Action, coarsener, hasher, masker
@@ -184,18 +183,35 @@ class CompiledPolicy:
     ) -> FilterResult:
         n = len(datas)
         rules = self.policy.location
-        try:
-            lats = np.array([d.get("lat") for d in datas], dtype=np.float64)
-            lons = np.array([d.get("lon") for d in datas], dtype=np.float64)
-        except (TypeError, ValueError):
-            # numpy's message quotes the value: raise one that does not.
-            raise ValueError("location lat/lon must be numbers (validate the data first)") from None
-        keep = np.isfinite(lats) & np.isfinite(lons)
-        if self._only is not None:
-            keep &= self._only.contains(lons, lats)
-        if self._never is not None:
-            keep &= ~self._never.contains(lons, lats)
-        kept: list[int] = np.flatnonzero(keep).tolist()
+        lat_list = [d.get("lat") for d in datas]
+        lon_list = [d.get("lon") for d in datas]
+        if (
+            self._only is None
+            and self._never is None
+            and all(type(v) is float for v in lat_list)
+            and all(type(v) is float for v in lon_list)
+        ):
+            # No zones and validated coordinates (floats): the finiteness test needs
+            # no numpy, so a policy without zones or snapping never imports it.
+            isfinite = math.isfinite
+            lat_f, lon_f = cast(list[float], lat_list), cast(list[float], lon_list)
+            kept = [i for i in range(n) if isfinite(lat_f[i]) and isfinite(lon_f[i])]
+        else:
+            import numpy as np
+
+            try:
+                lats = np.array(lat_list, dtype=np.float64)
+                lons = np.array(lon_list, dtype=np.float64)
+            except (TypeError, ValueError):
+                # numpy's message quotes the value: raise one that does not.
+                raise ValueError(
+                    "location lat/lon must be numbers (validate the data first)") from None
+            keep = np.isfinite(lats) & np.isfinite(lons)
+            if self._only is not None:
+                keep &= self._only.contains(lons, lats)
+            if self._never is not None:
+                keep &= ~self._never.contains(lons, lats)
+            kept = np.flatnonzero(keep).tolist()
         if rules.only_while_checked_out:
             if checked_out is None:
                 kept = []
@@ -204,16 +220,19 @@ class CompiledPolicy:
         if len(kept) == n:
             suppressed: list[int] = []
         else:
-            final = np.zeros(n, dtype=np.bool_)
-            final[kept] = True
-            suppressed = np.flatnonzero(~final).tolist()
+            kept_set = set(kept)
+            suppressed = [i for i in range(n) if i not in kept_set]
 
         precision = rules.precision_m
         out: list[dict[str, Any]] = []
         if precision is None:
             out = [shaper(datas[i].copy()) for i in kept]
         elif kept:
-            slat, slon = snap_arrays(lats[kept], lons[kept], precision)
+            import numpy as np
+
+            slat, slon = snap_arrays(np.array([lat_list[i] for i in kept], dtype=np.float64),
+                                     np.array([lon_list[i] for i in kept], dtype=np.float64),
+                                     precision)
             fprec = float(precision)
             for i, la, lo in zip(kept, slat.tolist(), slon.tolist(), strict=True):
                 r = datas[i].copy()

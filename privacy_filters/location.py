@@ -25,19 +25,26 @@ Zones
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
-
-import numpy as np
-import numpy.typing as npt
-import shapely
-from shapely import affinity
-from shapely.geometry.base import BaseGeometry
+from typing import TYPE_CHECKING, Any, Final
 
 from privacy_filters.errors import PolicyIssue
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from shapely.geometry.base import BaseGeometry
+
+    FloatArray = npt.NDArray[np.float64]
+    BoolArray = npt.NDArray[np.bool_]
+
+# numpy and shapely are imported where they are used, not here: a policy without
+# zones or snapping never needs them, and an ingest process then starts without
+# loading them (tens of milliseconds before its first commit).
 
 __all__ = [
     "COS_MIN",
@@ -55,11 +62,6 @@ COS_MIN: Final = 0.01
 MAX_ZONES: Final = 10_000  # only_inside + never_inside together
 MAX_VERTICES: Final = 1_000_000  # positions in all zones together
 
-FloatArray = npt.NDArray[np.float64]
-BoolArray = npt.NDArray[np.bool_]
-
-_WORLD = shapely.box(-180.0, -90.0, 180.0, 90.0)
-_BEYOND = shapely.box(180.0, -90.0, 540.0, 90.0)
 _ZONE_SHAPE = "must be a GeoJSON Polygon or MultiPolygon object, or a Feature with one"
 
 
@@ -70,6 +72,8 @@ def snap_arrays(
     lats: FloatArray, lons: FloatArray, precision_m: float
 ) -> tuple[FloatArray, FloatArray]:
     """Snap arrays of coordinates to the ``precision_m`` grid (see the module doc)."""
+    import numpy as np
+
     lat_step = precision_m / METERS_PER_DEGREE
     lat_s = np.clip(np.round(lats / lat_step) * lat_step, -90.0, 90.0)
     cos = np.maximum(np.cos(np.radians(lat_s)), COS_MIN)
@@ -82,6 +86,8 @@ def snap_arrays(
 
 def snap(lat: float, lon: float, precision_m: float) -> tuple[float, float]:
     """Snap one point (the scalar form of :func:`snap_arrays`)."""
+    import numpy as np
+
     la, lo = snap_arrays(np.array([lat]), np.array([lon]), precision_m)
     return float(la[0]), float(lo[0])
 
@@ -148,6 +154,9 @@ def _polygon(
     count = sum(len(r) for r in rings)
     if not ok:
         return None, count
+    import shapely
+    from shapely import affinity
+
     crossing = _crosses_antimeridian(rings)
     if crossing:
         rings = [[(lon + 360.0 if lon < 0 else lon, lat) for lon, lat in r] for r in rings]
@@ -156,10 +165,19 @@ def _polygon(
         issues.append(PolicyIssue(path, f"invalid polygon: {shapely.is_valid_reason(poly)}"))
         return None, count
     if crossing:
-        west = shapely.intersection(poly, _WORLD)
-        east = affinity.translate(shapely.intersection(poly, _BEYOND), xoff=-360.0)
+        world, beyond = _world_and_beyond()
+        west = shapely.intersection(poly, world)
+        east = affinity.translate(shapely.intersection(poly, beyond), xoff=-360.0)
         poly = shapely.union(west, east)
     return poly, count
+
+
+@functools.cache
+def _world_and_beyond() -> tuple[BaseGeometry, BaseGeometry]:
+    """[-180, 180] x [-90, 90], and the band beyond 180 that a shifted polygon reaches."""
+    import shapely
+
+    return shapely.box(-180.0, -90.0, 180.0, 90.0), shapely.box(180.0, -90.0, 540.0, 90.0)
 
 
 def _zone(zone: object, path: str, issues: list[PolicyIssue]) -> tuple[BaseGeometry | None, int]:
@@ -191,7 +209,11 @@ def _zone(zone: object, path: str, issues: list[PolicyIssue]) -> tuple[BaseGeome
                 ok = False
             else:
                 parts.append(geom)
-        return (shapely.union_all(parts) if ok else None), total
+        if not ok:
+            return None, total
+        import shapely
+
+        return shapely.union_all(parts), total
     issues.append(PolicyIssue(f"{path}.type", _ZONE_SHAPE))
     return None, 0
 
@@ -249,11 +271,15 @@ class ZoneSet:
         """The prepared union of ``geoms``; ``None`` for an empty list."""
         if not geoms:
             return None
+        import shapely
+
         union = shapely.union_all(list(geoms))
         shapely.prepare(union)
         return cls(union, len(geoms))
 
     def contains(self, lons: FloatArray, lats: FloatArray) -> BoolArray:
         """Per point: inside or on the boundary of some zone (NaN: never inside)."""
+        import shapely
+
         result: BoolArray = shapely.intersects_xy(self.geometry, lons, lats)
         return result

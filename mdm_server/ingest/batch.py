@@ -1,9 +1,14 @@
 """From raw MQTT messages to what the sink stores: pure, no I/O.
 
-Every message becomes exactly one :class:`SinkItem`: its rows, or its dead
-letter. The worker acknowledges a message once its item is committed, so
-"nothing accepted is lost" holds message by message. What needs the database
-(is the device enrolled?) is answered by the caller through ``is_enrolled``.
+A batch is kept column-wise, not as an object per message: the hot path of a
+100,000-message drain makes only the records' own tuples and dicts. Every
+message contributes exactly one outcome: its records (stored rows, check-out
+events, suppressed counts, as the policy decides), or one dead letter. Each
+output carries the index of its message in the batch, so the sink can write any
+range of messages on its own (it splits a batch the database refuses) and "one
+message is written entirely or not at all" holds. The worker acknowledges a
+message once the write that holds it is committed. What needs the database (is
+the device enrolled?) is answered by the caller through ``is_enrolled``.
 """
 
 from __future__ import annotations
@@ -16,31 +21,33 @@ from typing import Any
 from agent_protocol import (
     ProtocolError,
     Reason,
-    Record,
     RemoteProtocolError,
     Topic,
-    decode_telemetry,
     parse_topic,
 )
+from agent_protocol.envelope import decode_records
 from mdm_server.ingest.mqtt import InboundMessage
 
 __all__ = [
     "CheckoutRow",
     "DeadLetter",
-    "Decoded",
-    "DecodedRow",
-    "SinkItem",
+    "DecodedBatch",
     "StageRow",
-    "build_items",
-    "decode_messages",
+    "TopicGroup",
+    "WriteSet",
+    "admit",
+    "decode_batch",
 ]
 
-# (tenant_id, device_id, kind, record_id, ts_ms, data) as decoded, and as staged
-# once a policy has shaped it: (..., ts_ms, policy_id, policy_version, data).
-DecodedRow = tuple[str, str, str, str, int, dict[str, Any]]
+# A record as staged once a policy has shaped it: (tenant_id, device_id, kind,
+# record_id, ts_ms, policy_id, policy_version, data).
 StageRow = tuple[str, str, str, str, int, str, int, dict[str, Any]]
 # A check-out/check-in event: (tenant_id, device_id, ts_ms, record_id, event).
 CheckoutRow = tuple[str, str, int, str, str]
+# (tenant_id, device_id, day number) of a location point the policy suppressed;
+# (tenant_id, device_id, ts_ms) of a check-in after which stored locations must go.
+SuppressedRow = tuple[str, str, int]
+CheckinRow = tuple[str, str, int]
 
 _MAX_TOPIC_CHARS = 300
 
@@ -62,34 +69,112 @@ class DeadLetter:
 
 
 @dataclass(slots=True)
-class SinkItem:
-    """What one MQTT message contributes, written together or not at all.
+class TopicGroup:
+    """The records of one batch that arrived on one topic (one tenant, device and
+    kind), column-wise, in arrival order; ``msgs[i]`` is the index of the message
+    that carried record i."""
 
-    ``decoded`` holds the records as they arrived until the policy shapes them
-    into ``rows``; the raw ``decoded`` rows never reach the sink.
-    """
+    topic: Topic
+    msgs: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    datas: list[dict[str, Any]] = field(default_factory=list)
 
-    topic: str
-    payload_bytes: int
-    decoded: list[DecodedRow] = field(default_factory=list)
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """Messages decoded: the good ones' records grouped by topic, the bad ones as
+    (message index, topic if it parsed, error). Fill it with :meth:`decode`, in
+    order, in as many steps as the caller likes (the worker yields in between)."""
+
+    messages: list[InboundMessage]
+    now_ms: int
+    errors: list[tuple[int, Topic | None, ProtocolError]] = field(default_factory=list)
+    # By id(Topic), cheaper to hash than the name: _topic returns one object per
+    # name while cached (a group keeps its Topic alive, so an id is never reused).
+    _groups: dict[int, TopicGroup] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[TopicGroup]:
+        return list(self._groups.values())
+
+    def devices(self) -> set[tuple[str, str]]:
+        """(tenant, device) of every message that decoded."""
+        return {(g.topic.tenant, g.topic.device) for g in self._groups.values()}
+
+    def decode(self, start: int = 0, stop: int | None = None) -> None:
+        """Decode messages [start, stop); a bad one is kept with its error, never raises."""
+        groups, errors, now_ms = self._groups, self.errors, self.now_ms
+        messages = self.messages
+        for i in range(start, len(messages) if stop is None else min(stop, len(messages))):
+            msg = messages[i]
+            topic: Topic | None = None
+            try:
+                topic = _topic(msg.topic)
+                if topic.channel != "telemetry":
+                    raise RemoteProtocolError(Reason.BAD_TOPIC,
+                                              "only telemetry topics are ingested")
+                records = decode_records(topic, msg.payload, now_ms=now_ms)
+            except ProtocolError as err:
+                errors.append((i, topic, err))
+                continue
+            g = groups.get(id(topic))
+            if g is None:
+                g = groups[id(topic)] = TopicGroup(topic)
+            if len(records) == 1:
+                rid, ts, data = records[0]
+                g.msgs.append(i)
+                g.ids.append(rid)
+                g.ts.append(ts)
+                g.datas.append(data)
+            else:
+                for rid, ts, data in records:
+                    g.msgs.append(i)
+                    g.ids.append(rid)
+                    g.ts.append(ts)
+                    g.datas.append(data)
+
+
+@dataclass(slots=True)
+class WriteSet:
+    """What a batch (or a range of its messages) writes in one transaction. Each
+    list has its message indices alongside: ``row_msgs[i]`` is the message of
+    ``rows[i]``, and the other lists hold (message index, row) pairs."""
+
+    messages: list[InboundMessage]
     rows: list[StageRow] = field(default_factory=list)
-    dead: DeadLetter | None = None
-    checkouts: list[CheckoutRow] = field(default_factory=list)
-    # (tenant, device, day number) of each location point the policy suppressed.
-    suppressed: list[tuple[str, str, int]] = field(default_factory=list)
-    # (tenant, device, ts_ms) of check-ins after which stored locations must go
-    # (a check-in can arrive after locations that followed it).
-    enforce_checkins: list[tuple[str, str, int]] = field(default_factory=list)
+    row_msgs: list[int] = field(default_factory=list)
+    dead: list[tuple[int, DeadLetter]] = field(default_factory=list)
+    checkouts: list[tuple[int, CheckoutRow]] = field(default_factory=list)
+    suppressed: list[tuple[int, SuppressedRow]] = field(default_factory=list)
+    enforce_checkins: list[tuple[int, CheckinRow]] = field(default_factory=list)
+    # The messages [lo, hi) of ``messages`` this set covers.
+    lo: int = 0
+    hi: int = -1
 
+    def __post_init__(self) -> None:
+        if self.hi < 0:
+            self.hi = len(self.messages)
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """A message that decoded: its topic and records, or the error that stopped it."""
+    def __len__(self) -> int:
+        """Messages covered."""
+        return self.hi - self.lo
 
-    message: InboundMessage
-    topic: Topic | None
-    records: list[Record] | None
-    error: ProtocolError | None
+    def select(self, lo: int, hi: int) -> WriteSet:
+        """The outputs of messages [lo, hi) only (for splitting a refused write)."""
+        rows, row_msgs = [], []
+        for row, m in zip(self.rows, self.row_msgs, strict=True):
+            if lo <= m < hi:
+                rows.append(row)
+                row_msgs.append(m)
+        return WriteSet(
+            self.messages, rows, row_msgs,
+            [d for d in self.dead if lo <= d[0] < hi],
+            [c for c in self.checkouts if lo <= c[0] < hi],
+            [s for s in self.suppressed if lo <= s[0] < hi],
+            [e for e in self.enforce_checkins if lo <= e[0] < hi],
+            lo, hi,
+        )
 
 
 @lru_cache(maxsize=65536)
@@ -97,48 +182,37 @@ def _topic(topic: str) -> Topic:
     return parse_topic(topic)
 
 
-def decode_messages(messages: list[InboundMessage], now_ms: int) -> list[Decoded]:
-    """Decode every message; a bad one carries its error, never raises."""
-    out: list[Decoded] = []
-    for msg in messages:
-        topic: Topic | None = None
-        try:
-            topic = _topic(msg.topic)
-            if topic.channel != "telemetry":
-                raise RemoteProtocolError(Reason.BAD_TOPIC,
-                                          "only telemetry topics are ingested")
-            records = decode_telemetry(topic, msg.payload, now_ms=now_ms)
-        except ProtocolError as err:
-            out.append(Decoded(msg, topic, None, err))
-        else:
-            out.append(Decoded(msg, topic, records, None))
+def decode_batch(messages: list[InboundMessage], now_ms: int) -> DecodedBatch:
+    """Decode every message; a bad one is kept with its error, never raises."""
+    out = DecodedBatch(messages, now_ms)
+    out.decode()
     return out
 
 
-def _dead_item(msg: InboundMessage, topic: Topic | None, reason: str, detail: str) -> SinkItem:
-    size = len(msg.payload)
-    dead = DeadLetter(msg.topic, topic.tenant if topic else None,
-                      topic.device if topic else None, reason, detail, size)
-    return SinkItem(msg.topic, size, dead=dead)
+def _dead(msg: InboundMessage, topic: Topic | None, reason: str, detail: str) -> DeadLetter:
+    return DeadLetter(msg.topic, topic.tenant if topic else None,
+                      topic.device if topic else None, reason, detail, len(msg.payload))
 
 
-def build_items(decoded: list[Decoded], is_enrolled: Callable[[str, str], bool]
-                ) -> list[SinkItem]:
-    """One item per message, in order: rows for enrolled devices, else a dead letter."""
-    items: list[SinkItem] = []
-    for d in decoded:
-        msg, t = d.message, d.topic
-        if d.error is not None:
-            err = d.error
-            detail = f"{err.path}: {err.detail}" if err.path else err.detail
-            items.append(_dead_item(msg, t, str(err.reason), detail))
+def admit(decoded: DecodedBatch, is_enrolled: Callable[[str, str], bool]
+          ) -> tuple[list[TopicGroup], WriteSet]:
+    """The groups of enrolled devices, and a write set holding a dead letter for
+    every other message (undecodable, or from a device not enrolled)."""
+    msgs = decoded.messages
+    out = WriteSet(msgs)
+    dead = out.dead
+    for i, t, err in decoded.errors:
+        detail = f"{err.path}: {err.detail}" if err.path else err.detail
+        dead.append((i, _dead(msgs[i], t, str(err.reason), detail)))
+    admitted = []
+    for g in decoded.groups:
+        t = g.topic
+        if is_enrolled(t.tenant, t.device):
+            admitted.append(g)
             continue
-        assert t is not None and t.kind is not None and d.records is not None
-        if not is_enrolled(t.tenant, t.device):
-            items.append(_dead_item(msg, t, str(Reason.UNKNOWN_DEVICE),
-                                    "no enrolled device for this topic"))
-            continue
-        tenant, device, kind = t.tenant, t.device, t.kind
-        rows = [(tenant, device, kind, r.id, r.ts_ms, r.data) for r in d.records]
-        items.append(SinkItem(msg.topic, len(msg.payload), decoded=rows))
-    return items
+        for i in dict.fromkeys(g.msgs):  # each message once, in order
+            dead.append((i, _dead(msgs[i], t, str(Reason.UNKNOWN_DEVICE),
+                                  "no enrolled device for this topic")))
+    if len(dead) > 1:
+        dead.sort(key=lambda d: d[0])
+    return admitted, out

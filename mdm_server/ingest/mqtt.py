@@ -39,6 +39,7 @@ __all__ = ["InboundMessage", "MqttConsumer"]
 log = logging.getLogger(__name__)
 
 _RECV_CHUNK = 256 * 1024
+_FAST_PACKETS = 64  # PUBLISH packets parsed per call of _packet_read, at most
 
 
 @dataclass(slots=True)
@@ -95,32 +96,40 @@ class _BufferedClient(paho.Client):
         self._packet_queue(paho.PUBACK, blob, 0, 0)
 
     def _packet_read(self) -> MQTTErrorCode:
-        buf, pos = self._rbuf, self._rpos
-        end = len(buf)
         deliver = self.fast_publish
-        # A QoS 1 PUBLISH (0x32, or 0x3A with DUP; RETAIN may be set), nothing of
-        # it read yet by paho, and the whole packet already in our buffer.
-        if (deliver is not None and pos < end and buf[pos] & 0xF6 == 0x32
-                and self._in_packet["command"] == 0):
-            length, shift, i = 0, 0, pos + 1
+        if deliver is None or self._in_packet["command"] != 0:
+            return super()._packet_read()  # paho is in the middle of a packet
+        buf, pos = self._rbuf, self._rpos
+        start, end = pos, len(buf)
+        # Up to _FAST_PACKETS whole QoS 1 PUBLISH packets (0x32, or 0x3A with DUP;
+        # RETAIN may be set) already in our buffer, per call: paho's loop_read
+        # around each packet cost more than parsing it. The bound keeps
+        # pause_reading prompt (the consumer checks it between calls).
+        for _ in range(_FAST_PACKETS):
+            if pos >= end or buf[pos] & 0xF6 != 0x32:
+                break
+            length, shift, i, whole = 0, 0, pos + 1, False
             while i < end and i <= pos + 4:
                 byte = buf[i]
                 i += 1
                 length |= (byte & 0x7F) << shift
                 shift += 7
                 if byte < 0x80:
-                    if i + length > end:
-                        break  # the rest is still on the wire: paho's path waits for it
-                    if length < 4:  # topic length and packet id are 4 bytes already
-                        return MQTTErrorCode.MQTT_ERR_PROTOCOL
-                    mid_at = i + 2 + ((buf[i] << 8) | buf[i + 1])
-                    if mid_at + 2 > i + length:
-                        return MQTTErrorCode.MQTT_ERR_PROTOCOL
-                    self._rpos = i + length
-                    self._last_bytes_received = time.monotonic()
-                    deliver((buf[mid_at] << 8) | buf[mid_at + 1], buf[i + 2:mid_at],
-                            buf[mid_at + 2:i + length])
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+                    whole = i + length <= end  # else the rest is still on the wire
+                    break
+            if not whole:
+                break  # paho's path waits for the rest (or refuses a bad length)
+            if length < 4:  # topic length and packet id are 4 bytes already
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            mid_at = i + 2 + ((buf[i] << 8) | buf[i + 1])
+            if mid_at + 2 > i + length:
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            pos = self._rpos = i + length
+            deliver((buf[mid_at] << 8) | buf[mid_at + 1], buf[i + 2:mid_at],
+                    buf[mid_at + 2:pos])
+        if pos != start:
+            self._last_bytes_received = time.monotonic()
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._packet_read()
 
 

@@ -24,7 +24,7 @@ from typing import TypeVar
 import asyncpg
 
 from agent_protocol import KINDS
-from mdm_server.ingest.batch import DeadLetter, SinkItem
+from mdm_server.ingest.batch import DeadLetter, WriteSet
 from mdm_server.storage.pool import connect
 
 __all__ = [
@@ -142,6 +142,15 @@ def partition_name(kind: str, day: int) -> str:
     return f"telemetry_{kind}_{datetime.fromtimestamp(day * 86400, UTC):%Y%m%d}"
 
 
+def _create_partition(kind: str, day: int) -> str:
+    start = datetime.fromtimestamp(day * 86400, UTC)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {partition_name(kind, day)} "
+        f"PARTITION OF telemetry_{kind} FOR VALUES FROM ('{start.isoformat()}') "
+        f"TO ('{(start + timedelta(days=1)).isoformat()}')"
+    )
+
+
 class TelemetrySink:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
@@ -162,29 +171,32 @@ class TelemetrySink:
         return self._conn
 
     async def ensure_partitions(self, needed: set[tuple[str, int]]) -> None:
+        todo = sorted(needed - self._partitions)
+        if not todo:
+            return
         conn = await self._connection()
-        for kind, day in sorted(needed - self._partitions):
-            start = datetime.fromtimestamp(day * 86400, UTC)
-            sql = (
-                f"CREATE TABLE IF NOT EXISTS {partition_name(kind, day)} "
-                f"PARTITION OF telemetry_{kind} FOR VALUES FROM ('{start.isoformat()}') "
-                f"TO ('{(start + timedelta(days=1)).isoformat()}')"
-            )
-            try:
-                await conn.execute(sql)
-            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-                pass  # another worker created it between our check and ours
-            self._partitions.add((kind, day))
+        statements = [_create_partition(kind, day) for kind, day in todo]
+        try:
+            # One round trip for all (simple query protocol: one implicit
+            # transaction, so one failure undoes them all; then one by one).
+            await conn.execute(";\n".join(statements))
+        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+            for sql in statements:
+                try:
+                    await conn.execute(sql)
+                except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                    pass  # another worker created it between our check and ours
+        self._partitions.update(todo)
 
     async def prepare(self, now_ms: int) -> None:
         """Create today's and tomorrow's partitions ahead of the traffic."""
         today = now_ms // _DAY_MS
         await self.ensure_partitions({(k, d) for k in KINDS for d in (today, today + 1)})
 
-    async def write(self, items: Sequence[SinkItem]) -> WriteResult:
-        """Store the items durably; returns once committed. Retries while the
+    async def write(self, ws: WriteSet) -> WriteResult:
+        """Store the write set durably; returns once committed. Retries while the
         database is away; never raises for bad data."""
-        return await retry_while_away(lambda: self._write_splitting(items), self.reset)
+        return await retry_while_away(lambda: self._write_splitting(ws), self.reset)
 
     def reset(self) -> None:
         """Forget the connection (after an error); the next write reconnects."""
@@ -192,41 +204,44 @@ class TelemetrySink:
         if conn is not None:
             conn.terminate()
 
-    async def _write_splitting(self, items: Sequence[SinkItem]) -> WriteResult:
+    async def _write_splitting(self, ws: WriteSet) -> WriteResult:
         try:
-            return await self._write_once(items)
+            return await self._write_once(ws)
         except Exception as exc:
             if is_transient(exc):
                 raise
-            if len(items) > 1:
-                mid = len(items) // 2
-                a = await self._write_splitting(items[:mid])
-                b = await self._write_splitting(items[mid:])
+            if len(ws) > 1:
+                mid = ws.lo + len(ws) // 2
+                a = await self._write_splitting(ws.select(ws.lo, mid))
+                b = await self._write_splitting(ws.select(mid, ws.hi))
                 return WriteResult(a.inserted + b.inserted, a.offered + b.offered,
                                    a.dead_letters + b.dead_letters, a.refused + b.refused)
-            item = items[0]
-            source = item.rows or item.checkouts
-            if not source:  # a lone dead letter was refused: that is our bug
+            if ws.rows:
+                tenant, device = ws.rows[0][0], ws.rows[0][1]
+            elif ws.checkouts:
+                tenant, device = ws.checkouts[0][1][0], ws.checkouts[0][1][1]
+            else:  # a lone dead letter was refused: that is our bug
                 raise
             # The failed transaction has rolled back; the connection is usable.
+            msg = ws.messages[ws.lo]
             sqlstate = getattr(exc, "sqlstate", None) or type(exc).__name__
-            tenant, device = source[0][0], source[0][1]
             log.warning("database refused a message (%s); dead-lettered", sqlstate)
             dead = DeadLetter(
-                topic=item.topic, tenant=tenant, device=device, reason=STORAGE_REFUSED,
+                topic=msg.topic, tenant=tenant, device=device, reason=STORAGE_REFUSED,
                 detail=f"the database refused a value ({sqlstate})",
-                payload_bytes=item.payload_bytes,
+                payload_bytes=len(msg.payload),
             )
-            result = await self._write_once([SinkItem(item.topic, item.payload_bytes, dead=dead)])
+            result = await self._write_once(
+                WriteSet(ws.messages, dead=[(ws.lo, dead)], lo=ws.lo, hi=ws.hi))
             result.refused = 1
             return result
 
-    async def _write_once(self, items: Sequence[SinkItem]) -> WriteResult:
-        rows = [r for it in items for r in it.rows]
-        dead = [it.dead.as_row() for it in items if it.dead is not None]
-        checkouts = [c for it in items for c in it.checkouts]
-        enforce = [e for it in items for e in it.enforce_checkins]
-        suppressed = Counter(s for it in items for s in it.suppressed)
+    async def _write_once(self, ws: WriteSet) -> WriteResult:
+        rows = ws.rows
+        dead = [d.as_row() for _, d in ws.dead]
+        checkouts = [c for _, c in ws.checkouts]
+        enforce = [e for _, e in ws.enforce_checkins]
+        suppressed = Counter(s for _, s in ws.suppressed)
         if rows:
             await self.ensure_partitions({(r[2], r[4] // _DAY_MS) for r in rows})
         conn = await self._connection()
@@ -248,3 +263,4 @@ class TelemetrySink:
             if enforce:
                 await conn.executemany(_ENFORCE_CHECKIN, enforce)
         return WriteResult(inserted=inserted, offered=len(rows), dead_letters=len(dead))
+

@@ -14,6 +14,8 @@ table's unique key absorbs the repeat.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import sys
 import time
@@ -23,9 +25,9 @@ import asyncpg
 
 from agent_protocol import TELEMETRY_FILTER, shared_subscription
 from mdm_server.config import Config
-from mdm_server.ingest.batch import SinkItem, build_items, decode_messages
+from mdm_server.ingest.batch import DecodedBatch, WriteSet, admit
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
-from mdm_server.ingest.shaping import ShapeStats, apply, plan
+from mdm_server.ingest.shaping import Plan, ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, retry_while_away
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
 from mdm_server.storage.checkouts import checkout_history
@@ -42,6 +44,8 @@ _UNKNOWN_TTL_S = 5.0  # how long "not enrolled" is believed before asking again
 # the broker cut it off, or while the broker could not be told) is refused at the
 # latest this long after the revocation.
 _KNOWN_TTL_S = 10.0
+_DECODE_CHUNK = 250  # messages decoded between yields (the write and the reader go on)
+_GC_THRESHOLD = 50_000  # allocations before a young collection (CPython's default: 700)
 
 
 @dataclass(slots=True)
@@ -113,6 +117,23 @@ class _LookupConnection:
             await self._conn.close()
 
 
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for the ingest's pattern: every
+    message leaves a few container objects (message, staged row) alive until its
+    batch commits, all freed by reference counting, none in a cycle. With the
+    default thresholds (700, 10, 10) the collector ran every few hundred messages
+    and, as batches outlive young collections, traversed every object of the
+    process in full collections, about a fifth of the ingest's CPU per record
+    (load_tests/bench_decode.py, pipeline). Freezing moves what start-up made
+    (modules, compiled policies) out of every later collection; a larger first
+    threshold lets most records die before a collection sees them. Cycles are
+    still collected, later. Process-wide: in ``serve`` it applies to the API too.
+    (No gc.collect() first: it costs tens of milliseconds at start for the few
+    hundred objects of start-up garbage it would free.)"""
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 10, 10)
+
+
 class IngestWorker:
     def __init__(self, config: Config, *, index: int = 0) -> None:
         self._config = config
@@ -123,6 +144,9 @@ class IngestWorker:
         self._first_at = 0.0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
+        # A batch ready to write: (messages, what to write, shaping counts).
+        self._to_write: asyncio.Queue[tuple[list[InboundMessage], WriteSet, ShapeStats]] = (
+            asyncio.Queue(maxsize=1))
         self._sink = TelemetrySink(config.database_url)
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
@@ -149,19 +173,25 @@ class IngestWorker:
     async def run(self) -> None:
         """Run until cancelled. Database outages are waited out, bad input is
         dead-lettered; only a bug ends this."""
-        await self._prepare()
+        _tune_gc()
         try:
             async with asyncio.TaskGroup() as tg:
+                # The broker connection is made while the partitions are prepared:
+                # batches wait for _prepare, messages meanwhile wait in _pending.
                 tg.create_task(self.consumer.run(), name=f"{self.client_id}-mqtt")
                 tg.create_task(self._batches(), name=f"{self.client_id}-batches")
+                tg.create_task(self._writes(), name=f"{self.client_id}-writes")
                 tg.create_task(self.policies.watch(), name=f"{self.client_id}-policies")
         finally:
             await self._sink.close()
             await self._lookup.close()
 
     async def _prepare(self) -> None:
-        await retry_while_away(lambda: self._sink.prepare(int(time.time() * 1000)),
-                               self._sink.reset)
+        """Today's and tomorrow's partitions, and the lookup connection, at once."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(retry_while_away(
+                lambda: self._sink.prepare(int(time.time() * 1000)), self._sink.reset))
+            tg.create_task(retry_while_away(self._lookup.get, self._lookup.reset))
 
     async def _next_batch(self) -> list[InboundMessage]:
         cfg = self._config
@@ -185,33 +215,57 @@ class IngestWorker:
         return batch
 
     async def _batches(self) -> None:
+        """Decode, check and shape batches in order and hand each to _writes. While
+        one batch is written the next is decoded, yielding to the loop between
+        chunks so the write's round trips go on; the hand-over waits for the
+        previous write, so at most one batch waits for its write."""
+        await self._prepare()
+        to_write = self._to_write
         while True:
             batch = await self._next_batch()
-            await self._process(batch)
+            decoded = DecodedBatch(batch, int(time.time() * 1000))
+            for start in range(0, len(batch), _DECODE_CHUNK):
+                # Yield first: the writer task has not started the previous batch's
+                # write until this task lets it run, and then each of its round
+                # trips (and the MQTT reader) goes on between chunks.
+                await asyncio.sleep(0)
+                decoded.decode(start, start + _DECODE_CHUNK)
+            keys = decoded.devices()
+            await retry_while_away(functools.partial(self._load, keys), self._lookup.reset)
+            groups, ws = admit(decoded, self._devices.is_enrolled)
+            del decoded
+            p = plan(groups, self._choose, ws)
+            if p.needs_checkouts:
+                # The history must hold the check-outs the previous batch writes.
+                await to_write.join()
+            shaped = await self._shape(p, ws)
+            del groups, p  # the raw values go no further than the policy
+            await to_write.join()
+            to_write.put_nowait((batch, ws, shaped))
+
+    async def _writes(self) -> None:
+        """Write each batch, then (and only then) acknowledge its messages; in order."""
+        to_write = self._to_write
+        while True:
+            batch, ws, shaped = await to_write.get()
+            if self._config.unsafe_ack_before_commit:
+                self.consumer.ack(batch)  # test-only: the crash test must catch this
+            result = await self._sink.write(ws)
+            if not self._config.unsafe_ack_before_commit:
+                self.consumer.ack(batch)
+            s = self.stats
+            s.messages += len(batch)
+            s.records_stored += result.inserted
+            s.duplicates += result.duplicates
+            s.dead_letters += result.dead_letters
+            s.not_collected += shaped.not_collected
+            s.suppressed += shaped.suppressed
+            s.batches += 1
             self._held_bytes -= sum(len(m.payload) for m in batch)
             if self._held_bytes <= self._config.max_pending_bytes // 2:
                 self.consumer.resume_reading()
-
-    async def _process(self, batch: list[InboundMessage]) -> None:
-        decoded = decode_messages(batch, int(time.time() * 1000))
-        keys = {(d.topic.tenant, d.topic.device) for d in decoded
-                if d.error is None and d.topic is not None}
-        await retry_while_away(lambda: self._load(keys), self._lookup.reset)
-        items = build_items(decoded, self._devices.is_enrolled)
-        shaped = await self._shape(items)
-        if self._config.unsafe_ack_before_commit:
-            self.consumer.ack(batch)  # test-only: the crash test must catch this
-        result = await self._sink.write(items)
-        if not self._config.unsafe_ack_before_commit:
-            self.consumer.ack(batch)
-        s = self.stats
-        s.messages += len(batch)
-        s.records_stored += result.inserted
-        s.duplicates += result.duplicates
-        s.dead_letters += result.dead_letters
-        s.not_collected += shaped.not_collected
-        s.suppressed += shaped.suppressed
-        s.batches += 1
+            del batch, ws
+            to_write.task_done()
 
     async def _load(self, keys: set[tuple[str, str]]) -> None:
         """Devices and the policies of their tenants, from the database if needed."""
@@ -219,18 +273,18 @@ class IngestWorker:
         await self._devices.refresh(conn, keys)
         await self.policies.load(conn, {t for t, _ in keys})
 
-    async def _shape(self, items: list[SinkItem]) -> ShapeStats:
-        def choose(tenant: str, device: str) -> CompiledPolicy:
-            return self.policies.policy_for(tenant, device, self._devices.profile(tenant, device))
+    def _choose(self, tenant: str, device: str) -> CompiledPolicy:
+        return self.policies.policy_for(tenant, device, self._devices.profile(tenant, device))
 
-        p = plan(items, choose)
+    async def _shape(self, p: Plan, ws: WriteSet) -> ShapeStats:
         views = {}
         if p.needs_checkouts:
-            ts = [r[4] for it in items for r in it.decoded if r[2] == "location"]
+            assert p.location_ts_range is not None
+            lo, hi = p.location_ts_range
 
             async def fetch() -> dict[tuple[str, str], list[tuple[int, bool]]]:
                 return await checkout_history(await self._lookup.get(), p.needs_checkouts,
-                                              min(ts), max(ts))
+                                              lo, hi)
 
             history = await retry_while_away(fetch, self._lookup.reset)
             per_tenant: dict[str, dict[str, list[tuple[int, bool]]]] = {}
@@ -238,7 +292,7 @@ class IngestWorker:
                 events = sorted(history.get(key, []) + p.batch_events.get(key, []))
                 per_tenant.setdefault(key[0], {})[key[1]] = events
             views = {t: checked_out_view(ev) for t, ev in per_tenant.items()}
-        return apply(p, items, views)
+        return apply(p, ws, views)
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:

@@ -174,3 +174,42 @@ def test_memory_stays_bounded_while_the_database_is_away(
     assert stored == 10_001
     # The broker held the backlog, not the worker: far less than 20 MB grew.
     assert rss_outage - rss_before < 12 * 1024 * 1024, (rss_before, rss_outage)
+
+
+def test_a_message_the_database_refuses_is_dead_lettered_alone(
+    database: str, broker: Broker, tmp_path: Path
+) -> None:
+    """The sink splits a refused batch by messages until the refused one is alone:
+    every other message of the batch is stored (or dead-lettered) as usual."""
+    devices = ["dev-1", "dev-2"]
+    asyncio.run(enroll(database, broker.url, "acme", devices))
+    # A value PostgreSQL refuses (for the test: a CHECK on one record id).
+    asyncio.run(fetch(database, "ALTER TABLE telemetry ADD CONSTRAINT no_poison "
+                                "CHECK (record_id <> 'dev-2-37')"))
+    ingest = IngestProcess(server_env(database, broker.url), tmp_path / "ingest.log")
+    ingest.start()
+    ingest.wait_ready()
+    ingest.stop()  # the backlog arrives as one batch when the ingest starts again
+    poison = location("acme", "dev-2", 37)
+    bad_json = ("mdm/v1/acme/devices/dev-1/telemetry/location", b"{not json")
+    messages = [location("acme", devices[i % 2], i) for i in range(200)]
+    messages.insert(100, bad_json)
+    publish_as_devices(broker.port, messages)
+    ingest.start()
+    try:
+        wait_for_count(database, COUNT, 199, proc=ingest)
+        wait_for_count(database, "SELECT count(*) FROM dead_letters", 2, settle=0.5,
+                       proc=ingest)
+    finally:
+        ingest.stop()
+    assert asyncio.run(fetchval(database, COUNT)) == 199
+    assert asyncio.run(fetchval(
+        database, "SELECT count(*) FROM telemetry WHERE record_id = 'dev-2-37'")) == 0
+    dead = asyncio.run(fetch(database, "SELECT * FROM dead_letters ORDER BY reason"))
+    assert [(d["reason"], d["topic"], d["tenant_id"], d["device_id"], d["payload_bytes"])
+            for d in dead] == [
+        ("not_json", bad_json[0], "acme", "dev-1", len(bad_json[1])),
+        ("storage_refused", poison[0], "acme", "dev-2", len(poison[1])),
+    ]
+    assert "23514" in dead[1]["detail"]  # check_violation: the state, never the value
+    assert "database refused a message" in ingest.log_text()

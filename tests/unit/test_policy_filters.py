@@ -368,3 +368,44 @@ def test_wrong_coordinate_types_raise_without_the_value() -> None:
     with pytest.raises(ValueError) as info:
         cp.filter_batch("location", ["d"], [0], [{"lat": "Jan's house", "lon": 4.0}])
     assert "Jan" not in str(info.value)
+
+
+@pytest.mark.parametrize("doc", [
+    {},
+    {"location": {"precision_m": 1000}},
+    {"location": {"only_while_checked_out": True}},
+    {"fields": {"location.accuracy_m": {"action": "coarsen", "step": 10}}},
+])
+def test_zone_free_filter_gives_the_same_with_or_without_numpy(doc: dict[str, Any]) -> None:
+    """Float coordinates without zones take a path without numpy; an int among them
+    sends the batch through numpy's: the outcome for the same points is the same."""
+    cp = compiled(doc)
+    points = [loc(52.1, 4.3), loc(math.nan, 1.0), loc(1.0, math.inf), loc(-89.99, 179.99),
+              loc(0.0, -math.inf), loc(48.85, 2.35), {"lat": 1.0, "lon": 2.0}]
+
+    def checked_out(device: str, ts_ms: int) -> bool:
+        return device != "d5"
+
+    plain = run(cp, "location", *points, checked_out=checked_out)
+    mixed = run(cp, "location", *points, loc(1, 2), checked_out=checked_out)
+    assert mixed[0] == [*plain[0], 7]
+    assert mixed[1][:-1] == plain[1]
+    assert mixed[2] == plain[2]
+    assert plain[2] == ([1, 2, 4, 5] if "only_while_checked_out" in str(doc) else [1, 2, 4])
+
+
+def test_a_policy_without_zones_or_snapping_does_not_import_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from privacy_filters import OPEN_DEFAULT, STRICT_PERSONAL, compile_policy\n"
+        "for p in (OPEN_DEFAULT, STRICT_PERSONAL):\n"
+        "    cp = compile_policy(p, policy_id='p', version=1, hash_key=b'k' * 32)\n"
+        "    cp.filter_batch('location', ['d'], [0], [{'lat': 1.0, 'lon': 2.0}])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'shapely')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

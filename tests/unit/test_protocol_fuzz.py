@@ -20,6 +20,8 @@ from agent_protocol import (
     parse_topic,
     verify_command,
 )
+from agent_protocol.envelope import decode_records
+from agent_protocol.errors import ProtocolError
 
 NOW = 1_795_521_600_000
 TOPICS = [parse_topic(f"mdm/v1/acme/devices/dev-1/telemetry/{k}") for k in KINDS]
@@ -132,3 +134,23 @@ def test_command_and_ack_decoders(payload: bytes) -> None:
         )
     except RemoteProtocolError:
         pass
+
+
+def _records_outcome(decode: Any, topic: Any, payload: bytes, now_ms: int) -> object:
+    try:
+        out = decode(topic, payload, now_ms=now_ms)
+    except ProtocolError as err:
+        return (type(err), err.reason, err.detail, err.path)
+    return [(r.id, r.ts_ms, list(r.data.items())) if isinstance(r, Record)
+            else (r[0], r[1], list(r[2].items())) for r in out]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(envelopes, st.sampled_from([NOW, 5_000, 253_402_300_799_999 - 10**6]))
+def test_decode_records_is_decode_telemetry_without_record_objects(
+    env: dict[str, Any], now_ms: int
+) -> None:
+    payload = orjson.dumps(env)
+    for topic in TOPICS:
+        assert (_records_outcome(decode_records, topic, payload, now_ms)
+                == _records_outcome(decode_telemetry, topic, payload, now_ms))

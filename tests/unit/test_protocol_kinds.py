@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent_protocol import KINDS, Reason, RemoteProtocolError, validate_data
 
@@ -268,3 +270,75 @@ def test_data_must_be_object_and_kind_known() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         validate_data("battery", {}, now_ms=NOW)
     assert info.value.reason == Reason.UNKNOWN_KIND
+
+
+# --- the location fast path against the table-driven path -----------------------------
+# kinds._validate_location answers the common record without the per-field checkers;
+# for every input it must give what the table alone gives: the same dict (keys in
+# the same order) or the same error (reason, detail, path).
+
+
+def _table_location(data: dict[Any, Any], path: str) -> dict[str, Any]:
+    from agent_protocol import kinds
+
+    out = kinds._clean(kinds.LOCATION, data, path)
+    kinds._required(out, ("lat", "lon"), path)
+    return out
+
+
+def _outcome(fn: Any, *args: Any) -> object:
+    try:
+        out = fn(*args)
+    except RemoteProtocolError as err:
+        return ("error", err.reason, err.detail, err.path)
+    return ("ok", list(out.items()), [type(v) for v in out.values()])
+
+
+def _same_as_table(data: dict[Any, Any]) -> None:
+    expected = _outcome(_table_location, data, "records[2].data")
+    assert _outcome(validate_data, "location", data, "records[2].data") == expected
+
+
+_LOCATION_BOUNDS = {
+    "lat": (-90.0, 90.0),
+    "lon": (-180.0, 180.0),
+    "accuracy_m": (0.0, 20_000_000.0),
+    "altitude_m": (-12_000.0, 100_000.0),
+    "speed_mps": (0.0, 2_000.0),
+    "heading_deg": (0.0, 360.0),
+}
+
+
+def test_location_fast_path_bounds_are_the_tables() -> None:
+    import math
+
+    base = {"lat": 1.0, "lon": 2.0, "accuracy_m": 3.0, "altitude_m": 4.0, "speed_mps": 5.0,
+            "heading_deg": 6.0, "source": "gps"}
+    for name, (lo, hi) in _LOCATION_BOUNDS.items():
+        for value in (lo, hi, math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf),
+                      int(lo), int(hi), int(lo) - 1, int(hi) + 1, True, None, "1", math.nan,
+                      math.inf, -math.inf):
+            _same_as_table({**base, name: value})
+    for source in ("gps", "network", "fused", "GPS", "", 1, None, ["gps"], {"gps": 1}):
+        _same_as_table({**base, "source": source})
+    _same_as_table(base)
+    _same_as_table({k: v for k, v in base.items() if k != "lat"})
+    _same_as_table({"lon": 2.0, "lat": 1.0})  # order of the input kept
+    _same_as_table({**base, "extra": 1.0})
+    _same_as_table({1: 2.0, "lat": 1.0, "lon": 2.0})
+
+
+location_values = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.floats(-200, 200)
+    | st.integers(-300, 300)
+    | st.sampled_from(["gps", "network", "fused", "wifi", "", None, True, False])
+    | st.lists(st.integers(), max_size=2)
+    | st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)
+)
+
+
+@given(st.dictionaries(st.sampled_from([*_LOCATION_BOUNDS, "source", "x", "Lat"]),
+                       location_values, max_size=9))
+def test_location_fast_path_matches_the_table(data: dict[str, Any]) -> None:
+    _same_as_table(data)
