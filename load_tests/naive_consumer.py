@@ -36,7 +36,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_protocol import ProtocolError, decode_telemetry, parse_topic
-from mdm_server.ingest.sink import TelemetrySink
+from mdm_server.ingest.sink import create_partitions, partitions_around
 from mdm_server.storage.pool import connect
 
 __all__ = ["NaiveConsumer", "main"]
@@ -83,8 +83,9 @@ class NaiveConsumer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _open(self) -> asyncpg.Connection:
-        await TelemetrySink(self._dsn).prepare(int(time.time() * 1000))  # partitions
-        return await connect(self._dsn)
+        conn = await connect(self._dsn)
+        await create_partitions(conn, partitions_around(int(time.time() * 1000)))
+        return conn
 
     def start(self, *, db: bool = True) -> None:
         self._loop_thread.start()

@@ -78,11 +78,14 @@ class Config:
     unsafe_ack_before_commit: bool = False
 
 
-    def tenant_hash_key(self, tenant: str) -> bytes:
-        """The key a tenant's policies hash values under (HMAC-SHA256)."""
+    def require_master_key(self) -> bytes:
         if self.master_key is None:
             raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE is not set")
-        return hmac.new(self.master_key, b"tenant-hash-key:" + tenant.encode(),
+        return self.master_key
+
+    def tenant_hash_key(self, tenant: str) -> bytes:
+        """The key a tenant's policies hash values under (HMAC-SHA256)."""
+        return hmac.new(self.require_master_key(), b"tenant-hash-key:" + tenant.encode(),
                         hashlib.sha256).digest()
 
 

@@ -7,7 +7,16 @@ from aiohttp import web
 
 from mdm_server.config import Config
 
-__all__ = ["CONFIG", "POOL"]
+__all__ = ["CONFIG", "POOL", "master_key"]
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
+
+
+def master_key(request: web.Request) -> bytes:
+    """The master key (``serve`` refuses to start without one): it opens the
+    device data keys that telemetry is sealed under."""
+    key = request.app[CONFIG].master_key
+    if key is None:
+        raise web.HTTPServiceUnavailable(reason="the server has no master key")
+    return key

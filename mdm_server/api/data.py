@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from agent_protocol import KINDS
+from mdm_server.storage.sealing import DeviceReader
 from mdm_server.storage.telemetry_read import Cursor, decode_cursor, encode_cursor, read_page
 
 __all__ = ["LIMIT_MAX", "DataQuery", "page_limit", "parse_data_query", "read_data"]
@@ -63,9 +64,10 @@ def parse_data_query(request: web.Request) -> DataQuery:
     return DataQuery(kind, start, end, page_limit(request), after)
 
 
-async def read_data(conn: asyncpg.Connection, tenant: str, device: str, q: DataQuery
-                    ) -> dict[str, object]:
-    page = await read_page(conn, tenant=tenant, device=device, kind=q.kind, start=q.start,
-                           end=q.end, limit=q.limit, after=q.after)
+async def read_data(conn: asyncpg.Connection, master_key: bytes, tenant: str, device: str,
+                    q: DataQuery) -> dict[str, object]:
+    reader = await DeviceReader.load(conn, master_key, tenant, device)
+    page = await read_page(conn, reader, kind=q.kind, start=q.start, end=q.end,
+                           limit=q.limit, after=q.after)
     return {"records": page.records,
             "next": None if page.next is None else encode_cursor(page.next)}

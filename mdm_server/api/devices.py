@@ -18,10 +18,11 @@ from aiohttp import web
 from agent_protocol import KINDS, is_valid_id
 from mdm_server import audit
 from mdm_server.api.auth import Principal, require_admin, require_reader
-from mdm_server.api.context import POOL
+from mdm_server.api.context import POOL, master_key
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.storage import erasure
+from mdm_server.storage.sealing import DeviceReader
 
 __all__ = ["log_personal_read", "routes"]
 
@@ -88,15 +89,17 @@ async def get_device(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await _device_row(conn, who.tenant, device)
         last: dict[str, Any] = {}
+        reader = await DeviceReader.load(conn, master_key(request), who.tenant, device)
         for kind in KINDS:
             rec = await conn.fetchrow(
-                "SELECT record_id, ts, received_at, data FROM telemetry "
+                "SELECT kind, record_id, ts, received_at, key_id, sealed, data FROM telemetry "
                 "WHERE tenant_id = $1 AND device_id = $2 AND kind = $3 "
                 "ORDER BY ts DESC LIMIT 1", who.tenant, device, kind)
-            if rec is not None:
+            data = None if rec is None else reader.data(rec)
+            if rec is not None and data is not None:
                 last[kind] = {"id": rec["record_id"], "ts": rec["ts"].isoformat(),
                               "received_at": rec["received_at"].isoformat(),
-                              "data": rec["data"]}
+                              "data": data}
         await log_personal_read(conn, who, device, "device")
     seen = [v["received_at"] for v in last.values()]
     return web.json_response({
@@ -112,7 +115,7 @@ async def device_data(request: web.Request) -> web.Response:
     q = parse_data_query(request)
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await _device_row(conn, who.tenant, device)
-        body = await read_data(conn, who.tenant, device, q)
+        body = await read_data(conn, master_key(request), who.tenant, device, q)
         await log_personal_read(conn, who, device, f"data:{q.kind}")
     return web.json_response(body)
 
@@ -169,9 +172,11 @@ async def fulfil_erasure(request: web.Request) -> web.Response:
         return json_error(422, "the request is not valid",
                           issues=[{"path": "body", "message": "fulfil takes no body"}])
     try:
-        async with request.app[POOL].acquire() as conn, conn.transaction():
-            done = await erasure.fulfil(conn, tenant=who.tenant,
-                                        request_id=_request_id(request), actor=who.name)
+        async with request.app[POOL].acquire() as conn:
+            async with conn.transaction():
+                done = await erasure.fulfil(conn, tenant=who.tenant,
+                                            request_id=_request_id(request), actor=who.name)
+            await erasure.vacuum_keystore(conn)
     except erasure.ErasureError as exc:
         return json_error(exc.status, str(exc), code=exc.code)
     return web.json_response(done)

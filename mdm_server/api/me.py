@@ -24,12 +24,13 @@ from aiohttp import web
 
 from agent_protocol import FIELD_TYPES, KINDS
 from mdm_server.api.auth import Principal, require_user, user_devices
-from mdm_server.api.context import POOL
+from mdm_server.api.context import POOL, master_key
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.commands.service import notice_log
 from mdm_server.storage import erasure
 from mdm_server.storage.policies import current_policies
+from mdm_server.storage.sealing import DeviceReader
 from privacy_filters import STRICT_PERSONAL, explain_policy, parse_policy, select_policy
 
 __all__ = ["EXPORTS", "routes"]
@@ -67,7 +68,8 @@ async def my_data(request: web.Request) -> web.Response:
     who, device = await _mine(request)
     q = parse_data_query(request)
     async with request.app[POOL].acquire() as conn:
-        return web.json_response(await read_data(conn, who.tenant, device, q))
+        return web.json_response(await read_data(conn, master_key(request), who.tenant,
+                                                 device, q))
 
 
 async def _policy_in_force(conn: asyncpg.Connection, tenant: str, device: str
@@ -161,13 +163,17 @@ def _csv_line(values: list[Any]) -> bytes:
     return buf.getvalue().encode()
 
 
-async def _rows(conn: asyncpg.Connection, tenant: str, device: str, kind: str
-                ) -> AsyncIterator[asyncpg.Record]:
+async def _rows(conn: asyncpg.Connection, reader: DeviceReader, kind: str
+                ) -> AsyncIterator[tuple[asyncpg.Record, Any]]:
+    """The device's records of one kind, oldest first, each with its data opened."""
     async for r in conn.cursor(
-            "SELECT record_id, ts, received_at, policy_id, policy_version, data "
-            "FROM telemetry WHERE tenant_id = $1 AND device_id = $2 AND kind = $3 "
-            "ORDER BY ts, record_id", tenant, device, kind, prefetch=_FETCH_ROWS):
-        yield r
+            "SELECT kind, record_id, ts, received_at, policy_id, policy_version, key_id, "
+            "sealed, data FROM telemetry WHERE tenant_id = $1 AND device_id = $2 "
+            "AND kind = $3 ORDER BY ts, record_id", reader.tenant, reader.device, kind,
+            prefetch=_FETCH_ROWS):
+        data = reader.data(r)
+        if data is not None:  # None: its key is gone, an erasure is removing it
+            yield r, data
 
 
 async def my_export(request: web.Request) -> web.StreamResponse:
@@ -202,6 +208,7 @@ async def _stream_export(request: web.Request, who: Principal, device: str
             "X-Export-Records": str(sum(counts.values())),
             "Cache-Control": "no-store",
         })
+        reader = await DeviceReader.load(conn, master_key(request), who.tenant, device)
         await resp.prepare(request)
         out = _Chunks()
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -225,19 +232,18 @@ async def _stream_export(request: web.Request, who: Principal, device: str
                     continue
                 fields = list(FIELD_TYPES[kind])
                 with zf.open(f"telemetry/{kind}.jsonl", "w", force_zip64=True) as f:
-                    async for r in _rows(conn, who.tenant, device, kind):
+                    async for r, data in _rows(conn, reader, kind):
                         f.write(orjson.dumps({
                             "id": r["record_id"], "ts": r["ts"].isoformat(),
                             "received_at": r["received_at"].isoformat(),
                             "policy": r["policy_id"], "policy_version": r["policy_version"],
-                            "data": r["data"]}) + b"\n")
+                            "data": data}) + b"\n")
                         if out.size >= _FLUSH_BYTES:
                             await resp.write(out.take())
                 with zf.open(f"telemetry/{kind}.csv", "w", force_zip64=True) as f:
                     f.write(_csv_line(["id", "ts", "received_at", "policy", "policy_version",
                                        *fields]))
-                    async for r in _rows(conn, who.tenant, device, kind):
-                        data = r["data"]
+                    async for r, data in _rows(conn, reader, kind):
                         cells = [data.get(name) for name in fields]
                         f.write(_csv_line([
                             r["record_id"], r["ts"].isoformat(), r["received_at"].isoformat(),

@@ -1,6 +1,7 @@
-"""Writes a batch to PostgreSQL: COPY into a staging table, then one INSERT with
-ON CONFLICT DO NOTHING into the partitioned ``telemetry`` table, and the batch's
-dead letters, all in one transaction.
+"""Writes a batch to PostgreSQL: seals each record under its device's data key
+(:mod:`mdm_server.storage.sealing`), COPY into a staging table, then one INSERT
+with ON CONFLICT DO NOTHING into the partitioned ``telemetry`` table, and the
+batch's dead letters, all in one transaction.
 
 Failures are split by who is at fault:
 - the database is away (connection lost, shutting down, starting): the write is
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -26,12 +27,15 @@ import asyncpg
 from agent_protocol import KINDS
 from mdm_server.ingest.batch import DeadLetter, WriteSet
 from mdm_server.storage.pool import connect
+from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone
 
 __all__ = [
     "STORAGE_REFUSED",
     "TelemetrySink",
     "WriteResult",
+    "create_partitions",
     "is_transient",
+    "partitions_around",
     "retry_while_away",
 ]
 
@@ -45,18 +49,18 @@ log = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
 _STAGE_COLUMNS = ("tenant_id", "device_id", "kind", "record_id", "ts_ms", "policy_id",
-                  "policy_version", "data")
+                  "policy_version", "key_id", "sealed")
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
     tenant_id text, device_id text, kind text, record_id text, ts_ms bigint,
-    policy_id text, policy_version integer, data jsonb
+    policy_id text, policy_version integer, key_id bigint, sealed bytea
 ) ON COMMIT DELETE ROWS"""
 _INSERT = """
 INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, received_at,
-                       policy_id, policy_version, data)
+                       policy_id, policy_version, key_id, sealed)
 SELECT tenant_id, device_id, kind, record_id,
        timestamptz 'epoch' + ts_ms * interval '1 millisecond', statement_timestamp(),
-       policy_id, policy_version, data
+       policy_id, policy_version, key_id, sealed
 FROM ingest_stage
 ON CONFLICT DO NOTHING"""
 _INSERT_CHECKOUTS = """
@@ -151,9 +155,32 @@ def _create_partition(kind: str, day: int) -> str:
     )
 
 
+def partitions_around(now_ms: int) -> set[tuple[str, int]]:
+    """Today's and tomorrow's partition of every kind."""
+    today = now_ms // _DAY_MS
+    return {(k, d) for k in KINDS for d in (today, today + 1)}
+
+
+async def create_partitions(conn: asyncpg.Connection, needed: Iterable[tuple[str, int]]
+                            ) -> None:
+    """Create the (kind, day) partitions that do not exist yet."""
+    statements = [_create_partition(kind, day) for kind, day in sorted(needed)]
+    try:
+        # One round trip for all (simple query protocol: one implicit
+        # transaction, so one failure undoes them all; then one by one).
+        await conn.execute(";\n".join(statements))
+    except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+        for sql in statements:
+            try:
+                await conn.execute(sql)
+            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                pass  # another worker created it between our check and ours
+
+
 class TelemetrySink:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, master_key: bytes) -> None:
         self._dsn = dsn
+        self._keys = IngestKeys(master_key)
         self._conn: asyncpg.Connection | None = None
         self._partitions: set[tuple[str, int]] = set()
 
@@ -171,32 +198,26 @@ class TelemetrySink:
         return self._conn
 
     async def ensure_partitions(self, needed: set[tuple[str, int]]) -> None:
-        todo = sorted(needed - self._partitions)
-        if not todo:
-            return
-        conn = await self._connection()
-        statements = [_create_partition(kind, day) for kind, day in todo]
-        try:
-            # One round trip for all (simple query protocol: one implicit
-            # transaction, so one failure undoes them all; then one by one).
-            await conn.execute(";\n".join(statements))
-        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-            for sql in statements:
-                try:
-                    await conn.execute(sql)
-                except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-                    pass  # another worker created it between our check and ours
-        self._partitions.update(todo)
+        todo = needed - self._partitions
+        if todo:
+            await create_partitions(await self._connection(), todo)
+            self._partitions.update(todo)
 
     async def prepare(self, now_ms: int) -> None:
         """Create today's and tomorrow's partitions ahead of the traffic."""
-        today = now_ms // _DAY_MS
-        await self.ensure_partitions({(k, d) for k in KINDS for d in (today, today + 1)})
+        await self.ensure_partitions(partitions_around(now_ms))
 
     async def write(self, ws: WriteSet) -> WriteResult:
         """Store the write set durably; returns once committed. Retries while the
         database is away; never raises for bad data."""
-        return await retry_while_away(lambda: self._write_splitting(ws), self.reset)
+        while True:
+            try:
+                return await retry_while_away(lambda: self._write_splitting(ws), self.reset)
+            except KeysGone as gone:
+                # A device was erased since its key was cached: seal again under
+                # its new key (the write rolled back; nothing was stored).
+                log.info("%s; sealing again", gone)
+                self._keys.forget(gone.key_ids)
 
     def reset(self) -> None:
         """Forget the connection (after an error); the next write reconnects."""
@@ -208,7 +229,7 @@ class TelemetrySink:
         try:
             return await self._write_once(ws)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or isinstance(exc, KeysGone):
                 raise
             if len(ws) > 1:
                 mid = ws.lo + len(ws) // 2
@@ -246,10 +267,16 @@ class TelemetrySink:
             await self.ensure_partitions({(r[2], r[4] // _DAY_MS) for r in rows})
         conn = await self._connection()
         inserted = 0
+        if rows:
+            await self._keys.ensure(conn, {(r[0], r[1]) for r in rows})
+            sealed, key_ids = self._keys.seal(rows)
         async with conn.transaction():
             if rows:
+                held = await conn.fetch(LOCK_KEYS, key_ids)
+                if len(held) != len(key_ids):
+                    raise KeysGone(set(key_ids) - {r[0] for r in held})
                 await conn.copy_records_to_table(
-                    "ingest_stage", records=rows, columns=_STAGE_COLUMNS
+                    "ingest_stage", records=sealed, columns=_STAGE_COLUMNS
                 )
                 status = await conn.execute(_INSERT)
                 inserted = int(status.rsplit(" ", 1)[1])

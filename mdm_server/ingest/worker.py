@@ -147,7 +147,7 @@ class IngestWorker:
         # A batch ready to write: (messages, what to write, shaping counts).
         self._to_write: asyncio.Queue[tuple[list[InboundMessage], WriteSet, ShapeStats]] = (
             asyncio.Queue(maxsize=1))
-        self._sink = TelemetrySink(config.database_url)
+        self._sink = TelemetrySink(config.database_url, config.require_master_key())
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
         self.policies = PolicyEngine(config)

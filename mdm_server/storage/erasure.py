@@ -1,9 +1,12 @@
 """Erasure requests: a device user asks, an admin fulfils or refuses, and the server
 fulfils what is still pending after 30 days (GDPR art. 12(3), art. 17).
 
-Fulfilling removes everything held about the device's use: its telemetry (every
-kind), check-out history, suppressed-point counts, dead letters, and the user's
-e-mail on the device record. What remains is the fact: the request (when, by
+Fulfilling first destroys the device's data key (crypto-shredding: every copy of
+its telemetry that outlives the erasure, in a backup or a page not yet vacuumed,
+is ciphertext under a key that no longer exists; see sealing.py), then removes
+everything held about the device's use: its telemetry (every kind), check-out
+history, suppressed-point counts, dead letters, and the user's e-mail on the
+device record. What remains is the fact: the request (when, by
 whom decided, counts of what was removed), the audit entry, and the notice log of
 the commands sent to the device (what the user was told, and when).
 """
@@ -16,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from mdm_server import audit
+from mdm_server.storage.sealing import destroy_device_keys
 
 __all__ = [
     "ErasureError",
@@ -26,6 +30,7 @@ __all__ = [
     "refuse",
     "request_erasure",
     "request_json",
+    "vacuum_keystore",
 ]
 
 #: The server's name in decisions it takes itself.
@@ -83,6 +88,10 @@ async def erase_device_data(conn: asyncpg.Connection, tenant: str, device: str
         status: str = await conn.execute(sql, tenant, device)
         return int(status.rsplit(" ", 1)[-1])
 
+    # The key first: its DELETE waits for ingest writes sealing under it to
+    # commit, so the DELETEs below see their rows; later writes find it gone and
+    # seal under a new key.
+    keys = await destroy_device_keys(conn, tenant, device)
     erased = {
         "telemetry": await count(
             "DELETE FROM telemetry WHERE tenant_id = $1 AND device_id = $2"),
@@ -92,6 +101,7 @@ async def erase_device_data(conn: asyncpg.Connection, tenant: str, device: str
             "DELETE FROM suppressed_locations WHERE tenant_id = $1 AND device_id = $2"),
         "dead_letters": await count(
             "DELETE FROM dead_letters WHERE tenant_id = $1 AND device_id = $2"),
+        "data_keys_destroyed": keys,
     }
     await conn.execute("UPDATE devices SET user_email = NULL "
                        "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
@@ -148,6 +158,13 @@ async def refuse(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID
     return request_json(new)
 
 
+async def vacuum_keystore(conn: asyncpg.Connection) -> None:
+    """After an erasure has committed: remove the destroyed key's dead tuple from
+    the keystore's pages now rather than at autovacuum's leisure (outside any
+    transaction: VACUUM cannot run in one)."""
+    await conn.execute("VACUUM keystore.device_keys")
+
+
 async def fulfil_due(conn: asyncpg.Connection) -> int:
     """Fulfil every request still pending at its due date; how many."""
     done = 0
@@ -161,4 +178,5 @@ async def fulfil_due(conn: asyncpg.Connection) -> int:
                 return done
             await fulfil(conn, tenant=row["tenant_id"], request_id=row["request_id"],
                          actor=SYSTEM)
-            done += 1
+        await vacuum_keystore(conn)
+        done += 1

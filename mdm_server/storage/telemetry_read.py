@@ -1,4 +1,5 @@
-"""Reading one device's telemetry back, exactly as stored, page by page in time.
+"""Reading one device's telemetry back, exactly as stored (opened from its seal),
+page by page in time.
 
 Used by the admin API (``/api/v1/devices/{device}/data``), the device user's API
 (``/api/v1/me/devices/{device}/data``) and the export. Pages follow the primary
@@ -17,6 +18,7 @@ import asyncpg
 import orjson
 
 from agent_protocol import KINDS
+from mdm_server.storage.sealing import DeviceReader
 
 __all__ = ["Cursor", "Page", "decode_cursor", "encode_cursor", "read_page"]
 
@@ -53,20 +55,22 @@ def decode_cursor(text: str) -> Cursor:
         raise ValueError("cursor is not valid") from None
 
 
-def record_json(r: asyncpg.Record) -> dict[str, Any]:
+def record_json(r: asyncpg.Record, data: Any) -> dict[str, Any]:
     return {"kind": r["kind"], "id": r["record_id"], "ts": r["ts"].isoformat(),
             "received_at": r["received_at"].isoformat(), "policy": r["policy_id"],
-            "policy_version": r["policy_version"], "data": r["data"]}
+            "policy_version": r["policy_version"], "data": data}
 
 
-async def read_page(conn: asyncpg.Connection, *, tenant: str, device: str, kind: str,
+async def read_page(conn: asyncpg.Connection, reader: DeviceReader, *, kind: str,
                     start: datetime | None, end: datetime | None, limit: int,
                     after: Cursor | None = None) -> Page:
     """Records of one kind with start <= ts < end, oldest first, at most ``limit``."""
     if kind not in KINDS:
         raise ValueError("unknown kind")
+    tenant, device = reader.tenant, reader.device
     rows = await conn.fetch(
-        """SELECT kind, record_id, ts, received_at, policy_id, policy_version, data
+        """SELECT kind, record_id, ts, received_at, policy_id, policy_version, key_id,
+                  sealed, data
            FROM telemetry
            WHERE tenant_id = $1 AND device_id = $2 AND kind = $3
              AND ($4::timestamptz IS NULL OR ts >= $4)
@@ -79,4 +83,9 @@ async def read_page(conn: asyncpg.Connection, *, tenant: str, device: str, kind:
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = Cursor(rows[-1]["ts"], rows[-1]["record_id"]) if more and rows else None
-    return Page([record_json(r) for r in rows], nxt)
+    records = []
+    for r in rows:
+        data = reader.data(r)
+        if data is not None:  # None: being erased right now
+            records.append(record_json(r, data))
+    return Page(records, nxt)

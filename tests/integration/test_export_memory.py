@@ -4,6 +4,7 @@ ZIP while the server's resident memory grows by less than 100 MB."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import urllib.request
 import zipfile
@@ -13,9 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mdm_server.ingest.sink import TelemetrySink
+from mdm_server.ingest.sink import create_partitions
 from mdm_server.storage.pool import connect
+from mdm_server.storage.sealing import IngestKeys
 from tests.support.services import (
+    TEST_MASTER_KEY,
     Server,
     create_database,
     drop_database,
@@ -31,22 +34,26 @@ T0 = datetime(2026, 10, 1, tzinfo=UTC)
 
 
 async def _fill(database: str) -> None:
-    sink = TelemetrySink(database)
-    first = int(T0.timestamp()) // 86400
-    last = (int(T0.timestamp()) + ROWS) // 86400
-    await sink.ensure_partitions({("location", d) for d in range(first, last + 1)})
-    await sink.close()
+    """A million location rows, sealed under the device's key as the ingest seals
+    them, so the export opens every one."""
+    t0_ms = int(T0.timestamp() * 1000)
     conn = await connect(database)
     try:
-        await conn.execute(
-            """INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, policy_id,
-                                      policy_version, data)
-               SELECT 'acme', 'big', 'location', 'r' || g,
-                      $1::timestamptz + g * interval '1 second',
-                      'default', 1,
-                      jsonb_build_object('lat', 52 + g / 1e7, 'lon', 4 + g / 1e7,
-                                         'accuracy_m', 5)
-               FROM generate_series(0, $2 - 1) AS g""", T0, ROWS)
+        await create_partitions(conn, {("location", d) for d in
+                                       range(t0_ms // 86_400_000,
+                                             (t0_ms + ROWS * 1000) // 86_400_000 + 1)})
+        keys = IngestKeys(base64.b64decode(TEST_MASTER_KEY))
+        await keys.ensure(conn, [("acme", "big")])
+        for lo in range(0, ROWS, 100_000):
+            rows = [("acme", "big", "location", f"r{g}", t0_ms + g * 1000, "default", 1,
+                     {"lat": 52 + g / 1e7, "lon": 4 + g / 1e7, "accuracy_m": 5})
+                    for g in range(lo, min(lo + 100_000, ROWS))]
+            sealed, _ = keys.seal(rows)
+            await conn.copy_records_to_table(
+                "telemetry", records=[(*r[:4], datetime.fromtimestamp(r[4] / 1000, UTC),
+                                       *r[5:]) for r in sealed],
+                columns=("tenant_id", "device_id", "kind", "record_id", "ts", "policy_id",
+                         "policy_version", "key_id", "sealed"))
     finally:
         await conn.close()
 

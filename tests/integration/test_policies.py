@@ -17,6 +17,7 @@ from tests.support.services import (
     create_database,
     drop_database,
     fetch,
+    fetch_telemetry,
     running_broker,
     server_env,
     wait_for_count,
@@ -90,8 +91,7 @@ def _msg(device: str, kind: str, rid: str, data: dict[str, Any], ts_ms: int | No
 
 
 def _rows(server: Server, device: str) -> dict[str, Any]:
-    rows = asyncio.run(fetch(_db(server), "SELECT record_id, kind, data, policy_id, "
-                             "policy_version FROM telemetry WHERE device_id = $1", device))
+    rows = asyncio.run(fetch_telemetry(_db(server), "device_id = $1", device))
     return {r["record_id"]: r for r in rows}
 
 
@@ -279,11 +279,10 @@ def test_policy_change_while_messages_flow(server: Server, admin: str) -> None:
     publisher.join()
     wait_for_count(_db(server), "SELECT count(*) FROM telemetry WHERE device_id IN "
                    "('w1', 'w2')", n, timeout=60)
-    rows = asyncio.run(fetch(_db(server), "SELECT policy_version, data->>'imei' AS imei "
-                             "FROM telemetry WHERE device_id IN ('w1', 'w2')"))
+    rows = asyncio.run(fetch_telemetry(_db(server), "device_id IN ('w1', 'w2')"))
     by_version: dict[int, set[str]] = {}
     for r in rows:
-        by_version.setdefault(r["policy_version"], set()).add(r["imei"])
+        by_version.setdefault(r["policy_version"], set()).add(r["data"]["imei"])
     masked = "*" * 11 + "3809"
     v_keep, v_mask = changed["version"] - 1, changed["version"]
     assert by_version.get(v_keep, {IMEI}) == {IMEI}

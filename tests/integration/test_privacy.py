@@ -1,5 +1,8 @@
 """The raw-value test: values a policy masks, hashes or drops never reach the
-database (a full pg_dump) or the server's logs, whatever they are."""
+database or the server's logs, whatever they are. The database is searched twice:
+as it is at rest (a full pg_dump: records are sealed) and as a holder of the
+master key reads it (every record opened), so the policy is what keeps the value
+out, not the encryption."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -23,6 +27,7 @@ from tests.support.services import (
     create_database,
     drop_database,
     enroll,
+    fetch_telemetry,
     fetchval,
     running_broker,
     server_env,
@@ -132,8 +137,12 @@ def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
     assert stored == before + len(records)
     dump = subprocess.run(["pg_dump", "--no-owner", env.database], capture_output=True,
                           text=True, check=True).stdout
+    opened = orjson.dumps(asyncio.run(fetch_telemetry(env.database, "true")),
+                          default=str).decode()
     logs = env.ingest.log_text()
-    assert "hmac-sha256:" in dump  # the hashed fields are there, in their hashed form
+    assert "hmac-sha256:" in opened  # the hashed fields are there, in their hashed form
+    assert "hmac-sha256:" not in dump  # ... and sealed at rest
     for value in raw:
         assert value not in dump, "a raw value reached the database"
+        assert value not in opened, "a raw value reached the database (opened)"
         assert value not in logs, "a raw value reached the logs"

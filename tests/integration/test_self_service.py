@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mdm_server.ingest.sink import TelemetrySink
+from mdm_server.ingest.sink import create_partitions
 from mdm_server.storage.erasure import fulfil_due
 from mdm_server.storage.pool import connect
 from tests.support.services import (
@@ -81,13 +81,11 @@ async def _seed(database: str) -> None:
                 tenant, device, ownership, email, f"{tenant}.{device}")
     finally:
         await conn.close()
-    sink = TelemetrySink(database)
     day = int(T0.timestamp()) // 86400
-    await sink.ensure_partitions({(k, d) for k in ("location", "identity")
-                                  for d in (day, day + 1)})
-    await sink.close()
     conn = await connect(database)
     try:
+        await create_partitions(conn, {(k, d) for k in ("location", "identity")
+                                       for d in (day, day + 1)})
         rows = [(TENANT, "p1", "location", f"loc-{i:04d}", T0 + timedelta(seconds=60 * i),
                  {"lat": 52.0 + i / 10_000, "lon": 4.3 + i / 10_000, "accuracy_m": 5})
                 for i in range(N_LOC)]

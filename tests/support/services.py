@@ -8,6 +8,7 @@ through ``scripts/broker`` (so tests run what production runs).
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import shutil
@@ -44,8 +45,8 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-async def create_database(prefix: str = "mdm_test") -> str:
-    """Create a fresh, migrated database; return its URL."""
+async def create_database(prefix: str = "mdm_test", *, migrate: bool = True) -> str:
+    """Create a fresh database, migrated unless ``migrate`` is false; return its URL."""
     from mdm_server.storage.migrate import apply_migrations
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
@@ -55,6 +56,8 @@ async def create_database(prefix: str = "mdm_test") -> str:
     finally:
         await admin.close()
     url = with_database(pg_admin_url(), name)
+    if not migrate:
+        return url
     conn = await asyncpg.connect(url)
     try:
         await apply_migrations(conn)
@@ -312,6 +315,31 @@ async def fetch(database_url: str, sql: str, *args: object) -> list[asyncpg.Reco
     conn = await connect(database_url)
     try:
         return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def fetch_telemetry(database_url: str, where: str, *args: object
+                          ) -> list[dict[str, Any]]:
+    """Telemetry rows matching ``where`` (SQL after WHERE), their data opened from
+    its seal with the test master key, as the server reads them."""
+    from mdm_server.storage.pool import connect
+    from mdm_server.storage.sealing import DeviceReader
+
+    conn = await connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT tenant_id, device_id, kind, record_id, ts, policy_id, policy_version, "
+            f"key_id, sealed, data FROM telemetry WHERE {where}", *args)
+        readers: dict[tuple[str, str], DeviceReader] = {}
+        out = []
+        for r in rows:
+            dev = (r["tenant_id"], r["device_id"])
+            if dev not in readers:
+                readers[dev] = await DeviceReader.load(
+                    conn, base64.b64decode(TEST_MASTER_KEY), *dev)
+            out.append({**dict(r), "data": readers[dev].data(r)})
+        return out
     finally:
         await conn.close()
 

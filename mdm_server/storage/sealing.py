@@ -1,0 +1,238 @@
+"""Telemetry sealed at rest under a key per device, so that erasure can destroy it
+(crypto-shredding).
+
+Every telemetry record the ingest stores is sealed: its ``data`` (as the policy
+left it) becomes ``sealed`` = version byte + 12-byte random nonce + AES-256-GCM
+ciphertext, under the device's data key, with the row's identity (tenant, device,
+kind, record id, event time) as associated data, so a sealed value cannot be
+moved to another row. The device's data key is random, made when the device
+first reports, and kept in ``keystore.device_keys`` wrapped (AES-256-GCM) under a
+key derived from the master key, which is never in the database.
+
+Erasing a device deletes its key row first, then its rows: any copy of those rows
+that outlives the erasure (a backup of the data, a dead tuple not yet vacuumed,
+WAL) is ciphertext whose key no longer exists anywhere. That holds for a backup
+only if the keystore is not kept as long as the data: docs/architecture.md
+("Crypto-shredding") says how to back the two up.
+
+A race with a running ingest is closed by a row lock: every write locks the keys
+it sealed under (``FOR KEY SHARE``) before it stores anything, and erasure's
+DELETE of a key waits for those writes to commit. A write that finds its key gone
+raises :class:`KeysGone`; the sink forgets those keys and seals again under the
+device's new key. Nothing accepted is lost, and nothing is stored under a key
+that has been destroyed.
+
+Random 96-bit nonces keep AES-GCM safe up to 2**32 records per key: a device
+reporting ten records a second reaches that in thirteen years.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "DeviceReader",
+    "IngestKeys",
+    "KeysGone",
+    "SealError",
+    "data_kek",
+    "destroy_device_keys",
+    "open_value",
+    "seal_value",
+]
+
+_INFO = b"mdm device data keys v1"
+_VERSION = b"\x01"
+_NONCE = 12
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+# The ingest keeps this many devices' keys in memory; past it, it starts over.
+_CACHE_MAX = 200_000
+
+_FETCH = """SELECT tenant_id, device_id, key_id, wrapped FROM keystore.device_keys
+            WHERE (tenant_id, device_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"""
+_CREATE = """INSERT INTO keystore.device_keys (tenant_id, device_id, wrapped)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+             ON CONFLICT (tenant_id, device_id) DO NOTHING"""
+# Run first in every ingest write: locks the keys it sealed under, so that an
+# erasure cannot destroy one until this write has committed; returns those still there.
+LOCK_KEYS = """SELECT key_id FROM keystore.device_keys WHERE key_id = ANY($1::int8[])
+               FOR KEY SHARE"""
+
+
+class SealError(Exception):
+    """A sealed value does not open: wrong key, or not the row it was sealed for."""
+
+
+class KeysGone(Exception):
+    """Keys a write sealed under were destroyed (the device was erased) meanwhile."""
+
+    def __init__(self, key_ids: set[int]) -> None:
+        super().__init__(f"{len(key_ids)} device data key(s) destroyed since sealing")
+        self.key_ids = key_ids
+
+
+def data_kek(master_key: bytes) -> AESGCM:
+    """The key that wraps device data keys, derived from the master key."""
+    if len(master_key) != 32:
+        raise ValueError("the master key must be 32 bytes")
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=_INFO).derive(master_key))
+
+
+def _wrap_aad(tenant: str, device: str) -> bytes:
+    return f"device-data-key\x1f{tenant}\x1f{device}".encode()
+
+
+def _wrap(kek: AESGCM, tenant: str, device: str, key: bytes) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return nonce + kek.encrypt(nonce, key, _wrap_aad(tenant, device))
+
+
+def _unwrap(kek: AESGCM, tenant: str, device: str, wrapped: bytes) -> AESGCM:
+    try:
+        key = kek.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], _wrap_aad(tenant, device))
+    except InvalidTag:
+        raise SealError("a device data key does not unwrap: MDM_MASTER_KEY is not the key "
+                        "it was stored under") from None
+    return AESGCM(key)
+
+
+def _aad(tenant: str, device: str, kind: str, record_id: str, ts_ms: int) -> bytes:
+    return f"{tenant}\x1f{device}\x1f{kind}\x1f{record_id}\x1f{ts_ms}".encode()
+
+
+def seal_value(aead: AESGCM, tenant: str, device: str, kind: str, record_id: str,
+               ts_ms: int, data: Any) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return _VERSION + nonce + aead.encrypt(
+        nonce, orjson.dumps(data), _aad(tenant, device, kind, record_id, ts_ms))
+
+
+def open_value(aead: AESGCM, tenant: str, device: str, kind: str, record_id: str,
+               ts_ms: int, sealed: bytes) -> Any:
+    if sealed[:1] != _VERSION:
+        raise SealError("unknown sealed format")
+    try:
+        plain = aead.decrypt(sealed[1:1 + _NONCE], sealed[1 + _NONCE:],
+                             _aad(tenant, device, kind, record_id, ts_ms))
+    except InvalidTag:
+        raise SealError("a sealed record does not open under its device's key") from None
+    return orjson.loads(plain)
+
+
+def ts_ms(ts: datetime) -> int:
+    """Event time as stored, back to the milliseconds it was sealed with."""
+    return (ts - _EPOCH) // _MS
+
+
+class IngestKeys:
+    """The ingest's view of device data keys: cached, made on first use."""
+
+    def __init__(self, master_key: bytes) -> None:
+        self._kek = data_kek(master_key)
+        self._keys: dict[tuple[str, str], tuple[int, AESGCM]] = {}
+
+    async def ensure(self, conn: asyncpg.Connection, devices: Iterable[tuple[str, str]]
+                     ) -> None:
+        """Have a key for each device, fetching or making the ones not cached."""
+        missing = [d for d in devices if d not in self._keys]
+        if not missing:
+            return
+        if len(self._keys) + len(missing) > _CACHE_MAX:
+            self._keys.clear()
+        found = await self._fetch(conn, missing)
+        new = [d for d in missing if d not in found]
+        if new:
+            # Two workers may make a key for the same device at once: the first
+            # INSERT wins, and both read back the winner.
+            await conn.execute(_CREATE, [t for t, _ in new], [d for _, d in new],
+                               [_wrap(self._kek, t, d, AESGCM.generate_key(256))
+                                for t, d in new])
+            found.update(await self._fetch(conn, new))
+        self._keys.update(found)
+
+    async def _fetch(self, conn: asyncpg.Connection, devices: Sequence[tuple[str, str]]
+                     ) -> dict[tuple[str, str], tuple[int, AESGCM]]:
+        rows = await conn.fetch(_FETCH, [t for t, _ in devices], [d for _, d in devices])
+        return {(r["tenant_id"], r["device_id"]):
+                (r["key_id"], _unwrap(self._kek, r["tenant_id"], r["device_id"], r["wrapped"]))
+                for r in rows}
+
+    def forget(self, key_ids: set[int]) -> None:
+        """Drop keys that were destroyed; the next :meth:`ensure` makes new ones."""
+        for dev in [d for d, (kid, _) in self._keys.items() if kid in key_ids]:
+            del self._keys[dev]
+
+    def seal(self, rows: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], list[int]]:
+        """Rows (tenant, device, kind, record_id, ts_ms, policy_id, version, data) to
+        (..., version, key_id, sealed), and the key ids used. Every device must have
+        been :meth:`ensure`\\ d."""
+        keys, dumps = self._keys, orjson.dumps
+        nonces = os.urandom(_NONCE * len(rows))
+        out: list[tuple[Any, ...]] = []
+        append = out.append
+        used: set[int] = set()
+        last_dev: tuple[str, str] | None = None
+        key_id, aead = 0, None
+        for i, (t, d, k, rid, ts, pid, ver, data) in enumerate(rows):
+            if (t, d) != last_dev:
+                last_dev = (t, d)
+                key_id, aead = keys[last_dev]
+                used.add(key_id)
+            assert aead is not None
+            o = _NONCE * i
+            nonce = nonces[o:o + _NONCE]
+            append((t, d, k, rid, ts, pid, ver, key_id, _VERSION + nonce + aead.encrypt(
+                nonce, dumps(data), f"{t}\x1f{d}\x1f{k}\x1f{rid}\x1f{ts}".encode())))
+        return out, sorted(used)
+
+
+class DeviceReader:
+    """Opens one device's stored records for reading (API pages, export)."""
+
+    def __init__(self, tenant: str, device: str, keys: dict[int, AESGCM]) -> None:
+        self.tenant, self.device = tenant, device
+        self._keys = keys
+
+    @classmethod
+    async def load(cls, conn: asyncpg.Connection, master_key: bytes, tenant: str,
+                   device: str) -> DeviceReader:
+        kek = data_kek(master_key)
+        rows = await conn.fetch(
+            "SELECT key_id, wrapped FROM keystore.device_keys "
+            "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
+        return cls(tenant, device,
+                   {r["key_id"]: _unwrap(kek, tenant, device, r["wrapped"]) for r in rows})
+
+    def data(self, r: asyncpg.Record | dict[str, Any]) -> Any:
+        """The record's data as stored; None if its key was destroyed (an erasure
+        running now: the row is about to go). Needs kind, record_id, ts, key_id,
+        sealed and data."""
+        sealed = r["sealed"]
+        if sealed is None:
+            return r["data"]  # stored before sealing existed (migration 008)
+        aead = self._keys.get(r["key_id"])
+        if aead is None:
+            return None
+        return open_value(aead, self.tenant, self.device, r["kind"], r["record_id"],
+                          ts_ms(r["ts"]), sealed)
+
+
+async def destroy_device_keys(conn: asyncpg.Connection, tenant: str, device: str) -> int:
+    """Delete the device's data keys (waits for ingest writes that hold them);
+    how many. Call before deleting the device's rows, in the same transaction."""
+    status: str = await conn.execute(
+        "DELETE FROM keystore.device_keys WHERE tenant_id = $1 AND device_id = $2",
+        tenant, device)
+    return int(status.rsplit(" ", 1)[-1])
