@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
+from mdm_server.api.context import POOL
 from mdm_server.storage.tenants import hash_token
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "require_principal",
     "require_reader",
     "require_user",
+    "routes",
     "user_devices",
 ]
 
@@ -78,3 +80,14 @@ async def user_devices(conn: asyncpg.Connection, who: Principal) -> list[str]:
                                                             AND d.user_email = own.user_email))
            ORDER BY d.device_id""", who.tenant, who.device)
     return [r["device_id"] for r in rows]
+
+
+async def token_info(request: web.Request) -> web.Response:
+    """GET /api/v1/token: who the caller is (any valid token)."""
+    who = await require_principal(request, request.app[POOL])
+    return web.json_response({"tenant": who.tenant, "role": who.role, "name": who.name,
+                              "device": who.device})
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/api/v1/token", token_info)]

@@ -299,6 +299,8 @@ SCHEMAS: dict[str, Schema] = {
          "refusal_reason": nullable(STRING),
          "erased": nullable({"type": "object", "additionalProperties": COUNT,
                              "description": "rows removed, per kind of data"})}),
+    "TokenInfo": obj({"tenant": ID, "role": enum(("admin", "auditor", "user")),
+                      "name": STRING, "device": nullable(ID)}),
     # The device user's view
     "MyDevice": obj({"device": ID, "ownership": enum(OWNERSHIPS),
                      "status": enum(("enrolled", "revoked")), "enrolled_at": TIME}),
@@ -395,8 +397,10 @@ _LOCATION = {"Location": {"required": True, "schema": STRING,
 # --- operations -----------------------------------------------------------------------
 
 ADMIN, READER, USER = ("admin",), ("admin", "auditor"), ("user",)
+ANY_ROLE = ("admin", "auditor", "user")
 _ROLE_TEXT = {ADMIN: "an admin", READER: "an admin or an auditor",
-              USER: "a device user (token of one of their devices)"}
+              USER: "a device user (token of one of their devices)",
+              ANY_ROLE: "any valid token"}
 
 
 def op(op_id: str, summary: str, *, tag: str, roles: tuple[str, ...] | None,
@@ -466,6 +470,10 @@ def _paths() -> dict[str, dict[str, Schema]]:
         PATH: {"get": op(
             "openapi", "This document", tag="meta", roles=None,
             ok={200: _json(ANY_OBJECT, "OpenAPI 3.1")})},
+        f"{v1}/token": {"get": op(
+            "getToken", "Who this token is: tenant, role, name (and device)", tag="meta",
+            roles=ANY_ROLE, description="The pages ask it after sign-in, to show what the "
+            "role may do.", ok={200: _json(ref("TokenInfo"), "the token's principal")})},
         # Devices, their data, dead letters, erasure requests, the audit log
         f"{v1}/devices": {"get": op(
             "listDevices", "The tenant's devices", tag="devices", roles=READER,

@@ -481,3 +481,80 @@ def test_portal_erasure_request_is_pending_with_a_due_date_until_an_admin_decide
     row = b.wait_text("#erasure-table tbody tr", "refused")
     assert "legal hold on this device" in row and "bob" in row
     assert b.find("#erasure-submit").is_enabled()
+
+
+def test_auditor_sees_the_console_read_only(fleet: Fleet, browser: Browser) -> None:
+    auditor = fleet.server.cli("admin", "create", "--tenant", TENANT, "--name", "audrey",
+                               "--role", "auditor").strip()
+    b = browser
+    b.sign_in("/console/", fleet.alice)
+    assert b.wait_text("#who", "alice") == "alice (admin)"
+    assert not b.find("#read-only-note").is_displayed()
+    assert b.find("#nav button[data-view=commands]").is_displayed()
+
+    b.sign_in("/console/", auditor)
+    assert b.wait_text("#who", "audrey") == "audrey (auditor, read-only)"
+    assert "the console is read-only" in b.text("#read-only-note")
+    assert not b.find("#nav button[data-view=commands]").is_displayed()
+    # What an auditor may read is there...
+    b.wait_text("#devices-table", "corp1")
+    b.open("/console/#device=corp1")
+    b.wait_css("#device-last [data-kind=location]")
+    assert b.wait_text("#fact-ownership", "corporate") == "corporate"
+    # ... and nothing that writes is offered.
+    assert not b.find("#send-command").is_displayed()
+    b.open("/console/#policies=field-staff")
+    b.wait_css("#policy-doc")
+    assert b.find("#policy-doc").get_attribute("readonly") is not None
+    assert not b.find("#policy-save").is_displayed()
+    assert not b.find("#preview-run").is_displayed()
+    assert not b.find("#new-policy-form").is_displayed()
+    b.open("/console/#erasure")
+    b.select("#erasure-state", "")
+    b.wait_css("#erasure-table, #erasure-requests p.empty")
+    assert not [btn for btn in b.find_all("#erasure-table button") if btn.is_displayed()]
+    b.open("/console/#approvals")
+    b.wait_css("#approvals-table, #approvals p.empty")
+    assert not [btn for btn in b.find_all("#approvals-table button") if btn.is_displayed()]
+
+
+def test_console_fulfils_an_erasure_and_the_portal_keeps_only_the_fact(
+        fleet: Fleet, browser: Browser) -> None:
+    from agent_protocol import Record, encode_telemetry, telemetry_topic
+    from tests.support.mqtt import publish_as_devices
+    from tests.support.services import wait_for_count
+
+    base = int(fleet.base_ts.timestamp() * 1000)
+    records = [Record(id=f"c2-{i}", ts_ms=base + i * 60_000,
+                      data={"lat": 51.9 + i / 1000, "lon": 4.4, "accuracy_m": 8.0})
+               for i in range(5)]
+    publish_as_devices(fleet.broker.port, [(telemetry_topic(TENANT, "corp2", "location"),
+                                            encode_telemetry(records, device="corp2",
+                                                             kind="location"))])
+    wait_for_count(fleet.database, "SELECT count(*) FROM telemetry WHERE device_id = 'corp2'",
+                   5, timeout=30)
+    user2 = fleet.server.cli("user", "token", "--tenant", TENANT, "--device", "corp2").strip()
+
+    b = browser
+    b.sign_in("/portal/", user2)
+    b.wait_css("#erasure-list p, #erasure-table")
+    b.click("#erasure-submit")
+    b.wait_text("#erasure-status", "Your erasure request is pending")
+
+    b.sign_in("/console/", fleet.alice)
+    b.open("/console/#erasure")
+    b.click("#erasure-table button[aria-label='Fulfil the erasure request for corp2']")
+    done = b.wait_text("#erasure-status", "The data of corp2 is erased")
+    assert "request fulfilled" in done and "telemetry 5" in done
+    assert "data_keys_destroyed 1" in done
+    assert fleet.count("SELECT count(*) FROM telemetry WHERE device_id = 'corp2'") == 0
+    assert fleet.count("SELECT count(*) FROM keystore.device_keys "
+                       "WHERE device_id = 'corp2'") == 0
+
+    # The user sees the fact, and no data any more.
+    b.sign_in("/portal/", user2)
+    row = b.wait_text("#erasure-table tbody tr", "fulfilled")
+    assert "alice" in row
+    b.select("#data-kind", "location")
+    b.click("#data-show")
+    assert "No records of this kind" in b.wait_text("#data-records", "No records")

@@ -94,6 +94,10 @@ def test_export_of_a_million_rows_keeps_server_memory_flat(tmp_path: Path) -> No
                 req.add_header("Authorization", f"Bearer {token}")
                 with urllib.request.urlopen(req, timeout=900) as resp, out.open("wb") as f:
                     assert resp.headers["X-Export-Records"] == str(ROWS)
+                    f.write(resp.read(1 << 20))
+                    # One running export per user: a second one now is refused.
+                    status, body = srv.request("GET", "/api/v1/me/devices/big/export", token)
+                    assert (status, body["code"]) == (429, "export_running"), (status, body)
                     while chunk := resp.read(1 << 20):
                         f.write(chunk)
                 peak.stop.set()

@@ -130,7 +130,7 @@ export function commandsView(view, presetDevice) {
     noticeText, templateHint,
     h("label", { for: "cmd-lang" }, "Language of the notice (e.g. en, nl, de)"), noticeLang);
   const submit = h("button", { type: "submit", id: "cmd-submit" }, "Send command");
-  const form = h("form", { id: "command-form" },
+  const form = h("form", { id: "command-form", class: "write" },
     h("fieldset", {}, h("legend", {}, "Send to"),
       targetDevice, h("label", { for: "target-device", class: "inline" }, "One device"),
       targetGroup, h("label", { for: "target-group", class: "inline" }, "A group"),
@@ -143,7 +143,7 @@ export function commandsView(view, presetDevice) {
   const listStatus = h("div", { class: "status", role: "status" });
   const listBox = h("div", { id: "device-commands" });
   const listHead = h("h3", { id: "cmdlist-h" }, "Commands");
-  view.append(h("h2", {}, "Send a command"), form, status, batchBox,
+  view.append(h("h2", { class: "write" }, "Send a command"), form, status, batchBox,
               h("section", { "aria-labelledby": "cmdlist-h" }, listHead, listStatus, listBox));
 
   let requestId = newRequestId();
@@ -293,7 +293,7 @@ export function approvalsView(view) {
           cancel.setAttribute("aria-label", `Cancel the ${typeText(c)} of ${c.device}`);
           approve.addEventListener("click", () => act(approve, c, "approve"));
           cancel.addEventListener("click", () => act(cancel, c, "cancel"));
-          return h("div", { class: "actions" }, approve, cancel);
+          return h("div", { class: "actions write" }, approve, cancel);
         } },
       ], commands, { id: "approvals-table", empty: "Nothing is waiting for approval." }));
       const rows = box.querySelectorAll("tbody tr");

@@ -86,7 +86,7 @@ function deviceView(view, device) {
         h("span", {}, "● red: last point"))),
     h("section", { "aria-labelledby": "dcmd-h" },
       h("h3", { id: "dcmd-h" }, "Commands"),
-      h("p", {}, h("a", { href: `#commands=${device}`, id: "send-command" },
+      h("p", { class: "write" }, h("a", { href: `#commands=${device}`, id: "send-command" },
         "Send a command to this device")),
       cmdStatus, cmdBox),
     h("section", { "aria-labelledby": "dnot-h" },
@@ -189,6 +189,7 @@ function route() {
   let name = eq < 0 ? raw : raw.slice(0, eq);
   const arg = eq < 0 ? null : raw.slice(eq + 1);
   if (!VIEWS[name]) name = "devices";
+  if (name === "commands" && document.body.dataset.role === "auditor") name = "devices";
   if (stopView) stopView();
   stopView = null;
   const view = clear($("#view"));
@@ -220,8 +221,14 @@ function start() {
       clear($("#view"));
       showInfo(appStatus);
       nav.hidden = true;
+      delete document.body.dataset.role;
+      clear($("#who"));
+      let who;
       try {
-        await api("/devices?limit=1");
+        who = await api("/token");
+        if (who.role !== "admin" && who.role !== "auditor") {
+          throw new ApiError(403, "this needs an admin or auditor of the tenant", null);
+        }
       } catch (err) {
         if (err instanceof ApiError && err.status === 401) throw err;
         showError(appStatus, err, err.status === 403 ? "This console is for admins and auditors"
@@ -232,6 +239,8 @@ function start() {
         }
         return;
       }
+      document.body.dataset.role = who.role;
+      $("#who").append(`${who.name} (${who.role}${who.role === "auditor" ? ", read-only" : ""})`);
       nav.hidden = false;
       route();
     },
@@ -239,6 +248,8 @@ function start() {
   $("#sign-out").addEventListener("click", () => {
     if (stopView) stopView();
     stopView = null;
+    delete document.body.dataset.role;
+    clear($("#who"));
     $("#nav").hidden = true;
     clear($("#view"));
     showInfo($("#app-status"));

@@ -58,7 +58,7 @@ export function erasureView(view) {
           no.setAttribute("aria-label", `Refuse the erasure request for ${r.device}`);
           ok.addEventListener("click", () => fulfil(ok, r));
           no.addEventListener("click", () => refuse(no, input, r));
-          return h("div", {}, h("div", { class: "actions" }, ok),
+          return h("div", { class: "write" }, h("div", { class: "actions" }, ok),
             h("label", { for: id }, "Reason for a refusal"), input, " ", no);
         } },
       ], list, { id: "erasure-table", empty: "No erasure request in this state." }));

@@ -41,7 +41,7 @@ export function policiesView(view, selected) {
   const newName = h("input", { type: "text", id: "new-policy-name",
                                pattern: "[A-Za-z0-9_\\-]{1,64}", maxlength: 64 });
   const newButton = h("button", { type: "submit", class: "secondary" }, "New policy");
-  const newForm = h("form", { id: "new-policy-form" },
+  const newForm = h("form", { id: "new-policy-form", class: "write" },
     h("label", { for: "new-policy-name" }, "Name of a new policy (letters, digits, _ and -)"),
     newName, " ", newButton);
   const editor = h("section", { id: "policy-editor", "aria-labelledby": "editor-h",
@@ -79,6 +79,7 @@ export function policiesView(view, selected) {
   const openEditor = (name, doc, saved) => {
     const docArea = h("textarea", { id: "policy-doc", rows: 22, spellcheck: "false" },
                       JSON.stringify(doc, null, 2));
+    docArea.readOnly = document.body.dataset.role === "auditor";
     const explain = h("ul", { id: "policy-explanation" });
     if (saved) explain.append(...saved.explanation.map((l) => h("li", {}, l)));
     const edStatus = h("div", { class: "status", role: "status", "aria-live": "polite",
@@ -105,9 +106,9 @@ export function policiesView(view, selected) {
       h("div", { class: "grid2" },
         h("div", {},
           h("label", { for: "policy-doc" }, "Policy document (JSON)"), docArea,
-          h("div", { class: "actions" }, save), edStatus,
+          h("div", { class: "actions write" }, save), edStatus,
           h("h4", {}, "In plain words (as saved)"), explain),
-        h("div", {},
+        h("div", { class: "write" },
           h("h4", {}, "Preview with a sample payload"),
           h("p", { class: "hint" }, "Runs the document on the left, as edited, over the ",
             "sample: shows what would be stored. Nothing is saved."),
