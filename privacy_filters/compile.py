@@ -248,7 +248,8 @@ class CompiledPolicy:
 def compile_policy(
     policy: Policy, *, policy_id: str, version: int, hash_key: bytes
 ) -> CompiledPolicy:
-    """Compile ``policy`` (its zones are checked again and built here).
+    """Compile ``policy`` (its zones are built here, unless parse_policy built
+    them already while checking them).
 
     ``hash_key``: the tenant's secret for the ``hash`` action, at least 16 bytes.
     Raises :class:`PolicyError` for invalid zones, ``ValueError`` for a short key.
@@ -256,13 +257,15 @@ def compile_policy(
     if type(hash_key) is not bytes or len(hash_key) < 16:
         raise ValueError("hash_key must be at least 16 bytes")
     loc = policy.location
-    issues: list[PolicyIssue] = []
-    only, never = build_zones(
-        [("location.only_inside", loc.only_inside), ("location.never_inside", loc.never_inside)],
-        issues,
-    )
-    if issues:
-        raise PolicyError(issues)
+    if loc.built_zones is not None:
+        only, never = loc.built_zones
+    else:
+        issues: list[PolicyIssue] = []
+        only, never = build_zones(
+            [("location.only_inside", loc.only_inside),
+             ("location.never_inside", loc.never_inside)], issues)
+        if issues:
+            raise PolicyError(issues)
     return CompiledPolicy(
         policy_id=policy_id,
         version=version,

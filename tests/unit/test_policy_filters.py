@@ -281,6 +281,20 @@ def test_only_inside_boundary_and_snapping_uses_original() -> None:
     assert len(data) == 4 and data[3]["lat"] != 52.99
 
 
+def test_zones_built_while_parsing_filter_as_zones_built_at_compile() -> None:
+    from privacy_filters import LocationRules, Policy
+
+    zones = (square(4.0, 52.0, 5.0, 53.0), square(6.0, 50.0, 7.0, 51.0))
+    parsed = parse_policy({"name": "t", "location": {"only_inside": list(zones)}})
+    assert parsed.location.built_zones is not None  # compile will not build them again
+    direct = Policy("t", location=LocationRules(only_inside=zones))
+    assert direct.location.built_zones is None and direct == parsed
+    points = [loc(52.5, 4.5), loc(50.5, 6.5), loc(51.0, 5.5), loc(53.0, 5.0)]
+    results = [run(compile_policy(p, policy_id="p", version=1, hash_key=KEY), "location",
+                   *points) for p in (parsed, direct)]
+    assert results[0] == results[1] and results[0][0] == [0, 1, 3]
+
+
 def test_never_inside_boundary() -> None:
     cp = compiled({"location": {"never_inside": [square(4.0, 52.0, 5.0, 53.0)]}})
     kept, data, suppressed = run(cp, "location", loc(52.5, 4.5), loc(52.0, 4.7), loc(51.0, 4.5))
