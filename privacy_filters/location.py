@@ -106,6 +106,10 @@ def _ring(ring: object, path: str, issues: list[PolicyIssue]) -> list[tuple[floa
     if len(ring) < 4:
         issues.append(PolicyIssue(path, "a linear ring needs at least 4 positions"))
         return None
+    fast = _good_ring(ring)
+    if fast is not None:
+        return fast
+    # Something is wrong: find it, position by position, and say where.
     out: list[tuple[float, float]] = []
     for i, pos in enumerate(ring):
         if (
@@ -126,6 +130,33 @@ def _ring(ring: object, path: str, issues: list[PolicyIssue]) -> list[tuple[floa
         issues.append(PolicyIssue(path, "the ring is not closed (first and last positions differ)"))
         return None
     return out
+
+
+def _good_ring(ring: list[Any] | tuple[Any, ...]) -> list[tuple[float, float]] | None:
+    """The ring's (lon, lat) positions if every one is good and the ring is closed,
+    else None (then :func:`_ring` finds and reports the problem). The common case,
+    checked inline: a policy may hold 100,000 positions."""
+    out: list[tuple[float, float]] = []
+    append = out.append
+    for pos in ring:
+        if type(pos) is not list and type(pos) is not tuple:
+            return None
+        n = len(pos)
+        if n == 2:
+            lon, lat = pos
+        elif n == 3:
+            lon, lat, alt = pos
+            if not _is_number(alt):
+                return None
+        else:
+            return None
+        t, u = type(lon), type(lat)
+        # The range checks also refuse NaN and infinities.
+        if not ((t is float or t is int) and (u is float or u is int)
+                and -180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0):
+            return None
+        append((float(lon), float(lat)))
+    return out if out[0] == out[-1] else None
 
 
 def _crosses_antimeridian(rings: list[list[tuple[float, float]]]) -> bool:

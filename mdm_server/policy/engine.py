@@ -95,7 +95,11 @@ class PolicyEngine:
             signature = tuple((name, version) for name, version, _ in rows)
             known = self._tenants.get(tenant)
             if known is None or known.signature != signature:
-                self._tenants[tenant] = self._compile(tenant, rows, signature)
+                # In a thread: a policy with a thousand zones takes tens of
+                # milliseconds (GEOS, which releases the GIL, for much of it),
+                # and the loop meanwhile goes on reading the broker.
+                self._tenants[tenant] = await asyncio.to_thread(
+                    self._compile, tenant, rows, signature)
                 changed = True
             self._stale.discard(tenant)
         if changed:
