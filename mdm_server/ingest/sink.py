@@ -27,7 +27,7 @@ import asyncpg
 from agent_protocol import KINDS
 from mdm_server.ingest.batch import DeadLetter, WriteSet
 from mdm_server.storage.pool import connect
-from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone
+from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone, SealError
 
 __all__ = [
     "STORAGE_REFUSED",
@@ -229,7 +229,10 @@ class TelemetrySink:
         try:
             return await self._write_once(ws)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, KeysGone):
+            # A device key that does not unwrap means the master key is wrong:
+            # nothing can be stored, and dead-lettering it all would lose it. The
+            # worker stops; the broker keeps every unacknowledged message.
+            if is_transient(exc) or isinstance(exc, KeysGone | SealError):
                 raise
             if len(ws) > 1:
                 mid = ws.lo + len(ws) // 2

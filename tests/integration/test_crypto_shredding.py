@@ -217,3 +217,35 @@ def test_an_erasure_in_the_middle_of_a_stream_loses_nothing_and_shreds_what_it_e
     assert len(rows) == left
     assert all(r["data"] is not None and "lat" in r["data"] for r in rows)
     assert len({r["key_id"] for r in rows}) == 1
+
+
+def test_a_wrong_master_key_stops_the_write_and_dead_letters_nothing(env: Env) -> None:
+    from mdm_server.ingest.batch import WriteSet
+    from mdm_server.ingest.mqtt import InboundMessage
+    from mdm_server.ingest.sink import TelemetrySink
+
+    # "stays" has a key wrapped under the right master key once it has reported;
+    # a sink with another master key cannot open it.
+    publish_as_devices(env.port, [_identity("stays", "stays-key")])
+    wait_for_count(env.database, "SELECT count(*) FROM telemetry WHERE record_id = "
+                   "'stays-key'", 1, timeout=30, proc=env.ingest)
+    assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM keystore.device_keys "
+                                "WHERE device_id = 'stays'")) == 1
+    dead_before = asyncio.run(fetchval(env.database, "SELECT count(*) FROM dead_letters"))
+    msg = InboundMessage(1, 1, telemetry_topic("acme", "stays", "location"), b"{}")
+    ws = WriteSet([msg], rows=[("acme", "stays", "location", "wrong-key", 1_764_000_000_000,
+                                "default", 1, {"lat": 1.0, "lon": 2.0})], row_msgs=[0])
+
+    async def write() -> None:
+        sink = TelemetrySink(env.database, b"w" * 32)
+        try:
+            await sink.write(ws)
+        finally:
+            await sink.close()
+
+    with pytest.raises(SealError, match="MDM_MASTER_KEY"):
+        asyncio.run(write())
+    assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM dead_letters")) == \
+        dead_before
+    assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM telemetry "
+                                "WHERE record_id = 'wrong-key'")) == 0
