@@ -218,7 +218,8 @@ class LocationRules:
     only_while_checked_out: bool = False
     # The zones' geometries as parse_policy built them while checking (only
     # inside, never inside), so compile_policy need not build them again; None
-    # for rules made otherwise. Not part of the rules' identity.
+    # for rules made otherwise. Not part of the rules' identity. Rules made with
+    # other zones (dataclasses.replace included) must leave it None.
     built_zones: tuple[list[Any], list[Any]] | None = field(
         default=None, compare=False, repr=False)
 

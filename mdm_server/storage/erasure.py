@@ -175,8 +175,10 @@ async def fulfil_due(conn: asyncpg.Connection) -> int:
                 "WHERE state = 'pending' AND due_at <= now() "
                 "ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED")
             if row is None:
-                return done
+                break
             await fulfil(conn, tenant=row["tenant_id"], request_id=row["request_id"],
                          actor=SYSTEM)
-        await vacuum_keystore(conn)
         done += 1
+    if done:
+        await vacuum_keystore(conn)  # once for all the keys destroyed above
+    return done

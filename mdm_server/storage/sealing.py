@@ -112,11 +112,14 @@ def _aad(tenant: str, device: str, kind: str, record_id: str, ts_ms: int) -> byt
     return f"{tenant}\x1f{device}\x1f{kind}\x1f{record_id}\x1f{ts_ms}".encode()
 
 
+def _seal(aead: AESGCM, nonce: bytes, data: Any, aad: bytes) -> bytes:
+    return _VERSION + nonce + aead.encrypt(nonce, orjson.dumps(data), aad)
+
+
 def seal_value(aead: AESGCM, tenant: str, device: str, kind: str, record_id: str,
                ts_ms: int, data: Any) -> bytes:
-    nonce = os.urandom(_NONCE)
-    return _VERSION + nonce + aead.encrypt(
-        nonce, orjson.dumps(data), _aad(tenant, device, kind, record_id, ts_ms))
+    """One record sealed (the ingest seals a batch with :meth:`IngestKeys.seal`)."""
+    return _seal(aead, os.urandom(_NONCE), data, _aad(tenant, device, kind, record_id, ts_ms))
 
 
 def open_value(aead: AESGCM, tenant: str, device: str, kind: str, record_id: str,
@@ -178,23 +181,23 @@ class IngestKeys:
         """Rows (tenant, device, kind, record_id, ts_ms, policy_id, version, data) to
         (..., version, key_id, sealed), and the key ids used. Every device must have
         been :meth:`ensure`\\ d."""
-        keys, dumps = self._keys, orjson.dumps
-        nonces = os.urandom(_NONCE * len(rows))
+        if not rows:
+            return [], []
+        keys = self._keys
+        nonces = os.urandom(_NONCE * len(rows))  # one call for the batch
         out: list[tuple[Any, ...]] = []
         append = out.append
-        used: set[int] = set()
-        last_dev: tuple[str, str] | None = None
-        key_id, aead = 0, None
+        last_dev = (rows[0][0], rows[0][1])
+        key_id, aead = keys[last_dev]
+        used = {key_id}
         for i, (t, d, k, rid, ts, pid, ver, data) in enumerate(rows):
-            if (t, d) != last_dev:
+            if (t, d) != last_dev:  # rows come grouped by device: look up on change
                 last_dev = (t, d)
                 key_id, aead = keys[last_dev]
                 used.add(key_id)
-            assert aead is not None
             o = _NONCE * i
-            nonce = nonces[o:o + _NONCE]
-            append((t, d, k, rid, ts, pid, ver, key_id, _VERSION + nonce + aead.encrypt(
-                nonce, dumps(data), f"{t}\x1f{d}\x1f{k}\x1f{rid}\x1f{ts}".encode())))
+            append((t, d, k, rid, ts, pid, ver, key_id,
+                    _seal(aead, nonces[o:o + _NONCE], data, _aad(t, d, k, rid, ts))))
         return out, sorted(used)
 
 
