@@ -18,6 +18,7 @@ from mdm_server.api.context import CONFIG, POOL
 from mdm_server.api.errors import error_middleware
 from mdm_server.api.limits import (
     POLICY_BODY_LIMIT,
+    PREVIEW_LIMITER,
     RATE_LIMITER,
     RateLimiter,
     limits_middleware,
@@ -140,6 +141,8 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app = web.Application(middlewares=[error_middleware, limits_middleware],
                           client_max_size=POLICY_BODY_LIMIT)
     app[RATE_LIMITER] = RateLimiter(rate=config.api_rate_per_s, burst=config.api_burst)
+    app[PREVIEW_LIMITER] = RateLimiter(rate=config.preview_per_min / 60,
+                                       burst=float(config.preview_per_min))
     app[CONFIG] = config
     app.cleanup_ctx.append(_pool_ctx)
     if ingest:

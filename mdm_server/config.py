@@ -69,6 +69,8 @@ class Config:
     # Per-token API rate limit: a burst, then a steady rate (mdm_server/api/limits.py).
     api_rate_per_s: float = 20.0
     api_burst: float = 200.0
+    # Policy previews per tenant and minute (and their burst): apart from the above.
+    preview_per_min: int = 20
     # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
     # per-tenant hashing keys. Never stored in the database, so a database dump
     # alone cannot reverse a hashed phone number by trying every number.
@@ -161,5 +163,6 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400 * 7)),
         api_rate_per_s=float(_int(env, "MDM_API_RATE_PER_S", 20, 1, 100_000)),
         api_burst=float(_int(env, "MDM_API_BURST", 200, 1, 1_000_000)),
+        preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),
         unsafe_ack_before_commit=unsafe,
     )

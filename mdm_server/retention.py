@@ -18,15 +18,23 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from agent_protocol import KINDS
-from mdm_server.policy.engine import STRICT_PERSONAL_ID
 from mdm_server.storage.policies import DEFAULT_POLICY
-from privacy_filters import STRICT_PERSONAL, PolicyError, parse_policy
+from privacy_filters import (
+    FLOOR_ID,
+    FLOOR_SUFFIX,
+    PERSONAL_FLOOR,
+    PolicyError,
+    merge_policies,
+    parse_policy,
+)
 
 __all__ = ["DEAD_LETTER_DAYS", "RetentionReport", "run_retention"]
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_DAYS = 30
+# Records shaped by the floor before it was called that (the strict built-in).
+_LEGACY_FLOOR_ID = "builtin:strict-personal"
 _PARTITION = re.compile(r"^telemetry_([a-z]+)_(\d{8})$")
 
 
@@ -49,11 +57,15 @@ async def _retention_table(conn: asyncpg.Connection) -> dict[tuple[str, str], di
         try:
             policy = parse_policy(r["body"], name=r["name"])
         except PolicyError:
-            policy = STRICT_PERSONAL  # the engine applies it in that case too
+            policy = PERSONAL_FLOOR  # the engine applies it in that case too
         table[(r["tenant_id"], r["name"])] = {k: policy.retention_for(k) for k in KINDS}
+        # The same policy merged with the personal-device floor (personal devices).
+        merged = merge_policies(policy, PERSONAL_FLOOR)
+        table[(r["tenant_id"], r["name"] + FLOOR_SUFFIX)] = {
+            k: merged.retention_for(k) for k in KINDS}
     for tenant in {t for t, _ in table}:
-        table[(tenant, STRICT_PERSONAL_ID)] = {k: STRICT_PERSONAL.retention_for(k)
-                                               for k in KINDS}
+        for floor_id in (FLOOR_ID, _LEGACY_FLOOR_ID):
+            table[(tenant, floor_id)] = {k: PERSONAL_FLOOR.retention_for(k) for k in KINDS}
     return table
 
 
@@ -62,8 +74,8 @@ async def run_retention(conn: asyncpg.Connection, now: datetime | None = None
     now = now or datetime.now(UTC)
     report = RetentionReport()
     table = await _retention_table(conn)
-    longest = {k: max((days[k] for days in table.values()), default=STRICT_PERSONAL
-                      .retention_for(k)) for k in KINDS}
+    longest = {k: max((days[k] for days in table.values()),
+                      default=PERSONAL_FLOOR.retention_for(k)) for k in KINDS}
 
     parts = await conn.fetch(
         """SELECT c.relname FROM pg_inherits i
@@ -80,6 +92,9 @@ async def run_retention(conn: asyncpg.Connection, now: datetime | None = None
 
     # Rows whose policy keeps them shorter than the longest; rows of a policy
     # since deleted (or from before policies) follow the tenant's default.
+    known: dict[str, list[str]] = {}
+    for tenant, policy_id in table:
+        known.setdefault(tenant, []).append(policy_id)
     for (tenant, policy_id), days in sorted(table.items()):
         for kind in KINDS:
             if days[kind] >= longest[kind]:
@@ -91,14 +106,9 @@ async def run_retention(conn: asyncpg.Connection, now: datetime | None = None
             report.deleted_rows += int(status.split()[-1])
             if policy_id == DEFAULT_POLICY:
                 status = await conn.execute(
-                    """DELETE FROM telemetry t WHERE kind = $1 AND tenant_id = $2 AND ts < $3
-                       AND (policy_id IS NULL OR NOT EXISTS (
-                           SELECT 1 FROM policies p WHERE p.tenant_id = t.tenant_id
-                           AND p.name = t.policy_id AND NOT p.deleted
-                           AND p.version = (SELECT max(version) FROM policies q
-                                            WHERE q.tenant_id = p.tenant_id
-                                            AND q.name = p.name)))""",
-                    kind, tenant, cutoff)
+                    "DELETE FROM telemetry WHERE kind = $1 AND tenant_id = $2 AND ts < $3 "
+                    "AND (policy_id IS NULL OR NOT policy_id = ANY($4::text[]))",
+                    kind, tenant, cutoff, known[tenant])
                 report.deleted_rows += int(status.split()[-1])
 
     status = await conn.execute("DELETE FROM dead_letters WHERE received_at < $1",

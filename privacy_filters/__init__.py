@@ -19,14 +19,24 @@ from privacy_filters.actions import (
 )
 from privacy_filters.compile import CheckedOut, CompiledPolicy, FilterResult, compile_policy
 from privacy_filters.errors import PolicyError, PolicyIssue
-from privacy_filters.explain import explain_policy
+from privacy_filters.explain import beyond_floor, explain_policy
+from privacy_filters.floor import (
+    FLOOR_ID,
+    FLOOR_SUFFIX,
+    PERSONAL_FLOOR,
+    FloorUse,
+    Resolution,
+    merge_policies,
+    resolve_policy,
+    stricter_rule,
+)
 from privacy_filters.location import MAX_VERTICES, MAX_ZONES, snap
 from privacy_filters.policy import (
     ACTIONS,
     DEFAULT_RETENTION_DAYS,
+    FEW_VALUES,
     OPEN_DEFAULT,
     OWNERSHIPS,
-    STRICT_PERSONAL,
     ActionName,
     AppliesTo,
     FieldRule,
@@ -34,6 +44,7 @@ from privacy_filters.policy import (
     Policy,
     parse_policy,
     policy_to_doc,
+    policy_warnings,
     select_policy,
 )
 
@@ -41,22 +52,28 @@ __all__ = [
     "ACTIONS",
     "DEFAULT_RETENTION_DAYS",
     "DROP",
+    "FEW_VALUES",
+    "FLOOR_ID",
+    "FLOOR_SUFFIX",
     "HASH_PREFIX",
     "MAX_VERTICES",
     "MAX_ZONES",
     "OPEN_DEFAULT",
     "OWNERSHIPS",
-    "STRICT_PERSONAL",
+    "PERSONAL_FLOOR",
     "ActionName",
     "AppliesTo",
     "CheckedOut",
     "CompiledPolicy",
     "FieldRule",
     "FilterResult",
+    "FloorUse",
     "LocationRules",
     "Policy",
     "PolicyError",
     "PolicyIssue",
+    "Resolution",
+    "beyond_floor",
     "coarsen",
     "coarsener",
     "compile_policy",
@@ -65,8 +82,12 @@ __all__ = [
     "hasher",
     "mask",
     "masker",
+    "merge_policies",
     "parse_policy",
     "policy_to_doc",
+    "policy_warnings",
+    "resolve_policy",
     "select_policy",
     "snap",
+    "stricter_rule",
 ]

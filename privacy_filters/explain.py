@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Final
 
 from agent_protocol import FIELD_TYPES, KINDS
-from privacy_filters.policy import FieldRule, Policy
+from privacy_filters.policy import FEW_VALUES, FieldRule, Policy
 
-__all__ = ["FIELD_NAMES", "explain_policy"]
+__all__ = ["FIELD_NAMES", "beyond_floor", "explain_policy"]
 
 # field -> (name for "Your ... is", what a kept character is called, unit of coarsen)
 FIELD_NAMES: Final[dict[str, tuple[str, str, str]]] = {
@@ -112,31 +112,50 @@ def _location_sentence(policy: Policy) -> str:
     return f"{text} and kept for {_days(policy.retention_for('location'))}."
 
 
-def _rule_sentence(key: str, rule: FieldRule) -> str:
-    name, chars, unit = FIELD_NAMES[key]
-    subject = f"Your {name}"
-    if key == "apps.apps":
-        subject = "The list of installed apps"
+def _subject(key: str) -> str:
+    return "The list of installed apps" if key == "apps.apps" else f"Your {FIELD_NAMES[key][0]}"
+
+
+def _rule_phrase(key: str, rule: FieldRule) -> str:
+    """What happens to the field, after "is": "stored as its last 4 digits only"."""
+    _, chars, unit = FIELD_NAMES[key]
     if rule.action == "drop":
-        return f"{subject} is not stored."
+        return "not stored"
     if rule.action == "keep":
-        return f"{subject} is stored as sent."
+        return "stored as sent"
     if rule.action == "hash":
-        return f"{subject} is stored in a scrambled form that cannot be read back."
+        if key in FEW_VALUES:
+            return ("stored as a keyed fingerprint. That hides it from anyone who has only a "
+                    "copy of the stored data, but as there are few possible values, someone "
+                    "able to make the server compute fingerprints (an administrator, for "
+                    "example) could find it by trying them all")
+        return ("stored as a keyed fingerprint: the same value always gives the same "
+                "fingerprint, and a guess can be checked against it only with the server's "
+                "secret key")
     if rule.action == "mask":
         n = rule.keep_last if rule.keep_last is not None else rule.keep_first
         if not n:
-            return f"{subject} is stored with every character hidden; only its length is kept."
+            return "stored with every character hidden; only its length is kept"
         end = "last" if rule.keep_last is not None else "first"
         what = chars[:-1] if n == 1 else chars
-        return f"{subject} is stored as its {end} {n} {what} only."
+        return f"stored as its {end} {n} {what} only"
     assert rule.step is not None  # coarsen
     step = _number(rule.step)
     if unit == "%":
-        return f"{subject} is stored rounded to the nearest {step}%."
+        return f"stored rounded to the nearest {step}%"
     if unit:
-        return f"{subject} is stored rounded to the nearest {step} {unit}."
-    return f"{subject} is stored rounded to the nearest multiple of {step}."
+        return f"stored rounded to the nearest {step} {unit}"
+    return f"stored rounded to the nearest multiple of {step}"
+
+
+def _short_phrase(key: str, rule: FieldRule | None) -> str:
+    if rule is None:
+        return "stored as sent"
+    return "stored as a keyed fingerprint" if rule.action == "hash" else _rule_phrase(key, rule)
+
+
+def _rule_sentence(key: str, rule: FieldRule) -> str:
+    return f"{_subject(key)} is {_rule_phrase(key, rule)}."
 
 
 def explain_policy(policy: Policy) -> list[str]:
@@ -167,4 +186,35 @@ def explain_policy(policy: Policy) -> list[str]:
             rule = policy.fields.get(f"{kind}.{name}")
             if rule is not None:
                 out.append(_rule_sentence(f"{kind}.{name}", rule))
+    return out
+
+
+def beyond_floor(policy: Policy, floor: Policy) -> list[str]:
+    """Where ``policy`` collects or keeps more than ``floor`` (the personal-device
+    floor), one sentence each: what a policy written for personal devices adds to
+    the minimum every personal device gets. Empty when it adds nothing."""
+    from privacy_filters.floor import stricter_rule
+
+    out: list[str] = []
+    for kind in KINDS:
+        if not policy.collect[kind]:
+            continue
+        subject, verb = _KIND_SUBJECTS[kind]
+        if not floor.collect[kind]:
+            out.append(f"{subject} {verb} collected (the minimum for personal devices: "
+                       "not collected).")
+            continue
+        days, floor_days = policy.retention_for(kind), floor.retention_for(kind)
+        if days > floor_days:
+            out.append(f"{subject} {verb} kept for {_days(days)} (the minimum for personal "
+                       f"devices: {_days(floor_days)}).")
+        for name in FIELD_TYPES[kind]:
+            key = f"{kind}.{name}"
+            mine, theirs = policy.fields.get(key), floor.fields.get(key)
+            if mine is not None and mine.action == "keep":
+                mine = None
+            if stricter_rule(mine, theirs) != mine:
+                assert theirs is not None  # only a floor rule can be stricter
+                out.append(f"{_subject(key)} is {_short_phrase(key, mine)} (the minimum for "
+                           f"personal devices: {_short_phrase(key, theirs)}).")
     return out

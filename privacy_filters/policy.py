@@ -22,6 +22,7 @@ from privacy_filters.location import build_zones
 __all__ = [
     "ACTIONS",
     "DEFAULT_RETENTION_DAYS",
+    "FEW_VALUES",
     "MASK_MAX",
     "OPEN_DEFAULT",
     "OWNERSHIPS",
@@ -29,7 +30,6 @@ __all__ = [
     "PRECISION_MIN_M",
     "RETENTION_MAX_DAYS",
     "RETENTION_MIN_DAYS",
-    "STRICT_PERSONAL",
     "ActionName",
     "AppliesTo",
     "FieldRule",
@@ -39,6 +39,7 @@ __all__ = [
     "PolicyIssue",
     "parse_policy",
     "policy_to_doc",
+    "policy_warnings",
     "select_policy",
 ]
 
@@ -51,6 +52,18 @@ PRECISION_MAX_M: Final = 100_000
 RETENTION_MIN_DAYS: Final = 1
 RETENTION_MAX_DAYS: Final = 3650
 DEFAULT_RETENTION_DAYS: Final = 90
+
+FEW_VALUES: Final = frozenset({
+    "identity.imei", "identity.phone_number", "identity.wifi_mac", "identity.bluetooth_mac",
+    "sim.iccid", "sim.imsi", "sim.mcc", "sim.mnc", "network.mcc", "network.mnc", "network.ip",
+})
+"""Text fields with few possible values: an IMEI is a known 8-digit type code, 6
+digits and a check digit; a phone number, ICCID or IMSI a known prefix and a few
+digits; a MAC address a vendor prefix and 24 bits; an IPv4 address 32 bits. A
+``hash`` of such a value hides it from someone with a copy of the data only:
+anyone who can make the server hash chosen values (an admin sending telemetry
+from a test device) finds it by trying every candidate. :func:`policy_warnings`
+recommends ``mask`` or ``drop`` for them."""
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ID_RULE = "must be 1-64 characters from A-Z a-z 0-9 _ -"
@@ -482,24 +495,20 @@ def policy_to_doc(policy: Policy) -> dict[str, Any]:
     }
 
 
-# --- built-ins --------------------------------------------------------------------------
+def policy_warnings(policy: Policy) -> list[PolicyIssue]:
+    """Valid but weak choices, each with its path and advice: today, ``hash`` on a
+    field with few possible values (:data:`FEW_VALUES`)."""
+    return [
+        PolicyIssue(_field_path(key),
+                    "hash of a value with few possible values: anyone who can make the "
+                    "server hash values (e.g. by sending telemetry from a test device) can "
+                    "find it by trying every candidate; use mask (e.g. keep_last 4) or drop")
+        for key, rule in policy.fields.items()
+        if rule.action == "hash" and key in FEW_VALUES
+    ]
 
-STRICT_PERSONAL: Final = parse_policy(
-    {
-        "name": "strict-personal",
-        "applies_to": {"ownership": "personal"},
-        "collect": {"apps": False, "location": False},
-        "fields": {
-            "identity.imei": {"action": "mask", "keep_last": 4},
-            "identity.phone_number": {"action": "mask", "keep_last": 4},
-        },
-        "retention_days": {"default": DEFAULT_RETENTION_DAYS},
-    }
-)
-"""What a personally owned device gets when only a tenant default matches it: IMEI
-and phone number masked to their last 4 digits, no installed-apps inventory, no
-location, everything else kept for 90 days (POLICY.md, "Defaults that follow the
-anchors")."""
+
+# --- built-ins --------------------------------------------------------------------------
 
 OPEN_DEFAULT: Final = parse_policy({"name": "default", "applies_to": {}})
 """The tenant default created with every tenant: collect and keep everything, 90 days."""
@@ -515,23 +524,20 @@ def select_policy(
     *,
     ownership: str,
     groups: Collection[str],
-    personal_fallback: T | None = None,
-) -> T | None:
-    """Pick the policy that applies to a device; return the value attached to it.
+) -> tuple[Policy, T] | None:
+    """The policy that matches a device best, with the value attached to it; None
+    when none matches.
 
     A policy matches when every constraint it sets matches: ``ownership`` equal, and
     the device in at least one of its ``groups``. The most specific match wins:
     groups and ownership > groups > ownership > default (``applies_to`` empty); ties
-    go to the alphabetically first name (then the first candidate).
-
-    ``personal_fallback``: when given and the device is ``personal``, it is returned
-    instead of a default-only match (or of no match at all), so a personal device is
-    never under a policy written without personal devices in mind. The server passes
-    its compiled :data:`STRICT_PERSONAL` here.
+    go to the alphabetically first name (then the first candidate). For a personal
+    device the match is merged with the personal-device floor
+    (:func:`privacy_filters.floor.resolve_policy`).
     """
     member = groups if isinstance(groups, set | frozenset) else frozenset(groups)
     best: tuple[int, str] | None = None
-    chosen: T | None = None
+    chosen: tuple[Policy, T] | None = None
     for policy, attached in candidates:
         a = policy.applies_to
         if a.ownership is not None and a.ownership != ownership:
@@ -540,7 +546,5 @@ def select_policy(
             continue
         key = (-(2 * bool(a.groups) + (a.ownership is not None)), policy.name)
         if best is None or key < best:
-            best, chosen = key, attached
-    if personal_fallback is not None and ownership == "personal" and (best is None or best[0] == 0):
-        return personal_fallback
+            best, chosen = key, (policy, attached)
     return chosen

@@ -21,6 +21,7 @@ from mdm_server.api.auth import Principal, require_admin, require_reader
 from mdm_server.api.context import POOL, master_key
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
+from mdm_server.policy.in_force import device_policy
 from mdm_server.storage import erasure
 from mdm_server.storage.sealing import DeviceReader
 
@@ -101,12 +102,15 @@ async def get_device(request: web.Request) -> web.Response:
                               "received_at": rec["received_at"].isoformat(),
                               "data": data}
         await log_personal_read(conn, who, device, "device")
+        policy = await device_policy(conn, who.tenant, device)
+    assert policy is not None  # _device_row found the device
     seen = [v["received_at"] for v in last.values()]
     return web.json_response({
         "device": row["device_id"], "ownership": row["ownership"],
         "groups": list(row["groups"]), "status": row["status"],
         "enrolled_at": row["enrolled_at"].isoformat(), "user_email": row["user_email"],
-        "last_seen_at": max(seen) if seen else None, "last": last})
+        "last_seen_at": max(seen) if seen else None, "last": last,
+        "policy": policy.to_json()})
 
 
 async def device_data(request: web.Request) -> web.Response:

@@ -6,6 +6,8 @@
 - Per-token rate limit: a token bucket per bearer token (per client address when
   there is none): a burst, then a steady rate; past it 429 with ``Retry-After``.
   In memory, per process: ``serve`` answers HTTP in one process.
+- Policy previews: a bucket per tenant of their own (``PREVIEW_LIMITER``, 20 a
+  minute after a burst of 20 by default), on top of the per-token limit.
 - Page sizes are capped where lists are read (``limit`` at most 500), and one
   export runs per user at a time (mdm_server/api/me.py).
 """
@@ -23,7 +25,14 @@ from aiohttp.typedefs import Handler
 
 from mdm_server.api.errors import json_error
 
-__all__ = ["BODY_LIMIT", "POLICY_BODY_LIMIT", "RATE_LIMITER", "RateLimiter", "limits_middleware"]
+__all__ = [
+    "BODY_LIMIT",
+    "POLICY_BODY_LIMIT",
+    "PREVIEW_LIMITER",
+    "RATE_LIMITER",
+    "RateLimiter",
+    "limits_middleware",
+]
 
 BODY_LIMIT = 1024 * 1024
 POLICY_BODY_LIMIT = 8 * 1024 * 1024
@@ -63,6 +72,7 @@ class RateLimiter:
 
 
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+PREVIEW_LIMITER = web.AppKey("preview_limiter", RateLimiter)
 
 
 def _key(request: web.Request) -> bytes:

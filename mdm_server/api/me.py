@@ -28,10 +28,10 @@ from mdm_server.api.context import POOL, master_key
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.commands.service import notice_log
+from mdm_server.policy.in_force import device_policy
 from mdm_server.storage import erasure
-from mdm_server.storage.policies import current_policies
 from mdm_server.storage.sealing import DeviceReader
-from privacy_filters import STRICT_PERSONAL, explain_policy, parse_policy, select_policy
+from privacy_filters import PERSONAL_FLOOR, beyond_floor, explain_policy
 
 __all__ = ["EXPORTS", "routes"]
 
@@ -74,19 +74,15 @@ async def my_data(request: web.Request) -> web.Response:
 
 async def _policy_in_force(conn: asyncpg.Connection, tenant: str, device: str
                            ) -> dict[str, Any]:
-    """The policy that shapes this device's telemetry now, as the ingest picks it."""
-    dev = await conn.fetchrow("SELECT ownership, groups FROM devices "
-                              "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
-    assert dev is not None
-    candidates = []
-    for v in await current_policies(conn, tenant):
-        candidates.append((parse_policy(v.body, name=v.name), (v.name, v.version)))
-    strict = (STRICT_PERSONAL, ("builtin:strict-personal", 1))
-    chosen = select_policy(candidates, ownership=dev["ownership"], groups=list(dev["groups"]),
-                           personal_fallback=strict[1])
-    name, version = chosen if chosen is not None else strict[1]
-    policy = next((p for p, nv in candidates if nv == (name, version)), STRICT_PERSONAL)
-    return {"policy": name, "version": version, "explanation": explain_policy(policy)}
+    """The policy that shapes this device's telemetry now, as the ingest picks it,
+    in plain words; for a personal device also what it collects beyond the floor."""
+    found = await device_policy(conn, tenant, device)
+    assert found is not None  # _mine checked the device
+    out = found.to_json()
+    out["explanation"] = explain_policy(found.effective)
+    out["beyond_floor"] = (beyond_floor(found.effective, PERSONAL_FLOOR)
+                           if found.floor == "relaxed" else [])
+    return out
 
 
 async def my_policy(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ fails that test. Request bodies are closed where the server refuses unknown fiel
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 from aiohttp import web
@@ -31,7 +31,7 @@ from mdm_server.api.commands import (
 )
 from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
 from mdm_server.commands.states import STATES
-from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS
+from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS, FloorUse
 from privacy_filters.policy import (
     MASK_MAX,
     PRECISION_MAX_M,
@@ -51,6 +51,7 @@ ALL_COMMAND_TYPES = (*ADMIN_COMMAND_TYPES, "trust_key")
 ERASURE_STATES = ("pending", "fulfilled", "refused")
 NOTICE_TEXT_MAX = 4000  # agent_protocol.commands.NOTICE_TEXT_MAX
 REFUSAL_MAX = 1000
+FLOOR_USES: tuple[str, ...] = get_args(FloorUse)
 
 # --- schema helpers ------------------------------------------------------------------
 
@@ -247,12 +248,26 @@ SCHEMAS: dict[str, Schema] = {
                            "description": f"days per kind; default {DEFAULT_RETENTION_DAYS}"},
     }, description="A collection and masking policy (docs/policies.md). Unknown keys, at "
                    "any level but inside GeoJSON, are refused."),
+    "PolicyWarning": obj({"path": STRING, "message": STRING},
+                         description="a valid but weak choice (e.g. hash of an IMEI) and "
+                                     "what to do instead"),
     "PolicyVersion": obj(
         {"name": ID, "version": {"type": "integer", "minimum": 1}, "deleted": BOOLEAN,
          "created_at": TIME, "created_by": STRING},
-        {"policy": ref("Policy"), "explanation": LINES},
-        description="One version of a policy; `policy` (canonical form) and "
-                    "`explanation` where it has a body (not in lists, not a deletion)."),
+        {"policy": ref("Policy"), "explanation": LINES,
+         "warnings": array(ref("PolicyWarning"))},
+        description="One version of a policy; `policy` (canonical form), `explanation` "
+                    "and `warnings` where it has a body (not in lists, not a deletion)."),
+    "PolicyList": obj({
+        "policies": array(ref("PolicyVersion"),
+                          description="the newest version of each, without bodies"),
+        "personal_floor": obj({"id": STRING, "policy": ref("Policy"), "explanation": LINES},
+                              description="the built-in floor of personal devices"),
+        "personal_devices": array(obj({
+            "policy": {**STRING, "description": "the id stamped on the records"},
+            "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
+            "devices": array(ID)}),
+            description="which policy decides for each enrolled personal device")}),
     "PreviewRequest": obj(
         {"kind": enum(KINDS)},
         {"policy": ref("Policy"),
@@ -265,7 +280,18 @@ SCHEMAS: dict[str, Schema] = {
         "collected": BOOLEAN,
         "stored": array(obj({"id": STRING, "ts_ms": INTEGER, "data": ANY_OBJECT})),
         "suppressed": array(STRING, description="ids of points not stored"),
-        "explanation": LINES}),
+        "explanation": LINES,
+        "hash_key": enum(("ephemeral",), description="hashes use a key made for this "
+                                                     "request: they never match stored ones"),
+        "hash_note": STRING,
+        "warnings": array(ref("PolicyWarning"))}),
+    "DevicePolicy": obj({
+        "policy": {**STRING, "description": "the id stamped on the records it shapes"},
+        "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
+        "collects": obj({k: BOOLEAN for k in KINDS})},
+        description="the policy in force for the device; `floor`: none (not personal), "
+                    "merged (with the personal-device floor), relaxed (a policy for "
+                    "personal devices, as written), only (the floor alone)"),
     # Devices and their data
     "DeviceSummary": obj({
         "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
@@ -278,7 +304,8 @@ SCHEMAS: dict[str, Schema] = {
         "last": {"type": "object", "propertyNames": enum(KINDS),
                  "additionalProperties": obj({"id": STRING, "ts": TIME, "received_at": TIME,
                                               "data": ANY_OBJECT}),
-                 "description": "the newest record of each kind held"}}),
+                 "description": "the newest record of each kind held"},
+        "policy": ref("DevicePolicy")}),
     "Record": obj({
         "kind": enum(KINDS), "id": STRING, "ts": TIME, "received_at": TIME,
         "policy": nullable(STRING), "policy_version": nullable(INTEGER),
@@ -304,7 +331,11 @@ SCHEMAS: dict[str, Schema] = {
     # The device user's view
     "MyDevice": obj({"device": ID, "ownership": enum(OWNERSHIPS),
                      "status": enum(("enrolled", "revoked")), "enrolled_at": TIME}),
-    "PolicyInForce": obj({"policy": STRING, "version": INTEGER, "explanation": LINES}),
+    "PolicyInForce": obj({
+        "policy": STRING, "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
+        "collects": obj({k: BOOLEAN for k in KINDS}), "explanation": LINES,
+        "beyond_floor": array(STRING, description="what a policy for personal devices "
+                                                  "collects beyond the floor")}),
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
                                     "description": "`device` (its detail) or `data:<kind>`"}},
@@ -519,8 +550,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
         # Policies
         f"{v1}/policies": {"get": op(
             "listPolicies", "The policies in force", tag="policies", roles=READER,
-            ok={200: _json(listing("policies", ref("PolicyVersion")),
-                           "the newest version of each, without bodies")})},
+            ok={200: _json(ref("PolicyList"), "the policies, the floor, personal devices")})},
         f"{v1}/policies/{{name}}": {
             "get": op("getPolicy", "A policy's newest version", tag="policies",
                       roles=READER, params=("PolicyName",), errors=(404,),
@@ -545,7 +575,9 @@ def _paths() -> dict[str, dict[str, Schema]]:
         f"{v1}/policies/{{name}}:preview": {"post": op(
             "previewPolicy", "What a policy would store of a sample payload",
             tag="policies", roles=ADMIN, params=("PolicyName",), errors=(404, 422),
-            body=ref("PreviewRequest"), description="Nothing is written.",
+            body=ref("PreviewRequest"),
+            description="Nothing is written but an audit entry. Hashes use a throwaway "
+                        "key; previews are rate-limited per tenant (429).",
             ok={200: _json(ref("Preview"), "what would be stored")})},
         # Commands (docs/commands.md)
         cmds: {

@@ -1,7 +1,15 @@
-"""/api/v1/policies: versioned collection and masking policies (admins only)."""
+"""/api/v1/policies: versioned collection and masking policies (admins only).
+
+``:preview`` runs a policy over a sample payload under a throwaway hash key made
+for that request, never under the tenant's key: otherwise it would be an oracle
+that reverses stored hashes (hash a million candidate IMEIs, compare). Previews
+are rate-limited per tenant apart from the API's own limit, and audited.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from typing import Any
 
@@ -11,19 +19,28 @@ from aiohttp import web
 from agent_protocol import KINDS, ProtocolError, Topic, decode_telemetry
 from mdm_server import audit
 from mdm_server.api.auth import require_admin, require_reader
-from mdm_server.api.context import CONFIG, POOL
+from mdm_server.api.context import POOL
 from mdm_server.api.errors import json_error
+from mdm_server.api.limits import PREVIEW_LIMITER
 from mdm_server.commands.outbox import enqueue_sync_policy
+from mdm_server.policy.in_force import in_force, tenant_candidates
 from mdm_server.storage import policies as store
 from privacy_filters import (
+    FLOOR_ID,
+    PERSONAL_FLOOR,
+    Policy,
     PolicyError,
     compile_policy,
     explain_policy,
     parse_policy,
     policy_to_doc,
+    policy_warnings,
 )
 
 __all__ = ["routes"]
+
+PREVIEW_KEY_NOTE = ("hashed values in this preview use a key made for this request only: "
+                    "they do not match what is stored")
 
 _NAME = "{name:[A-Za-z0-9_-]{1,64}}"
 
@@ -37,7 +54,12 @@ def _version_json(v: store.PolicyVersion, *, with_body: bool = True) -> dict[str
         policy = parse_policy(v.body, name=v.name)
         out["policy"] = policy_to_doc(policy)
         out["explanation"] = explain_policy(policy)
+        out["warnings"] = _warnings(policy)
     return out
+
+
+def _warnings(policy: Policy) -> list[dict[str, str]]:
+    return [{"path": i.path, "message": i.message} for i in policy_warnings(policy)]
 
 
 def _invalid(err: PolicyError) -> web.Response:
@@ -53,10 +75,29 @@ async def _json_body(request: web.Request) -> Any:
 
 
 async def list_policies(request: web.Request) -> web.Response:
+    """The policies in force, the built-in personal-device floor, and which policy
+    decides for each personal device (grouped by the id stamped on its records)."""
     who = await require_reader(request, request.app[POOL])
     async with request.app[POOL].acquire() as conn:
         current = await store.current_policies(conn, who.tenant)
-    return web.json_response({"policies": [_version_json(v, with_body=False) for v in current]})
+        candidates = await tenant_candidates(conn, who.tenant)
+        personal = await conn.fetch(
+            "SELECT device_id, groups FROM devices WHERE tenant_id = $1 "
+            "AND ownership = 'personal' AND status = 'enrolled' ORDER BY device_id",
+            who.tenant)
+    decides: dict[str, dict[str, Any]] = {}
+    for d in personal:
+        found = in_force(candidates, ownership="personal", groups=list(d["groups"]))
+        entry = decides.setdefault(found.policy_id, {
+            "policy": found.policy_id, "base": found.name, "version": found.version,
+            "floor": found.floor, "devices": []})
+        entry["devices"].append(d["device_id"])
+    return web.json_response({
+        "policies": [_version_json(v, with_body=False) for v in current],
+        "personal_floor": {"id": FLOOR_ID, "policy": policy_to_doc(PERSONAL_FLOOR),
+                           "explanation": explain_policy(PERSONAL_FLOOR)},
+        "personal_devices": sorted(decides.values(), key=lambda e: e["policy"]),
+    })
 
 
 async def get_policy(request: web.Request) -> web.Response:
@@ -84,7 +125,8 @@ async def put_policy(request: web.Request) -> web.Response:
         await enqueue_sync_policy(conn, who.tenant, who.name)
         await audit.append(conn, tenant=who.tenant, actor=who.name, action="policy.put",
                            target=f"policy:{name}", details={"version": v.version})
-    return web.json_response(_version_json(v), status=201 if v.version == 1 else 200)
+    return web.json_response({**_version_json(v), "warnings": _warnings(policy)},
+                             status=201 if v.version == 1 else 200)
 
 
 async def delete_policy(request: web.Request) -> web.Response:
@@ -115,8 +157,14 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def preview(request: web.Request) -> web.Response:
     """Run a policy (the stored one, or a draft in the body) over a sample
-    payload; return what would be stored. Nothing is written."""
+    payload; return what would be stored. Nothing is written but an audit entry.
+    Hashes use a throwaway key (see the module doc)."""
     who = await require_admin(request, request.app[POOL])
+    wait = request.app[PREVIEW_LIMITER].take(who.tenant.encode())
+    if wait > 0:
+        return web.json_response(
+            {"error": "too many policy previews: slow down", "code": "rate_limited"},
+            status=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
     name = request.match_info["name"]
     body = await _json_body(request)
     if not isinstance(body, dict):
@@ -143,8 +191,14 @@ async def preview(request: web.Request) -> web.Response:
     except ProtocolError as err:
         return json_error(422, "the sample payload is not valid telemetry",
                           reason=str(err.reason), detail=err.detail, path=err.path)
+    async with request.app[POOL].acquire() as conn:
+        await audit.append(conn, tenant=who.tenant, actor=who.name, action="policy.preview",
+                           target=f"policy:{name}",
+                           details={"kind": kind, "draft": "policy" in body,
+                                    "records": len(records)})
+    # Never the tenant's key: a preview must not be able to confirm a stored hash.
     compiled = compile_policy(policy, policy_id=name, version=version,
-                              hash_key=request.app[CONFIG].tenant_hash_key(who.tenant))
+                              hash_key=os.urandom(32))
     checked_out = bool(body.get("checked_out", True))
     result = compiled.filter_batch(
         kind, ["preview"] * len(records), [r.ts_ms for r in records],
@@ -155,6 +209,9 @@ async def preview(request: web.Request) -> web.Response:
                    for k, data in zip(result.kept, result.data, strict=True)],
         "suppressed": [records[k].id for k in result.suppressed],
         "explanation": explain_policy(policy),
+        "hash_key": "ephemeral",
+        "hash_note": PREVIEW_KEY_NOTE,
+        "warnings": _warnings(policy),
     })
 
 

@@ -2,8 +2,9 @@
 
 Policies live in PostgreSQL (storage/policies.py). The engine compiles each
 tenant's policies once, picks the one that applies to each device (most specific
-wins; a personally owned device matched only by a default policy gets the
-strict built-in), and reloads a tenant's policies when the API announces a
+wins; a personally owned device gets it merged with the personal-device floor,
+unless it names ``ownership: personal``, and the floor alone when nothing
+matches: privacy_filters.floor), and reloads a tenant's policies when the API announces a
 change with NOTIFY, and every ``refresh_s`` seconds in case a notification was
 missed while the database was away. A batch is shaped entirely by the policy
 versions current when it started, so every record carries the one version
@@ -24,20 +25,19 @@ from mdm_server.config import Config
 from mdm_server.storage.policies import NOTIFY_CHANNEL, current_policies
 from mdm_server.storage.pool import connect
 from privacy_filters import (
-    STRICT_PERSONAL,
+    FLOOR_ID,
+    PERSONAL_FLOOR,
     CompiledPolicy,
     Policy,
     PolicyError,
     compile_policy,
     parse_policy,
-    select_policy,
+    resolve_policy,
 )
 
-__all__ = ["STRICT_PERSONAL_ID", "DeviceProfile", "PolicyEngine"]
+__all__ = ["DeviceProfile", "PolicyEngine"]
 
 log = logging.getLogger(__name__)
-
-STRICT_PERSONAL_ID = "builtin:strict-personal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,10 @@ class DeviceProfile:
 class _Tenant:
     signature: tuple[tuple[str, int], ...]  # (name, version) of each policy in force
     candidates: list[tuple[Policy, CompiledPolicy]]
-    strict: CompiledPolicy
+    floor: CompiledPolicy
+    hash_key: bytes
+    # A policy merged with the floor, compiled on first use (by the policy's id).
+    merged: dict[str, CompiledPolicy]
     by_device: dict[str, CompiledPolicy]
 
 
@@ -75,14 +78,13 @@ class PolicyEngine:
                 # Stored policies were validated when written; if the rules have
                 # tightened since, fail closed for this one rather than keep all.
                 log.error("stored policy %s/%s v%d no longer validates (%d issues); "
-                          "the strict built-in applies instead", tenant, name, version,
+                          "the personal-device floor applies instead", tenant, name, version,
                           len(err.issues))
-                policy = STRICT_PERSONAL
+                policy = PERSONAL_FLOOR
             candidates.append(
                 (policy, compile_policy(policy, policy_id=name, version=version, hash_key=key)))
-        strict = compile_policy(STRICT_PERSONAL, policy_id=STRICT_PERSONAL_ID, version=1,
-                                hash_key=key)
-        return _Tenant(signature, candidates, strict, {})
+        floor = compile_policy(PERSONAL_FLOOR, policy_id=FLOOR_ID, version=1, hash_key=key)
+        return _Tenant(signature, candidates, floor, key, {}, {})
 
     async def load(self, conn: asyncpg.Connection, tenants: set[str]) -> None:
         """Make sure these tenants' policies are loaded and current. A stale
@@ -119,11 +121,18 @@ class PolicyEngine:
         t = self._tenants[tenant]
         chosen = t.by_device.get(device)
         if chosen is None:
-            # POLICY.md: a personal device matched only by a default gets the strict one.
-            chosen = select_policy(t.candidates, ownership=profile.ownership,
-                                   groups=profile.groups, personal_fallback=t.strict)
-            if chosen is None:  # no policy at all, not even the tenant default
-                chosen = t.strict
+            r = resolve_policy(t.candidates, ownership=profile.ownership, groups=profile.groups)
+            if r.attached is None:  # nothing matched: the floor alone
+                chosen = t.floor
+            elif r.floor != "merged":
+                chosen = r.attached
+            else:
+                pid = r.policy_id(r.attached.policy_id)
+                chosen = t.merged.get(pid)
+                if chosen is None:
+                    chosen = t.merged[pid] = compile_policy(
+                        r.effective, policy_id=pid, version=r.attached.version,
+                        hash_key=t.hash_key)
             t.by_device[device] = chosen
         return chosen
 

@@ -223,6 +223,41 @@ def test_map_draws_every_stored_location_in_the_time_range(fleet: Fleet, browser
     assert not b.find_all("#location-track")
 
 
+def test_console_says_why_a_personal_device_has_no_location(fleet: Fleet, browser: Browser
+                                                           ) -> None:
+    """pers1 is in the group of the field-staff policy, which collects location; as a
+    personal device it gets that policy merged with the floor, which does not."""
+    b = browser
+    b.sign_in("/console/", fleet.alice)
+    b.open("/console/#device=pers1")
+    fact = b.wait_text("#fact-policy", "field-staff+personal-floor")
+    assert "merged with the personal-device floor" in fact
+    why = b.wait_text("#location-not-collected", "not collected")
+    assert why == ("Location is not collected for this device: pers1 is a personal device, "
+                   "and the personal-device floor collects no location (policy in force: "
+                   "field-staff+personal-floor).")
+    assert "No location in this time range" not in b.text("#map-summary")
+    assert not b.find_all("#location-map")
+    # A corporate device under the same policy still gets its map.
+    b.open("/console/#device=corp1")
+    b.wait_text("#map-summary", f"{LOCATIONS} points")
+    assert not b.find_all("#location-not-collected")
+    # The policies page lists which policy decides for each personal device.
+    b.open("/console/#policies")
+    row = b.wait_text("#personal-table", "pers1")
+    assert "field-staff+personal-floor" in row and "merged with the personal-device floor" in row
+    b.click("#personal-floor summary")
+    assert "Your location is not collected." in b.wait_text("#personal-floor", "location")
+
+    # The personal device's user reads that the floor protects them.
+    token = fleet.server.cli("user", "token", "--tenant", TENANT, "--device", "pers1").strip()
+    b.sign_in("/portal/", token)
+    assert b.wait_text("#policy-name", "field-staff") == "field-staff+personal-floor"
+    assert "Your location is not collected." in b.text("#policy-explanation")
+    assert "at least the protection every personal device gets" in b.wait_text(
+        "#policy-floor", "personal device")
+
+
 def _polyline_points(b: Browser) -> int:
     pts = b.wait_css("#location-track").get_attribute("points")
     return len(pts.split())
@@ -336,6 +371,7 @@ def test_policy_preview_shows_the_masked_output_and_save_lists_every_issue(
     assert f'"imei": "{MASKED_IMEI}"' in stored and IMEI not in stored
     assert "identity is collected" in b.text("#preview-collected")
     assert IMEI_LINE in b.text("#preview-explanation")
+    assert "made for this request only" in b.text("#preview-hash-note")
 
     # A draft that masks nothing shows the raw value: the preview runs the edited text.
     draft = {**doc, "fields": {}}

@@ -119,7 +119,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
             # Rate limits far above what the fuzzer sends: 429 is documented, but
             # a throttled fuzzer tests nothing else.
             srv = Server(server_env(database, broker.url, MDM_API_RATE_PER_S="100000",
-                                    MDM_API_BURST="1000000"), tmp / "serve.log")
+                                    MDM_API_BURST="1000000", MDM_PREVIEW_PER_MIN="100000"),
+                         tmp / "serve.log")
             srv.cli("tenant", "create", TENANT)
             srv.cli("tenant", "create", OTHER)
             for tenant, device, ownership, extra in (

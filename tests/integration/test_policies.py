@@ -238,7 +238,7 @@ def test_only_while_checked_out_by_event_time(server: Server, admin: str) -> Non
     assert {k for k, r in rows.items() if r["kind"] == "checkinout"} == {"out", "in"}
 
 
-def test_personal_device_without_a_policy_gets_the_strict_defaults(server: Server) -> None:
+def test_personal_device_under_the_default_gets_the_floor(server: Server) -> None:
     server.cli("device", "enroll", "--tenant", "acme", "--device", "byod", "--ownership",
                "personal", "--user-email", EMAIL)
     _publish(server, [
@@ -254,7 +254,9 @@ def test_personal_device_without_a_policy_gets_the_strict_defaults(server: Serve
     assert rows["i"]["data"]["imei"].endswith("3809")
     assert IMEI not in rows["i"]["data"]["imei"]
     assert PHONE not in rows["i"]["data"]["phone_number"]
-    assert {r["policy_id"] for r in rows.values()} == {"builtin:strict-personal"}
+    # A policy for every device (keep everything; here "acme-only", which an earlier
+    # test made and which wins the tie with "default" by name) merged with the floor.
+    assert {r["policy_id"] for r in rows.values()} == {"acme-only+personal-floor"}
 
 
 def test_policy_change_while_messages_flow(server: Server, admin: str) -> None:

@@ -201,8 +201,9 @@ def test_admin_reads_are_in_the_users_access_log_and_auditors_only_read(env: Env
 def test_policy_in_plain_words_and_notices(env: Env) -> None:
     status, policy = env.get("/api/v1/me/devices/p1/policy", env.ann)
     assert status == 200
-    # A personal device under only the tenant default gets the strict built-in.
-    assert policy["policy"] == "builtin:strict-personal"
+    # A personal device under only the tenant default gets it merged with the floor.
+    assert policy["policy"] == "default+personal-floor" and policy["floor"] == "merged"
+    assert policy["collects"]["location"] is False and policy["beyond_floor"] == []
     assert any("location" in line.lower() for line in policy["explanation"])
     status, cmd = env.post("/api/v1/devices/p1/commands", env.alice,
                            {"type": "wipe", "scope": "managed", "reason": "left",

@@ -11,7 +11,7 @@ import pytest
 
 from privacy_filters import (
     OPEN_DEFAULT,
-    STRICT_PERSONAL,
+    PERSONAL_FLOOR,
     CompiledPolicy,
     PolicyError,
     coarsen,
@@ -191,7 +191,7 @@ def test_no_rules_copies() -> None:
 
 
 def test_not_collected_kind_and_bad_kind() -> None:
-    cp = compile_policy(STRICT_PERSONAL, policy_id="s", version=1, hash_key=KEY)
+    cp = compile_policy(PERSONAL_FLOOR, policy_id="s", version=1, hash_key=KEY)
     assert not cp.collects("apps") and not cp.collects("location") and cp.collects("sim")
     assert run(cp, "apps", {"apps": []}) == [[], [], []]
     assert run(cp, "location", {"lat": 1.0, "lon": 2.0}) == [[], [], []]
@@ -414,8 +414,8 @@ def test_a_policy_without_zones_or_snapping_does_not_import_numpy() -> None:
 
     code = (
         "import sys\n"
-        "from privacy_filters import OPEN_DEFAULT, STRICT_PERSONAL, compile_policy\n"
-        "for p in (OPEN_DEFAULT, STRICT_PERSONAL):\n"
+        "from privacy_filters import OPEN_DEFAULT, PERSONAL_FLOOR, compile_policy\n"
+        "for p in (OPEN_DEFAULT, PERSONAL_FLOOR):\n"
         "    cp = compile_policy(p, policy_id='p', version=1, hash_key=b'k' * 32)\n"
         "    cp.filter_batch('location', ['d'], [0], [{'lat': 1.0, 'lon': 2.0}])\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'shapely')))\n"

@@ -10,7 +10,7 @@ import pytest
 
 from privacy_filters import (
     OPEN_DEFAULT,
-    STRICT_PERSONAL,
+    PERSONAL_FLOOR,
     AppliesTo,
     FieldRule,
     LocationRules,
@@ -93,7 +93,7 @@ def test_round_trip_and_no_aliasing() -> None:
     doc = copy.deepcopy(BYOD_EU)
     p = parse_policy(doc)
     assert parse_policy(policy_to_doc(p)) == p
-    for builtin in (STRICT_PERSONAL, OPEN_DEFAULT):
+    for builtin in (PERSONAL_FLOOR, OPEN_DEFAULT):
         assert parse_policy(policy_to_doc(builtin)) == builtin
     doc["location"]["only_inside"][0]["coordinates"][0][0][0] = 0.0  # the caller's copy
     out = policy_to_doc(p)
@@ -295,12 +295,17 @@ def test_objects_validate_when_built() -> None:
 
 
 def test_builtins() -> None:
-    s = STRICT_PERSONAL
+    s = PERSONAL_FLOOR
     assert s.applies_to == AppliesTo(ownership="personal")
     assert {k for k, on in s.collect.items() if not on} == {"apps", "location"}
+    hashed, dropped = FieldRule("hash"), FieldRule("drop")
     assert dict(s.fields) == {
         "identity.imei": FieldRule("mask", keep_last=4),
         "identity.phone_number": FieldRule("mask", keep_last=4),
+        "identity.serial": hashed, "identity.wifi_mac": hashed,
+        "identity.bluetooth_mac": hashed, "sim.iccid": hashed, "sim.imsi": hashed,
+        "identity.user_email": dropped, "identity.first_name": dropped,
+        "identity.last_name": dropped, "identity.user_name": dropped, "network.ip": dropped,
     }
     assert dict(s.retention_days) == {"default": 90}
     d = OPEN_DEFAULT
@@ -338,47 +343,60 @@ CANDIDATES = [
     ],
 )
 def test_most_specific_wins(ownership: str, groups: list[str], expected: str) -> None:
-    assert select_policy(CANDIDATES, ownership=ownership, groups=groups) == expected
+    found = select_policy(CANDIDATES, ownership=ownership, groups=groups)
+    assert found is not None and found[1] == expected and found[0].name == expected
     shuffled = list(reversed(CANDIDATES))
-    assert select_policy(shuffled, ownership=ownership, groups=set(groups)) == expected
+    found = select_policy(shuffled, ownership=ownership, groups=set(groups))
+    assert found is not None and found[1] == expected
 
 
 def test_default_and_tie_break() -> None:
     only_default = CANDIDATES[:1]
-    assert select_policy(only_default, ownership="corporate", groups=[]) == "default"
+    assert select_policy(only_default, ownership="corporate", groups=[]) == (
+        CANDIDATES[0][0], "default")
+    assert select_policy(only_default, ownership="personal", groups=[]) == (
+        CANDIDATES[0][0], "default")
     assert select_policy([], ownership="corporate", groups=[]) is None
     ties = [(pol("zeta", groups=["a"]), 1), (pol("alpha", groups=["b"]), 2)]
-    assert select_policy(ties, ownership="corporate", groups=["a", "b"]) == 2
-    assert select_policy(ties[::-1], ownership="corporate", groups=["a", "b"]) == 2
-
-
-def test_personal_fallback() -> None:
-    only_default = CANDIDATES[:1]
-    kw: dict[str, Any] = {"groups": [], "personal_fallback": "strict"}
-    assert select_policy(only_default, ownership="personal", **kw) == "strict"
-    assert select_policy([], ownership="personal", **kw) == "strict"
-    assert select_policy(only_default, ownership="corporate", **kw) == "default"
-    assert select_policy(CANDIDATES, ownership="personal", **kw) == "pers"
-    assert select_policy(CANDIDATES[:1], ownership="personal", groups=[]) == "default"
-    by_group = [*only_default, (pol("field", groups=["field"]), "field")]
-    assert select_policy(by_group, ownership="personal", groups=["field"],
-                         personal_fallback="strict") == "field"  # fmt: skip
+    assert select_policy(ties, ownership="corporate", groups=["a", "b"]) == (ties[1][0], 2)
+    assert select_policy(ties[::-1], ownership="corporate", groups=["a", "b"]) == (
+        ties[1][0], 2)
 
 
 # --- explanation --------------------------------------------------------------------------
 
 
-def test_explain_strict_personal() -> None:
-    assert explain_policy(STRICT_PERSONAL) == [
+FINGERPRINT = ("stored as a keyed fingerprint: the same value always gives the same "
+               "fingerprint, and a guess can be checked against it only with the server's "
+               "secret key.")
+FEW_VALUES_FINGERPRINT = (
+    "stored as a keyed fingerprint. That hides it from anyone who has only a copy of the "
+    "stored data, but as there are few possible values, someone able to make the server "
+    "compute fingerprints (an administrator, for example) could find it by trying them all.")
+
+
+def test_explain_personal_floor() -> None:
+    assert explain_policy(PERSONAL_FLOOR) == [
         "Your location is not collected.",
         "Your device and account details are stored and kept for 90 days.",
         "Your IMEI (device identity number) is stored as its last 4 digits only.",
+        f"Your device serial number is {FINGERPRINT}",
+        f"Your Wi-Fi MAC address is {FEW_VALUES_FINGERPRINT}",
+        f"Your Bluetooth MAC address is {FEW_VALUES_FINGERPRINT}",
         "Your phone number is stored as its last 4 digits only.",
+        "Your user name is not stored.",
+        "Your e-mail address is not stored.",
+        "Your first name is not stored.",
+        "Your last name is not stored.",
         "Your SIM card details are stored and kept for 90 days.",
+        f"Your SIM card number (ICCID) is {FEW_VALUES_FINGERPRINT}",
+        f"Your subscriber identity (IMSI) is {FEW_VALUES_FINGERPRINT}",
         "Your network connection details are stored and kept for 90 days.",
+        "Your network IP address is not stored.",
         "Installed apps are not collected.",
         "Check-in and check-out events are stored and kept for 90 days.",
     ]
+    assert not any("cannot be read back" in line for line in explain_policy(PERSONAL_FLOOR))
 
 
 def test_explain_policy_md_example() -> None:
@@ -389,11 +407,11 @@ def test_explain_policy_md_example() -> None:
         "Locations inside the excluded area are never stored.",
         "Your device and account details are stored and kept for 90 days.",
         "Your IMEI (device identity number) is stored as its last 4 digits only.",
-        "Your Wi-Fi MAC address is stored in a scrambled form that cannot be read back.",
+        f"Your Wi-Fi MAC address is {FEW_VALUES_FINGERPRINT}",
         "Your phone number is stored as its last 4 digits only.",
         "Your e-mail address is not stored.",
         "Your SIM card details are stored and kept for 90 days.",
-        "Your SIM card number (ICCID) is stored in a scrambled form that cannot be read back.",
+        f"Your SIM card number (ICCID) is {FEW_VALUES_FINGERPRINT}",
         "Your network connection details are stored and kept for 7 days.",
         "Your network IP address is not stored.",
         "Installed apps are not collected.",

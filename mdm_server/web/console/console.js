@@ -9,7 +9,7 @@ import {
 import { approvalsView, commandsTable, commandsView } from "./commands.js";
 import { erasureView } from "./erasure.js";
 import { locationMap } from "./map.js";
-import { policiesView } from "./policies.js";
+import { FLOOR_WORDS, policiesView } from "./policies.js";
 
 const MAP_MAX_POINTS = 5000;
 const KIND_NAMES = {
@@ -92,7 +92,9 @@ function deviceView(view, device) {
     h("section", { "aria-labelledby": "dnot-h" },
       h("h3", { id: "dnot-h" }, "Notices shown to the user"), noticeBox));
 
-  (async () => {
+  // The device as loaded: drawMap waits for it (its policy says whether there can be
+  // any location at all).
+  const loaded = (async () => {
     try {
       const d = await api(`/devices/${enc}`);
       showInfo(status);
@@ -102,7 +104,9 @@ function deviceView(view, device) {
         h("dt", {}, "Status"), h("dd", { id: "fact-status" }, d.status),
         h("dt", {}, "Enrolled"), h("dd", {}, time(d.enrolled_at)),
         h("dt", {}, "User e-mail"), h("dd", {}, d.user_email || "—"),
-        h("dt", {}, "Last seen"), h("dd", {}, time(d.last_seen_at))));
+        h("dt", {}, "Last seen"), h("dd", {}, time(d.last_seen_at)),
+        h("dt", {}, "Policy in force"), h("dd", { id: "fact-policy" },
+          h("code", {}, d.policy.policy), ` (${FLOOR_WORDS[d.policy.floor] || d.policy.floor})`)));
       const kinds = Object.keys(d.last || {});
       if (!kinds.length) last.append(h("p", { class: "empty" }, "Nothing stored yet."));
       for (const kind of kinds) {
@@ -111,12 +115,27 @@ function deviceView(view, device) {
           h("h4", {}, KIND_NAMES[kind] || kind), h("p", { class: "muted" }, time(rec.ts)),
           dataList(rec.data)));
       }
+      return d;
     } catch (err) {
       showError(status, err);
+      return null;
     }
   })();
 
   const drawMap = async () => {
+    const d = await loaded;
+    if (d && !d.policy.collects.location) {
+      // Nothing to look for: say why, rather than "no location in this time range".
+      const why = d.policy.floor === "merged" || d.policy.floor === "only"
+        ? `${device} is a personal device, and the personal-device floor collects no ` +
+          `location (policy in force: ${d.policy.policy})`
+        : `the policy in force, ${d.policy.policy}, does not collect location`;
+      showInfo(mapStatus);
+      clear(mapBox);
+      clear(mapSummary).append(h("span", { id: "location-not-collected" },
+        `Location is not collected for this device: ${why}.`));
+      return;
+    }
     const { from, to } = range.value();
     showInfo(mapStatus, "Loading locations…");
     try {

@@ -25,6 +25,19 @@ export function samplePayload(kind) {
   return { v: 1, id: "sample-1", ts: new Date().toISOString(), data: SAMPLE_DATA[kind] };
 }
 
+export const FLOOR_WORDS = {
+  none: "as written",
+  merged: "merged with the personal-device floor",
+  relaxed: "as written, for personal devices (may collect more than the floor)",
+  only: "the personal-device floor alone",
+};
+
+function warningsList(id, warnings) {
+  if (!warnings || !warnings.length) return "";
+  return h("ul", { id, class: "warnings" }, warnings.map((w) =>
+    h("li", {}, h("code", {}, w.path), `: ${w.message}`)));
+}
+
 const NEW_POLICY = {
   applies_to: { ownership: "personal" },
   collect: { location: true, identity: true, sim: true, network: true, apps: false,
@@ -53,13 +66,28 @@ export function policiesView(view, selected) {
 
   const loadList = async () => {
     try {
-      const { policies } = await api("/policies");
+      const { policies, personal_floor: floor, personal_devices: personal } =
+        await api("/policies");
       clear(listBox).append(table("Policies in force", [
         { title: "Name", cell: (p) => h("a", { href: `#policies=${p.name}` }, p.name) },
         { title: "Version", cell: (p) => String(p.version) },
         { title: "Saved", cell: (p) => time(p.created_at) },
         { title: "By", cell: (p) => p.created_by || "" },
-      ], policies, { id: "policies-table", empty: "No policy yet." }));
+      ], policies, { id: "policies-table", empty: "No policy yet." }),
+      h("h3", { id: "personal-h" }, "Personal devices"),
+      h("p", { class: "hint" }, "A personally owned device gets the policy that matches it ",
+        "merged with the built-in personal-device floor (the stricter of the two for every ",
+        "kind and field), unless that policy names ownership: personal in applies_to; ",
+        "the floor alone when nothing matches."),
+      table("Which policy decides for each personal device", [
+        { title: "Policy in force", cell: (d) => h("code", {}, d.policy) },
+        { title: "How", cell: (d) => FLOOR_WORDS[d.floor] || d.floor },
+        { title: "Devices", cell: (d) => d.devices.map((dev, i) => [
+          i ? ", " : "", h("a", { href: `#device=${dev}` }, dev)]).flat() },
+      ], personal, { id: "personal-table", empty: "No personal device is enrolled." }),
+      h("details", { id: "personal-floor" },
+        h("summary", {}, "The personal-device floor, in plain words"),
+        h("ul", {}, floor.explanation.map((l) => h("li", {}, l)))));
     } catch (err) {
       showError(status, err);
     }
@@ -148,6 +176,8 @@ export function policiesView(view, selected) {
           ? h("p", { id: "preview-suppressed" },
               `Suppressed (not stored at all): ${out.suppressed.join(", ")}`)
           : "",
+        h("p", { class: "hint", id: "preview-hash-note" }, out.hash_note),
+        warningsList("preview-warnings", out.warnings),
         h("h5", {}, "In plain words"),
         h("ul", { id: "preview-explanation" }, out.explanation.map((l) => h("li", {}, l))));
     }));
@@ -156,6 +186,8 @@ export function policiesView(view, selected) {
       const doc2 = parse(docArea, "policy document");
       const v = await api(`/policies/${encodeURIComponent(name)}`, { method: "PUT", body: doc2 });
       showOk(edStatus, `Saved ${v.name} as version ${v.version}.`);
+      if (v.warnings && v.warnings.length) edStatus.append(warningsList("save-warnings",
+                                                                        v.warnings));
       clear(explain).append(...v.explanation.map((l) => h("li", {}, l)));
       if (location.hash !== `#policies=${name}`) history.replaceState(null, "",
                                                                       `#policies=${name}`);

@@ -146,6 +146,20 @@ async function loadPolicy() {
       h("p", {}, "Policy in force: ", h("strong", { id: "policy-name" }, p.policy),
         `, version ${p.version}.`),
       h("ul", { id: "policy-explanation" }, p.explanation.map((line) => h("li", {}, line))));
+    if (p.floor === "merged" || p.floor === "only") {
+      $("#policy").append(h("p", { id: "policy-floor" }, "This is a personal device: it gets ",
+        "at least the protection every personal device gets (no location, no list of ",
+        "installed apps, identifiers masked or not stored), whatever else the policy says."));
+    } else if (p.floor === "relaxed" && !p.beyond_floor.length) {
+      $("#policy").append(h("p", { id: "policy-floor" }, "This policy is written for personal ",
+        "devices and collects nothing beyond the minimum every personal device gets."));
+    } else if (p.floor === "relaxed") {
+      $("#policy").append(
+        h("p", { id: "policy-floor" }, "This policy is written for personal devices and ",
+          "collects more than the minimum every personal device otherwise gets:"),
+        h("ul", { id: "policy-beyond-floor" },
+          p.beyond_floor.map((line) => h("li", {}, line))));
+    }
   } catch (err) {
     showError(status, err);
   }
