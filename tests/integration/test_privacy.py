@@ -2,7 +2,14 @@
 database or the server's logs, whatever they are. The database is searched twice:
 as it is at rest (a full pg_dump: records are sealed) and as a holder of the
 master key reads it (every record opened), so the policy is what keeps the value
-out, not the encryption."""
+out, not the encryption.
+
+Records come from a corporate device under the tenant default and from personal
+devices under every kind of matching policy: the default, a group policy that
+keeps everything, a policy for corporate devices of their group (which does not
+match them), and a policy that names personal devices. Each personal device is held
+to the personal-device floor, except under the policy that names personal devices,
+which is held to its own rules."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from hypothesis import strategies as st
 from agent_protocol import Record, encode_telemetry, telemetry_topic
 from mdm_server.storage.policies import put_policy
 from mdm_server.storage.pool import connect
+from privacy_filters import parse_policy, policy_to_doc
 from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     IngestProcess,
@@ -53,6 +61,28 @@ POLICY: dict[str, Any] = {"fields": {
     "network.wifi_ssid": {"action": "drop"},
 }}
 
+# Fields the personal-device floor masks, hashes or drops.
+FLOOR = {"identity.imei", "identity.phone_number", "identity.serial", "identity.wifi_mac",
+         "identity.bluetooth_mac", "identity.user_email", "identity.user_name",
+         "identity.first_name", "identity.last_name", "sim.iccid", "sim.imsi", "network.ip"}
+# A policy that names personal devices: held to its own rules only.
+EXPLICIT: dict[str, Any] = {"applies_to": {"ownership": "personal", "groups": ["byod"]},
+                            "fields": {"identity.serial": {"action": "drop"},
+                                       "sim.imsi": {"action": "mask", "keep_first": 5}}}
+# device -> (ownership, groups, fields whose raw value must never be stored)
+DEVICES: dict[str, tuple[str, tuple[str, ...], set[str]]] = {
+    "phone": ("corporate", (), set(POLICY["fields"])),
+    "p-default": ("personal", (), set(POLICY["fields"]) | FLOOR),
+    "p-group": ("personal", ("field",), FLOOR),  # the group policy keeps everything
+    "p-corpgroup": ("personal", ("fleet",), set(POLICY["fields"]) | FLOOR),
+    "p-explicit": ("personal", ("byod",), set(EXPLICIT["fields"])),
+}
+EXTRA_POLICIES: dict[str, dict[str, Any]] = {
+    "field": {"applies_to": {"groups": ["field"]}, "collect": {"location": True}},
+    "fleet-corporate": {"applies_to": {"groups": ["fleet"], "ownership": "corporate"}},
+    "explicit": EXPLICIT,
+}
+
 # Values long and specific enough that finding one by chance in a dump is not a
 # concern (masked values keep their last 4 characters, so the raw value as a
 # whole still must not appear).
@@ -76,8 +106,8 @@ network = st.fixed_dictionaries({
     "wifi_ssid": word.map(lambda w: f"home-{w}"), "network_type": st.just("wifi")})
 
 
-def _raw_values(kind: str, data: dict[str, Any]) -> list[str]:
-    masked = {f.split(".", 1)[1] for f in POLICY["fields"] if f.startswith(kind + ".")}
+def _raw_values(device: str, kind: str, data: dict[str, Any]) -> list[str]:
+    masked = {f.split(".", 1)[1] for f in DEVICES[device][2] if f.startswith(kind + ".")}
     return [str(v) for k, v in data.items() if k in masked]
 
 
@@ -93,10 +123,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     database = asyncio.run(create_database())
 
     async def setup(mqtt_url: str) -> None:
-        await enroll(database, mqtt_url, "acme", ["phone"])
+        for device, (ownership, groups, _) in DEVICES.items():
+            await enroll(database, mqtt_url, "acme", [device], ownership, groups)
         conn = await connect(database)
         try:
             await put_policy(conn, "acme", "default", {"applies_to": {}, **POLICY}, "test")
+            for name, body in EXTRA_POLICIES.items():
+                await put_policy(conn, "acme", name,
+                                 policy_to_doc(parse_policy(body, name=name)), "test")
         finally:
             await conn.close()
 
@@ -117,20 +151,20 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 # (it would run hundreds more), the failing example is reported as generated.
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
-@given(records=st.lists(st.one_of(identity.map(lambda d: ("identity", d)),
-                                  sim.map(lambda d: ("sim", d)),
-                                  network.map(lambda d: ("network", d))),
-                        min_size=3, max_size=12))
+@given(records=st.lists(st.tuples(
+    st.sampled_from(sorted(DEVICES)),
+    st.one_of(identity.map(lambda d: ("identity", d)), sim.map(lambda d: ("sim", d)),
+              network.map(lambda d: ("network", d)))), min_size=3, max_size=12))
 def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
-    env: Env, records: list[tuple[str, dict[str, Any]]]
+    env: Env, records: list[tuple[str, tuple[str, dict[str, Any]]]]
 ) -> None:
     before = int(asyncio.run(fetchval(env.database, "SELECT count(*) FROM telemetry")))  # type: ignore[arg-type]
     messages, raw = [], []
-    for kind, data in records:
+    for device, (kind, data) in records:
         rec = Record(f"r{next(env.ids)}", int(time.time() * 1000), data)
-        messages.append((telemetry_topic("acme", "phone", kind),
-                         encode_telemetry([rec], device="phone", kind=kind)))
-        raw += _raw_values(kind, data)
+        messages.append((telemetry_topic("acme", device, kind),
+                         encode_telemetry([rec], device=device, kind=kind)))
+        raw += _raw_values(device, kind, data)
     publish_as_devices(env.port, messages)
     stored = wait_for_count(env.database, "SELECT count(*) FROM telemetry",
                             before + len(records), timeout=30, proc=env.ingest)
@@ -146,3 +180,10 @@ def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
         assert value not in dump, "a raw value reached the database"
         assert value not in opened, "a raw value reached the database (opened)"
         assert value not in logs, "a raw value reached the logs"
+    # Each device's records were shaped by the policy in force for it.
+    stamped = {(r["device_id"], r["policy_id"]) for r in asyncio.run(fetch_telemetry(
+        env.database, "device_id = ANY($1::text[])", [d for d, _ in records]))}
+    expected = {"phone": "default", "p-default": "default+personal-floor",
+                "p-group": "field+personal-floor", "p-corpgroup": "default+personal-floor",
+                "p-explicit": "explicit"}
+    assert stamped == {(d, expected[d]) for d, _ in records}

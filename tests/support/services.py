@@ -228,13 +228,14 @@ def server_env(database_url: str, mqtt_url: str, **extra: str) -> dict[str, str]
 
 
 async def enroll(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
-                 ownership: str = "corporate") -> None:
+                 ownership: str = "corporate", groups: tuple[str, ...] = ()) -> None:
     """Create ``tenant`` (if needed) and enroll ``devices`` in it."""
-    await enroll_devices(database_url, mqtt_url, tenant, devices, ownership)
+    await enroll_devices(database_url, mqtt_url, tenant, devices, ownership, groups)
 
 
 async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices: list[str],
-                         ownership: str = "corporate") -> list[dict[str, Any]]:
+                         ownership: str = "corporate", groups: tuple[str, ...] = ()
+                         ) -> list[dict[str, Any]]:
     """As :func:`enroll`; returns each device's enrollment JSON (with server_keys).
     When ``mqtt_url`` names the server's user (``Broker.url`` does), the devices get
     their broker clients too, as the CLI gives them."""
@@ -251,7 +252,8 @@ async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices:
     try:
         await ensure_tenant(conn, tenant)
         out = [await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
-                                   user_email=None, mqtt_url=mqtt_url, master_key=master_key)
+                                   user_email=None, mqtt_url=mqtt_url, master_key=master_key,
+                                   groups=groups)
                for d in devices]
         settings = MqttSettings.from_url(mqtt_url)
         if settings.username:
