@@ -22,9 +22,11 @@ __all__ = [
     "TELEMETRY_FILTER",
     "Channel",
     "Topic",
+    "TopicOutline",
     "acks_topic",
     "commands_topic",
     "is_valid_id",
+    "outline_topic",
     "parse_topic",
     "shared_subscription",
     "status_topic",
@@ -134,6 +136,49 @@ def _parse_topic(topic: str) -> Topic:
     if channel == "telemetry":
         raise _bad("telemetry topic must end with /{kind}")
     raise _bad(f"channel must be one of {', '.join(CHANNELS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicOutline:
+    """What of a topic name may be kept, e.g. with a dead letter: the levels that
+    parsed, and the name of the first that did not, never its value (a device id
+    in the wrong place, or a "kind" like ``imei=356938035643809``, may be personal
+    data). ``text`` is the topic with that level, and all after it, replaced by
+    its name in braces: ``mdm/v1/acme/devices/phone-7/telemetry/{kind}``;
+    ``failed`` is None when the whole topic is valid."""
+
+    tenant: str | None
+    device: str | None
+    failed: str | None
+    text: str
+
+
+def outline_topic(topic: str) -> TopicOutline:
+    """Parse ``topic`` as far as it goes (see :class:`TopicOutline`); never raises."""
+    parts = topic.split("/") if type(topic) is str else []
+    if len(parts) < 5 or parts[0] != "mdm" or parts[1] != "v1" or parts[3] != "devices":
+        return TopicOutline(None, None, "prefix", "{topic}")
+    tenant, device = parts[2], parts[4]
+    if _id_match(tenant) is None:
+        return TopicOutline(None, None, "tenant", "mdm/v1/{tenant}")
+    base = f"{PREFIX}{tenant}/devices"
+    if _id_match(device) is None:
+        return TopicOutline(tenant, None, "device", base + "/{device}")
+    base += f"/{device}"
+    channel = parts[5] if len(parts) > 5 else None
+    if channel not in CHANNELS:
+        return TopicOutline(tenant, device, "channel", base + "/{channel}")
+    base += f"/{channel}"
+    if channel == "telemetry":
+        if len(parts) < 7 or parts[6] not in _KINDS:
+            return TopicOutline(tenant, device, "kind", base + "/{kind}")
+        base += f"/{parts[6]}"
+        extra = len(parts) > 7
+    else:
+        extra = len(parts) > 6
+    if extra:
+        return TopicOutline(tenant, device, "extra", base + "/{extra}")
+    return TopicOutline(tenant, device, None, base)
 
 
 def _check_ids(tenant: str, device: str) -> None:

@@ -189,6 +189,7 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
     from mdm_server.ingest import batch as batch_mod
     from mdm_server.ingest import shaping
     from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
+    from mdm_server.ingest.record_ids import RecordIds, digest_groups
     from mdm_server.ingest.sink import _DAY_MS
     from mdm_server.policy.engine import DeviceProfile as Profile
     from mdm_server.policy.engine import PolicyEngine
@@ -201,6 +202,7 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
     engine._tenants[TENANT] = engine._compile(  # as load() does, without the database
         TENANT, [("default", 1, {"applies_to": {}})], (("default", 1),))
     profile = Profile("corporate", ())
+    record_ids = RecordIds(b"k" * 32)
     known = {(TENANT, f"sim-{i:04d}") for i in range(DEVICES)}
 
     received: list[InboundMessage] = []
@@ -236,6 +238,7 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
         laps.lap("decode + validate")
         decoded.devices()
         groups, ws = batch_mod.admit(decoded, is_enrolled)
+        digest_groups(groups, record_ids)
         laps.lap("batch glue")
         p = shaping.plan(groups, choose, ws)
         shaping.apply(p, ws, {})

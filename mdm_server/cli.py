@@ -130,7 +130,9 @@ async def _retention_run(cfg: Config) -> None:
         await conn.close()
     print(json.dumps({"dropped_partitions": report.dropped_partitions,
                       "deleted_rows": report.deleted_rows,
-                      "deleted_dead_letters": report.deleted_dead_letters}))
+                      "deleted_dead_letters": report.deleted_dead_letters,
+                      "cleared_ack_details": report.cleared_ack_details,
+                      "deleted_command_events": report.deleted_command_events}))
 
 
 async def _tenant_create(cfg: Config, name: str) -> None:

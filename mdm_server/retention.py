@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from agent_protocol import KINDS
+from mdm_server.commands.states import TERMINAL
 from mdm_server.storage.policies import DEFAULT_POLICY
 from privacy_filters import (
     FLOOR_ID,
@@ -28,11 +29,23 @@ from privacy_filters import (
     parse_policy,
 )
 
-__all__ = ["DEAD_LETTER_DAYS", "RetentionReport", "run_retention"]
+__all__ = [
+    "ACK_DETAIL_DAYS",
+    "COMMAND_EVENT_DAYS",
+    "DEAD_LETTER_DAYS",
+    "RetentionReport",
+    "run_retention",
+]
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_DAYS = 30
+# What a device reported about a command in its own words (an ack's free-text
+# detail) is cleared after this many days; the notice log keeps the outcome.
+ACK_DETAIL_DAYS = 30
+# The step-by-step events of a finished command (published, acks, expiry) are
+# deleted after this many days; the command itself (the notice log) stays.
+COMMAND_EVENT_DAYS = 90
 # Records shaped by the floor before it was called that (the strict built-in).
 _LEGACY_FLOOR_ID = "builtin:strict-personal"
 _PARTITION = re.compile(r"^telemetry_([a-z]+)_(\d{8})$")
@@ -43,6 +56,8 @@ class RetentionReport:
     dropped_partitions: list[str] = field(default_factory=list)
     deleted_rows: int = 0
     deleted_dead_letters: int = 0
+    cleared_ack_details: int = 0
+    deleted_command_events: int = 0
 
 
 async def _retention_table(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, int]]:
@@ -117,7 +132,29 @@ async def run_retention(conn: asyncpg.Connection, now: datetime | None = None
     status = await conn.execute(
         "DELETE FROM checkout_events WHERE ts < $1",
         now - timedelta(days=longest["location"] + 1))
-    log.info("retention: dropped %d partitions, deleted %d rows and %d dead letters",
-             len(report.dropped_partitions), report.deleted_rows,
-             report.deleted_dead_letters)
+    await _command_retention(conn, now, report)
+    log.info("retention: dropped %d partitions, deleted %d rows, %d dead letters and %d "
+             "command events, cleared %d ack details", len(report.dropped_partitions),
+             report.deleted_rows, report.deleted_dead_letters, report.deleted_command_events,
+             report.cleared_ack_details)
     return report
+
+
+async def _command_retention(conn: asyncpg.Connection, now: datetime,
+                             report: RetentionReport) -> None:
+    """Ack details (a device's free text) cleared after ACK_DETAIL_DAYS; events of
+    finished commands deleted after COMMAND_EVENT_DAYS."""
+    cutoff = now - timedelta(days=ACK_DETAIL_DAYS)
+    status = await conn.execute(
+        "UPDATE command_events SET detail = NULL "
+        "WHERE event = 'ack' AND detail IS NOT NULL AND at < $1", cutoff)
+    report.cleared_ack_details += int(status.split()[-1])
+    status = await conn.execute(
+        "UPDATE commands SET outcome_detail = NULL "
+        "WHERE outcome_detail IS NOT NULL AND coalesce(finished_at, created_at) < $1", cutoff)
+    report.cleared_ack_details += int(status.split()[-1])
+    status = await conn.execute(
+        "DELETE FROM command_events e USING commands c "
+        "WHERE c.command_id = e.command_id AND c.state = ANY($2::text[]) AND e.at < $1",
+        now - timedelta(days=COMMAND_EVENT_DAYS), sorted(TERMINAL))
+    report.deleted_command_events = int(status.split()[-1])

@@ -128,7 +128,7 @@ async def dead_letters(request: web.Request) -> web.Response:
     who = await require_reader(request, request.app[POOL])
     limit, before = page_limit(request), _int_cursor(request)
     rows = await request.app[POOL].fetch(
-        "SELECT id, received_at, topic, device_id, reason, detail, payload_bytes "
+        "SELECT id, received_at, topic, device_id, failed_level, reason, detail, payload_bytes "
         "FROM dead_letters WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2) "
         "ORDER BY id DESC LIMIT $3", who.tenant, before, limit + 1)
     more = len(rows) > limit
@@ -136,6 +136,7 @@ async def dead_letters(request: web.Request) -> web.Response:
     return web.json_response({
         "dead_letters": [{"id": r["id"], "received_at": r["received_at"].isoformat(),
                           "topic": r["topic"], "device": r["device_id"],
+                          "level": r["failed_level"],
                           "reason": r["reason"], "detail": r["detail"],
                           "payload_bytes": r["payload_bytes"]} for r in rows],
         "next": str(rows[-1]["id"]) if more and rows else None})

@@ -43,6 +43,7 @@ from agent_protocol import (
 from mdm_server.commands import states
 from mdm_server.commands.outbox import NOTIFY_CHANNEL
 from mdm_server.config import Config
+from mdm_server.ingest.batch import DeadLetter
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
 from mdm_server.ingest.sink import retry_while_away
 
@@ -132,8 +133,8 @@ class AckConsumer:
                     continue
                 ack = decode_ack(m.payload, now_ms=now_ms)
             except ProtocolError as exc:
-                dead.append((m.topic if tenant else "<invalid topic>", tenant, device,
-                             str(exc.reason), exc.detail, len(m.payload)))
+                dead.append(DeadLetter.of(m.topic, str(exc.reason), exc.detail,
+                                          len(m.payload)).as_row())
                 continue
             try:
                 command_id: uuid.UUID | None = uuid.UUID(ack.command_id)
@@ -150,8 +151,8 @@ class AckConsumer:
         async with self._pool.acquire() as conn, conn.transaction():
             if dead:
                 await conn.executemany(
-                    "INSERT INTO dead_letters (topic, tenant_id, device_id, reason, detail, "
-                    "payload_bytes) VALUES ($1, $2, $3, $4, $5, $6)", dead)
+                    "INSERT INTO dead_letters (topic, tenant_id, device_id, failed_level, "
+                    "reason, detail, payload_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7)", dead)
             if acks:
                 await self._apply_acks(conn, acks)
             if online:

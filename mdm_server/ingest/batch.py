@@ -23,6 +23,7 @@ from agent_protocol import (
     Reason,
     RemoteProtocolError,
     Topic,
+    outline_topic,
     parse_topic,
 )
 from agent_protocol.envelope import decode_records
@@ -49,23 +50,30 @@ CheckoutRow = tuple[str, str, int, str, str]
 SuppressedRow = tuple[str, str, int]
 CheckinRow = tuple[str, str, int]
 
-_MAX_TOPIC_CHARS = 300
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Bad input as kept: never the payload, only where it came from and why."""
+    """Bad input as kept: never the payload, and never a topic as it was sent, only
+    what of it parsed (``agent_protocol.outline_topic``: tenant and device when
+    they parse, so that the tenant's admin sees it and erasure deletes it, and the
+    name of the level that failed, never its value) and why."""
 
     topic: str
     tenant: str | None
     device: str | None
+    level: str | None  # the topic level that failed; None when the topic parsed
     reason: str
     detail: str
     payload_bytes: int
 
-    def as_row(self) -> tuple[str, str | None, str | None, str, str, int]:
-        return (self.topic[:_MAX_TOPIC_CHARS], self.tenant, self.device, self.reason,
-                self.detail, self.payload_bytes)
+    @classmethod
+    def of(cls, raw_topic: str, reason: str, detail: str, payload_bytes: int
+           ) -> DeadLetter:
+        o = outline_topic(raw_topic)
+        return cls(o.text, o.tenant, o.device, o.failed, reason, detail, payload_bytes)
+
+    def as_row(self) -> tuple[str, str | None, str | None, str | None, str, str, int]:
+        return (self.topic, self.tenant, self.device, self.level, self.reason, self.detail,
+                self.payload_bytes)
 
 
 @dataclass(slots=True)
@@ -190,8 +198,10 @@ def decode_batch(messages: list[InboundMessage], now_ms: int) -> DecodedBatch:
 
 
 def _dead(msg: InboundMessage, topic: Topic | None, reason: str, detail: str) -> DeadLetter:
-    return DeadLetter(msg.topic, topic.tenant if topic else None,
-                      topic.device if topic else None, reason, detail, len(msg.payload))
+    if topic is not None:  # parsed: every level is one of ours, its ids are valid
+        return DeadLetter(str(topic), topic.tenant, topic.device, None, reason, detail,
+                          len(msg.payload))
+    return DeadLetter.of(msg.topic, reason, detail, len(msg.payload))
 
 
 def admit(decoded: DecodedBatch, is_enrolled: Callable[[str, str], bool]

@@ -2,8 +2,8 @@
 
 Why not paho's own network thread: messages, acks and database commits then all
 live on one thread, so there is no bridge between a callback thread and asyncio
-to bound (STYLE.md's anti-pattern), and ``ack`` is never called concurrently with
-paho's reader.
+to bound (an unbounded queue grows; a bounded one that drops after acking loses
+data), and ``ack`` is never called concurrently with paho's reader.
 
 Why the subclass: paho reads every packet with three or more ``recv`` calls (one
 byte of type, the length bytes one by one, then the body) and ``loop_read`` reads

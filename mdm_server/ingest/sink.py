@@ -92,8 +92,10 @@ SELECT $1, $2, (ts AT TIME ZONE 'UTC')::date, count(*) FROM gone GROUP BY 3
 ON CONFLICT (tenant_id, device_id, day)
 DO UPDATE SET count = suppressed_locations.count + EXCLUDED.count"""
 _INSERT_DEAD = """
-INSERT INTO dead_letters (topic, tenant_id, device_id, reason, detail, payload_bytes)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[])"""
+INSERT INTO dead_letters (topic, tenant_id, device_id, failed_level, reason, detail,
+                          payload_bytes)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::int[])"""
 
 # SQLSTATE classes that mean "the server is away or busy", not "the data is bad".
 _TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
@@ -240,21 +242,15 @@ class TelemetrySink:
                 b = await self._write_splitting(ws.select(mid, ws.hi))
                 return WriteResult(a.inserted + b.inserted, a.offered + b.offered,
                                    a.dead_letters + b.dead_letters, a.refused + b.refused)
-            if ws.rows:
-                tenant, device = ws.rows[0][0], ws.rows[0][1]
-            elif ws.checkouts:
-                tenant, device = ws.checkouts[0][1][0], ws.checkouts[0][1][1]
-            else:  # a lone dead letter was refused: that is our bug
+            if not ws.rows and not ws.checkouts:  # a lone dead letter was refused: our bug
                 raise
             # The failed transaction has rolled back; the connection is usable.
             msg = ws.messages[ws.lo]
             sqlstate = getattr(exc, "sqlstate", None) or type(exc).__name__
             log.warning("database refused a message (%s); dead-lettered", sqlstate)
-            dead = DeadLetter(
-                topic=msg.topic, tenant=tenant, device=device, reason=STORAGE_REFUSED,
-                detail=f"the database refused a value ({sqlstate})",
-                payload_bytes=len(msg.payload),
-            )
+            dead = DeadLetter.of(msg.topic, STORAGE_REFUSED,
+                                 f"the database refused a value ({sqlstate})",
+                                 len(msg.payload))
             result = await self._write_once(
                 WriteSet(ws.messages, dead=[(ws.lo, dead)], lo=ws.lo, hi=ws.hi))
             result.refused = 1

@@ -27,6 +27,7 @@ from agent_protocol import TELEMETRY_FILTER, shared_subscription
 from mdm_server.config import Config
 from mdm_server.ingest.batch import DecodedBatch, WriteSet, admit
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
+from mdm_server.ingest.record_ids import RecordIds, digest_groups
 from mdm_server.ingest.shaping import Plan, ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, retry_while_away
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
@@ -148,6 +149,7 @@ class IngestWorker:
         self._to_write: asyncio.Queue[tuple[list[InboundMessage], WriteSet, ShapeStats]] = (
             asyncio.Queue(maxsize=1))
         self._sink = TelemetrySink(config.database_url, config.require_master_key())
+        self._record_ids = RecordIds(config.require_master_key())
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
         self.policies = PolicyEngine(config)
@@ -234,6 +236,8 @@ class IngestWorker:
             await retry_while_away(functools.partial(self._load, keys), self._lookup.reset)
             groups, ws = admit(decoded, self._devices.is_enrolled)
             del decoded
+            # The agent's record ids go no further than here (record_ids.py).
+            digest_groups(groups, self._record_ids)
             p = plan(groups, self._choose, ws)
             if p.needs_checkouts:
                 # The history must hold the check-outs the previous batch writes.

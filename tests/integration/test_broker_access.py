@@ -33,7 +33,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent_protocol import Record, Status, encode_status, encode_telemetry
+from agent_protocol import Record, Status, encode_status, encode_telemetry, outline_topic
 from mdm_server.broker.dynsec import Dynsec
 from mdm_server.config import MqttSettings
 from tests.support.services import (
@@ -47,6 +47,7 @@ from tests.support.services import (
     fetchval,
     running_broker,
     server_env,
+    stored_id,
     wait_for_count,
 )
 
@@ -420,7 +421,8 @@ def _run_matrix(w: World) -> None:
         w.observer.publish(f"{dev.base}/commands", f"command-for-{dev.user}".encode())
     assert _wait(lambda: all(any(p == f"command-for-{d.user}".encode()
                                  for _, p in w.devices[d].messages()) for d in DEVICES))
-    wait_for_count(w.database, "SELECT count(*) FROM telemetry WHERE record_id LIKE 'own-%'",
+    own = ", ".join(f"'{stored_id(d.tenant, d.device, f'own-{d.user}')}'" for d in DEVICES)
+    wait_for_count(w.database, f"SELECT count(*) FROM telemetry WHERE record_id IN ({own})",
                    len(DEVICES), timeout=60)
     time.sleep(2.0)  # anything forged and late would show by now
 
@@ -469,10 +471,17 @@ def test_access_matrix(world: World, case: Case) -> None:
     leaked = [(where, t) for where, t, p in w.everywhere() if marker in p]
     assert not leaked, f"{case.id}: arrived at {leaked}"
     if case.kind in ("publish", "will"):
+        # Stored ids are digests per device: the marker's under the device the topic
+        # names (the only one it could be stored under), and under every device.
+        outline = outline_topic(case.topic)
+        owners = {(d.tenant, d.device) for d in DEVICES}
+        if outline.tenant and outline.device:
+            owners.add((outline.tenant, outline.device))
         stored = asyncio.run(fetchval(
-            w.database, "SELECT count(*) FROM telemetry WHERE record_id = $1", case.marker))
+            w.database, "SELECT count(*) FROM telemetry WHERE record_id = ANY($1::text[])",
+            [stored_id(t, d, case.marker) for t, d in sorted(owners)]))
         dead = asyncio.run(fetchval(
-            w.database, "SELECT count(*) FROM dead_letters WHERE topic = $1", case.topic))
+            w.database, "SELECT count(*) FROM dead_letters WHERE topic = $1", outline.text))
         assert (stored, dead) == (0, 0), "reached the server"
     elif case.kind == "subscribe":
         assert w.subacks[case.id] == 0x80, "subscription granted"
@@ -511,7 +520,7 @@ def test_every_device_gets_its_own_traffic_through_and_only_its_own(world: World
     rows = asyncio.run(fetch(w.database, "SELECT tenant_id, device_id, record_id FROM telemetry"))
     # Nothing stored under a device but what that device itself sent.
     assert sorted((r["tenant_id"], r["device_id"], r["record_id"]) for r in rows) == sorted(
-        (d.tenant, d.device, f"own-{d.user}") for d in DEVICES)
+        (d.tenant, d.device, stored_id(d.tenant, d.device, f"own-{d.user}")) for d in DEVICES)
     assert asyncio.run(fetchval(w.database, "SELECT count(*) FROM dead_letters")) == 0
 
 
@@ -549,8 +558,8 @@ def test_a_revoked_device_is_cut_off_and_cannot_come_back(world: World) -> None:
     r1 = Dev("acme", "r1")
     probe = _device_probe(w, r1)
     probe.publish(f"{r1.base}/telemetry/location", _telemetry(r1, "r1-before"))
-    wait_for_count(w.database, "SELECT count(*) FROM telemetry WHERE record_id = 'r1-before'",
-                   1, timeout=30)
+    wait_for_count(w.database, "SELECT count(*) FROM telemetry WHERE record_id = "
+                   f"'{stored_id('acme', 'r1', 'r1-before')}'", 1, timeout=30)
 
     assert _revoked_cli(w, r1)["status"] == "revoked"
     assert _wait(lambda: not probe.connected, timeout=10), "still connected after revocation"
@@ -583,8 +592,8 @@ def test_a_revocation_the_broker_missed_is_refused_by_ingest_then_enforced(
     r2 = Dev("acme", "r2")
     probe = _device_probe(w, r2)
     probe.publish(f"{r2.base}/telemetry/location", _telemetry(r2, "r2-before"))
-    wait_for_count(w.database, "SELECT count(*) FROM telemetry WHERE record_id = 'r2-before'",
-                   1, timeout=30)
+    wait_for_count(w.database, "SELECT count(*) FROM telemetry WHERE record_id = "
+                   f"'{stored_id('acme', 'r2', 'r2-before')}'", 1, timeout=30)
 
     async def revoke_in_database_only(notify: bool) -> None:
         conn = await connect(w.database)
@@ -601,8 +610,8 @@ def test_a_revocation_the_broker_missed_is_refused_by_ingest_then_enforced(
     probe.publish(f"{r2.base}/telemetry/location", _telemetry(r2, "r2-after"))
     wait_for_count(w.database, "SELECT count(*) FROM dead_letters WHERE topic = "
                    f"'{r2.base}/telemetry/location'", 1, timeout=30)
-    assert asyncio.run(fetchval(w.database, "SELECT count(*) FROM telemetry "
-                                "WHERE record_id = 'r2-after'")) == 0
+    assert asyncio.run(fetchval(w.database, "SELECT count(*) FROM telemetry WHERE record_id "
+                                "= $1", stored_id("acme", "r2", "r2-after"))) == 0
     assert probe.connected  # the broker was not told yet
 
     asyncio.run(revoke_in_database_only(notify=True))

@@ -32,6 +32,7 @@ from tests.support.services import (
     fetchval,
     running_broker,
     server_env,
+    stored_id,
     wait_for_count,
 )
 
@@ -177,7 +178,8 @@ def test_a_backup_taken_before_an_erasure_cannot_be_read_after_it(
     wait_for_count(env.database, "SELECT count(*) FROM telemetry WHERE device_id = 'gone'",
                    1, timeout=30, proc=env.ingest)
     (row,) = asyncio.run(fetch_telemetry(env.database, "device_id = 'gone'"))
-    assert row["record_id"] == "gone-after" and row["data"]["imei"] == IMEI
+    assert row["record_id"] == stored_id("acme", "gone", "gone-after")
+    assert row["data"]["imei"] == IMEI
     assert "sealing again" in env.ingest.log_text()
 
 
@@ -228,7 +230,8 @@ def test_a_wrong_master_key_stops_the_write_and_dead_letters_nothing(env: Env) -
     # a sink with another master key cannot open it.
     publish_as_devices(env.port, [_identity("stays", "stays-key")])
     wait_for_count(env.database, "SELECT count(*) FROM telemetry WHERE record_id = "
-                   "'stays-key'", 1, timeout=30, proc=env.ingest)
+                   f"'{stored_id('acme', 'stays', 'stays-key')}'", 1, timeout=30,
+                   proc=env.ingest)
     assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM keystore.device_keys "
                                 "WHERE device_id = 'stays'")) == 1
     dead_before = asyncio.run(fetchval(env.database, "SELECT count(*) FROM dead_letters"))

@@ -20,6 +20,7 @@ from tests.support.services import (
     fetchval,
     private_postgres,
     server_env,
+    stored_id,
     wait_for_count,
 )
 from tests.support.telemetry import location
@@ -80,7 +81,16 @@ BAD_INPUTS: list[tuple[str, str, bytes, str]] = [
      "topic_mismatch"),
     ("kind_mismatch", LOC, _env("b8", {"imei": "356938035643809"}, kind="identity"),
      "topic_mismatch"),
+    # The auditor's case: a kind level that carries a value. The dead letter keeps the
+    # tenant and device (its admin sees it, erasure deletes it), never the level.
+    ("kind_with_a_value", "mdm/v1/acme/devices/dev-1/telemetry/imei=356938035643809",
+     _env("b9", {"lat": 52.1, "lon": 4.3}), "bad_topic"),
+    ("unknown_kind", "mdm/v1/acme/devices/dev-1/telemetry/imei356938035643809",
+     _env("b10", {"lat": 52.1, "lon": 4.3}), "unknown_kind"),
 ]
+# What a dead letter keeps of a topic that does not parse.
+KEPT_TOPIC = {"kind_with_a_value": "mdm/v1/acme/devices/dev-1/telemetry/{kind}",
+              "unknown_kind": "mdm/v1/acme/devices/dev-1/telemetry/{kind}"}
 
 
 @pytest.mark.parametrize(("case", "topic", "payload", "reason"), BAD_INPUTS,
@@ -108,12 +118,15 @@ def test_bad_input_is_dead_lettered_and_ingest_goes_on(
     assert len(rows) == 1
     dead = rows[0]
     assert dead["reason"] == reason
-    assert dead["topic"] == topic
+    assert dead["topic"] == KEPT_TOPIC.get(case, topic)
+    assert dead["failed_level"] == ("kind" if case in KEPT_TOPIC else None)
+    assert dead["tenant_id"] == "acme"
+    assert dead["device_id"] == ("stranger" if case == "unknown_device" else "dev-1")
     assert dead["payload_bytes"] == len(payload)
     assert asyncio.run(fetchval(database, COUNT)) == 1
     # No payload column exists, and no raw value leaks into the detail or the log.
     for raw in ("52.123456", "123.456789", "356938035643809", "xxxxxxxx"):
-        assert raw not in dead["detail"]
+        assert raw not in dead["detail"] and raw not in dead["topic"]
         assert raw not in ingest.log_text()
     assert "payload" not in {k for k in dead.keys() if k != "payload_bytes"}
 
@@ -184,8 +197,9 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
     devices = ["dev-1", "dev-2"]
     asyncio.run(enroll(database, broker.url, "acme", devices))
     # A value PostgreSQL refuses (for the test: a CHECK on one record id).
+    poison_id = stored_id("acme", "dev-2", "dev-2-37")  # as stored: a keyed digest
     asyncio.run(fetch(database, "ALTER TABLE telemetry ADD CONSTRAINT no_poison "
-                                "CHECK (record_id <> 'dev-2-37')"))
+                                f"CHECK (record_id <> '{poison_id}')"))
     ingest = IngestProcess(server_env(database, broker.url), tmp_path / "ingest.log")
     ingest.start()
     ingest.wait_ready()
@@ -204,7 +218,7 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
         ingest.stop()
     assert asyncio.run(fetchval(database, COUNT)) == 199
     assert asyncio.run(fetchval(
-        database, "SELECT count(*) FROM telemetry WHERE record_id = 'dev-2-37'")) == 0
+        database, "SELECT count(*) FROM telemetry WHERE record_id = $1", poison_id)) == 0
     dead = asyncio.run(fetch(database, "SELECT * FROM dead_letters ORDER BY reason"))
     assert [(d["reason"], d["topic"], d["tenant_id"], d["device_id"], d["payload_bytes"])
             for d in dead] == [

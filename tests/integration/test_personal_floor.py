@@ -32,6 +32,7 @@ from tests.support.services import (
     fetch_telemetry,
     running_broker,
     server_env,
+    stored_id,
     wait_for_count,
 )
 
@@ -87,10 +88,10 @@ def _report(server: Server, device: str, tag: str) -> int:
     """Location, identity, SIM and network records from ``device``; how many."""
     now = int(time.time() * 1000)
     messages = []
-    for kind, data in (("location", {"lat": 52.0801, "lon": 4.3102, "accuracy_m": 5.0}),
-                       ("identity", {**RAW, "model": "Pixel 8"}),
-                       ("sim", {**SIM_RAW, "state": "ready"}),
-                       ("network", {"ip": IP, "network_type": "wifi"})):
+    for kind, data in zip(KINDS, ({"lat": 52.0801, "lon": 4.3102, "accuracy_m": 5.0},
+                                  {**RAW, "model": "Pixel 8"},
+                                  {**SIM_RAW, "state": "ready"},
+                                  {"ip": IP, "network_type": "wifi"}), strict=True):
         rec = Record(f"{tag}-{kind}", now, data)
         messages.append((telemetry_topic("acme", device, kind),
                          encode_telemetry([rec], device=device, kind=kind)))
@@ -98,10 +99,14 @@ def _report(server: Server, device: str, tag: str) -> int:
     return len(messages)
 
 
+KINDS = ("location", "identity", "sim", "network")
+
+
 def _stored(server: Server, device: str, tag: str, n: int) -> dict[str, dict[str, Any]]:
     """The records of one report, by kind, once ``n`` of them are stored (and a moment
     more, so that one stored later would be seen too)."""
-    where = f"device_id = '{device}' AND record_id LIKE '{tag}-%'"
+    ids = ", ".join(f"'{stored_id('acme', device, f'{tag}-{kind}')}'" for kind in KINDS)
+    where = f"device_id = '{device}' AND record_id IN ({ids})"
     wait_for_count(_db(server), f"SELECT count(*) FROM telemetry WHERE {where}", n,
                    timeout=30, settle=1.0)
     rows = asyncio.run(fetch_telemetry(_db(server), where))
@@ -198,7 +203,8 @@ def test_only_a_policy_for_personal_devices_relaxes_the_floor(server: Server, ad
 def test_preview_is_no_oracle_for_stored_hashes(server: Server, admin: str) -> None:
     # The floor stored the personal device's serial hashed under the tenant's key.
     [row] = asyncio.run(fetch_telemetry(
-        _db(server), "device_id = 'byod' AND kind = 'identity' AND record_id = 'g1-identity'"))
+        _db(server), "device_id = 'byod' AND record_id = $1",
+        stored_id("acme", "byod", "g1-identity")))
     stored = row["data"]["serial"]
     assert stored.startswith("hmac-sha256:")
     draft = {"fields": {"identity.serial": {"action": "hash"},

@@ -264,6 +264,14 @@ async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices:
         await conn.close()
 
 
+def stored_id(tenant: str, device: str, record_id: str) -> str:
+    """A record id as the ingest stores it: a keyed digest under the tests' master
+    key (mdm_server/ingest/record_ids.py), never the id the agent sent."""
+    from mdm_server.ingest.record_ids import record_id_digest
+
+    return record_id_digest(base64.b64decode(TEST_MASTER_KEY), tenant, device, record_id)
+
+
 def device_credentials(tenant: str, device: str, generation: int = 1) -> tuple[str, str]:
     """(username, password) of a device enrolled with the tests' master key, as its
     enrollment JSON gave them (credential ``generation``: 1, +1 per re-enrollment)."""

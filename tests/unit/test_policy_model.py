@@ -29,7 +29,7 @@ def square(lon0: float, lat0: float, lon1: float, lat1: float) -> dict[str, Any]
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-# The POLICY.md example, with real polygons in place of the placeholders.
+# The docs/policies.md example, with real polygons in place of placeholders.
 BYOD_EU: dict[str, Any] = {
     "name": "byod-eu",
     "applies_to": {"ownership": "personal", "groups": ["field-staff"]},

@@ -172,3 +172,52 @@ def test_is_valid_id() -> None:
     assert not is_valid_id("a" * 65)
     assert not is_valid_id("a\n")
     assert not is_valid_id(5)  # type: ignore[arg-type]
+
+
+# --- what of a topic may be kept ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("topic", "tenant", "device", "failed", "text"), [
+    ("mdm/v1/acme/devices/phone-7/telemetry/location", "acme", "phone-7", None,
+     "mdm/v1/acme/devices/phone-7/telemetry/location"),
+    ("mdm/v1/acme/devices/phone-7/acks", "acme", "phone-7", None,
+     "mdm/v1/acme/devices/phone-7/acks"),
+    ("mdm/v1/acme/devices/phone-7/telemetry/imei=356938035643809", "acme", "phone-7", "kind",
+     "mdm/v1/acme/devices/phone-7/telemetry/{kind}"),
+    ("mdm/v1/acme/devices/phone-7/telemetry/bogus", "acme", "phone-7", "kind",
+     "mdm/v1/acme/devices/phone-7/telemetry/{kind}"),
+    ("mdm/v1/acme/devices/phone-7/telemetry", "acme", "phone-7", "kind",
+     "mdm/v1/acme/devices/phone-7/telemetry/{kind}"),
+    ("mdm/v1/acme/devices/phone-7/telemetry/location/x", "acme", "phone-7", "extra",
+     "mdm/v1/acme/devices/phone-7/telemetry/location/{extra}"),
+    ("mdm/v1/acme/devices/phone-7/acks/x", "acme", "phone-7", "extra",
+     "mdm/v1/acme/devices/phone-7/acks/{extra}"),
+    ("mdm/v1/acme/devices/phone-7/+31612345678", "acme", "phone-7", "channel",
+     "mdm/v1/acme/devices/phone-7/{channel}"),
+    ("mdm/v1/acme/devices/phone-7", "acme", "phone-7", "channel",
+     "mdm/v1/acme/devices/phone-7/{channel}"),
+    ("mdm/v1/acme/devices/jo@example.com/acks", "acme", None, "device",
+     "mdm/v1/acme/devices/{device}"),
+    ("mdm/v1/a c/devices/d/acks", None, None, "tenant", "mdm/v1/{tenant}"),
+    ("owntracks/jo/phone", None, None, "prefix", "{topic}"),
+    ("", None, None, "prefix", "{topic}"),
+])
+def test_outline_keeps_what_parsed_and_names_what_did_not(
+        topic: str, tenant: str | None, device: str | None, failed: str | None,
+        text: str) -> None:
+    from agent_protocol import outline_topic
+
+    o = outline_topic(topic)
+    assert (o.tenant, o.device, o.failed, o.text) == (tenant, device, failed, text)
+
+
+@given(st.text(max_size=80))
+def test_outline_never_raises_and_never_quotes_a_level_that_failed(topic: str) -> None:
+    from agent_protocol import outline_topic
+
+    o = outline_topic(topic)
+    if o.failed is None:
+        assert o.text == topic and parse_topic(topic)  # valid: kept as it is
+    else:
+        kept = "" if o.failed == "prefix" else o.text.rsplit("/{", 1)[0]
+        assert topic.startswith(kept + "/" if kept else "") and o.text.endswith("}")
