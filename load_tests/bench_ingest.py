@@ -27,6 +27,11 @@ pair       policy A/B: drains of tenant ``bench`` (its default policy as created
            check_out per device (ts a minute earlier) is ingested by the primed ingest;
            the timed ingest runs until stored + suppressed = backlog. Location only;
            with --policy-mix also the simulator's realistic mix of kinds.
+baseline   (--baseline REF) the drain again with the code of another commit (a git
+           worktree of REF, its own throwaway database migrated by REF's code, devices
+           enrolled and the backlog published by REF's simulator, REF's ingest) and
+           with this tree's, alternating REF this this REF (--baseline-runs each): the
+           cost of a change as a ratio measured in one run.
 
 Ingest processes get MDM_MASTER_KEY (the tests' key) through tests/support/services
 server_env(); the bench sets the same key in its own environment for enrollment.
@@ -95,6 +100,7 @@ TARGET_VS_NAIVE = 5.0
 TARGET_VS_C = 0.3
 TARGET_P99_S = 0.5
 TARGET_POLICY_RATIO = 0.85
+TARGET_VS_BASELINE = 0.9  # a change's drain rate against the code before it (--baseline)
 
 
 class BenchError(Exception):
@@ -187,11 +193,13 @@ class Proc:
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    cwd: Path = REPO
 
     def start(self) -> Proc:
         with self.log_path.open("ab") as f:
             self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=f, stderr=f, cwd=REPO)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=f, stderr=f,
+                                         cwd=self.cwd)
         return self
 
     @property
@@ -239,8 +247,25 @@ class Bench:
     db_url: str = ""
     results: dict[str, Any] = field(default_factory=dict)
     loads: list[tuple[str, str]] = field(default_factory=list)
+    # Whose code the ingest, the simulator and reconcile run: this tree, or the
+    # worktree of --baseline (see :meth:`on`).
+    tree: Path = REPO
 
     # -- plumbing ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def on(self, tree: Path, db: Db) -> Iterator[None]:
+        """Run phases with another tree's code against its own database."""
+        saved = (self.tree, self.db, self.db_url)
+        self.tree, self.db, self.db_url = tree, db, db.url
+        try:
+            yield
+        finally:
+            self.tree, self.db, self.db_url = saved
+
+    def tree_env(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with this side's code first on the import path."""
+        return {**env, "PYTHONPATH": str(self.tree)}
 
     def broker(self, name: str) -> Any:
         """A fresh private broker (the project's config: no anonymous access), given
@@ -249,11 +274,19 @@ class Bench:
         b.dir.mkdir(parents=True, exist_ok=True)
         b.start()
         self.stack.callback(b.stop)
-        asyncio.run(_reconcile(self.db_url, b.url))
+        if self.tree == REPO:
+            asyncio.run(_reconcile(self.db_url, b.url))
+        else:  # the other tree's own code, against its own database
+            env = self.tree_env({**os.environ, "MDM_DATABASE_URL": self.db_url,
+                                 "MDM_MQTT_URL": b.url})
+            subprocess.run([PY, "-m", "mdm_server", "broker", "reconcile"], env=env,
+                           cwd=self.tree, check=True, capture_output=True, timeout=120)
         return b
 
     def proc(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
-        p = Proc(cmd, self.tmp / f"{name}.log", env)
+        if self.tree != REPO:
+            env = self.tree_env(dict(os.environ) if env is None else env)
+        p = Proc(cmd, self.tmp / f"{name}.log", env, cwd=self.tree)
         self.stack.callback(p.stop)
         return p.start()
 
@@ -452,6 +485,42 @@ class Bench:
             runs[which].append(self.phase_policy_drain(f"{label}-{which}{i // 2 + 1}",
                                                        tenant, kinds))
         return {"kinds": kinds, "A": runs["A"], "B": runs["B"]}
+
+    def phase_baseline(self, ref: str) -> dict[str, Any]:
+        """Drains with REF's code and with this tree's, alternating REF this this REF
+        (--baseline-runs each); each side on its own database."""
+        tree = self.tmp / "baseline-tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO,
+                       check=True, capture_output=True, timeout=120)
+        self.stack.callback(lambda: subprocess.run(
+            ["git", "worktree", "remove", "--force", str(tree)], cwd=REPO,
+            capture_output=True, timeout=120))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        url = asyncio.run(services.create_database("mdm_bench_base", migrate=False))
+        self.stack.callback(lambda: asyncio.run(services.drop_database(url)))
+        env = {**os.environ, "MDM_DATABASE_URL": url, "PYTHONPATH": str(tree)}
+        for cmd in ([PY, "-m", "mdm_server", "migrate"],
+                    [PY, "-c", "import asyncio, sys; from load_tests.simulator import "
+                     "enroll_fleet; asyncio.run(enroll_fleet(sys.argv[1], "
+                     f"'mqtt://127.0.0.1:1883', '{TENANT}', {DEVICES}))", url]):
+            out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True,
+                                 timeout=300)
+            if out.returncode != 0:
+                raise BenchError(f"baseline {ref} set-up failed: {out.stderr[-2000:]}")
+        base_db = Db(url)
+        self.stack.callback(base_db.close)
+        runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
+        order = (["base", "this", "this", "base"] * self.args.baseline_runs)[
+            : 2 * self.args.baseline_runs]
+        for i, which in enumerate(order):
+            name = f"baseline-{which}{i // 2 + 1}"
+            if which == "base":
+                with self.on(tree, base_db):
+                    runs[which].append(self.phase_drain(name))
+            else:
+                runs[which].append(self.phase_drain(name))
+        return {"ref": ref, "commit": commit, **runs}
 
     def phase_c_ref(self) -> dict[str, Any]:
         n = self.args.messages
@@ -665,6 +734,39 @@ def versions() -> dict[str, str]:
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def render_baseline(b: Bench, add: Any) -> list[str]:
+    """The section of --baseline: this tree's drain rate against REF's; the verdict."""
+    base = b.results.get("baseline")
+    if not base:
+        return []
+    add(f"### Against commit {base['commit']} ({base['ref']}), in this run")
+    add("")
+    add(f"The drain above, repeated with the code of {base['commit']} (a git worktree: its "
+        "own migrated database, its own simulator enrolling the devices and publishing "
+        "the backlog, its own ingest) and with this tree's, alternating "
+        f"{base['commit']} · this · this · {base['commit']}, each on a fresh broker.")
+    add("")
+    add("| Drain | rec/s from start | rec/s first→last commit | CPU µs/rec | peak RSS |")
+    add("|---|---:|---:|---:|---:|")
+    for which, label in (("base", base["commit"]), ("this", "this tree")):
+        for i, d in enumerate(base[which], 1):
+            add(f"| {label} #{i} | {d['rate_wall']:,.0f} | {d['rate_commits']:,.0f} | "
+                f"{d['cpu_us_per_record']:.1f} | {d['peak_rss_mb']:.0f} MB |")
+    add("")
+    mean = {k: _mean([d["rate_wall"] for d in base[k]]) for k in ("base", "this")}
+    best = {k: max(d["rate_wall"] for d in base[k]) for k in ("base", "this")}
+    cpu = {k: _mean([d["cpu_us_per_record"] for d in base[k]]) for k in ("base", "this")}
+    ratio = mean["this"] / mean["base"]
+    ok = ratio >= TARGET_VS_BASELINE
+    add(f"- Mean from start: {base['commit']} {mean['base']:,.0f} rec/s, this tree "
+        f"{mean['this']:,.0f} rec/s: **this/{base['commit']} = {ratio:.2f}** (target ≥ "
+        f"{TARGET_VS_BASELINE}: **{_pf(ok)}**); best runs {best['this'] / best['base']:.2f}; "
+        f"CPU per record {cpu['base']:.1f} → {cpu['this']:.1f} µs "
+        f"({cpu['this'] - cpu['base']:+.1f}).")
+    add("")
+    return [f"vs {base['commit']} {_pf(ok)}"]
 
 
 def render_policy(b: Bench, add: Any) -> list[str]:
@@ -886,6 +988,7 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
             f"{live['p99_s'] * 1000:.0f} ms | {_pf(ok)} |")
         verdicts.append(f"live p99 {_pf(ok)}")
     add("")
+    verdicts += render_baseline(b, add)
     verdicts += render_policy(b, add)
     for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
         summary = r.get(key)
@@ -935,6 +1038,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="drains of each policy per pair, alternating A B B A (default 2)")
     p.add_argument("--micro-repeats", type=int, default=7,
                    help="runs of the filter micro-benchmark; the best counts")
+    p.add_argument("--baseline", metavar="REF",
+                   help="also drains with the code of git REF, alternating with this tree's")
+    p.add_argument("--baseline-runs", type=int, default=2,
+                   help="drains of each side, alternating REF this this REF (default 2)")
     p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     return p.parse_args(argv)
 
@@ -1039,6 +1146,8 @@ def phases(b: Bench, tmp: Path) -> None:
                                                 seed=POLICY_SEED)
     if not args.skip_drain:
         b.results["drain"] = b.phase_drain("drain")
+    if args.baseline:
+        b.results["baseline"] = b.phase_baseline(args.baseline)
     if not args.skip_policy:
         b.results["pair_location"] = b.phase_policy_pair("pair-loc", "location")
         if args.policy_mix:
