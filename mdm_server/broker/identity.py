@@ -73,7 +73,11 @@ def device_rolename(tenant: str, device: str) -> str:
 
 def device_acls(tenant: str, device: str) -> list[dict[str, Any]]:
     """The device's role: its own topics, nothing else (literal ids, no patterns:
-    the ids are [A-Za-z0-9_-], so they hold no wildcard)."""
+    the ids are [A-Za-z0-9_-], so they hold no wildcard).
+
+    A role cannot refuse the retain flag (the plugin's ACL check in Mosquitto 2.0
+    ignores it): the broker's config refuses retained messages, retained wills and
+    QoS 2 for every client (deploy/mosquitto/mosquitto.conf)."""
     base = f"mdm/v1/{tenant}/devices/{device}"
     return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
         ("publishClientSend", f"{base}/telemetry/+"),
