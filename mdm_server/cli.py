@@ -25,6 +25,7 @@ from mdm_server.storage.devices import (
 )
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
+from mdm_server.storage.roles import RoleError, privileged_because
 from mdm_server.storage.tenants import (
     TenantError,
     create_admin_token,
@@ -38,7 +39,11 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-server", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply database migrations")
+    mig = sub.add_parser("migrate", help="apply database migrations (as a superuser)")
+    mig.add_argument("--server-role", metavar="NAME",
+                     help="then create (or bring in line) the LOGIN role NAME that serve "
+                          "runs as: in mdm_app, acting as mdm_app; password from "
+                          "MDM_SERVER_DB_PASSWORD when set")
     serve = sub.add_parser("serve", help="HTTP API and telemetry ingest")
     serve.add_argument("--ingest-workers", type=int, default=1, metavar="N",
                        help="ingest processes (one per core is the rule)")
@@ -108,16 +113,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _migrate(cfg: Config) -> None:
+async def _migrate(cfg: Config, server_role: str | None) -> None:
+    from mdm_server.storage.roles import ensure_server_role
+
     conn = await connect(cfg.database_url)
     try:
         applied = await apply_migrations(conn)
+        for m in applied:
+            print(f"applied {m.version:03d}_{m.name}")
+        if not applied:
+            print("database is up to date")
+        if server_role is not None:
+            created = await ensure_server_role(conn, server_role, cfg.server_db_password)
+            print(f"server role {server_role} {'created' if created else 'is in line'}"
+                  + ("" if cfg.server_db_password else " (no MDM_SERVER_DB_PASSWORD: "
+                                                         "password not set)"))
     finally:
         await conn.close()
-    for m in applied:
-        print(f"applied {m.version:03d}_{m.name}")
-    if not applied:
-        print("database is up to date")
 
 
 async def _retention_run(cfg: Config) -> None:
@@ -346,6 +358,28 @@ async def _ingest(cfg: Config, index: int) -> None:
         tg.create_task(live_line(worker.stats, f"ingest-{index}"), name="live")
 
 
+async def _check_db_role(cfg: Config) -> None:
+    """Refuse to serve as a database role that could set the audit log's protection
+    aside (see mdm_server/storage/roles.py), unless allowed for development."""
+    conn = await connect(cfg.database_url)
+    try:
+        why = await privileged_because(conn)
+        role = await conn.fetchval("SELECT session_user")
+    finally:
+        await conn.close()
+    if why is None:
+        return
+    text = (f"the database role {role} {why}: it could disable the audit log's "
+            "append-only triggers or alter the table. Run serve as a login role in mdm_app "
+            "(`mdm-server migrate --server-role NAME`, README \"Using it\")")
+    if not cfg.allow_privileged_db_role:
+        raise RoleError(f"serve refuses to start: {text}, or set "
+                        "MDM_ALLOW_PRIVILEGED_DB_ROLE=1 for development only")
+    logging.getLogger("mdm_server").warning(
+        "WARNING: %s. Allowed only because MDM_ALLOW_PRIVILEGED_DB_ROLE=1 "
+        "(development only).", text)
+
+
 def _serve(cfg: Config, workers: int) -> None:
     from aiohttp import web
 
@@ -387,8 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "hash values under keys derived from it (generate one with "
                               "`head -c 32 /dev/urandom | base64`)")
         if args.command == "migrate":
-            asyncio.run(_migrate(cfg))
+            asyncio.run(_migrate(cfg, args.server_role))
         elif args.command == "serve":
+            asyncio.run(_check_db_role(cfg))
             _serve(cfg, args.ingest_workers)
         elif args.command == "ingest":
             with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
@@ -415,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_audit(cfg, args))
         elif args.command == "keys":
             return asyncio.run(_keys(cfg, args))
-    except (ConfigError, TenantError, EnrollmentError) as exc:
+    except (ConfigError, TenantError, EnrollmentError, RoleError) as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -76,7 +76,11 @@ class Config:
     # Test-only: acknowledge before the database commit. Exists so a test can
     # prove that the crash test detects loss; never set it in production.
     unsafe_ack_before_commit: bool = False
-
+    # Development only: let `serve` run as a database role that could disable the
+    # audit log's triggers (a superuser, the owner of audit_log or of its schema).
+    allow_privileged_db_role: bool = False
+    # The password `migrate --server-role` gives the server's database role.
+    server_db_password: str | None = field(default=None, repr=False)
 
     def require_master_key(self) -> bytes:
         if self.master_key is None:
@@ -162,4 +166,6 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         api_rate_per_s=float(_int(env, "MDM_API_RATE_PER_S", 20, 1, 100_000)),
         api_burst=float(_int(env, "MDM_API_BURST", 200, 1, 1_000_000)),
         unsafe_ack_before_commit=unsafe,
+        allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",
+        server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,
     )

@@ -309,3 +309,84 @@ def test_admin_actions_are_logged_when_committed(database: str, broker: Broker,
                                                             (5, "policy.put")]
 
     asyncio.run(run())
+
+
+def test_serve_refuses_a_role_that_could_unprotect_the_log(database: str, broker: Broker,
+                                                            tmp_path: Path) -> None:
+    superuser = server_env(database, NO_BROKER, superuser=True)
+    refused = _cli(superuser, "serve")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("mdm-server: serve refuses to start: the database role "
+                                     "postgres is a superuser (or may become one)")
+    assert "MDM_ALLOW_PRIVILEGED_DB_ROLE=1" in refused.stderr
+
+    # The owner of audit_log, though no superuser, could disable its triggers.
+    owner = f"mdm_test_owner_{uuid.uuid4().hex[:8]}"
+
+    async def make_owner(conn: asyncpg.Connection) -> None:
+        await conn.execute(f"CREATE ROLE {owner} LOGIN")
+        await conn.execute(f"ALTER TABLE audit_log OWNER TO {owner}")
+
+    async def drop_owner(conn: asyncpg.Connection) -> None:
+        await conn.execute("ALTER TABLE audit_log OWNER TO postgres")
+        await conn.execute(f"DROP ROLE {owner}")
+
+    asyncio.run(_with_conn(database, make_owner))
+    try:
+        parts = urlsplit(database)
+        as_owner = urlunsplit(parts._replace(netloc=f"{owner}@{parts.hostname}:{parts.port}"))
+        refused = _cli(server_env(as_owner, NO_BROKER), "serve")
+        assert refused.returncode == 2
+        assert f"the database role {owner} owns the table audit_log" in refused.stderr
+    finally:
+        asyncio.run(_with_conn(database, drop_owner))
+
+    # The escape hatch for development: it starts, and says loudly what it allows.
+    server = Server(server_env(database, broker.url, superuser=True,
+                               MDM_ALLOW_PRIVILEGED_DB_ROLE="1"), tmp_path / "serve.log")
+    server.start()
+    try:
+        assert server.request("GET", "/healthz")[0] == 200
+    finally:
+        server.stop()
+    assert "WARNING: the database role postgres is a superuser" in server.log_text()
+
+
+def test_migrate_makes_the_server_role(database: str) -> None:
+    name = f"mdm_test_role_{uuid.uuid4().hex[:8]}"
+    env = server_env(database, NO_BROKER, superuser=True,
+                     MDM_SERVER_DB_PASSWORD="a-password-for-tests-only")
+    try:
+        made = _cli(env, "migrate", "--server-role", name)
+        assert made.returncode == 0, made.stderr
+        assert made.stdout == f"database is up to date\nserver role {name} created\n"
+        again = _cli(env, "migrate", "--server-role", name)
+        assert again.stdout.endswith(f"server role {name} is in line\n")
+        role = asyncio.run(fetch(database, """
+            SELECT r.rolcanlogin, r.rolsuper, pg_has_role(r.oid, 'mdm_app', 'MEMBER') AS member,
+                   s.setconfig, a.rolpassword LIKE 'SCRAM-SHA-256$4096:%' AS scram
+            FROM pg_roles r JOIN pg_authid a ON a.oid = r.oid
+            LEFT JOIN pg_db_role_setting s ON s.setrole = r.oid AND s.setdatabase = 0
+            WHERE r.rolname = $1""", name))
+        assert [tuple(r.values()) for r in role] == [
+            (True, False, True, ["role=mdm_app"], True)]
+        # It can do what the server does (here: read and verify the log).
+        parts = urlsplit(database)
+        url = urlunsplit(parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}"))
+        assert _cli(server_env(url, NO_BROKER), "audit", "verify").returncode == 0
+        # A superuser is never made the server's role.
+        refused = _cli(env, "migrate", "--server-role", "postgres")
+        assert refused.returncode == 2
+        assert "the role postgres exists and is a superuser" in refused.stderr
+    finally:
+        asyncio.run(_drop_role(name))
+
+
+async def _drop_role(name: str) -> None:
+    admin = await asyncpg.connect(pg_admin_url())
+    try:
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE usename = $1", name)
+        await admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+    finally:
+        await admin.close()
