@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from mdm_server.audit import AuditKeys
+
 __all__ = ["Config", "ConfigError", "MqttSettings", "load_config", "master_key_from_env"]
 
 
@@ -86,6 +88,13 @@ class Config:
         if self.master_key is None:
             raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE is not set")
         return self.master_key
+
+    def audit_keys(self) -> AuditKeys:
+        """The audit log's keys (derived from the master key): every entry is MAC'd."""
+        if self.master_key is None:
+            raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: audit "
+                              "entries are signed (HMAC) under a key derived from it")
+        return AuditKeys.derive(self.master_key)
 
     def tenant_hash_key(self, tenant: str) -> bytes:
         """The key a tenant's policies hash values under (HMAC-SHA256)."""

@@ -45,6 +45,13 @@ TEST_SERVER_DB_PASSWORD = "test-only-server-db-password"
 _server_role_ready: set[str] = set()
 
 
+def audit_keys_for_tests() -> Any:
+    """The audit log's keys under TEST_MASTER_KEY (an ``mdm_server.audit.AuditKeys``)."""
+    from mdm_server.audit import AuditKeys
+
+    return AuditKeys.derive(base64.b64decode(TEST_MASTER_KEY))
+
+
 def pg_admin_url() -> str:
     return os.environ.get("MDM_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
