@@ -1,6 +1,8 @@
 # The MDM server image: `docker-compose up` builds it (see docker-compose.yml), for
-# the server and for broker-init, which runs `python -m mdm_server.broker.bootstrap`
-# to write the server's MQTT user into the broker's dynamic-security config.
+# the server; for migrate, which runs `mdm-server migrate --server-role mdm_server`
+# as the database's superuser; and for broker-init, which runs `python -m
+# mdm_server.broker.bootstrap` to write the server's MQTT user into the broker's
+# dynamic-security config.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,5 +21,7 @@ RUN pip install . \
 USER mdm
 ENV MDM_HTTP_ADDR=0.0.0.0:8080
 EXPOSE 8080
-# Migrations are idempotent: every start brings the schema up to date, then serves.
-CMD ["sh", "-c", "mdm-server migrate && exec mdm-server serve"]
+# Only serve: migrations need a superuser, the server must not be one (it refuses to
+# start as one). Run `mdm-server migrate --server-role NAME` as the superuser first
+# (docker-compose's migrate service does).
+CMD ["mdm-server", "serve"]

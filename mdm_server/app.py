@@ -65,7 +65,7 @@ async def _retention_loop(app: web.Application, interval_s: float) -> None:
             async with app[POOL].acquire() as conn:
                 await run_retention(conn)
                 # Erasure requests nobody answered within 30 days are fulfilled.
-                erased = await fulfil_due(conn)
+                erased = await fulfil_due(conn, app[CONFIG].audit_keys())
                 if erased:
                     log.info("fulfilled %d erasure request(s) that were due", erased)
         except Exception as exc:  # a failed run is retried next time; serving goes on

@@ -25,6 +25,7 @@ from mdm_server.storage.devices import (
 )
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
+from mdm_server.storage.roles import RoleError, privileged_because
 from mdm_server.storage.tenants import (
     TenantError,
     create_admin_token,
@@ -34,11 +35,18 @@ from mdm_server.storage.tenants import (
 
 __all__ = ["main"]
 
+#: Commands that append to the audit log or read it: they need the master key.
+_AUDITED = frozenset({"tenant", "admin", "user", "device", "audit"})
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-server", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply database migrations")
+    mig = sub.add_parser("migrate", help="apply database migrations (as a superuser)")
+    mig.add_argument("--server-role", metavar="NAME",
+                     help="then create (or bring in line) the LOGIN role NAME that serve "
+                          "runs as: in mdm_app, acting as mdm_app; password from "
+                          "MDM_SERVER_DB_PASSWORD when set")
     serve = sub.add_parser("serve", help="HTTP API and telemetry ingest")
     serve.add_argument("--ingest-workers", type=int, default=1, metavar="N",
                        help="ingest processes (one per core is the rule)")
@@ -99,25 +107,38 @@ def _parser() -> argparse.ArgumentParser:
                     help="retire even if devices are left without a key they trust")
     aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action",
                                                                        required=True)
-    av = aud.add_parser("verify", help="check the hash chain; exit 1 at the first broken entry")
-    av.add_argument("--head", action="store_true",
-                    help="also print the newest entry's hash (keep it outside the database)")
-    al = aud.add_parser("list", help="a tenant's entries, newest first (JSON lines)")
+    av = aud.add_parser("verify", help="check every chain (MACs under the master key); exit 1 "
+                                       "at a broken entry, naming it")
+    av.add_argument("--checkpoint", metavar="FILE",
+                    help="also detect any rewrite before this checkpoint (entries removed "
+                         "or changed); refuse a checkpoint whose signature does not verify")
+    ac = aud.add_parser("checkpoint", help="verify, then write the signed head of every chain "
+                                           "(JSON) for keeping outside the database")
+    ac.add_argument("--out", metavar="FILE", help="write it to FILE (default: stdout)")
+    al = aud.add_parser("list", help="a tenant's entries, newest first (JSON lines, each "
+                                     "with its integrity)")
     al.add_argument("--tenant", required=True)
     al.add_argument("--limit", type=int, default=100)
     return p
 
 
-async def _migrate(cfg: Config) -> None:
+async def _migrate(cfg: Config, server_role: str | None) -> None:
+    from mdm_server.storage.roles import ensure_server_role
+
     conn = await connect(cfg.database_url)
     try:
         applied = await apply_migrations(conn)
+        for m in applied:
+            print(f"applied {m.version:03d}_{m.name}")
+        if not applied:
+            print("database is up to date")
+        if server_role is not None:
+            created = await ensure_server_role(conn, server_role, cfg.server_db_password)
+            print(f"server role {server_role} {'created' if created else 'is in line'}"
+                  + ("" if cfg.server_db_password else " (no MDM_SERVER_DB_PASSWORD: "
+                                                         "password not set)"))
     finally:
         await conn.close()
-    for m in applied:
-        print(f"applied {m.version:03d}_{m.name}")
-    if not applied:
-        print("database is up to date")
 
 
 async def _retention_run(cfg: Config) -> None:
@@ -140,7 +161,8 @@ async def _tenant_create(cfg: Config, name: str) -> None:
     try:
         async with conn.transaction():
             await create_tenant(conn, name)
-            await audit.append(conn, tenant=name, actor="cli", action="tenant.create",
+            await audit.append(conn, cfg.audit_keys(), tenant=name, actor="cli",
+                               action="tenant.create",
                                target=f"tenant:{name}")
     finally:
         await conn.close()
@@ -152,7 +174,8 @@ async def _admin_create(cfg: Config, tenant: str, name: str, role: str) -> None:
     try:
         async with conn.transaction():
             token = await create_admin_token(conn, tenant=tenant, name=name, role=role)
-            await audit.append(conn, tenant=tenant, actor="cli", action=f"{role}.create",
+            await audit.append(conn, cfg.audit_keys(), tenant=tenant, actor="cli",
+                               action=f"{role}.create",
                                target=f"admin:{name}")
     finally:
         await conn.close()
@@ -164,7 +187,8 @@ async def _user_token(cfg: Config, tenant: str, device: str) -> None:
     try:
         async with conn.transaction():
             token = await create_user_token(conn, tenant=tenant, device=device)
-            await audit.append(conn, tenant=tenant, actor="cli", action="user_token.create",
+            await audit.append(conn, cfg.audit_keys(), tenant=tenant, actor="cli",
+                               action="user_token.create",
                                target=f"device:{device}")
     finally:
         await conn.close()
@@ -181,7 +205,8 @@ async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
                 groups=tuple(args.groups),
             )
             # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
-            await audit.append(conn, tenant=args.tenant, actor="cli", action="device.enroll",
+            await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
+                               action="device.enroll",
                                target=f"device:{args.device}",
                                details={"ownership": args.ownership,
                                         "groups": sorted(set(args.groups))})
@@ -220,7 +245,7 @@ async def _device_revoke(cfg: Config, args: argparse.Namespace) -> int:
         async with conn.transaction():
             changed = await revoke_device(conn, tenant=args.tenant, device=args.device)
             if changed:
-                await audit.append(conn, tenant=args.tenant, actor="cli",
+                await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
                                    action="device.revoke", target=f"device:{args.device}")
         print(json.dumps({"tenant": args.tenant, "device": args.device, "status": "revoked"}))
         synced = await _sync_broker(cfg, conn, args.tenant, args.device, "is revoked")
@@ -236,7 +261,7 @@ async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
             enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
                                                mqtt_url=cfg.mqtt.url(),
                                                master_key=cfg.master_key)
-            await audit.append(conn, tenant=args.tenant, actor="cli",
+            await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
                                action="device.reenroll", target=f"device:{args.device}")
         print(json.dumps(enrollment, indent=2))
         await _sync_broker(cfg, conn, args.tenant, args.device, "has new credentials")
@@ -306,6 +331,7 @@ async def _keys(cfg: Config, args: argparse.Namespace) -> int:
                     print(f"trust_key queued for {told} device(s)", file=sys.stderr)
                 else:
                     stranded = await keys.retire_key(conn, args.key_id, actor="cli",
+                                                     audit_keys=cfg.audit_keys(),
                                                      force=args.force)
                     if stranded:
                         print(f"warning: {stranded} device(s) trust no current key now: "
@@ -318,16 +344,67 @@ async def _keys(cfg: Config, args: argparse.Namespace) -> int:
         await conn.close()
 
 
+def _read_checkpoint(path: str, keys: audit.AuditKeys) -> audit.Checkpoint | None:
+    """The checkpoint in ``path``; None (after saying why) if it is refused. A file
+    that cannot be read at all is a usage error (ConfigError, exit 2)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(16 * 1024 * 1024)
+    except OSError as exc:
+        raise ConfigError(f"the checkpoint file cannot be read ({type(exc).__name__})") from None
+    try:
+        return audit.Checkpoint.loads(data, keys)
+    except audit.CheckpointError as exc:
+        print(f"audit checkpoint REFUSED: {exc}")
+        return None
+
+
+def _write_checkpoint(path: str | None, data: bytes) -> None:
+    if path is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"the checkpoint cannot be written ({type(exc).__name__})") from None
+
+
 async def _audit(cfg: Config, args: argparse.Namespace) -> int:
+    keys = cfg.audit_keys()
+    checkpoint = None
+    if args.action == "verify" and args.checkpoint is not None:
+        checkpoint = _read_checkpoint(args.checkpoint, keys)
+        if checkpoint is None:
+            return 1
     conn = await connect(cfg.database_url)
     try:
         if args.action == "verify":
-            result = await audit.verify(conn)
+            result = await audit.verify(conn, keys, checkpoint=checkpoint)
             print(result)
-            if args.head and result.head is not None:
-                print(f"head {result.head.hex()}")
+            if result.ok and checkpoint is not None:
+                print(f"checkpoint of {checkpoint.made_at.isoformat()} holds: nothing before "
+                      "it was removed or changed")
             return 0 if result.ok else 1
-        for entry in await audit.read(conn, args.tenant, limit=args.limit):
+        if args.action == "checkpoint":
+            result, made = await audit.make_checkpoint(conn, keys)
+            if made is None:
+                print(result, file=sys.stderr)
+                print("mdm-server: no checkpoint of a log that does not verify",
+                      file=sys.stderr)
+                return 1
+            _write_checkpoint(args.out, made.dumps(keys))
+            print(f"checkpoint: {result.count} entries in {len(made.heads)} chain(s)"
+                  + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
+            return 0
+        for entry in await audit.read(conn, keys, args.tenant, limit=args.limit):
             print(json.dumps(entry.to_json()))
         return 0
     finally:
@@ -346,6 +423,28 @@ async def _ingest(cfg: Config, index: int) -> None:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(worker.run(), name=f"ingest-{index}")
         tg.create_task(live_line(worker.stats, f"ingest-{index}"), name="live")
+
+
+async def _check_db_role(cfg: Config) -> None:
+    """Refuse to serve as a database role that could set the audit log's protection
+    aside (see mdm_server/storage/roles.py), unless allowed for development."""
+    conn = await connect(cfg.database_url)
+    try:
+        why = await privileged_because(conn)
+        role = await conn.fetchval("SELECT session_user")
+    finally:
+        await conn.close()
+    if why is None:
+        return
+    text = (f"the database role {role} {why}: it could disable the audit log's "
+            "append-only triggers or alter the table. Run serve as a login role in mdm_app "
+            "(`mdm-server migrate --server-role NAME`, README \"Using it\")")
+    if not cfg.allow_privileged_db_role:
+        raise RoleError(f"serve refuses to start: {text}, or set "
+                        "MDM_ALLOW_PRIVILEGED_DB_ROLE=1 for development only")
+    logging.getLogger("mdm_server").warning(
+        "WARNING: %s. Allowed only because MDM_ALLOW_PRIVILEGED_DB_ROLE=1 "
+        "(development only).", text)
 
 
 def _serve(cfg: Config, workers: int) -> None:
@@ -388,9 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: policies "
                               "hash values under keys derived from it (generate one with "
                               "`head -c 32 /dev/urandom | base64`)")
+        if args.command in _AUDITED:
+            cfg.audit_keys()  # the master key, or a clear error before anything is done
         if args.command == "migrate":
-            asyncio.run(_migrate(cfg))
+            asyncio.run(_migrate(cfg, args.server_role))
         elif args.command == "serve":
+            asyncio.run(_check_db_role(cfg))
             _serve(cfg, args.ingest_workers)
         elif args.command == "ingest":
             with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
@@ -417,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_audit(cfg, args))
         elif args.command == "keys":
             return asyncio.run(_keys(cfg, args))
-    except (ConfigError, TenantError, EnrollmentError) as exc:
+    except (ConfigError, TenantError, EnrollmentError, RoleError) as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from mdm_server.audit import AuditKeys
+
 __all__ = ["Config", "ConfigError", "MqttSettings", "load_config", "master_key_from_env"]
 
 
@@ -78,12 +80,23 @@ class Config:
     # Test-only: acknowledge before the database commit. Exists so a test can
     # prove that the crash test detects loss; never set it in production.
     unsafe_ack_before_commit: bool = False
-
+    # Development only: let `serve` run as a database role that could disable the
+    # audit log's triggers (a superuser, the owner of audit_log or of its schema).
+    allow_privileged_db_role: bool = False
+    # The password `migrate --server-role` gives the server's database role.
+    server_db_password: str | None = field(default=None, repr=False)
 
     def require_master_key(self) -> bytes:
         if self.master_key is None:
             raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE is not set")
         return self.master_key
+
+    def audit_keys(self) -> AuditKeys:
+        """The audit log's keys (derived from the master key): every entry is MAC'd."""
+        if self.master_key is None:
+            raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: audit "
+                              "entries are signed (HMAC) under a key derived from it")
+        return AuditKeys.derive(self.master_key)
 
     def tenant_hash_key(self, tenant: str) -> bytes:
         """The key a tenant's policies hash values under (HMAC-SHA256)."""
@@ -165,4 +178,6 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         api_burst=float(_int(env, "MDM_API_BURST", 200, 1, 1_000_000)),
         preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),
         unsafe_ack_before_commit=unsafe,
+        allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",
+        server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,
     )

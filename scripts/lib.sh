@@ -12,6 +12,7 @@
 #                              private cluster in var/pg (stopped on exit)
 #   mdm_ensure_broker          start scripts/broker on a free port, export MDM_MQTT_URL
 #                              (with the server's MQTT user; stopped and removed on exit)
+#   mdm_pg_url_for DB [USER PW] MDM_PG_ADMIN_URL for database DB (as USER with PW)
 #   mdm_redact_url URL         URL with its password replaced by *** (for logs)
 #   mdm_ensure_browser         Debian's chromium and chromium-driver (the browser tests),
 #                              export MDM_CHROMIUM and MDM_CHROMEDRIVER
@@ -280,11 +281,17 @@ mdm_ensure_postgres() {
     _mdm_pg_is_superuser "$MDM_PG_ADMIN_URL" || mdm_die "cannot connect to $MDM_PG_ADMIN_URL"
 }
 
-# mdm_pg_url_for DB: MDM_PG_ADMIN_URL with its database replaced by DB.
+# mdm_pg_url_for DB [USER PASSWORD]: MDM_PG_ADMIN_URL with its database replaced by
+# DB (and its user by USER with PASSWORD, percent-encoded).
 mdm_pg_url_for() {
     "$(mdm_python)" -c 'import sys, urllib.parse as u
 p = u.urlsplit(sys.argv[1])
-print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$MDM_PG_ADMIN_URL" "$1"
+p = p._replace(path="/" + sys.argv[2])
+if len(sys.argv) > 3:
+    host = p.netloc.rsplit("@", 1)[-1]
+    user, password = (u.quote(v, safe="") for v in sys.argv[3:5])
+    p = p._replace(netloc=f"{user}:{password}@{host}")
+print(u.urlunsplit(p))' "$MDM_PG_ADMIN_URL" "$@"
 }
 
 # --- Browser (tests/browser) -----------------------------------------------------

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from agent_protocol import COMMAND_TYPES, WIPE_SCOPES, LocalProtocolError, Notice
 from mdm_server.api.auth import require_admin, require_reader
-from mdm_server.api.context import POOL
+from mdm_server.api.context import POOL, audit_keys
 from mdm_server.api.errors import json_error
 from mdm_server.commands import service, states
 from mdm_server.commands.service import CommandRefused
@@ -125,11 +125,13 @@ async def _create(request: web.Request, target: str) -> web.Response:
             if kind == "device":
                 result = await service.issue(conn, tenant=who.tenant, device=name,
                                              actor=who.name, idempotency_key=key,
-                                             digest=digest, **parsed)
+                                             digest=digest, audit_keys=audit_keys(request),
+                                             **parsed)
             else:
                 result = await service.issue_group(conn, tenant=who.tenant, group=name,
                                                    actor=who.name, idempotency_key=key,
-                                                   digest=digest, **parsed)
+                                                   digest=digest,
+                                                   audit_keys=audit_keys(request), **parsed)
     except CommandRefused as exc:
         return _refused(exc)
     made = result.command
@@ -240,7 +242,8 @@ async def _act(request: web.Request, action: str) -> web.Response:
     try:
         async with request.app[POOL].acquire() as conn, conn.transaction():
             cmd = await fn(conn, tenant=who.tenant, device=request.match_info["device"],
-                           command_id=_command_id(request), actor=who.name)
+                           command_id=_command_id(request), actor=who.name,
+                           audit_keys=audit_keys(request))
     except CommandRefused as exc:
         return _refused(exc)
     return web.json_response(cmd)
@@ -267,7 +270,7 @@ async def put_notice_template(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await service.set_notice_template(conn, tenant=who.tenant, kind=kind,
                                           text=notice["text"], lang=notice["lang"],
-                                          actor=who.name)
+                                          actor=who.name, audit_keys=audit_keys(request))
     return web.json_response({"kind": kind, "text": notice["text"], "lang": notice["lang"],
                               "source": "tenant"})
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from agent_protocol import KINDS, is_valid_id
 from mdm_server import audit
 from mdm_server.api.auth import Principal, require_admin, require_reader
-from mdm_server.api.context import POOL, master_key
+from mdm_server.api.context import POOL, audit_keys, master_key
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.policy.in_force import device_policy
@@ -44,10 +44,10 @@ def _int_cursor(request: web.Request) -> int | None:
     return int(raw)
 
 
-async def log_personal_read(conn: asyncpg.Connection, who: Principal, device: str,
-                            what: str) -> None:
+async def log_personal_read(conn: asyncpg.Connection, keys: audit.AuditKeys, who: Principal,
+                            device: str, what: str) -> None:
     """An admin or auditor read this device's personal data: the user will see it."""
-    await audit.append(conn, tenant=who.tenant, actor=who.name, action="personal_data.read",
+    await audit.append(conn, keys, tenant=who.tenant, actor=who.name, action="personal_data.read",
                        target=f"device:{device}", details={"what": what, "role": who.role})
 
 
@@ -101,7 +101,7 @@ async def get_device(request: web.Request) -> web.Response:
                 last[kind] = {"id": rec["record_id"], "ts": rec["ts"].isoformat(),
                               "received_at": rec["received_at"].isoformat(),
                               "data": data}
-        await log_personal_read(conn, who, device, "device")
+        await log_personal_read(conn, audit_keys(request), who, device, "device")
         policy = await device_policy(conn, who.tenant, device)
     assert policy is not None  # _device_row found the device
     seen = [v["received_at"] for v in last.values()]
@@ -120,7 +120,7 @@ async def device_data(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await _device_row(conn, who.tenant, device)
         body = await read_data(conn, master_key(request), who.tenant, device, q)
-        await log_personal_read(conn, who, device, f"data:{q.kind}")
+        await log_personal_read(conn, audit_keys(request), who, device, f"data:{q.kind}")
     return web.json_response(body)
 
 
@@ -146,7 +146,9 @@ async def audit_entries(request: web.Request) -> web.Response:
     who = await require_reader(request, request.app[POOL])
     limit, before = page_limit(request), _int_cursor(request)
     async with request.app[POOL].acquire() as conn:
-        entries = await audit.read(conn, who.tenant, limit=limit + 1, before=before)
+        # Every entry, each with its integrity: a forged one shows as "invalid".
+        entries = await audit.read(conn, audit_keys(request), who.tenant, limit=limit + 1,
+                                   before=before)
     more = len(entries) > limit
     entries = entries[:limit]
     return web.json_response({"entries": [e.to_json() for e in entries],
@@ -180,7 +182,8 @@ async def fulfil_erasure(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire() as conn:
             async with conn.transaction():
                 done = await erasure.fulfil(conn, tenant=who.tenant,
-                                            request_id=_request_id(request), actor=who.name)
+                                            request_id=_request_id(request), actor=who.name,
+                                            audit_keys=audit_keys(request))
             await erasure.vacuum_keystore(conn)
     except erasure.ErasureError as exc:
         return json_error(exc.status, str(exc), code=exc.code)
@@ -203,7 +206,7 @@ async def refuse_erasure(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire() as conn, conn.transaction():
             done = await erasure.refuse(conn, tenant=who.tenant,
                                         request_id=_request_id(request), actor=who.name,
-                                        reason=reason.strip())
+                                        reason=reason.strip(), audit_keys=audit_keys(request))
     except erasure.ErasureError as exc:
         return json_error(exc.status, str(exc), code=exc.code)
     return web.json_response(done)

@@ -23,8 +23,9 @@ import orjson
 from aiohttp import web
 
 from agent_protocol import FIELD_TYPES, KINDS
+from mdm_server import audit
 from mdm_server.api.auth import Principal, require_user, user_devices
-from mdm_server.api.context import POOL, master_key
+from mdm_server.api.context import POOL, audit_keys, master_key
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.commands.service import notice_log
@@ -98,21 +99,22 @@ async def my_notices(request: web.Request) -> web.Response:
     return web.json_response({"notices": log})
 
 
-async def _access_log(conn: asyncpg.Connection, tenant: str, device: str, limit: int
-                      ) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        "SELECT at, actor, details FROM audit_log WHERE tenant_id = $1 "
-        "AND action = 'personal_data.read' AND target = $2 ORDER BY seq DESC LIMIT $3",
-        tenant, f"device:{device}", limit)
-    return [{"at": r["at"].isoformat(), "actor": r["actor"],
-             "role": r["details"].get("role"), "what": r["details"].get("what")}
-            for r in rows]
+async def _access_log(conn: asyncpg.Connection, keys: audit.AuditKeys, tenant: str,
+                      device: str, limit: int) -> list[dict[str, Any]]:
+    """Reads of the device's personal data, newest first. Only entries whose MAC
+    checks (and legacy ones, written before entries were MAC'd, so marked): an
+    entry someone wrote into the table without the server's key is left out."""
+    entries = await audit.read_genuine(conn, keys, tenant, limit=limit,
+                                       action="personal_data.read", target=f"device:{device}")
+    return [{"at": e.at.isoformat(), "actor": e.actor, "role": e.details.get("role"),
+             "what": e.details.get("what"), "integrity": e.integrity} for e in entries]
 
 
 async def my_access_log(request: web.Request) -> web.Response:
     who, device = await _mine(request)
     async with request.app[POOL].acquire() as conn:
-        entries = await _access_log(conn, who.tenant, device, page_limit(request))
+        entries = await _access_log(conn, audit_keys(request), who.tenant, device,
+                                    page_limit(request))
     return web.json_response({"entries": entries})
 
 
@@ -219,7 +221,8 @@ async def _stream_export(request: web.Request, who: Principal, device: str
                 "records": counts})
             put("policy.json", await _policy_in_force(conn, who.tenant, device))
             put("notices.json", await notice_log(conn, who.tenant, device, limit=100_000))
-            put("access-log.json", await _access_log(conn, who.tenant, device, 100_000))
+            put("access-log.json", await _access_log(conn, audit_keys(request), who.tenant,
+                                                     device, 100_000))
             put("erasure-requests.json",
                 await erasure.list_requests(conn, who.tenant, device=device, limit=1000))
             await resp.write(out.take())
@@ -268,7 +271,8 @@ async def request_erasure(request: web.Request) -> web.Response:
     try:
         async with request.app[POOL].acquire() as conn, conn.transaction():
             made = await erasure.request_erasure(conn, tenant=who.tenant, device=device,
-                                                 actor=who.name)
+                                                 actor=who.name,
+                                                 audit_keys=audit_keys(request))
     except erasure.ErasureError as exc:
         return json_error(exc.status, str(exc), code=exc.code)
     return web.json_response(made, status=201)

@@ -323,7 +323,13 @@ SCHEMAS: dict[str, Schema] = {
     "AuditEntry": obj({
         "seq": {"type": "integer", "minimum": 1}, "at": TIME, "tenant": nullable(STRING),
         "actor": STRING, "action": STRING, "target": STRING, "details": ANY_OBJECT,
-        "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}),
+        "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "integrity": enum(("verified", "legacy", "invalid"), description=(
+            "`verified`: its MAC checks under the server's key; `legacy`: written before "
+            "entries were MAC'd (only `mdm-server audit verify` vouches for it); "
+            "`invalid`: its MAC does not check: forged or altered, not written by the "
+            "server"))},
+        description="`seq` counts this tenant's entries only"),
     "ErasureRequest": obj(
         {"id": UUID, "device": ID, "state": enum(ERASURE_STATES), "requested_at": TIME,
          "due_at": {**TIME, "description": "fulfilled automatically then unless an admin "
@@ -344,7 +350,11 @@ SCHEMAS: dict[str, Schema] = {
                                                   "collects beyond the floor")}),
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
-                                    "description": "`device` (its detail) or `data:<kind>`"}},
+                                    "description": "`device` (its detail) or `data:<kind>`"},
+                           "integrity": enum(("verified", "legacy"), description=(
+                               "`verified`: signed by the server; `legacy`: recorded "
+                               "before entries were signed. Entries that fail the check "
+                               "are left out"))},
                           description="who in an admin role read this device's personal "
                                       "data, and when"),
     "ExportSummary": obj({"records": {"type": "object", "propertyNames": enum(KINDS),

@@ -19,7 +19,7 @@ from aiohttp import web
 from agent_protocol import KINDS, ProtocolError, Topic, decode_telemetry
 from mdm_server import audit
 from mdm_server.api.auth import require_admin, require_reader
-from mdm_server.api.context import POOL
+from mdm_server.api.context import POOL, audit_keys
 from mdm_server.api.errors import json_error
 from mdm_server.api.limits import PREVIEW_LIMITER
 from mdm_server.commands.outbox import enqueue_sync_policy
@@ -123,7 +123,8 @@ async def put_policy(request: web.Request) -> web.Response:
         v = await store.put_policy(conn, who.tenant, name, policy_to_doc(policy), who.name)
         # Same transaction: the devices are told exactly when the change is committed.
         await enqueue_sync_policy(conn, who.tenant, who.name)
-        await audit.append(conn, tenant=who.tenant, actor=who.name, action="policy.put",
+        await audit.append(conn, audit_keys(request), tenant=who.tenant, actor=who.name,
+                           action="policy.put",
                            target=f"policy:{name}", details={"version": v.version})
     return web.json_response({**_version_json(v), "warnings": _warnings(policy)},
                              status=201 if v.version == 1 else 200)
@@ -138,7 +139,7 @@ async def delete_policy(request: web.Request) -> web.Response:
         v = await store.delete_policy(conn, who.tenant, name, who.name)
         if v is not None:
             await enqueue_sync_policy(conn, who.tenant, who.name)
-            await audit.append(conn, tenant=who.tenant, actor=who.name,
+            await audit.append(conn, audit_keys(request), tenant=who.tenant, actor=who.name,
                                action="policy.delete", target=f"policy:{name}",
                                details={"version": v.version})
     if v is None:
@@ -192,7 +193,8 @@ async def preview(request: web.Request) -> web.Response:
         return json_error(422, "the sample payload is not valid telemetry",
                           reason=str(err.reason), detail=err.detail, path=err.path)
     async with request.app[POOL].acquire() as conn:
-        await audit.append(conn, tenant=who.tenant, actor=who.name, action="policy.preview",
+        await audit.append(conn, audit_keys(request), tenant=who.tenant, actor=who.name,
+                           action="policy.preview",
                            target=f"policy:{name}",
                            details={"kind": kind, "draft": "policy" in body,
                                     "records": len(records)})

@@ -139,14 +139,15 @@ async def rotate_key(conn: asyncpg.Connection, master_key: bytes, *, actor: str,
                FROM devices WHERE status = 'enrolled'
                RETURNING 1)
            SELECT count(*) FROM ins""", params, actor, float(ttl_s))
-    await audit.append(conn, tenant=None, actor=actor, action="signing_key.rotate",
+    await audit.append(conn, audit.AuditKeys.derive(master_key), tenant=None, actor=actor,
+                       action="signing_key.rotate",
                        target=f"signing_key:{key_id}", details={"devices": told})
     await conn.execute("SELECT pg_notify('mdm_commands', 'rotate')")
     return key_id, told
 
 
 async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
-                     force: bool = False) -> int:
+                     audit_keys: audit.AuditKeys, force: bool = False) -> int:
     """Stop signing with ``key_id``. Refused (SigningKeyError) while an enrolled
     device trusts no other unretired key, unless ``force`` (those devices can then
     verify nothing until re-enrolled). Returns how many devices were stranded."""
@@ -168,7 +169,7 @@ async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
             "this one would leave them unable to verify commands (use --force to do it "
             "anyway)")
     await conn.execute("UPDATE signing_keys SET retired_at = now() WHERE key_id = $1", key_id)
-    await audit.append(conn, tenant=None, actor=actor, action="signing_key.retire",
+    await audit.append(conn, audit_keys, tenant=None, actor=actor, action="signing_key.retire",
                        target=f"signing_key:{key_id}", details={"stranded": stranded})
     return stranded
 

@@ -155,7 +155,7 @@ async def _event(conn: asyncpg.Connection, command_id: uuid.UUID, event: str,
 
 async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: str,
                 type_: str, params: Mapping[str, Any], reason: str,
-                notice: Mapping[str, str] | None, ttl_s: int,
+                notice: Mapping[str, str] | None, ttl_s: int, audit_keys: audit.AuditKeys,
                 idempotency_key: str | None = None, digest: bytes | None = None
                 ) -> IssueResult:
     """Check the guards and create the command (queued, or pending_approval)."""
@@ -206,10 +206,11 @@ async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: st
         # The same Idempotency-Key committed meanwhile by a concurrent request.
         return await issue(conn, tenant=tenant, device=device, actor=actor, type_=type_,
                            params=params, reason=reason, notice=notice, ttl_s=ttl_s,
-                           idempotency_key=idempotency_key, digest=digest)
+                           audit_keys=audit_keys, idempotency_key=idempotency_key,
+                           digest=digest)
     assert row is not None
     await _event(conn, row["command_id"], "created", None, state, actor=actor)
-    await audit.append(conn, tenant=tenant, actor=actor, action="command.issue",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="command.issue",
                        target=f"device:{device}",
                        details={"command_id": str(row["command_id"]), "type": type_,
                                 **({"scope": params["scope"]} if type_ == "wipe" else {})})
@@ -221,8 +222,8 @@ async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: st
 async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, actor: str,
                       type_: str, params: Mapping[str, Any], reason: str,
                       notice: Mapping[str, str] | None, ttl_s: int,
-                      idempotency_key: str | None = None, digest: bytes | None = None
-                      ) -> IssueResult:
+                      audit_keys: audit.AuditKeys, idempotency_key: str | None = None,
+                      digest: bytes | None = None) -> IssueResult:
     """One command for every enrolled device of ``group`` (a lost shipment), set-based.
 
     The per-device guards apply: a full wipe skips personally owned devices (listed
@@ -270,7 +271,8 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
     except asyncpg.UniqueViolationError:  # the same key, committed meanwhile
         return await issue_group(conn, tenant=tenant, group=group, actor=actor, type_=type_,
                                  params=params, reason=reason, notice=notice, ttl_s=ttl_s,
-                                 idempotency_key=idempotency_key, digest=digest)
+                                 audit_keys=audit_keys, idempotency_key=idempotency_key,
+                                 digest=digest)
     count: int = await conn.fetchval(
         """WITH ins AS (
                INSERT INTO commands (tenant_id, device_id, type, params, notice, state, reason,
@@ -290,7 +292,8 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
         actor, float(ttl_s), batch_id, personal_refused)
     await conn.execute("UPDATE command_batches SET commands = $2 WHERE batch_id = $1",
                        batch_id, count)
-    await audit.append(conn, tenant=tenant, actor=actor, action="command.issue_group",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor,
+                       action="command.issue_group",
                        target=f"group:{group}",
                        details={"batch_id": str(batch_id), "type": type_, "commands": count,
                                 "refused": len(refused),
@@ -333,7 +336,8 @@ async def _locked(conn: asyncpg.Connection, tenant: str, device: str,
 
 
 async def approve(conn: asyncpg.Connection, *, tenant: str, device: str,
-                  command_id: uuid.UUID, actor: str) -> dict[str, Any]:
+                  command_id: uuid.UUID, actor: str, audit_keys: audit.AuditKeys
+                  ) -> dict[str, Any]:
     """A second admin approves a command waiting in pending_approval."""
     row = await _locked(conn, tenant, device, command_id)
     if row["requested_by"] == actor:
@@ -349,7 +353,7 @@ async def approve(conn: asyncpg.Connection, *, tenant: str, device: str,
         "UPDATE commands SET state = $2, approved_by = $3, approved_at = now() "
         "WHERE command_id = $1 RETURNING *", command_id, t.to_state, actor)
     await _event(conn, command_id, "approved", row["state"], t.to_state, actor=actor)
-    await audit.append(conn, tenant=tenant, actor=actor, action="command.approve",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="command.approve",
                        target=f"device:{device}",
                        details={"command_id": str(command_id), "type": row["type"]})
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, tenant)
@@ -358,7 +362,8 @@ async def approve(conn: asyncpg.Connection, *, tenant: str, device: str,
 
 
 async def cancel(conn: asyncpg.Connection, *, tenant: str, device: str,
-                 command_id: uuid.UUID, actor: str) -> dict[str, Any]:
+                 command_id: uuid.UUID, actor: str, audit_keys: audit.AuditKeys
+                 ) -> dict[str, Any]:
     """Cancel a command that has not been delivered to the broker yet."""
     row = await _locked(conn, tenant, device, command_id)
     t = states.transition(row["state"], "cancel")
@@ -370,7 +375,7 @@ async def cancel(conn: asyncpg.Connection, *, tenant: str, device: str,
         "UPDATE commands SET state = $2, cancelled_by = $3, finished_at = now() "
         "WHERE command_id = $1 RETURNING *", command_id, t.to_state, actor)
     await _event(conn, command_id, "cancelled", row["state"], t.to_state, actor=actor)
-    await audit.append(conn, tenant=tenant, actor=actor, action="command.cancel",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="command.cancel",
                        target=f"device:{device}",
                        details={"command_id": str(command_id), "type": row["type"]})
     assert new is not None
@@ -426,12 +431,14 @@ async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
 
 
 async def set_notice_template(conn: asyncpg.Connection, *, tenant: str, kind: str,
-                              text: str, lang: str, actor: str) -> None:
+                              text: str, lang: str, actor: str,
+                              audit_keys: audit.AuditKeys) -> None:
     await conn.execute(
         """INSERT INTO notice_templates (tenant_id, kind, text, lang, updated_by)
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (tenant_id, kind) DO UPDATE
            SET text = EXCLUDED.text, lang = EXCLUDED.lang, updated_by = EXCLUDED.updated_by,
                updated_at = now()""", tenant, kind, text, lang, actor)
-    await audit.append(conn, tenant=tenant, actor=actor, action="notice_template.set",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor,
+                       action="notice_template.set",
                        target=f"notice_template:{kind}", details={"lang": lang})

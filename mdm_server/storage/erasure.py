@@ -55,7 +55,7 @@ def request_json(r: asyncpg.Record) -> dict[str, Any]:
 
 
 async def request_erasure(conn: asyncpg.Connection, *, tenant: str, device: str,
-                          actor: str) -> dict[str, Any]:
+                          actor: str, audit_keys: audit.AuditKeys) -> dict[str, Any]:
     """File a request (409 if one is pending already). Call inside a transaction."""
     try:
         async with conn.transaction():
@@ -66,7 +66,7 @@ async def request_erasure(conn: asyncpg.Connection, *, tenant: str, device: str,
         raise ErasureError(409, "pending_exists",
                            "an erasure request for this device is pending already") from None
     assert row is not None
-    await audit.append(conn, tenant=tenant, actor=actor, action="erasure.request",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="erasure.request",
                        target=f"device:{device}", details={"request_id": str(row["request_id"])})
     return request_json(row)
 
@@ -130,7 +130,7 @@ async def _pending(conn: asyncpg.Connection, tenant: str, request_id: uuid.UUID
 
 
 async def fulfil(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID,
-                 actor: str) -> dict[str, Any]:
+                 actor: str, audit_keys: audit.AuditKeys) -> dict[str, Any]:
     """Erase now. Call inside a transaction: the erasure, the request's new state
     and the audit entry commit together."""
     row = await _pending(conn, tenant, request_id)
@@ -138,7 +138,7 @@ async def fulfil(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID
     new = await conn.fetchrow(
         "UPDATE erasure_requests SET state = 'fulfilled', decided_by = $2, decided_at = now(), "
         "erased = $3 WHERE request_id = $1 RETURNING *", request_id, actor, erased)
-    await audit.append(conn, tenant=tenant, actor=actor, action="erasure.fulfil",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="erasure.fulfil",
                        target=f"device:{row['device_id']}",
                        details={"request_id": str(request_id), **erased})
     assert new is not None
@@ -146,12 +146,12 @@ async def fulfil(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID
 
 
 async def refuse(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID,
-                 actor: str, reason: str) -> dict[str, Any]:
+                 actor: str, reason: str, audit_keys: audit.AuditKeys) -> dict[str, Any]:
     row = await _pending(conn, tenant, request_id)
     new = await conn.fetchrow(
         "UPDATE erasure_requests SET state = 'refused', decided_by = $2, decided_at = now(), "
         "refusal_reason = $3 WHERE request_id = $1 RETURNING *", request_id, actor, reason)
-    await audit.append(conn, tenant=tenant, actor=actor, action="erasure.refuse",
+    await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="erasure.refuse",
                        target=f"device:{row['device_id']}",
                        details={"request_id": str(request_id)})
     assert new is not None
@@ -165,7 +165,7 @@ async def vacuum_keystore(conn: asyncpg.Connection) -> None:
     await conn.execute("VACUUM keystore.device_keys")
 
 
-async def fulfil_due(conn: asyncpg.Connection) -> int:
+async def fulfil_due(conn: asyncpg.Connection, audit_keys: audit.AuditKeys) -> int:
     """Fulfil every request still pending at its due date; how many."""
     done = 0
     while True:
@@ -177,7 +177,7 @@ async def fulfil_due(conn: asyncpg.Connection) -> int:
             if row is None:
                 break
             await fulfil(conn, tenant=row["tenant_id"], request_id=row["request_id"],
-                         actor=SYSTEM)
+                         actor=SYSTEM, audit_keys=audit_keys)
         done += 1
     if done:
         await vacuum_keystore(conn)  # once for all the keys destroyed above

@@ -25,6 +25,7 @@ from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     TEST_MASTER_KEY,
     IngestProcess,
+    audit_keys_for_tests,
     create_database,
     drop_database,
     enroll,
@@ -87,9 +88,10 @@ async def _erase(database: str, device: str) -> dict[str, int]:
     try:
         async with conn.transaction():
             req = await erasure.request_erasure(conn, tenant="acme", device=device,
-                                                actor=f"user:{device}")
+                                                actor=f"user:{device}",
+                                                audit_keys=audit_keys_for_tests())
             done = await erasure.fulfil(conn, tenant="acme", request_id=uuid.UUID(req["id"]),
-                                        actor="admin:ann")
+                                        actor="admin:ann", audit_keys=audit_keys_for_tests())
         await erasure.vacuum_keystore(conn)
         erased: dict[str, int] = done["erased"]
         return erased

@@ -27,3 +27,5 @@ def test_scripts_run_ingests_the_simulated_fleet() -> None:
     stored = [int(n.replace(",", "")) for n in re.findall(r"stored=([\d,]+)", text)]
     assert stored and max(stored) > 1000, text[-4000:]
     assert "Traceback" not in text
+    # The server ran as its own database role, not the superuser (it would refuse).
+    assert re.search(r"database +postgresql://mdm_demo_server:\*\*\*@", text), text[-4000:]

@@ -23,6 +23,7 @@ from mdm_server.storage.erasure import fulfil_due
 from mdm_server.storage.pool import connect
 from tests.support.services import (
     Server,
+    audit_keys_for_tests,
     create_database,
     drop_database,
     fetch,
@@ -293,7 +294,7 @@ def test_refusal_needs_a_reason_and_unanswered_requests_are_fulfilled_after_30_d
     async def run_due() -> int:
         conn = await connect(env.database)
         try:
-            return await fulfil_due(conn)
+            return await fulfil_due(conn, audit_keys_for_tests())
         finally:
             await conn.close()
 

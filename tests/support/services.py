@@ -1,7 +1,11 @@
 """Real PostgreSQL databases and real Mosquitto brokers for tests.
 
 PostgreSQL: the server named by ``MDM_PG_ADMIN_URL`` (scripts/test sets it; else
-the local one on 127.0.0.1:5432); each test gets a throwaway database, migrated.
+the local one on 127.0.0.1:5432); each test gets a throwaway database, migrated (as
+the superuser). The server and the CLI run as the server's restricted role, as in
+a deployment: ``mdm_test_server`` (cluster-wide, made if missing by
+``mdm-server migrate --server-role``'s code), a member of ``mdm_app`` acting as it;
+:func:`server_env` gives them its URL. Tests inspect and tamper as the superuser.
 Mosquitto: a private broker per test, started with the project's configuration
 through ``scripts/broker`` (so tests run what production runs).
 """
@@ -34,6 +38,18 @@ BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT", REPO / "scripts" / "bro
 
 # A fixed key for tests only (32 bytes, base64).
 TEST_MASTER_KEY = "dGVzdC1vbmx5LW1hc3Rlci1rZXktMzItYnl0ZXMhISE="
+# The role the server and the CLI run as in tests (neither superuser nor owner).
+TEST_SERVER_ROLE = "mdm_test_server"
+TEST_SERVER_DB_PASSWORD = "test-only-server-db-password"
+# Clusters (host:port) where TEST_SERVER_ROLE was brought in line by this process.
+_server_role_ready: set[str] = set()
+
+
+def audit_keys_for_tests() -> Any:
+    """The audit log's keys under TEST_MASTER_KEY (an ``mdm_server.audit.AuditKeys``)."""
+    from mdm_server.audit import AuditKeys
+
+    return AuditKeys.derive(base64.b64decode(TEST_MASTER_KEY))
 
 
 def pg_admin_url() -> str:
@@ -62,9 +78,29 @@ async def create_database(prefix: str = "mdm_test", *, migrate: bool = True) -> 
     try:
         await apply_migrations(conn)
         await _seed_signing_key(conn)
+        await ensure_test_server_role(conn, url)
     finally:
         await conn.close()
     return url
+
+
+async def ensure_test_server_role(conn: asyncpg.Connection, url: str) -> None:
+    """TEST_SERVER_ROLE on the cluster of ``url`` (a superuser's connection, after
+    the migrations): made once per cluster and process."""
+    from mdm_server.storage.roles import ensure_server_role
+
+    cluster = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    if cluster not in _server_role_ready:
+        await ensure_server_role(conn, TEST_SERVER_ROLE, TEST_SERVER_DB_PASSWORD)
+        _server_role_ready.add(cluster)
+
+
+def as_server_role(database_url: str) -> str:
+    """``database_url`` (a superuser's) for the server's restricted test role."""
+    parts = urlsplit(database_url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(
+        netloc=f"{TEST_SERVER_ROLE}:{TEST_SERVER_DB_PASSWORD}@{host}"))
 
 
 async def _seed_signing_key(conn: asyncpg.Connection) -> None:
@@ -218,7 +254,15 @@ class IngestProcess(MdmProcess):
         self.wait_subscribed(1, timeout)
 
 
-def server_env(database_url: str, mqtt_url: str, **extra: str) -> dict[str, str]:
+def server_env(database_url: str, mqtt_url: str, *, superuser: bool = False,
+               **extra: str) -> dict[str, str]:
+    """The environment of an ``mdm-server`` process. A superuser's ``database_url``
+    (as the ``database`` fixture gives it) becomes the restricted server role's, as
+    a deployment runs the server, unless ``superuser`` (migrations; or a test of
+    what a privileged role is refused); any other role's URL is kept."""
+    if not superuser and urlsplit(database_url).username in (
+            urlsplit(pg_admin_url()).username, "postgres"):
+        database_url = as_server_role(database_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDM_")}
     env.update({"MDM_DATABASE_URL": database_url, "MDM_MQTT_URL": mqtt_url,
                 "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
@@ -433,6 +477,9 @@ class PrivatePostgres:
         conn = await asyncpg.connect(url)
         try:
             await apply_migrations(conn)
+            from mdm_server.storage.roles import ensure_server_role
+
+            await ensure_server_role(conn, TEST_SERVER_ROLE, TEST_SERVER_DB_PASSWORD)
         finally:
             await conn.close()
         return url

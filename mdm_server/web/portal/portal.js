@@ -174,7 +174,10 @@ async function loadAccessLog() {
     clear($("#access")).append(table("Reads of this device's personal data, newest first", [
       { title: "When", cell: (e) => time(e.at) },
       { title: "Who", cell: (e) => e.actor + (e.role ? ` (${e.role})` : "") },
-      { title: "What", cell: (e) => what(e).replace(/^data:/, "data: ") },
+      // Entries are signed by the server; forged ones never reach this list. Older
+      // entries, recorded before signing began, are marked as such.
+      { title: "What", cell: (e) => what(e).replace(/^data:/, "data: ") +
+          (e.integrity === "legacy" ? " (recorded before entries were signed)" : "") },
     ], entries, { id: "access-table", empty: "Nobody has read this device's personal data." }));
   } catch (err) {
     showError(status, err);
