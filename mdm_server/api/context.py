@@ -6,11 +6,13 @@ import asyncpg
 from aiohttp import web
 
 from mdm_server.config import Config
+from mdm_server.storage.keyring import Keyring
 
-__all__ = ["CONFIG", "POOL", "master_key"]
+__all__ = ["CONFIG", "KEYRING", "POOL", "keyring", "master_key"]
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
+KEYRING = web.AppKey("keyring", Keyring)
 
 
 def master_key(request: web.Request) -> bytes:
@@ -20,3 +22,12 @@ def master_key(request: web.Request) -> bytes:
     if key is None:
         raise web.HTTPServiceUnavailable(reason="the server has no master key")
     return key
+
+
+def keyring(request: web.Request) -> Keyring:
+    """The key ring device data keys are wrapped under (``serve`` refuses to start
+    without MDM_KEYRING_DIR and the master key)."""
+    ring = request.app.get(KEYRING)
+    if ring is None:
+        raise web.HTTPServiceUnavailable(reason="the server has no key ring")
+    return ring

@@ -30,6 +30,8 @@ from tests.support.services import (
     enroll,
     fetch_telemetry,
     fetchval,
+    keyring_dir_for,
+    keyring_for,
     running_broker,
     server_env,
     wait_for_count,
@@ -89,7 +91,7 @@ async def _erase(database: str, device: str) -> dict[str, int]:
                                                 actor=f"user:{device}")
             done = await erasure.fulfil(conn, tenant="acme", request_id=uuid.UUID(req["id"]),
                                         actor="admin:ann")
-        await erasure.vacuum_keystore(conn)
+        await erasure.shred(conn, keyring_for(database))
         erased: dict[str, int] = done["erased"]
         return erased
     finally:
@@ -118,7 +120,7 @@ async def _open_restored(restored: str, live: str, device: str) -> tuple[int, in
         rows = await backup.fetch(
             "SELECT kind, record_id, ts, key_id, sealed, data FROM telemetry "
             "WHERE tenant_id = 'acme' AND device_id = $1", device)
-        reader = await DeviceReader.load(keystore, MASTER, "acme", device)
+        reader = await DeviceReader.load(keystore, keyring_for(live), "acme", device)
         opened = []
         for r in rows:
             try:
@@ -223,6 +225,7 @@ def test_a_wrong_master_key_stops_the_write_and_dead_letters_nothing(env: Env) -
     from mdm_server.ingest.batch import WriteSet
     from mdm_server.ingest.mqtt import InboundMessage
     from mdm_server.ingest.sink import TelemetrySink
+    from mdm_server.storage.keyring import Keyring, MasterKeyMismatch
 
     # "stays" has a key wrapped under the right master key once it has reported;
     # a sink with another master key cannot open it.
@@ -237,13 +240,13 @@ def test_a_wrong_master_key_stops_the_write_and_dead_letters_nothing(env: Env) -
                                 "default", 1, {"lat": 1.0, "lon": 2.0})], row_msgs=[0])
 
     async def write() -> None:
-        sink = TelemetrySink(env.database, b"w" * 32)
+        sink = TelemetrySink(env.database, Keyring(keyring_dir_for(env.database), b"w" * 32))
         try:
             await sink.write(ws)
         finally:
             await sink.close()
 
-    with pytest.raises(SealError, match="MDM_MASTER_KEY"):
+    with pytest.raises(MasterKeyMismatch, match="MDM_MASTER_KEY"):
         asyncio.run(write())
     assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM dead_letters")) == \
         dead_before
