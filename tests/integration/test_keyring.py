@@ -340,7 +340,7 @@ def test_a_wrong_or_missing_key_ring_is_refused_clearly(database: str, tmp_path:
     assert asyncio.run(_state(database))["epochs"] == [2]
 
 
-def test_a_sink_with_another_databases_key_ring_stores_and_dead_letters_nothing(
+def test_a_sink_without_this_databases_key_ring_stores_and_dead_letters_nothing(
         database: str, tmp_path: Path) -> None:
     other = Keyring(tmp_path / "ring", MASTER)
 
