@@ -16,7 +16,8 @@ COPY agent_protocol ./agent_protocol
 COPY privacy_filters ./privacy_filters
 COPY mdm_server ./mdm_server
 RUN pip install . \
-    && useradd --system --no-create-home --uid 10001 mdm
+    && useradd --system --no-create-home --uid 10001 mdm \
+    && install -d -o mdm -g mdm -m 0700 /var/lib/mdm/keyring
 
 USER mdm
 ENV MDM_HTTP_ADDR=0.0.0.0:8080

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mdm_server.api import auth, commands, devices, me, openapi, pages, policies
-from mdm_server.api.context import CONFIG, POOL
+from mdm_server.api.context import CONFIG, KEYRING, POOL
 from mdm_server.api.errors import error_middleware
 from mdm_server.api.limits import (
     POLICY_BODY_LIMIT,
@@ -28,6 +28,7 @@ from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
 from mdm_server.ingest.worker import IngestWorker, live_line
 from mdm_server.logsafe import describe
+from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import create_pool
 
 __all__ = ["ACKS", "CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app"]
@@ -44,6 +45,9 @@ def _fatal(task: asyncio.Task[None]) -> None:
     server (to be restarted by its supervisor) rather than serving without ingest
     or leaving accepted commands unsent."""
     exc = None if task.cancelled() else task.exception()
+    if isinstance(exc, KeyringError):  # its message names files, never secrets
+        log.critical("%s stopped: key ring: %s", task.get_name(), exc)
+        raise web.GracefulExit
     if exc is not None:
         log.critical("%s stopped: %s", task.get_name(), describe(exc))
         raise web.GracefulExit
@@ -64,10 +68,18 @@ async def _retention_loop(app: web.Application, interval_s: float) -> None:
         try:
             async with app[POOL].acquire() as conn:
                 await run_retention(conn)
-                # Erasure requests nobody answered within 30 days are fulfilled.
-                erased = await fulfil_due(conn, app[CONFIG].audit_keys())
+                # Erasure requests nobody answered within 30 days are fulfilled (and
+                # the key ring compacted at once).
+                erased = await fulfil_due(conn, app[KEYRING], app[CONFIG].audit_keys())
                 if erased:
                     log.info("fulfilled %d erasure request(s) that were due", erased)
+                # Catch up on a compaction an erasure did not finish (a crash, a
+                # failure): at the latest one interval (at most a day) later.
+                caught = await app[KEYRING].compact(conn, only_if_due=True)
+                if caught.epoch is not None or caught.files_destroyed:
+                    log.info("key ring caught up: %s", caught.to_json())
+        except KeyringError as exc:  # names files, never secrets or personal values
+            log.error("retention run failed: key ring: %s", exc)
         except Exception as exc:  # a failed run is retried next time; serving goes on
             log.error("retention run failed (%s)", type(exc).__name__)
         await asyncio.sleep(interval_s)
@@ -140,6 +152,8 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app[PREVIEW_LIMITER] = RateLimiter(rate=config.preview_per_min / 60,
                                        burst=float(config.preview_per_min))
     app[CONFIG] = config
+    if config.keyring_dir is not None and config.master_key is not None:
+        app[KEYRING] = Keyring.from_config(config)
     app.cleanup_ctx.append(_pool_ctx)
     if ingest:
         app.cleanup_ctx.append(_ingest_ctx)

@@ -23,6 +23,7 @@ from mdm_server.storage.devices import (
     reenroll_device,
     revoke_device,
 )
+from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
 from mdm_server.storage.roles import RoleError, privileged_because
@@ -95,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "dynamic-security file while the broker is STOPPED (bulk "
                                   "import: thousands of devices in seconds)")
     bp.add_argument("file", help="the broker's dynamic-security.json")
-    keys = sub.add_parser("keys", help="the server's command-signing keys").add_subparsers(
+    keys = sub.add_parser("keys", help="the server's command-signing keys, and the key ring "
+                                       "device data keys are wrapped under").add_subparsers(
         dest="action", required=True)
     keys.add_parser("list", help="signing keys and how many devices trust each (JSON lines)")
     keys.add_parser("rotate", help="create a new signing key and hand it to every enrolled "
@@ -105,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     kr.add_argument("--force", action="store_true",
                     help="retire even if devices are left without a key they trust")
+    keys.add_parser("compact", help="re-wrap every device data key under a new key-ring epoch "
+                                    "and destroy the older epochs' files now (erasure and "
+                                    "serve do it on their own); prints a JSON summary")
     aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action",
                                                                        required=True)
     av = aud.add_parser("verify", help="check every chain (MACs under the master key); exit 1 "
@@ -305,9 +310,40 @@ async def _broker_reconcile(cfg: Config) -> int:
     return 0
 
 
+async def _keys_compact(cfg: Config) -> int:
+    from mdm_server.storage.erasure import shred
+
+    ring = Keyring.from_config(cfg)
+    conn = await connect(cfg.database_url)
+    try:
+        report = await shred(conn, ring)
+    finally:
+        await conn.close()
+    print(json.dumps(report.to_json()))
+    return 0
+
+
+async def _open_keyring(cfg: Config, *, wait: bool = False) -> None:
+    """Refuse to start with a key ring that is not this database's or incomplete
+    (and make the first epoch of a new database); with ``wait``, waits for a
+    database that is away (the ingest does, serve says so and exits)."""
+    from mdm_server.ingest.sink import retry_while_away
+
+    async def once() -> None:
+        conn = await connect(cfg.database_url)
+        try:
+            await Keyring.from_config(cfg).open(conn)
+        finally:
+            await conn.close()
+
+    await (retry_while_away(once, lambda: None) if wait else once())
+
+
 async def _keys(cfg: Config, args: argparse.Namespace) -> int:
     from mdm_server.commands import keys
 
+    if args.action == "compact":
+        return await _keys_compact(cfg)
     conn = await connect(cfg.database_url)
     try:
         if args.action == "list":
@@ -414,15 +450,19 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
 async def _ingest(cfg: Config, index: int) -> None:
     from mdm_server.ingest.worker import IngestWorker, live_line
 
+    await _open_keyring(cfg, wait=True)
     worker = IngestWorker(cfg, index=index)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, main.cancel)
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(worker.run(), name=f"ingest-{index}")
-        tg.create_task(live_line(worker.stats, f"ingest-{index}"), name="live")
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(worker.run(), name=f"ingest-{index}")
+            tg.create_task(live_line(worker.stats, f"ingest-{index}"), name="live")
+    except* KeyringError as group:  # said plainly by main(), not as a traceback
+        raise group.exceptions[0] from None
 
 
 async def _check_db_role(cfg: Config) -> None:
@@ -455,6 +495,7 @@ def _serve(cfg: Config, workers: int) -> None:
 
     if workers < 1:
         raise ConfigError("--ingest-workers must be at least 1")
+    asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
         subprocess.Popen([sys.executable, "-m", "mdm_server", "ingest", "--index", str(i)])  # noqa: S603
@@ -489,6 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "`head -c 32 /dev/urandom | base64`)")
         if args.command in _AUDITED:
             cfg.audit_keys()  # the master key, or a clear error before anything is done
+        if args.command in ("serve", "ingest") or (
+                args.command == "keys" and args.action == "compact"):
+            cfg.require_master_key()
+            cfg.require_keyring_dir()  # stored telemetry is sealed under keys it wraps
         if args.command == "migrate":
             asyncio.run(_migrate(cfg, args.server_role))
         elif args.command == "serve":
@@ -519,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_audit(cfg, args))
         elif args.command == "keys":
             return asyncio.run(_keys(cfg, args))
-    except (ConfigError, TenantError, EnrollmentError, RoleError) as exc:
+    except (ConfigError, TenantError, EnrollmentError, RoleError, KeyringError) as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -13,6 +13,7 @@ import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from mdm_server.audit import AuditKeys
@@ -77,6 +78,11 @@ class Config:
     # per-tenant hashing keys. Never stored in the database, so a database dump
     # alone cannot reverse a hashed phone number by trying every number.
     master_key: bytes | None = field(default=None, repr=False)
+    # MDM_KEYRING_DIR: the key ring (one secret file per epoch) that device data
+    # keys are wrapped under together with the master key; kept outside the
+    # database so that an erasure outlives a copy of the database's disk
+    # (mdm_server/storage/keyring.py).
+    keyring_dir: Path | None = None
     # Test-only: acknowledge before the database commit. Exists so a test can
     # prove that the crash test detects loss; never set it in production.
     unsafe_ack_before_commit: bool = False
@@ -97,6 +103,14 @@ class Config:
             raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: audit "
                               "entries are signed (HMAC) under a key derived from it")
         return AuditKeys.derive(self.master_key)
+
+    def require_keyring_dir(self) -> Path:
+        if self.keyring_dir is None:
+            raise ConfigError(
+                "MDM_KEYRING_DIR is not set: the directory of the key ring that device data "
+                "keys are wrapped under (made on first use; back it up apart from the "
+                "database, see README \"Erasure and backups\")")
+        return self.keyring_dir
 
     def tenant_hash_key(self, tenant: str) -> bytes:
         """The key a tenant's policies hash values under (HMAC-SHA256)."""
@@ -140,6 +154,18 @@ def _parse_addr(value: str, var: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
+def _keyring_dir(env: Mapping[str, str]) -> Path | None:
+    raw = env.get("MDM_KEYRING_DIR", "")
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_absolute():
+        raise ConfigError("MDM_KEYRING_DIR must be an absolute path")
+    if path.exists() and not path.is_dir():
+        raise ConfigError("MDM_KEYRING_DIR names something that is not a directory")
+    return path
+
+
 def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
     raw = env.get(var)
     if raw is None or raw == "":
@@ -173,7 +199,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         batch_max_delay_s=_int(env, "MDM_INGEST_BATCH_DELAY_MS", 100, 1, 10_000) / 1000,
         max_pending_bytes=_int(env, "MDM_INGEST_MAX_PENDING_MB", 64, 1, 4096) * 1024 * 1024,
         master_key=master_key_from_env(env),
-        retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400 * 7)),
+        keyring_dir=_keyring_dir(env),
+        # At most a day: the retention run also catches up on a key-ring compaction
+        # an erasure did not finish, and the docs promise that within 24 hours.
+        retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400)),
         api_rate_per_s=float(_int(env, "MDM_API_RATE_PER_S", 20, 1, 100_000)),
         api_burst=float(_int(env, "MDM_API_BURST", 200, 1, 1_000_000)),
         preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),

@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from agent_protocol import KINDS
+from mdm_server.storage.keyring import Keyring
 from mdm_server.storage.sealing import DeviceReader
 from mdm_server.storage.telemetry_read import Cursor, decode_cursor, encode_cursor, read_page
 
@@ -64,9 +65,9 @@ def parse_data_query(request: web.Request) -> DataQuery:
     return DataQuery(kind, start, end, page_limit(request), after)
 
 
-async def read_data(conn: asyncpg.Connection, master_key: bytes, tenant: str, device: str,
+async def read_data(conn: asyncpg.Connection, keyring: Keyring, tenant: str, device: str,
                     q: DataQuery) -> dict[str, object]:
-    reader = await DeviceReader.load(conn, master_key, tenant, device)
+    reader = await DeviceReader.load(conn, keyring, tenant, device)
     page = await read_page(conn, reader, kind=q.kind, start=q.start, end=q.end,
                            limit=q.limit, after=q.after)
     return {"records": page.records,

@@ -18,7 +18,7 @@ from aiohttp import web
 from agent_protocol import KINDS, is_valid_id
 from mdm_server import audit
 from mdm_server.api.auth import Principal, require_admin, require_reader
-from mdm_server.api.context import POOL, audit_keys, master_key
+from mdm_server.api.context import POOL, audit_keys, keyring
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.policy.in_force import device_policy
@@ -90,7 +90,7 @@ async def get_device(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await _device_row(conn, who.tenant, device)
         last: dict[str, Any] = {}
-        reader = await DeviceReader.load(conn, master_key(request), who.tenant, device)
+        reader = await DeviceReader.load(conn, keyring(request), who.tenant, device)
         for kind in KINDS:
             rec = await conn.fetchrow(
                 "SELECT kind, record_id, ts, received_at, key_id, sealed, data FROM telemetry "
@@ -119,7 +119,7 @@ async def device_data(request: web.Request) -> web.Response:
     q = parse_data_query(request)
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await _device_row(conn, who.tenant, device)
-        body = await read_data(conn, master_key(request), who.tenant, device, q)
+        body = await read_data(conn, keyring(request), who.tenant, device, q)
         await log_personal_read(conn, audit_keys(request), who, device, f"data:{q.kind}")
     return web.json_response(body)
 
@@ -178,13 +178,15 @@ async def fulfil_erasure(request: web.Request) -> web.Response:
     if await request.read():
         return json_error(422, "the request is not valid",
                           issues=[{"path": "body", "message": "fulfil takes no body"}])
+    ring = keyring(request)  # 503 before anything is erased if there is none
     try:
         async with request.app[POOL].acquire() as conn:
             async with conn.transaction():
                 done = await erasure.fulfil(conn, tenant=who.tenant,
                                             request_id=_request_id(request), actor=who.name,
                                             audit_keys=audit_keys(request))
-            await erasure.vacuum_keystore(conn)
+            # At once: the epoch the destroyed key was wrapped under is retired.
+            await erasure.shred_or_defer(conn, ring)
     except erasure.ErasureError as exc:
         return json_error(exc.status, str(exc), code=exc.code)
     return web.json_response(done)

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mdm_server.logsafe import describe
+from mdm_server.storage.keyring import KeyringError
 
 __all__ = ["error_middleware", "json_error"]
 
@@ -30,6 +31,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         headers = {k: v for k, v in exc.headers.items() if k in _KEEP_HEADERS}
         return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
+    except KeyringError as exc:
+        # Its message names files and what to do, never a secret or personal value.
+        log.error("key ring: %s", exc)
+        return json_error(503, "the server cannot open stored data now (key ring); "
+                               "its operator has the details in the server log",
+                          code="keyring_unavailable")
     except Exception as exc:
         resource = request.match_info.route.resource
         log.error("unhandled error in %s %s: %s", request.method,

@@ -25,7 +25,7 @@ from aiohttp import web
 from agent_protocol import FIELD_TYPES, KINDS
 from mdm_server import audit
 from mdm_server.api.auth import Principal, require_user, user_devices
-from mdm_server.api.context import POOL, audit_keys, master_key
+from mdm_server.api.context import POOL, audit_keys, keyring
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.commands.service import notice_log
@@ -69,7 +69,7 @@ async def my_data(request: web.Request) -> web.Response:
     who, device = await _mine(request)
     q = parse_data_query(request)
     async with request.app[POOL].acquire() as conn:
-        return web.json_response(await read_data(conn, master_key(request), who.tenant,
+        return web.json_response(await read_data(conn, keyring(request), who.tenant,
                                                  device, q))
 
 
@@ -206,7 +206,10 @@ async def _stream_export(request: web.Request, who: Principal, device: str
             "X-Export-Records": str(sum(counts.values())),
             "Cache-Control": "no-store",
         })
-        reader = await DeviceReader.load(conn, master_key(request), who.tenant, device)
+        # The snapshot's keys may be re-wrapped (and their old epoch retired)
+        # while the export runs: those are read again outside it, from the pool.
+        reader = await DeviceReader.load(conn, keyring(request), who.tenant, device,
+                                         fresh=pool.acquire)
         await resp.prepare(request)
         out = _Chunks()
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -26,6 +26,7 @@ import asyncpg
 
 from agent_protocol import KINDS
 from mdm_server.ingest.batch import DeadLetter, WriteSet
+from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone, SealError
 
@@ -180,9 +181,9 @@ async def create_partitions(conn: asyncpg.Connection, needed: Iterable[tuple[str
 
 
 class TelemetrySink:
-    def __init__(self, dsn: str, master_key: bytes) -> None:
+    def __init__(self, dsn: str, keyring: Keyring) -> None:
         self._dsn = dsn
-        self._keys = IngestKeys(master_key)
+        self._keys = IngestKeys(keyring)
         self._conn: asyncpg.Connection | None = None
         self._partitions: set[tuple[str, int]] = set()
 
@@ -231,10 +232,11 @@ class TelemetrySink:
         try:
             return await self._write_once(ws)
         except Exception as exc:
-            # A device key that does not unwrap means the master key is wrong:
-            # nothing can be stored, and dead-lettering it all would lose it. The
-            # worker stops; the broker keeps every unacknowledged message.
-            if is_transient(exc) or isinstance(exc, KeysGone | SealError):
+            # A device key that does not unwrap means the master key is wrong, or
+            # the key ring is not this database's or incomplete: nothing can be
+            # stored, and dead-lettering it all would lose it. The worker stops;
+            # the broker keeps every unacknowledged message.
+            if is_transient(exc) or isinstance(exc, KeysGone | SealError | KeyringError):
                 raise
             if len(ws) > 1:
                 mid = ws.lo + len(ws) // 2

@@ -33,6 +33,7 @@ from mdm_server.ingest.sink import TelemetrySink, retry_while_away
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
 from mdm_server.storage.checkouts import checkout_history
 from mdm_server.storage.devices import lookup_devices
+from mdm_server.storage.keyring import Keyring
 from mdm_server.storage.pool import connect
 from privacy_filters import CompiledPolicy
 
@@ -148,7 +149,7 @@ class IngestWorker:
         # A batch ready to write: (messages, what to write, shaping counts).
         self._to_write: asyncio.Queue[tuple[list[InboundMessage], WriteSet, ShapeStats]] = (
             asyncio.Queue(maxsize=1))
-        self._sink = TelemetrySink(config.database_url, config.require_master_key())
+        self._sink = TelemetrySink(config.database_url, Keyring.from_config(config))
         self._record_ids = RecordIds(config.require_master_key())
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)

@@ -9,16 +9,26 @@ history, suppressed-point counts, dead letters, and the user's e-mail on the
 device record. What remains is the fact: the request (when, by
 whom decided, counts of what was removed), the audit entry, and the notice log of
 the commands sent to the device (what the user was told, and when).
+
+Once the erasure has committed, :func:`shred` compacts the key ring
+(keyring.py): the surviving keys are re-wrapped under a new epoch and the epoch
+the destroyed key was wrapped under is retired, its secret destroyed outside the
+database. Only then are the copies of the destroyed key that PostgreSQL itself
+keeps (heap pages, WAL) useless too. If that does not happen (a crash), serve's
+retention loop catches up (:meth:`Keyring.compact` with ``only_if_due``).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 import asyncpg
 
 from mdm_server import audit
+from mdm_server.logsafe import describe
+from mdm_server.storage.keyring import CompactionReport, Keyring, KeyringError
 from mdm_server.storage.sealing import destroy_device_keys
 
 __all__ = [
@@ -30,8 +40,12 @@ __all__ = [
     "refuse",
     "request_erasure",
     "request_json",
+    "shred",
+    "shred_or_defer",
     "vacuum_keystore",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The server's name in decisions it takes itself.
 SYSTEM = "system (30 days passed)"
@@ -159,14 +173,39 @@ async def refuse(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID
 
 
 async def vacuum_keystore(conn: asyncpg.Connection) -> None:
-    """After an erasure has committed: remove the destroyed key's dead tuple from
-    the keystore's pages now rather than at autovacuum's leisure (outside any
-    transaction: VACUUM cannot run in one)."""
+    """Remove dead key tuples from the keystore's pages now rather than at
+    autovacuum's leisure (outside any transaction: VACUUM cannot run in one).
+    Housekeeping only: VACUUM does not zero what it frees, and erasure does not
+    rely on it (the key ring's retired epoch does that)."""
     await conn.execute("VACUUM keystore.device_keys")
 
 
-async def fulfil_due(conn: asyncpg.Connection, audit_keys: audit.AuditKeys) -> int:
-    """Fulfil every request still pending at its due date; how many."""
+async def shred(conn: asyncpg.Connection, keyring: Keyring) -> CompactionReport:
+    """After erasures have committed (outside any transaction): retire the key-ring
+    epochs their keys were wrapped under, then vacuum the keystore."""
+    report = await keyring.compact(conn)
+    await vacuum_keystore(conn)
+    return report
+
+
+async def shred_or_defer(conn: asyncpg.Connection, keyring: Keyring) -> CompactionReport | None:
+    """:func:`shred` for a caller whose erasure has committed already (the admin's
+    fulfil): a failure is logged, not raised; serve's retention loop catches up."""
+    try:
+        return await shred(conn, keyring)
+    except KeyringError as exc:
+        log.error("erasure fulfilled, key ring not compacted yet (%s); serve retries on "
+                  "its retention schedule", exc)
+    except Exception as exc:
+        log.error("erasure fulfilled, key ring not compacted yet; serve retries on its "
+                  "retention schedule: %s", describe(exc))
+    return None
+
+
+async def fulfil_due(conn: asyncpg.Connection, keyring: Keyring,
+                     audit_keys: audit.AuditKeys) -> int:
+    """Fulfil every request still pending at its due date, then :func:`shred`;
+    how many."""
     done = 0
     while True:
         async with conn.transaction():
@@ -180,5 +219,5 @@ async def fulfil_due(conn: asyncpg.Connection, audit_keys: audit.AuditKeys) -> i
                          actor=SYSTEM, audit_keys=audit_keys)
         done += 1
     if done:
-        await vacuum_keystore(conn)  # once for all the keys destroyed above
+        await shred(conn, keyring)  # once for all the keys destroyed above
     return done

@@ -6,21 +6,23 @@ left it) becomes ``sealed`` = version byte + 12-byte random nonce + AES-256-GCM
 ciphertext, under the device's data key, with the row's identity (tenant, device,
 kind, record id, event time) as associated data, so a sealed value cannot be
 moved to another row. The device's data key is random, made when the device
-first reports, and kept in ``keystore.device_keys`` wrapped (AES-256-GCM) under a
-key derived from the master key, which is never in the database.
+first reports, and kept in ``keystore.device_keys`` wrapped under the KEK of a
+key-ring epoch, derived from the master key AND a secret kept outside the
+database (:mod:`mdm_server.storage.keyring`).
 
-Erasing a device deletes its key row first, then its rows: any copy of those rows
-that outlives the erasure (a backup of the data, a dead tuple not yet vacuumed,
-WAL) is ciphertext whose key no longer exists anywhere. That holds for a backup
-only if the keystore is not kept as long as the data: docs/architecture.md
-("Crypto-shredding") says how to back the two up.
+Erasing a device deletes its key row first, then its rows; compaction then
+re-wraps the surviving keys under a new epoch and destroys the old epoch's
+secret. Any copy of the erased rows or of the erased key that outlives the
+erasure (a backup, a heap page not yet reused, WAL) is ciphertext under a key
+whose wrapping key no longer exists anywhere.
 
 A race with a running ingest is closed by a row lock: every write locks the keys
 it sealed under (``FOR KEY SHARE``) before it stores anything, and erasure's
 DELETE of a key waits for those writes to commit. A write that finds its key gone
 raises :class:`KeysGone`; the sink forgets those keys and seals again under the
 device's new key. Nothing accepted is lost, and nothing is stored under a key
-that has been destroyed.
+that has been destroyed. Compaction's re-wrap does not change a key (nor its
+``key_id``), so the ingest's cache stays valid through it.
 
 Random 96-bit nonces keep AES-GCM safe up to 2**32 records per key: a device
 reporting ten records a second reaches that in thirteen years.
@@ -28,6 +30,7 @@ reporting ten records a second reaches that in thirteen years.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -36,22 +39,22 @@ from typing import Any
 import asyncpg
 import orjson
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from mdm_server.storage.keyring import Fresh, Keyring, wrap_key
 
 __all__ = [
     "DeviceReader",
     "IngestKeys",
     "KeysGone",
     "SealError",
-    "data_kek",
     "destroy_device_keys",
     "open_value",
     "seal_value",
 ]
 
-_INFO = b"mdm device data keys v1"
+log = logging.getLogger(__name__)
+
 _VERSION = b"\x01"
 _NONCE = 12
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -59,10 +62,11 @@ _MS = timedelta(milliseconds=1)
 # The ingest keeps this many devices' keys in memory; past it, it starts over.
 _CACHE_MAX = 200_000
 
-_FETCH = """SELECT tenant_id, device_id, key_id, wrapped FROM keystore.device_keys
+_FETCH = """SELECT key_id, tenant_id, device_id, epoch, wrapped FROM keystore.device_keys
             WHERE (tenant_id, device_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"""
-_CREATE = """INSERT INTO keystore.device_keys (tenant_id, device_id, wrapped)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+# $4: the epoch the keys are wrapped under (its row must still exist: foreign key).
+_CREATE = """INSERT INTO keystore.device_keys (tenant_id, device_id, wrapped, epoch)
+             SELECT t, d, w, $4 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS x(t, d, w)
              ON CONFLICT (tenant_id, device_id) DO NOTHING"""
 # Run first in every ingest write: locks the keys it sealed under, so that an
 # erasure cannot destroy one until this write has committed; returns those still there.
@@ -80,32 +84,6 @@ class KeysGone(Exception):
     def __init__(self, key_ids: set[int]) -> None:
         super().__init__(f"{len(key_ids)} device data key(s) destroyed since sealing")
         self.key_ids = key_ids
-
-
-def data_kek(master_key: bytes) -> AESGCM:
-    """The key that wraps device data keys, derived from the master key."""
-    if len(master_key) != 32:
-        raise ValueError("the master key must be 32 bytes")
-    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                       info=_INFO).derive(master_key))
-
-
-def _wrap_aad(tenant: str, device: str) -> bytes:
-    return f"device-data-key\x1f{tenant}\x1f{device}".encode()
-
-
-def _wrap(kek: AESGCM, tenant: str, device: str, key: bytes) -> bytes:
-    nonce = os.urandom(_NONCE)
-    return nonce + kek.encrypt(nonce, key, _wrap_aad(tenant, device))
-
-
-def _unwrap(kek: AESGCM, tenant: str, device: str, wrapped: bytes) -> AESGCM:
-    try:
-        key = kek.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], _wrap_aad(tenant, device))
-    except InvalidTag:
-        raise SealError("a device data key does not unwrap: MDM_MASTER_KEY is not the key "
-                        "it was stored under") from None
-    return AESGCM(key)
 
 
 def _aad(tenant: str, device: str, kind: str, record_id: str, ts_ms: int) -> bytes:
@@ -140,37 +118,52 @@ def ts_ms(ts: datetime) -> int:
 
 
 class IngestKeys:
-    """The ingest's view of device data keys: cached, made on first use."""
+    """The ingest's view of device data keys: cached, made on first use (wrapped
+    under the key ring's current epoch)."""
 
-    def __init__(self, master_key: bytes) -> None:
-        self._kek = data_kek(master_key)
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
         self._keys: dict[tuple[str, str], tuple[int, AESGCM]] = {}
 
     async def ensure(self, conn: asyncpg.Connection, devices: Iterable[tuple[str, str]]
                      ) -> None:
-        """Have a key for each device, fetching or making the ones not cached."""
+        """Have a key for each device, fetching or making the ones not cached.
+        ``conn`` must not be in a transaction (keys it makes are committed at once)."""
         missing = [d for d in devices if d not in self._keys]
         if not missing:
             return
         if len(self._keys) + len(missing) > _CACHE_MAX:
             self._keys.clear()
-        found = await self._fetch(conn, missing)
-        new = [d for d in missing if d not in found]
-        if new:
-            # Two workers may make a key for the same device at once: the first
-            # INSERT wins, and both read back the winner.
-            await conn.execute(_CREATE, [t for t, _ in new], [d for _, d in new],
-                               [_wrap(self._kek, t, d, AESGCM.generate_key(256))
-                                for t, d in new])
-            found.update(await self._fetch(conn, new))
-        self._keys.update(found)
+        while missing:  # again only if a key was erased between its INSERT and fetch
+            found = await self._fetch(conn, missing)
+            new = [d for d in missing if d not in found]
+            if new:
+                # Two workers may make a key for the same device at once: the first
+                # INSERT wins, and both read back the winner.
+                await self._create(conn, new)
+                found.update(await self._fetch(conn, new))
+            self._keys.update(found)
+            missing = [d for d in missing if d not in found]
+
+    async def _create(self, conn: asyncpg.Connection, new: Sequence[tuple[str, str]]) -> None:
+        while True:
+            epoch, kek = await self._keyring.current(conn)
+            wrapped = [wrap_key(kek, t, d, AESGCM.generate_key(256)) for t, d in new]
+            try:
+                await conn.execute(_CREATE, [t for t, _ in new], [d for _, d in new], wrapped,
+                                   epoch)
+                return
+            except asyncpg.ForeignKeyViolationError:
+                # A compaction retired the epoch after we read it as current:
+                # nothing was stored; wrap under the one it made.
+                log.info("key ring epoch %d retired meanwhile; wrapping new keys again", epoch)
 
     async def _fetch(self, conn: asyncpg.Connection, devices: Sequence[tuple[str, str]]
                      ) -> dict[tuple[str, str], tuple[int, AESGCM]]:
         rows = await conn.fetch(_FETCH, [t for t, _ in devices], [d for _, d in devices])
-        return {(r["tenant_id"], r["device_id"]):
-                (r["key_id"], _unwrap(self._kek, r["tenant_id"], r["device_id"], r["wrapped"]))
-                for r in rows}
+        raw = await self._keyring.unwrap(conn, rows)
+        return {(r["tenant_id"], r["device_id"]): (r["key_id"], AESGCM(raw[r["key_id"]]))
+                for r in rows if r["key_id"] in raw}
 
     def forget(self, key_ids: set[int]) -> None:
         """Drop keys that were destroyed; the next :meth:`ensure` makes new ones."""
@@ -209,14 +202,17 @@ class DeviceReader:
         self._keys = keys
 
     @classmethod
-    async def load(cls, conn: asyncpg.Connection, master_key: bytes, tenant: str,
-                   device: str) -> DeviceReader:
-        kek = data_kek(master_key)
+    async def load(cls, conn: asyncpg.Connection, keyring: Keyring, tenant: str,
+                   device: str, *, fresh: Fresh | None = None) -> DeviceReader:
+        """The device's keys as ``conn`` sees them. In a REPEATABLE READ transaction
+        pass ``fresh`` (e.g. ``pool.acquire``): a key read in the snapshot may be
+        wrapped under an epoch retired since, and is then read again outside it
+        (its bytes and key_id do not change when it is re-wrapped)."""
         rows = await conn.fetch(
-            "SELECT key_id, wrapped FROM keystore.device_keys "
+            "SELECT key_id, tenant_id, device_id, epoch, wrapped FROM keystore.device_keys "
             "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
-        return cls(tenant, device,
-                   {r["key_id"]: _unwrap(kek, tenant, device, r["wrapped"]) for r in rows})
+        raw = await keyring.unwrap(conn, rows, fresh)
+        return cls(tenant, device, {k: AESGCM(v) for k, v in raw.items()})
 
     def data(self, r: asyncpg.Record | dict[str, Any]) -> Any:
         """The record's data as stored; None if its key was destroyed (an erasure
@@ -233,9 +229,16 @@ class DeviceReader:
 
 
 async def destroy_device_keys(conn: asyncpg.Connection, tenant: str, device: str) -> int:
-    """Delete the device's data keys (waits for ingest writes that hold them);
-    how many. Call before deleting the device's rows, in the same transaction."""
-    status: str = await conn.execute(
-        "DELETE FROM keystore.device_keys WHERE tenant_id = $1 AND device_id = $2",
-        tenant, device)
-    return int(status.rsplit(" ", 1)[-1])
+    """Delete the device's data keys (waits for ingest writes that hold them), and
+    mark the epochs they were wrapped under as owing a compaction; how many keys.
+    Call before deleting the device's rows, in the same transaction; run
+    :meth:`Keyring.compact` once it has committed."""
+    n: int = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM keystore.device_keys WHERE tenant_id = $1 AND device_id = $2
+               RETURNING epoch),
+           marked AS (
+               UPDATE keystore.epochs SET shredded = true
+               WHERE epoch IN (SELECT epoch FROM gone) RETURNING 1)
+           SELECT count(*) FROM gone""", tenant, device)
+    return n

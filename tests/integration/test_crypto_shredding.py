@@ -1,13 +1,16 @@
 """Crypto-shredding: telemetry is sealed under a key per device, and erasure
-destroys the key first. A backup of the data taken before the erasure, restored
-afterwards, holds the erased device's records as ciphertext nobody can open; the
-other devices' records still open. An erasure in the middle of a stream loses
-nothing and leaves nothing under a destroyed key."""
+destroys the key first, then retires the key-ring epoch it was wrapped under. A
+backup taken before the erasure, restored afterwards, holds the erased device's
+records as ciphertext nobody can open with the live keystore and key ring (nor
+with the backup's own keystore); the other devices' records still open. An
+erasure in the middle of a stream loses nothing and leaves nothing under a
+destroyed key."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import subprocess
 import threading
 import time
@@ -19,6 +22,7 @@ import pytest
 
 from agent_protocol import Record, encode_telemetry, telemetry_topic
 from mdm_server.storage import erasure
+from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import DeviceReader, SealError
 from tests.support.mqtt import publish_as_devices
@@ -31,6 +35,8 @@ from tests.support.services import (
     enroll,
     fetch_telemetry,
     fetchval,
+    keyring_dir_for,
+    keyring_for,
     running_broker,
     server_env,
     stored_id,
@@ -92,18 +98,19 @@ async def _erase(database: str, device: str) -> dict[str, int]:
                                                 audit_keys=audit_keys_for_tests())
             done = await erasure.fulfil(conn, tenant="acme", request_id=uuid.UUID(req["id"]),
                                         actor="admin:ann", audit_keys=audit_keys_for_tests())
-        await erasure.vacuum_keystore(conn)
+        await erasure.shred(conn, keyring_for(database))
         erased: dict[str, int] = done["erased"]
         return erased
     finally:
         await conn.close()
 
 
-def _backup(database: str, path: Path) -> None:
-    """A backup of the data as docs/architecture.md says to take it: everything but
-    the keystore."""
-    subprocess.run(["pg_dump", "--no-owner", "--no-privileges", "--exclude-schema=keystore",
-                    "-f", str(path), database], check=True)
+def _backup(database: str, path: Path, ring: Path) -> None:
+    """A backup as README "Erasure and backups" says to take it: the database whole
+    (keystore included), and the key ring apart, right after."""
+    subprocess.run(["pg_dump", "--no-owner", "--no-privileges", "-f", str(path), database],
+                   check=True)
+    shutil.copytree(keyring_dir_for(database), ring)
 
 
 async def _restore(path: Path) -> str:
@@ -121,7 +128,7 @@ async def _open_restored(restored: str, live: str, device: str) -> tuple[int, in
         rows = await backup.fetch(
             "SELECT kind, record_id, ts, key_id, sealed, data FROM telemetry "
             "WHERE tenant_id = 'acme' AND device_id = $1", device)
-        reader = await DeviceReader.load(keystore, MASTER, "acme", device)
+        reader = await DeviceReader.load(keystore, keyring_for(live), "acme", device)
         opened = []
         for r in rows:
             try:
@@ -136,6 +143,22 @@ async def _open_restored(restored: str, live: str, device: str) -> tuple[int, in
         await keystore.close()
 
 
+async def _open_with_own_keystore(restored: str, ring: Path, device: str
+                                  ) -> tuple[int, int, str]:
+    """Open the restored backup's records of ``device`` with the backup's own
+    keystore and the key ring in ``ring``."""
+    conn = await connect(restored)
+    try:
+        rows = await conn.fetch(
+            "SELECT kind, record_id, ts, key_id, sealed, data FROM telemetry "
+            "WHERE tenant_id = 'acme' AND device_id = $1", device)
+        reader = await DeviceReader.load(conn, Keyring(ring, MASTER), "acme", device)
+        opened = [d for d in map(reader.data, rows) if d is not None]
+        return len(opened), len(rows), repr(opened)
+    finally:
+        await conn.close()
+
+
 def test_a_backup_taken_before_an_erasure_cannot_be_read_after_it(
         env: Env, tmp_path: Path) -> None:
     msgs = [_identity(d, f"{d}-id") for d in ("gone", "stays")]
@@ -145,8 +168,8 @@ def test_a_backup_taken_before_an_erasure_cannot_be_read_after_it(
     wait_for_count(env.database, "SELECT count(*) FROM telemetry "
                    "WHERE device_id IN ('gone', 'stays')", len(msgs), timeout=30,
                    proc=env.ingest)
-    backup = tmp_path / "data-backup.sql"
-    _backup(env.database, backup)
+    backup, ring_backup = tmp_path / "backup.sql", tmp_path / "keyring-backup"
+    _backup(env.database, backup, ring_backup)
     text = backup.read_text()
     assert IMEI not in text and PHONE not in text, "records are not sealed at rest"
 
@@ -167,6 +190,16 @@ def test_a_backup_taken_before_an_erasure_cannot_be_read_after_it(
         opened, total, data = asyncio.run(_open_restored(restored, env.database, "stays"))
         assert (opened, total) == (21, 21)
         assert IMEI in data
+        # The backup's own keystore holds the erased key, wrapped under an epoch the
+        # live key ring no longer has: it opens nothing (and says why)...
+        live_ring = keyring_dir_for(env.database)
+        with pytest.raises(KeyringError, match=r"has no epoch-000001\.key"):
+            asyncio.run(_open_with_own_keystore(restored, live_ring, "gone"))
+        # ... while the key-ring backup taken with it still does: why key-ring
+        # backups must not be kept longer than 30 days.
+        opened, total, data = asyncio.run(_open_with_own_keystore(restored, ring_backup,
+                                                                  "gone"))
+        assert (opened, total) == (21, 21) and IMEI in data
     finally:
         asyncio.run(drop_database(restored))
 
@@ -227,6 +260,7 @@ def test_a_wrong_master_key_stops_the_write_and_dead_letters_nothing(env: Env) -
     from mdm_server.ingest.batch import WriteSet
     from mdm_server.ingest.mqtt import InboundMessage
     from mdm_server.ingest.sink import TelemetrySink
+    from mdm_server.storage.keyring import Keyring, MasterKeyMismatch
 
     # "stays" has a key wrapped under the right master key once it has reported;
     # a sink with another master key cannot open it.
@@ -242,13 +276,13 @@ def test_a_wrong_master_key_stops_the_write_and_dead_letters_nothing(env: Env) -
                                 "default", 1, {"lat": 1.0, "lon": 2.0})], row_msgs=[0])
 
     async def write() -> None:
-        sink = TelemetrySink(env.database, b"w" * 32)
+        sink = TelemetrySink(env.database, Keyring(keyring_dir_for(env.database), b"w" * 32))
         try:
             await sink.write(ws)
         finally:
             await sink.close()
 
-    with pytest.raises(SealError, match="MDM_MASTER_KEY"):
+    with pytest.raises(MasterKeyMismatch, match="MDM_MASTER_KEY"):
         asyncio.run(write())
     assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM dead_letters")) == \
         dead_before

@@ -4,7 +4,6 @@ ZIP while the server's resident memory grows by less than 100 MB."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import threading
 import urllib.request
 import zipfile
@@ -18,11 +17,11 @@ from mdm_server.ingest.sink import create_partitions
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import IngestKeys
 from tests.support.services import (
-    TEST_MASTER_KEY,
     Server,
     create_database,
     drop_database,
     enroll_devices,
+    keyring_for,
     running_broker,
     server_env,
 )
@@ -42,7 +41,7 @@ async def _fill(database: str) -> None:
         await create_partitions(conn, {("location", d) for d in
                                        range(t0_ms // 86_400_000,
                                              (t0_ms + ROWS * 1000) // 86_400_000 + 1)})
-        keys = IngestKeys(base64.b64decode(TEST_MASTER_KEY))
+        keys = IngestKeys(keyring_for(database))
         await keys.ensure(conn, [("acme", "big")])
         for lo in range(0, ROWS, 100_000):
             rows = [("acme", "big", "location", f"r{g}", t0_ms + g * 1000, "default", 1,

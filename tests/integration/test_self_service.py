@@ -28,6 +28,7 @@ from tests.support.services import (
     drop_database,
     fetch,
     fetchval,
+    keyring_for,
     running_broker,
     server_env,
 )
@@ -294,7 +295,7 @@ def test_refusal_needs_a_reason_and_unanswered_requests_are_fulfilled_after_30_d
     async def run_due() -> int:
         conn = await connect(env.database)
         try:
-            return await fulfil_due(conn, audit_keys_for_tests())
+            return await fulfil_due(conn, keyring_for(env.database), audit_keys_for_tests())
         finally:
             await conn.close()
 

@@ -27,10 +27,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from mdm_server.storage.keyring import Keyring
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT", REPO / "scripts" / "broker"))
@@ -50,6 +53,24 @@ def audit_keys_for_tests() -> Any:
     from mdm_server.audit import AuditKeys
 
     return AuditKeys.derive(base64.b64decode(TEST_MASTER_KEY))
+
+
+def keyring_dir_for(database_url: str) -> Path:
+    """The key ring (MDM_KEYRING_DIR) that belongs with a test database: one per
+    database (host, port, name), under the system temp dir; made on first use by
+    whatever opens it, removed with the database."""
+    parts = urlsplit(database_url)
+    base = Path(tempfile.gettempdir()) / "mdm-keyrings"
+    base.mkdir(mode=0o700, exist_ok=True)
+    return base / f"{parts.hostname}-{parts.port or 5432}-{parts.path.lstrip('/')}"
+
+
+def keyring_for(database_url: str) -> Keyring:
+    """A :class:`~mdm_server.storage.keyring.Keyring` on the test database's key
+    ring, with the tests' master key: what a server run with :func:`server_env` uses."""
+    from mdm_server.storage.keyring import Keyring
+
+    return Keyring(keyring_dir_for(database_url), base64.b64decode(TEST_MASTER_KEY))
 
 
 def pg_admin_url() -> str:
@@ -120,6 +141,7 @@ async def drop_database(url: str) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+    shutil.rmtree(keyring_dir_for(url), ignore_errors=True)
 
 
 def free_port() -> int:
@@ -266,7 +288,8 @@ def server_env(database_url: str, mqtt_url: str, *, superuser: bool = False,
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDM_")}
     env.update({"MDM_DATABASE_URL": database_url, "MDM_MQTT_URL": mqtt_url,
                 "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
-                "MDM_MASTER_KEY": TEST_MASTER_KEY})
+                "MDM_MASTER_KEY": TEST_MASTER_KEY,
+                "MDM_KEYRING_DIR": str(keyring_dir_for(database_url))})
     env.update(extra)
     return env
 
@@ -380,6 +403,7 @@ async def fetch_telemetry(database_url: str, where: str, *args: object
     from mdm_server.storage.pool import connect
     from mdm_server.storage.sealing import DeviceReader
 
+    keyring = keyring_for(database_url)
     conn = await connect(database_url)
     try:
         rows = await conn.fetch(
@@ -390,8 +414,7 @@ async def fetch_telemetry(database_url: str, where: str, *args: object
         for r in rows:
             dev = (r["tenant_id"], r["device_id"])
             if dev not in readers:
-                readers[dev] = await DeviceReader.load(
-                    conn, base64.b64decode(TEST_MASTER_KEY), *dev)
+                readers[dev] = await DeviceReader.load(conn, keyring, *dev)
             out.append({**dict(r), "data": readers[dev].data(r)})
         return out
     finally:
@@ -474,6 +497,7 @@ class PrivatePostgres:
         finally:
             await admin.close()
         url = with_database(self.admin_url, "mdm")
+        shutil.rmtree(keyring_dir_for(url), ignore_errors=True)  # a cluster before on this port
         conn = await asyncpg.connect(url)
         try:
             await apply_migrations(conn)
@@ -501,6 +525,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         except subprocess.CalledProcessError:
             pass  # already stopped by the test
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(keyring_dir_for(with_database(pg.admin_url, "mdm")), ignore_errors=True)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mdm_server.config import ConfigError, load_config
@@ -40,3 +42,28 @@ def test_secrets_stay_out_of_repr_and_errors() -> None:
     with pytest.raises(ConfigError) as err:
         load_config({"MDM_DATABASE_URL": DB, "MDM_MQTT_URL": "mqtt://u:mqttpass@h:bad"})
     assert "mqttpass" not in str(err.value)
+
+
+def test_the_key_ring_directory_is_absolute_a_directory_and_required_where_needed(
+        tmp_path: Path) -> None:
+    cfg = load_config({"MDM_DATABASE_URL": DB})
+    assert cfg.keyring_dir is None
+    with pytest.raises(ConfigError, match="MDM_KEYRING_DIR is not set"):
+        cfg.require_keyring_dir()
+    ring = tmp_path / "ring"
+    assert load_config({"MDM_DATABASE_URL": DB,
+                        "MDM_KEYRING_DIR": str(ring)}).require_keyring_dir() == ring
+    with pytest.raises(ConfigError, match="MDM_KEYRING_DIR must be an absolute path"):
+        load_config({"MDM_DATABASE_URL": DB, "MDM_KEYRING_DIR": "var/keyring"})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="MDM_KEYRING_DIR names something that is not"):
+        load_config({"MDM_DATABASE_URL": DB, "MDM_KEYRING_DIR": str(tmp_path / "file")})
+
+
+def test_the_retention_run_which_catches_up_on_compaction_is_at_most_a_day_apart() -> None:
+    assert load_config({"MDM_DATABASE_URL": DB}).retention_interval_s == 3600
+    assert load_config({"MDM_DATABASE_URL": DB, "MDM_RETENTION_INTERVAL_S": "86400"}
+                       ).retention_interval_s == 86400
+    with pytest.raises(ConfigError, match="MDM_RETENTION_INTERVAL_S must be between 10 and "
+                                          "86400"):
+        load_config({"MDM_DATABASE_URL": DB, "MDM_RETENTION_INTERVAL_S": "86401"})

@@ -6,14 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mdm_server.storage.keyring import epoch_kek, legacy_kek, unwrap_key, wrap_key
 from mdm_server.storage.sealing import (
     DeviceReader,
     SealError,
-    _unwrap,
-    _wrap,
-    data_kek,
     open_value,
     seal_value,
     ts_ms,
@@ -60,17 +59,32 @@ def test_a_changed_byte_or_another_key_does_not_open() -> None:
         open_value(key, "acme", "d1", "identity", "r1", TS, b"\x02" + bytes(sealed[1:]))
 
 
-def test_a_device_key_unwraps_only_under_its_master_key_and_for_its_device() -> None:
+def test_a_device_key_unwraps_only_under_its_epoch_kek_and_for_its_device() -> None:
     raw = AESGCM.generate_key(256)
-    wrapped = _wrap(data_kek(b"m" * 32), "acme", "d1", raw)
-    assert raw not in wrapped
-    key = _unwrap(data_kek(b"m" * 32), "acme", "d1", wrapped)
+    secret = b"s" * 32
+    wrapped = wrap_key(epoch_kek(b"m" * 32, 3, secret), "acme", "d1", raw)
+    assert len(wrapped) == 60 and raw not in wrapped
+    assert unwrap_key(epoch_kek(b"m" * 32, 3, secret), "acme", "d1", wrapped) == raw
     sealed = seal_value(AESGCM(raw), "acme", "d1", "sim", "r", TS, DATA)
-    assert open_value(key, "acme", "d1", "sim", "r", TS, sealed) == DATA
-    with pytest.raises(SealError, match="MDM_MASTER_KEY"):
-        _unwrap(data_kek(b"n" * 32), "acme", "d1", wrapped)
-    with pytest.raises(SealError):
-        _unwrap(data_kek(b"m" * 32), "acme", "d2", wrapped)
+    assert open_value(AESGCM(raw), "acme", "d1", "sim", "r", TS, sealed) == DATA
+    # Neither the master key alone (the scheme before the key ring), nor the epoch
+    # secret with another master key, nor the secret under another epoch number,
+    # nor another device's associated data opens it.
+    for kek, device in [(legacy_kek(b"m" * 32), "d1"),
+                        (epoch_kek(b"n" * 32, 3, secret), "d1"),
+                        (epoch_kek(b"m" * 32, 3, b"t" * 32), "d1"),
+                        (epoch_kek(b"m" * 32, 4, secret), "d1"),
+                        (epoch_kek(b"m" * 32, 3, secret), "d2")]:
+        with pytest.raises(InvalidTag):
+            unwrap_key(kek, "acme", device, wrapped)
+
+
+def test_epoch_0_is_the_master_key_only_scheme_of_before_the_key_ring() -> None:
+    raw = AESGCM.generate_key(256)
+    wrapped = wrap_key(legacy_kek(b"m" * 32), "acme", "d1", raw)
+    assert unwrap_key(epoch_kek(b"m" * 32, 0, b""), "acme", "d1", wrapped) == raw
+    with pytest.raises(ValueError, match="32 bytes"):
+        epoch_kek(b"m" * 32, 1, b"short")
 
 
 def test_the_reader_opens_by_key_id_and_says_none_once_the_key_is_gone() -> None:
