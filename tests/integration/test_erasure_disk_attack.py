@@ -40,6 +40,7 @@ from mdm_server.storage.sealing import SealError, open_value, ts_ms
 from tests.support.services import (
     TEST_MASTER_KEY,
     PrivatePostgres,
+    audit_keys_for_tests,
     enroll,
     keyring_dir_for,
     keyring_for,
@@ -120,9 +121,10 @@ async def _erase(database: str, *, compact: bool) -> None:
     try:
         async with conn.transaction():
             req = await erasure.request_erasure(conn, tenant="acme", device=GONE,
-                                                actor=f"user:{GONE}")
+                                                actor=f"user:{GONE}",
+                                                audit_keys=audit_keys_for_tests())
             await erasure.fulfil(conn, tenant="acme", request_id=uuid.UUID(req["id"]),
-                                 actor="admin:ann")
+                                 actor="admin:ann", audit_keys=audit_keys_for_tests())
         if compact:
             await erasure.shred(conn, keyring_for(database))
         else:

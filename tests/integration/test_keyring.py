@@ -36,6 +36,7 @@ from tests.support.services import (
     REPO,
     TEST_MASTER_KEY,
     Server,
+    audit_keys_for_tests,
     create_database,
     drop_database,
     enroll,
@@ -432,10 +433,11 @@ def test_serve_compacts_after_an_erasure_and_catches_up_after_a_crash(
                 for d in ("e1", "e2"):
                     async with conn.transaction():
                         ids.append((await erasure.request_erasure(
-                            conn, tenant="acme", device=d, actor=f"user:{d}"))["id"])
+                            conn, tenant="acme", device=d, actor=f"user:{d}",
+                            audit_keys=audit_keys_for_tests()))["id"])
                 async with conn.transaction():  # fulfilled; the process "dies" here
                     await erasure.fulfil(conn, tenant="acme", request_id=uuid.UUID(ids[0]),
-                                         actor="admin:ann")
+                                         actor="admin:ann", audit_keys=audit_keys_for_tests())
                 return ids
             finally:
                 await conn.close()
