@@ -102,8 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_parser("list", help="signing keys and how many devices trust each (JSON lines)")
     keys.add_parser("rotate", help="create a new signing key and hand it to every enrolled "
                                    "device (signed with a key it trusts); prints its id")
-    kr = keys.add_parser("retire", help="stop signing with a key (refused while a device "
-                                        "trusts no newer one)")
+    kr = keys.add_parser("retire", help="stop signing with a key, delete its private half "
+                                        "and send every device that trusts it a signed "
+                                        "distrust_key (refused while a device trusts no "
+                                        "newer one)")
     kr.add_argument("key_id")
     kr.add_argument("--force", action="store_true",
                     help="retire even if devices are left without a key they trust")
@@ -366,9 +368,11 @@ async def _keys(cfg: Config, args: argparse.Namespace) -> int:
                     print(key_id)
                     print(f"trust_key queued for {told} device(s)", file=sys.stderr)
                 else:
-                    stranded = await keys.retire_key(conn, args.key_id, actor="cli",
-                                                     audit_keys=cfg.audit_keys(),
-                                                     force=args.force)
+                    stranded, told = await keys.retire_key(conn, args.key_id, actor="cli",
+                                                           audit_keys=cfg.audit_keys(),
+                                                           force=args.force)
+                    print(f"distrust_key queued for {told} device(s); the key's private "
+                          "half is deleted", file=sys.stderr)
                     if stranded:
                         print(f"warning: {stranded} device(s) trust no current key now: "
                               "re-enroll them", file=sys.stderr)
