@@ -32,6 +32,7 @@ __all__ = [
     "KeyRing",
     "SigningKeyError",
     "public_keys",
+    "reencrypt_signing_keys",
     "retire_key",
     "rotate_key",
     "signing_key",
@@ -192,6 +193,20 @@ async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
                        details={"stranded": stranded, "devices": told})
     await conn.execute("SELECT pg_notify('mdm_commands', 'retire')")
     return stranded, told
+
+
+async def reencrypt_signing_keys(conn: asyncpg.Connection, old_master: bytes,
+                                 new_master: bytes) -> int:
+    """Master-key rotation: every private key still held, decrypted under the old
+    master key and encrypted under the new one (same key id, same key). Call inside
+    the rotation's transaction. Returns how many."""
+    rows = await conn.fetch("SELECT key_id, private_key_enc FROM signing_keys "
+                            "WHERE private_key_enc IS NOT NULL FOR UPDATE")
+    for r in rows:
+        key = decrypt_private_key(r["private_key_enc"], r["key_id"], old_master)
+        await conn.execute("UPDATE signing_keys SET private_key_enc = $2 WHERE key_id = $1",
+                           r["key_id"], encrypt_private_key(key, r["key_id"], new_master))
+    return len(rows)
 
 
 class KeyRing:
