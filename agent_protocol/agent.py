@@ -25,10 +25,23 @@ Rules, in order:
 4. ``trust_key`` (key rotation) is carried out by the handler itself: the new
    public key joins the trusted keys (:attr:`CommandHandler.keys`), acks
    ``received`` and ``completed`` (``failed`` with ``bad_public_key`` if the key
-   does not load).
+   does not load). ``distrust_key`` (a retired key) removes a key from the trusted
+   ones, acks ``received`` and ``completed``; the handler refuses to drop the last
+   key it trusts (``failed``, ``last_key``): an agent that trusts no key could never
+   verify a command again.
 
 All acks carry ``now_ms``. The handler trusts no clock of its own: the caller
 passes "now" to every call.
+
+**Across restarts.** What the handler must not forget when the agent restarts,
+the nonces of accepted commands, the ids of executed commands with their acks,
+and the keys it trusts, is its *state*: give it a :class:`StateStore` and it loads
+the state when built and saves it after every change, before :meth:`handle`
+returns, so before the caller executes anything (a command is executed at most
+once even if the agent dies right after). The store does the I/O (a file, the
+platform's key-value store); this package stays pure. Without a store the state
+lives in memory only: fine for tests, wrong for a real agent, which would then
+execute a replayed command again after a restart.
 """
 
 from __future__ import annotations
@@ -38,18 +51,18 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent_protocol.commands import MAX_COMMAND_BYTES, Ack, Command, decode_command, encode_ack
 from agent_protocol.envelope import MAX_ID_LEN
-from agent_protocol.errors import Reason, RemoteProtocolError
+from agent_protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent_protocol.signing import CommandRejected, NonceStore, verify_command
 
 __all__ = ["REMEMBER_AFTER_EXPIRY_MS", "Action", "CommandHandler", "HandleResult", "NoticeShown",
-           "Outcome"]
+           "Outcome", "StateStore"]
 
 REMEMBER_AFTER_EXPIRY_MS: Final = 24 * 3600 * 1000
 
@@ -113,6 +126,32 @@ class _Executed:
     acks: tuple[Ack, ...]
 
 
+class StateStore(Protocol):
+    """Where an agent keeps its command state across restarts (see the module doc).
+
+    ``load`` returns what ``save`` was last given, or None when nothing was saved
+    yet. ``save`` must be durable when it returns (write a new file, fsync, rename);
+    if it raises, :meth:`CommandHandler.handle` raises too and nothing is executed.
+    """
+
+    def load(self) -> bytes | None: ...
+
+    def save(self, state: bytes) -> None: ...
+
+
+_STATE_VERSION: Final = 1
+
+
+def _ack_doc(a: Ack) -> list[Any]:
+    return [a.command_id, a.state, a.ts_ms, a.detail]
+
+
+def _raw_key(key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return base64.b64encode(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode("ascii")
+
+
 class CommandHandler:
     """Verifies and runs commands for one device; see the module docstring.
 
@@ -123,7 +162,7 @@ class CommandHandler:
     """
 
     __slots__ = ("_device", "_executed", "_forget_heap", "_keys", "_nonces", "_remember_ms",
-                 "_tenant")
+                 "_store", "_tenant")
 
     def __init__(
         self,
@@ -133,6 +172,7 @@ class CommandHandler:
         *,
         nonces: NonceStore | None = None,
         remember_after_expiry_ms: int = REMEMBER_AFTER_EXPIRY_MS,
+        store: StateStore | None = None,
     ) -> None:
         if remember_after_expiry_ms < 0:
             raise ValueError("remember_after_expiry_ms must be >= 0")
@@ -143,6 +183,52 @@ class CommandHandler:
         self._remember_ms = remember_after_expiry_ms
         self._executed: dict[str, _Executed] = {}
         self._forget_heap: list[tuple[int, str]] = []
+        self._store = store
+        if store is not None:
+            saved = store.load()
+            if saved is not None:
+                self._restore(saved)
+
+    # -- state -----------------------------------------------------------------
+
+    def state(self) -> bytes:
+        """The state a :class:`StateStore` keeps: JSON of the trusted keys, the
+        remembered nonces and the executed commands with their acks."""
+        return orjson.dumps({
+            "v": _STATE_VERSION,
+            "keys": {k: _raw_key(v) for k, v in sorted(self._keys.items())},
+            "nonces": [[n, exp] for n, exp in self._nonces.items()],
+            "executed": [[cid, e.forget_at_ms, [_ack_doc(a) for a in e.acks]]
+                         for cid, e in sorted(self._executed.items())],
+        })
+
+    def _restore(self, saved: bytes) -> None:
+        try:
+            doc = orjson.loads(saved)
+            if type(doc) is not dict or doc.get("v") != _STATE_VERSION:
+                raise ValueError("unknown state version")
+            keys = {k: Ed25519PublicKey.from_public_bytes(base64.b64decode(v))
+                    for k, v in doc["keys"].items()}
+            nonces = [(str(n), int(exp)) for n, exp in doc["nonces"]]
+            executed = {str(cid): _Executed(int(forget), tuple(
+                Ack(a[0], a[1], a[2], detail=a[3]) for a in acks))
+                for cid, forget, acks in doc["executed"]}
+        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, IndexError,
+                LocalProtocolError) as exc:
+            # Refusing to start beats forgetting what was executed: the caller
+            # must decide (restore a backup, or re-enroll the device).
+            raise ValueError(f"the saved agent state cannot be read ({type(exc).__name__})"
+                             ) from None
+        self._keys = keys
+        for nonce, expires in nonces:
+            self._nonces.add(nonce, expires, now_ms=-1)
+        self._executed = executed
+        self._forget_heap = [(e.forget_at_ms, cid) for cid, e in executed.items()]
+        heapq.heapify(self._forget_heap)
+
+    def _save(self) -> None:
+        if self._store is not None:
+            self._store.save(self.state())
 
     def executed(self, command_id: str, now_ms: int) -> bool:
         """True while ``command_id`` is remembered as executed."""
@@ -174,7 +260,10 @@ class CommandHandler:
         done = self._executed.get(cmd.command_id)
         if done is not None:
             return HandleResult(Outcome.DUPLICATE, cmd.command_id, done.acks)
-        return self._execute(cmd, now_ms)
+        result = self._execute(cmd, now_ms)
+        # Saved before the caller acts: executed at most once, even across a crash.
+        self._save()
+        return result
 
     def _again_same(self, payload: bytes) -> HandleResult | None:
         cmd = decode_command(payload)  # decoded and verified once already
@@ -187,6 +276,8 @@ class CommandHandler:
         cid = cmd.command_id
         if cmd.type == "trust_key":
             return self._trust_key(cmd, now_ms)
+        if cmd.type == "distrust_key":
+            return self._distrust_key(cmd, now_ms)
         acks = [Ack(cid, "received", now_ms)]
         shown = None
         if cmd.notice is not None:
@@ -216,9 +307,25 @@ class CommandHandler:
         heapq.heappush(self._forget_heap, (done.forget_at_ms, cid))
         return HandleResult(Outcome.EXECUTED, cid, acks, Action(cid, cmd.type, dict(cmd.params)))
 
+    def _distrust_key(self, cmd: Command, now_ms: int) -> HandleResult:
+        """A retired server key: trusted no more, unless it is the last one (an
+        agent that trusts no key could never verify a command again)."""
+        cid, key_id = cmd.command_id, cmd.params["key_id"]
+        acks: tuple[Ack, ...]
+        if key_id in self._keys and len(self._keys) == 1:
+            acks = (Ack(cid, "received", now_ms), Ack(cid, "failed", now_ms, detail="last_key"))
+        else:
+            self._keys.pop(key_id, None)  # one not trusted: nothing to drop, completed
+            acks = (Ack(cid, "received", now_ms), Ack(cid, "completed", now_ms))
+        done = _Executed(cmd.expires_at_ms + self._remember_ms, acks)
+        self._executed[cid] = done
+        heapq.heappush(self._forget_heap, (done.forget_at_ms, cid))
+        return HandleResult(Outcome.EXECUTED, cid, acks, Action(cid, cmd.type, dict(cmd.params)))
+
     @property
     def keys(self) -> Mapping[str, Ed25519PublicKey]:
-        """The server keys this agent trusts (grows with each ``trust_key``)."""
+        """The server keys this agent trusts (``trust_key`` adds, ``distrust_key``
+        removes)."""
         return self._keys
 
     def _prune(self, now_ms: int) -> None:

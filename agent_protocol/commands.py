@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 COMMAND_TYPES: tuple[str, ...] = (
-    "lock", "locate", "wipe", "factory_reset", "sync_policy", "trust_key",
+    "lock", "locate", "wipe", "factory_reset", "sync_policy", "trust_key", "distrust_key",
 )  # fmt: skip
 WIPE_SCOPES: tuple[str, ...] = ("managed", "full")
 ACK_STATES: tuple[str, ...] = ("received", "notice_shown", "completed", "failed", "rejected")
@@ -111,6 +111,11 @@ def _check_params(type_: str, params: object) -> None:
             raise _local(Reason.BAD_VALUE,
                          "params.public_key must be padded base64 of a 32-byte Ed25519 key",
                          "params.public_key")
+    if type_ == "distrust_key":
+        key_id = params.get("key_id")
+        if type(key_id) is not str or not is_valid_id(key_id):
+            raise _local(Reason.BAD_VALUE, "params.key_id must be 1-64 of [A-Za-z0-9_-]",
+                         "params.key_id")
     if type_ == "wipe":
         scope = params.get("scope")
         if scope is None:

@@ -79,6 +79,10 @@ class NonceStore:
         self.prune(now_ms)
         return nonce in self._expiry
 
+    def items(self) -> list[tuple[str, int]]:
+        """(nonce, expires_at_ms) of every nonce remembered, for persisting them."""
+        return sorted(self._expiry.items(), key=lambda kv: (kv[1], kv[0]))
+
     def add(self, nonce: str, expires_at_ms: int, now_ms: int) -> None:
         """Remember ``nonce`` until ``expires_at_ms``."""
         self.prune(now_ms)

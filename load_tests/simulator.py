@@ -63,6 +63,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
@@ -414,16 +415,23 @@ class _Agent:
 
     __slots__ = ("acks", "commands", "handler", "stats", "status")
 
-    def __init__(self, enrollment: Mapping[str, Any], stats: AgentStats) -> None:
+    def __init__(self, enrollment: Mapping[str, Any], stats: AgentStats,
+                 state_dir: Path | None = None) -> None:
         # Imported here: only agents verify signatures.
         import base64
 
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+        from load_tests.agent_state import FileStateStore
+
         tenant, device = enrollment["tenant"], enrollment["device"]
         keys = {k: Ed25519PublicKey.from_public_bytes(base64.b64decode(v))
                 for k, v in enrollment.get("server_keys", {}).items()}
-        self.handler = CommandHandler(tenant, device, keys)
+        # Accepted nonces and executed commands outlive the process, as a real
+        # agent's must (agent_protocol.agent, "Across restarts").
+        store = (None if state_dir is None
+                 else FileStateStore(state_dir / f"{tenant}.{device}.agent-state.json"))
+        self.handler = CommandHandler(tenant, device, keys, store=store)
         self.commands = commands_topic(tenant, device)
         self.acks = acks_topic(tenant, device)
         self.status = status_topic(tenant, device)
@@ -600,6 +608,7 @@ class Fleet:
         run_id: str | None = None,
         keepalive: int = 60,
         agents: bool = False,
+        agent_state: Path | None = None,
     ) -> None:
         if not enrollments:
             raise SimulatorError("a fleet needs at least one device")
@@ -636,7 +645,7 @@ class Fleet:
             self._conns.append(_Connection(
                 index=ci, host=host, port=port, client_id=cid, username=user, password=pw,
                 max_inflight=max_inflight, keepalive=keepalive,
-                agent=_Agent(group[0], self.agent_stats) if agents else None,
+                agent=_Agent(group[0], self.agent_stats, agent_state) if agents else None,
             ))
         # Devices in enrollment order; device i rides on connection i % n_conn.
         for i, e in enumerate(enrollments):

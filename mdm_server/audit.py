@@ -88,6 +88,7 @@ __all__ = [
     "make_checkpoint",
     "read",
     "read_genuine",
+    "rekey",
     "verify",
 ]
 
@@ -463,6 +464,45 @@ async def make_checkpoint(conn: asyncpg.Connection, keys: AuditKeys
     if not result.ok:
         return result, None
     return result, Checkpoint(made_at=made_at, heads=result.heads, legacy=result.legacy)
+
+
+async def rekey(conn: asyncpg.Connection, old: AuditKeys, new: AuditKeys) -> int:
+    """Master-key rotation: every keyed entry MAC'd again under ``new``, chained as
+    before, in the caller's transaction. The log must verify under ``old`` first
+    (else ValueError: a rotation must not launder a tampered log). Legacy entries
+    keep their plain hashes; the first keyed entry of a chain keeps its ``prev``.
+    Needs the table's owner (or a superuser): the append-only trigger is disabled
+    for this one statement, as migration 011 does. Returns the entries re-MAC'd."""
+    checked = await _Verifier(old, None).run(conn, 1000)
+    if not checked.ok:
+        raise ValueError("the audit log does not verify under the current master key: "
+                         + "; ".join(str(p) for p in checked.problems[:3]))
+    chains: list[str] = []
+    seqs: list[int] = []
+    prevs: list[bytes] = []
+    macs: list[bytes] = []
+    last: dict[str, bytes] = {}
+    async for r in conn.cursor(
+            "SELECT chain, seq, at, tenant_id, actor, action, target, "
+            "details::text AS details, prev_hash FROM audit_log "
+            "WHERE legacy_seq IS NULL ORDER BY chain, seq", prefetch=1000):
+        chain = r["chain"]
+        prev = last.get(chain, bytes(r["prev_hash"]))
+        mac = entry_mac(new, prev, seq=r["seq"], at=r["at"], tenant=r["tenant_id"],
+                        actor=r["actor"], action=r["action"], target=r["target"],
+                        details=orjson.loads(r["details"]))
+        chains.append(chain)
+        seqs.append(r["seq"])
+        prevs.append(prev)
+        macs.append(mac)
+        last[chain] = mac
+    await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change")
+    await conn.execute(
+        """UPDATE audit_log a SET prev_hash = x.p, hash = x.h
+           FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::bytea[]) AS x(c, s, p, h)
+           WHERE a.chain = x.c AND a.seq = x.s""", chains, seqs, prevs, macs)
+    await conn.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_change")
+    return len(seqs)
 
 
 _BAD_ROW = (orjson.JSONDecodeError, orjson.JSONEncodeError, TypeError, AttributeError,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from mdm_server import audit
-from mdm_server.config import Config, ConfigError, load_config
+from mdm_server.config import Config, ConfigError, load_config, master_key_from_env
 from mdm_server.storage.devices import (
     EnrollmentError,
     enroll_device,
@@ -24,6 +24,7 @@ from mdm_server.storage.devices import (
     revoke_device,
 )
 from mdm_server.storage.keyring import Keyring, KeyringError
+from mdm_server.storage.master import MasterKeyError
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
 from mdm_server.storage.roles import RoleError, privileged_because
@@ -38,6 +39,9 @@ __all__ = ["main"]
 
 #: Commands that append to the audit log or read it: they need the master key.
 _AUDITED = frozenset({"tenant", "admin", "user", "device", "audit"})
+# Commands whose work hangs off the master key: they check it is this database's.
+_MASTER_CHECKED = frozenset({"serve", "ingest", "tenant", "admin", "user", "device",
+                             "audit", "keys", "broker"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--user-email")
     de.add_argument("--group", action="append", default=[], dest="groups",
                     help="a group the device belongs to (repeatable); policies select by it")
+    ds = device.add_parser("stale", help="devices whose MQTT password comes from a master key "
+                                         "since rotated away: re-enroll them (JSON lines)")
+    ds.add_argument("--tenant")
     for name, text in (("revoke", "revoke a device: the broker disconnects it and lets it in "
                                   "no more, ingest refuses its telemetry (exit 4: the broker "
                                   "could not be told yet)"),
@@ -102,14 +109,23 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_parser("list", help="signing keys and how many devices trust each (JSON lines)")
     keys.add_parser("rotate", help="create a new signing key and hand it to every enrolled "
                                    "device (signed with a key it trusts); prints its id")
-    kr = keys.add_parser("retire", help="stop signing with a key (refused while a device "
-                                        "trusts no newer one)")
+    kr = keys.add_parser("retire", help="stop signing with a key, delete its private half "
+                                        "and send every device that trusts it a signed "
+                                        "distrust_key (refused while a device trusts no "
+                                        "newer one)")
     kr.add_argument("key_id")
     kr.add_argument("--force", action="store_true",
                     help="retire even if devices are left without a key they trust")
     keys.add_parser("compact", help="re-wrap every device data key under a new key-ring epoch "
                                     "and destroy the older epochs' files now (erasure and "
                                     "serve do it on their own); prints a JSON summary")
+    krm = keys.add_parser(
+        "rotate-master", help="move every secret to a new master key (signing keys, device "
+                              "data keys, the audit log's MACs), with every server process "
+                              "stopped, as the database's owner; prints a JSON summary "
+                              "(README, \"Rotating the master key\")")
+    krm.add_argument("--new-key-file", required=True, metavar="FILE",
+                     help="the new master key: 32 bytes, base64, in a file")
     aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action",
                                                                        required=True)
     av = aud.add_parser("verify", help="check every chain (MACs under the master key); exit 1 "
@@ -339,11 +355,57 @@ async def _open_keyring(cfg: Config, *, wait: bool = False) -> None:
     await (retry_while_away(once, lambda: None) if wait else once())
 
 
+async def _rotate_master(cfg: Config, new_key_file: str) -> int:
+    from mdm_server.storage.master import rotate_master_key
+
+    new = master_key_from_env({"MDM_MASTER_KEY_FILE": new_key_file})
+    if new is None:
+        raise ConfigError("--new-key-file is empty")
+    conn = await connect(cfg.database_url)
+    try:
+        report = await rotate_master_key(conn, cfg.require_keyring_dir(),
+                                         cfg.require_master_key(), new)
+    except ValueError as exc:  # the audit log does not verify: nothing was changed
+        print(f"mdm-server: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    print(json.dumps(report.to_json()))
+    print("master key rotated: start every server process with the new key; re-enroll the "
+          f"{report.devices_to_reenroll} device(s) `mdm-server device stale` lists; take a new "
+          "audit checkpoint", file=sys.stderr)
+    return 0
+
+
+async def _check_master(cfg: Config) -> None:
+    from mdm_server.storage.master import check_master_key
+
+    conn = await connect(cfg.database_url)
+    try:
+        await check_master_key(conn, cfg.require_master_key())
+    finally:
+        await conn.close()
+
+
+async def _device_stale(cfg: Config, tenant: str | None) -> None:
+    conn = await connect(cfg.database_url)
+    try:
+        for r in await conn.fetch(
+                "SELECT tenant_id, device_id FROM devices WHERE mqtt_stale AND status = "
+                "'enrolled' AND ($1::text IS NULL OR tenant_id = $1) "
+                "ORDER BY tenant_id, device_id", tenant):
+            print(json.dumps({"tenant": r["tenant_id"], "device": r["device_id"]}))
+    finally:
+        await conn.close()
+
+
 async def _keys(cfg: Config, args: argparse.Namespace) -> int:
     from mdm_server.commands import keys
 
     if args.action == "compact":
         return await _keys_compact(cfg)
+    if args.action == "rotate-master":
+        return await _rotate_master(cfg, args.new_key_file)
     conn = await connect(cfg.database_url)
     try:
         if args.action == "list":
@@ -366,9 +428,11 @@ async def _keys(cfg: Config, args: argparse.Namespace) -> int:
                     print(key_id)
                     print(f"trust_key queued for {told} device(s)", file=sys.stderr)
                 else:
-                    stranded = await keys.retire_key(conn, args.key_id, actor="cli",
-                                                     audit_keys=cfg.audit_keys(),
-                                                     force=args.force)
+                    stranded, told = await keys.retire_key(conn, args.key_id, actor="cli",
+                                                           audit_keys=cfg.audit_keys(),
+                                                           force=args.force)
+                    print(f"distrust_key queued for {told} device(s); the key's private "
+                          "half is deleted", file=sys.stderr)
                     if stranded:
                         print(f"warning: {stranded} device(s) trust no current key now: "
                               "re-enroll them", file=sys.stderr)
@@ -531,13 +595,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _AUDITED:
             cfg.audit_keys()  # the master key, or a clear error before anything is done
         if args.command in ("serve", "ingest") or (
-                args.command == "keys" and args.action == "compact"):
+                args.command == "keys" and args.action in ("compact", "rotate-master")):
             cfg.require_master_key()
             cfg.require_keyring_dir()  # stored telemetry is sealed under keys it wraps
+        if args.command == "serve":
+            asyncio.run(_check_db_role(cfg))  # before anything else touches the database
+        if cfg.master_key is not None and args.command in _MASTER_CHECKED and not (
+                args.command == "keys" and args.action == "rotate-master"):
+            asyncio.run(_check_master(cfg))  # this database's key, or a clear refusal
         if args.command == "migrate":
             asyncio.run(_migrate(cfg, args.server_role))
         elif args.command == "serve":
-            asyncio.run(_check_db_role(cfg))
             _serve(cfg, args.ingest_workers)
         elif args.command == "ingest":
             with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
@@ -554,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_device_enroll(cfg, args))
         elif args.command == "device" and args.action == "reenroll":
             asyncio.run(_device_reenroll(cfg, args))
+        elif args.command == "device" and args.action == "stale":
+            asyncio.run(_device_stale(cfg, args.tenant))
         elif args.command == "device":
             return asyncio.run(_device_revoke(cfg, args))
         elif args.command == "broker" and args.action == "provision-offline":
@@ -564,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_audit(cfg, args))
         elif args.command == "keys":
             return asyncio.run(_keys(cfg, args))
-    except (ConfigError, TenantError, EnrollmentError, RoleError, KeyringError) as exc:
+    except (ConfigError, TenantError, EnrollmentError, RoleError, KeyringError,
+            MasterKeyError) as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

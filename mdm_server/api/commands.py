@@ -25,8 +25,9 @@ __all__ = ["routes"]
 _DEVICE = "{device:[A-Za-z0-9_-]{1,64}}"
 _COMMAND = "{command_id:[0-9a-fA-F-]{36}}"
 _FIELDS = {"type", "scope", "reason", "notice", "ttl_s"}
-#: What an admin may send; trust_key is the server's own (key rotation).
-ADMIN_COMMAND_TYPES = tuple(t for t in COMMAND_TYPES if t != "trust_key")
+#: What an admin may send; trust_key and distrust_key are the server's own (key
+#: rotation and retirement).
+ADMIN_COMMAND_TYPES = tuple(t for t in COMMAND_TYPES if t not in ("trust_key", "distrust_key"))
 REASON_MAX = 500
 TTL_MIN_S, TTL_MAX_S, TTL_DEFAULT_S = 60, 30 * 86_400, 7 * 86_400
 LIST_LIMIT_MAX = 500

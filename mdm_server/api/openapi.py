@@ -46,8 +46,9 @@ PATH = "/api/v1/openapi.json"
 Schema = dict[str, Any]
 
 ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
-#: Every command type a stored command can have (trust_key is the server's own).
-ALL_COMMAND_TYPES = (*ADMIN_COMMAND_TYPES, "trust_key")
+#: Every command type a stored command can have (trust_key and distrust_key are the
+#: server's own).
+ALL_COMMAND_TYPES = (*ADMIN_COMMAND_TYPES, "trust_key", "distrust_key")
 ERASURE_STATES = ("pending", "fulfilled", "refused")
 NOTICE_TEXT_MAX = 4000  # agent_protocol.commands.NOTICE_TEXT_MAX
 REFUSAL_MAX = 1000
@@ -140,7 +141,8 @@ COMMAND_FIELDS: dict[str, Schema] = {
     "command_id": UUID,
     "device": STRING,
     "type": enum(ALL_COMMAND_TYPES),
-    "params": {**ANY_OBJECT, "description": "wipe: {scope}; trust_key: the new key"},
+    "params": {**ANY_OBJECT,
+               "description": "wipe: {scope}; trust_key: the new key; distrust_key: {key_id}"},
     "notice": nullable(ref("Notice")),
     "state": enum(STATES),
     "reason": nullable(STRING),

@@ -101,7 +101,10 @@ class SyncReport:
     created: int = 0
     updated: int = 0
     deleted: int = 0
-    not_derivable: int = 0  # enrolled before broker identity (generation 0)
+    # Enrolled before broker identity (generation 0), or credentials from a master
+    # key since rotated away whose broker account is gone: re-enroll them.
+    not_derivable: int = 0
+    stale_kept: int = 0  # credentials from an earlier master key, account kept as is
 
     @property
     def changed(self) -> int:
@@ -109,7 +112,7 @@ class SyncReport:
 
     def __str__(self) -> str:
         return (f"created={self.created} updated={self.updated} deleted={self.deleted}"
-                f" not_derivable={self.not_derivable}")
+                f" not_derivable={self.not_derivable} stale_kept={self.stale_kept}")
 
 
 # --- reading the broker --------------------------------------------------------------
@@ -194,6 +197,15 @@ def _plan(master_key: bytes, want: Sequence[DeviceIdentity],
                     yield {"command": "addRoleACL", "rolename": rolename, **acl}
         client = clients.get(user)
         description = _generation_text(dev.generation)
+        if dev.stale:
+            # Its password comes from a master key since rotated away: the broker
+            # keeps the one the device has (only a re-enrollment changes it); the
+            # server cannot derive it to make the account again.
+            if client is None:
+                report.not_derivable += 1
+            else:
+                report.stale_kept += 1
+            continue
         if client is None:
             report.created += 1
             yield {"command": "createClient", "username": user, "clientid": user,

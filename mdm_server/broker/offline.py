@@ -47,6 +47,8 @@ async def provision_offline(conn: asyncpg.Connection, master_key: bytes, path: P
     and none for others; the server's own account and anything not ours is kept.
     Run only while the broker is stopped (it overwrites the file when it saves)."""
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    ours = {c.get("username"): c for c in doc.get("clients", [])
+            if c.get("textname") == TEXTNAME}
     clients = [c for c in doc.get("clients", []) if c.get("textname") != TEXTNAME]
     roles = [r for r in doc.get("roles", [])
              if not str(r.get("rolename", "")).startswith(ROLE_PREFIX)]
@@ -59,6 +61,17 @@ async def provision_offline(conn: asyncpg.Connection, master_key: bytes, path: P
             continue
         user = mqtt_username(dev.tenant, dev.device)
         rolename = device_rolename(dev.tenant, dev.device)
+        if dev.stale:
+            # A password from a master key since rotated away: keep the account the
+            # file has (the device's password); none to keep, none to make.
+            kept = ours.get(user)
+            if kept is None:
+                skipped += 1
+                continue
+            clients.append(kept)
+            roles.append({"rolename": rolename, "acls": device_acls(dev.tenant, dev.device)})
+            written += 1
+            continue
         salt = secrets.token_bytes(12)
         password = device_password(master_key, dev.tenant, dev.device, dev.generation)
         clients.append({

@@ -227,6 +227,16 @@ class AckConsumer:
                 "UPDATE devices SET trusted_key_ids = array_append(trusted_key_ids, $3) "
                 "WHERE tenant_id = $1 AND device_id = $2 AND NOT $3 = ANY(trusted_key_ids)",
                 trusted)
+        distrusted = [(current[cid]["tenant_id"], current[cid]["device_id"],
+                       current[cid]["params"]["key_id"])
+                      for cid, upd in changed.items()
+                      if current[cid]["type"] == "distrust_key"
+                      and upd["state"] == "completed"]
+        if distrusted:
+            # The device dropped a retired key: it trusts it no more.
+            await conn.executemany(
+                "UPDATE devices SET trusted_key_ids = array_remove(trusted_key_ids, $3) "
+                "WHERE tenant_id = $1 AND device_id = $2", distrusted)
         if events:
             await conn.executemany(
                 "INSERT INTO command_events (command_id, event, from_state, to_state, "

@@ -32,6 +32,7 @@ __all__ = [
     "KeyRing",
     "SigningKeyError",
     "public_keys",
+    "reencrypt_signing_keys",
     "retire_key",
     "rotate_key",
     "signing_key",
@@ -147,10 +148,16 @@ async def rotate_key(conn: asyncpg.Connection, master_key: bytes, *, actor: str,
 
 
 async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
-                     audit_keys: audit.AuditKeys, force: bool = False) -> int:
-    """Stop signing with ``key_id``. Refused (SigningKeyError) while an enrolled
-    device trusts no other unretired key, unless ``force`` (those devices can then
-    verify nothing until re-enrolled). Returns how many devices were stranded."""
+                     audit_keys: audit.AuditKeys, force: bool = False,
+                     ttl_s: int = 30 * 86_400) -> tuple[int, int]:
+    """Stop signing with ``key_id``, delete its private half, and queue a signed
+    ``distrust_key`` for every enrolled device that trusts it (the agent drops the
+    key; the server removes it from the device's trusted keys when the device
+    confirms). Refused (SigningKeyError) while an enrolled device trusts no other
+    unretired key, unless ``force``: those devices then verify nothing until
+    re-enrolled, and their agents refuse to drop their last key. Returns (devices
+    stranded, devices told). Call inside a transaction."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _LOCK)
     row = await conn.fetchrow(
         "SELECT retired_at FROM signing_keys WHERE key_id = $1 FOR UPDATE", key_id)
     if row is None:
@@ -168,10 +175,38 @@ async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
             f"{stranded} enrolled device(s) have not confirmed a newer key yet: retiring "
             "this one would leave them unable to verify commands (use --force to do it "
             "anyway)")
-    await conn.execute("UPDATE signing_keys SET retired_at = now() WHERE key_id = $1", key_id)
+    # The private half goes with the retirement: the check in migration 015 allows
+    # a NULL only for a retired key.
+    await conn.execute("UPDATE signing_keys SET retired_at = now(), private_key_enc = NULL "
+                       "WHERE key_id = $1", key_id)
+    told: int = await conn.fetchval(
+        """WITH ins AS (
+               INSERT INTO commands (tenant_id, device_id, type, params, state, reason,
+                                     requested_by, expires_at)
+               SELECT tenant_id, device_id, 'distrust_key', $1::jsonb, 'queued',
+                      'signing key retired', $2::text, now() + make_interval(secs => $3)
+               FROM devices WHERE status = 'enrolled' AND $4 = ANY(trusted_key_ids)
+               RETURNING 1)
+           SELECT count(*) FROM ins""", {"key_id": key_id}, actor, float(ttl_s), key_id)
     await audit.append(conn, audit_keys, tenant=None, actor=actor, action="signing_key.retire",
-                       target=f"signing_key:{key_id}", details={"stranded": stranded})
-    return stranded
+                       target=f"signing_key:{key_id}",
+                       details={"stranded": stranded, "devices": told})
+    await conn.execute("SELECT pg_notify('mdm_commands', 'retire')")
+    return stranded, told
+
+
+async def reencrypt_signing_keys(conn: asyncpg.Connection, old_master: bytes,
+                                 new_master: bytes) -> int:
+    """Master-key rotation: every private key still held, decrypted under the old
+    master key and encrypted under the new one (same key id, same key). Call inside
+    the rotation's transaction. Returns how many."""
+    rows = await conn.fetch("SELECT key_id, private_key_enc FROM signing_keys "
+                            "WHERE private_key_enc IS NOT NULL FOR UPDATE")
+    for r in rows:
+        key = decrypt_private_key(r["private_key_enc"], r["key_id"], old_master)
+        await conn.execute("UPDATE signing_keys SET private_key_enc = $2 WHERE key_id = $1",
+                           r["key_id"], encrypt_private_key(key, r["key_id"], new_master))
+    return len(rows)
 
 
 class KeyRing:
@@ -196,6 +231,8 @@ class KeyRing:
                 self._keys[r["key_id"]] = decrypt_private_key(
                     r["private_key_enc"], r["key_id"], self._master_key)
         self._order = [r["key_id"] for r in rows]
+        for gone in set(self._keys) - set(self._order):  # retired: not even in memory
+            del self._keys[gone]
 
     def for_device(self, trusted: list[str] | None) -> tuple[str, Ed25519PrivateKey] | None:
         """The newest unretired key among ``trusted`` (None: trusts none of them)."""

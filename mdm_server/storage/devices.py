@@ -43,12 +43,15 @@ class DeviceInfo:
 @dataclass(frozen=True, slots=True)
 class DeviceIdentity:
     """What the broker must know of a device: its credential generation (0: enrolled
-    before broker identity, password not derivable) and whether it may connect."""
+    before broker identity, password not derivable), whether it may connect, and
+    whether its password comes from a master key since rotated away (``stale``:
+    the broker keeps it, the server cannot derive it; re-enrolling ends that)."""
 
     tenant: str
     device: str
     generation: int
     enrolled: bool
+    stale: bool = False
 
 
 def mqtt_username(tenant: str, device: str) -> str:
@@ -163,7 +166,7 @@ async def reenroll_device(
     async with conn.transaction():
         row = await conn.fetchrow(
             """UPDATE devices SET mqtt_generation = mqtt_generation + 1,
-                                  status = 'enrolled', revoked_at = NULL
+                                  status = 'enrolled', revoked_at = NULL, mqtt_stale = false
                WHERE tenant_id = $1 AND device_id = $2
                RETURNING ownership, mqtt_generation""",
             tenant, device,
@@ -204,17 +207,17 @@ async def device_identities(
     """Every device (``keys`` None) or those among ``keys`` (tenant, device)."""
     if keys is None:
         rows = await conn.fetch(
-            "SELECT tenant_id, device_id, mqtt_generation, status FROM devices")
+            "SELECT tenant_id, device_id, mqtt_generation, status, mqtt_stale FROM devices")
     else:
         rows = await conn.fetch(
-            """SELECT d.tenant_id, d.device_id, d.mqtt_generation, d.status
+            """SELECT d.tenant_id, d.device_id, d.mqtt_generation, d.status, d.mqtt_stale
                FROM devices d
                JOIN unnest($1::text[], $2::text[]) AS k(t, dev)
                  ON d.tenant_id = k.t AND d.device_id = k.dev""",
             [k[0] for k in keys], [k[1] for k in keys],
         )
     return [DeviceIdentity(r["tenant_id"], r["device_id"], r["mqtt_generation"],
-                           r["status"] == "enrolled") for r in rows]
+                           r["status"] == "enrolled", r["mqtt_stale"]) for r in rows]
 
 
 async def lookup_devices(

@@ -592,6 +592,55 @@ class Keyring:
                  report.attempts)
         return report
 
+    # --- a new master key ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked_for_rotation(self, conn: asyncpg.Connection) -> AsyncIterator[None]:
+        """The key ring's lock for :meth:`rewrap_under_master`, with the key ring
+        checked complete first. ``conn`` must not be in a transaction."""
+        await self._bind(conn)
+        async with self._locked(conn):
+            await self._check_complete(conn)
+            yield
+
+    async def rewrap_under_master(self, conn: asyncpg.Connection, new_master: bytes
+                                  ) -> tuple[int, int, list[int]]:
+        """Master-key rotation, inside the caller's transaction and under
+        :meth:`locked_for_rotation`, with no server process running: a new epoch
+        whose KEK derives from ``new_master`` (its file written now), every device
+        key unwrapped with this key ring's (old) master key and wrapped under it,
+        the older epochs' rows deleted. Returns (new epoch, keys re-wrapped, epochs
+        retired); call :meth:`retire_files` with the last after the commit. If the
+        transaction rolls back, the new epoch's file is a leftover the next
+        compaction destroys."""
+        _check_master(new_master)
+        new, _ = await self._new_epoch(conn)
+        self._keks.pop(new, None)  # derived from the old master key: not for use
+        new_kek = epoch_kek(new_master, new, self._read_secret(new))
+        rows = await conn.fetch("SELECT key_id, tenant_id, device_id, epoch, wrapped "
+                                "FROM keystore.device_keys WHERE epoch <> $1", new)
+        keys = await self.unwrap(conn, rows)
+        ids = [r["key_id"] for r in rows]
+        wrapped = [wrap_key(new_kek, r["tenant_id"], r["device_id"], keys[r["key_id"]])
+                   for r in rows]
+        await conn.execute(
+            """UPDATE keystore.device_keys k SET wrapped = x.w, epoch = $1
+               FROM unnest($2::int8[], $3::bytea[]) AS x(id, w)
+               WHERE k.key_id = x.id""", new, ids, wrapped)
+        retired = await conn.fetch(
+            "DELETE FROM keystore.epochs WHERE epoch < $1 RETURNING epoch", new)
+        return new, len(ids), sorted(r["epoch"] for r in retired)
+
+    def retire_files(self, epochs: Sequence[int]) -> int:
+        """After the commit of :meth:`rewrap_under_master`: the retired epochs'
+        files destroyed (overwritten, fsynced, unlinked); how many."""
+        n = 0
+        for epoch in epochs:
+            self._keks.pop(epoch, None)
+            if epoch and self._destroy_file(self.directory / _file_name(epoch)):
+                n += 1
+        return n
+
     async def _rewrap(self, conn: asyncpg.Connection, new: int, new_kek: AESGCM
                       ) -> tuple[int, list[int]]:
         """One transaction: every key not under ``new`` re-wrapped under it, the

@@ -441,7 +441,9 @@ def test_a_forged_checkpoint_is_refused(database: str, tmp_path: Path) -> None:
     other = {**server_env(database, NO_BROKER),
              "MDM_MASTER_KEY": base64.b64encode(bytes(range(32))).decode()}
     elsewhere = _cli(other, "audit", "checkpoint")
-    assert elsewhere.returncode == 1  # the log does not verify under that key either
+    # Not this database's master key: refused before anything is read or written.
+    assert elsewhere.returncode == 2
+    assert "not this database's master key" in elsewhere.stderr
     forged = audit.Checkpoint.loads(cp.read_bytes(), KEYS).dumps(
         audit.AuditKeys.derive(bytes(range(32))))
     assert refused(forged.decode()).returncode == 1

@@ -291,6 +291,51 @@ def test_command_not_received_before_its_expiry_expires(setup: Setup) -> None:
     assert s.command("d1", cmd["command_id"])["state"] == "expired"
 
 
+def test_an_agent_restart_keeps_its_nonces_and_executed_commands(setup: Setup,
+                                                                 tmp_path: Path) -> None:
+    """The agent's command state outlives its process: a replay of a command it
+    executed before a restart is not executed again, and a new command reusing an
+    accepted nonce is refused; an agent that kept nothing executes the replay."""
+    s = setup
+    enrollment = s.agents["d1"].enrollment
+    s.agents["d1"].stop()
+    state = tmp_path / "d1-agent-state.json"
+    first = DeviceAgent(enrollment, port=s.broker.port, state=state)
+    first.start()
+    try:
+        cmd = s.issue("d1", {"type": "lock", "reason": "before the restart"})
+        s.wait_state("d1", cmd["command_id"], "completed")
+        [action] = first.actions
+    finally:
+        first.stop()
+    assert state.exists() and action.command_id == cmd["command_id"]
+    payload = s.stored_payload(cmd["command_id"])
+    replay = dataclasses.replace(decode_command(payload),
+                                 command_id="0192f1c2-0000-7000-8000-00000000abcd", sig="")
+    same_nonce = encode_command(sign_command(replay, _server_key(s)))
+
+    restarted = DeviceAgent(enrollment, port=s.broker.port, state=state)
+    restarted.start()
+    try:
+        _publish_as_server(s, "d1", payload)
+        _publish_as_server(s, "d1", same_nonce)
+        results = restarted.wait_results(2)
+        assert [r.outcome for r in results] == [Outcome.DUPLICATE, Outcome.REJECTED]
+        assert results[1].reason == "replayed_nonce"
+        assert restarted.actions == []  # nothing executed again
+    finally:
+        restarted.stop()
+    # The control: an agent that forgot its state executes the same replay again.
+    amnesiac = DeviceAgent(enrollment, port=s.broker.port)
+    amnesiac.start()
+    try:
+        _publish_as_server(s, "d1", payload)
+        [result] = amnesiac.wait_results(1)
+        assert result.outcome is Outcome.EXECUTED and len(amnesiac.actions) == 1
+    finally:
+        amnesiac.stop()
+
+
 # -- helpers -------------------------------------------------------------------
 
 
@@ -302,6 +347,15 @@ def _server_key(s: Setup) -> Any:
         finally:
             await conn.close()
     return asyncio.run(get())
+
+
+def _private_key(s: Setup, key_id: str) -> Any:
+    from mdm_server.commands.keys import decrypt_private_key
+
+    [row] = asyncio.run(fetch(s.database, "SELECT private_key_enc FROM signing_keys "
+                                          "WHERE key_id = $1", key_id))
+    return decrypt_private_key(bytes(row["private_key_enc"]), key_id,
+                               base64.b64decode(TEST_MASTER_KEY))
 
 
 def _publish_as_server(s: Setup, device: str, payload: bytes) -> None:
@@ -344,13 +398,38 @@ def test_key_rotation_keeps_devices_on_the_old_key_until_they_confirm_the_new(
     while not _trusts(s, "d2", new_key):
         assert time.monotonic() < deadline, "d2 never confirmed the new key"
         time.sleep(0.1)
+    old_private = _private_key(s, old_key)  # what a thief of the old key would hold
     s.server.cli("keys", "retire", old_key)
     last = s.issue("d2", {"type": "lock", "reason": "after retirement"})
     s.wait_state("d2", last["command_id"], "completed")
     assert decode_command(s.stored_payload(last["command_id"])).key_id == new_key
+    # Every device was sent a signed distrust_key: the agents drop the old key, and
+    # the server forgets that they trusted it once they confirm.
+    deadline = time.monotonic() + 20
+    while _trusts(s, "d1", old_key) or _trusts(s, "d2", old_key):
+        assert time.monotonic() < deadline, "a device never confirmed distrust_key"
+        time.sleep(0.1)
+    for device in DEVICES:
+        assert set(s.agents[device].handler.keys) == {new_key}
+    distrusts = asyncio.run(fetch(s.database, "SELECT device_id, state, params FROM commands "
+                                              "WHERE type = 'distrust_key'"))
+    assert sorted((r["device_id"], r["state"], r["params"]["key_id"]) for r in distrusts) == [
+        ("d1", "completed", old_key), ("d2", "completed", old_key)]
+    # The retired key's private half is gone from the database ...
+    [row] = asyncio.run(fetch(s.database, "SELECT private_key_enc FROM signing_keys "
+                                          "WHERE key_id = $1", old_key))
+    assert row["private_key_enc"] is None
+    # ... and a command signed with it (by whoever kept a copy) is refused by the agents.
+    forged = decode_command(s.stored_payload(last["command_id"]))
+    forged = dataclasses.replace(forged, command_id="0192f1c2-0000-7000-8000-00000000f0f0",
+                                 nonce="after-retirement-1", key_id=old_key, sig="")
+    before = len(s.agents["d2"].results)
+    _publish_as_server(s, "d2", encode_command(sign_command(forged, old_private)))
+    [result] = s.agents["d2"].wait_results(before + 1)[before:]
+    assert (result.outcome, result.reason) == (Outcome.REJECTED, "unknown_key")
     listed = [json.loads(line) for line in s.server.cli("keys", "list").splitlines()]
     assert {(k["key_id"], k["retired_at"] is None, k["trusted_by_devices"]) for k in listed} \
-        == {(old_key, False, 2), (new_key, True, 2)}
+        == {(old_key, False, 0), (new_key, True, 2)}
 
 
 def _trusts(s: Setup, device: str, key_id: str) -> bool:

@@ -14,6 +14,7 @@ import base64
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -41,13 +42,19 @@ class DeviceAgent:
     holding: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     client: paho.Client | None = None
+    # A file for the agent's command state (nonces, executed commands, keys), kept
+    # across restarts as a real agent must; None: in memory only.
+    state: Path | None = None
 
     def __post_init__(self) -> None:
+        from load_tests.agent_state import FileStateStore
+
         e = self.enrollment
         self.tenant, self.device = e["tenant"], e["device"]
         keys = {k: Ed25519PublicKey.from_public_bytes(base64.b64decode(v))
                 for k, v in e["server_keys"].items()}
-        self.handler = CommandHandler(self.tenant, self.device, keys)
+        store = None if self.state is None else FileStateStore(self.state)
+        self.handler = CommandHandler(self.tenant, self.device, keys, store=store)
         self.subscribed = threading.Event()
 
     # -- MQTT ----------------------------------------------------------------

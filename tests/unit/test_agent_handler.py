@@ -261,3 +261,105 @@ def test_trust_key_adds_the_new_key_only_when_signed_by_a_trusted_one() -> None:
     # The old key keeps working until the server stops using it.
     assert h.handle(command(command_id="c-11", nonce="nonce-old-11"), NOW).outcome \
         is Outcome.EXECUTED
+
+
+# --- across restarts: the state store -------------------------------------------------------
+
+
+class MemoryStore:
+    """A StateStore in memory (a real agent writes a file: load_tests/agent_state.py)."""
+
+    def __init__(self) -> None:
+        self.saved: bytes | None = None
+        self.saves = 0
+
+    def load(self) -> bytes | None:
+        return self.saved
+
+    def save(self, state: bytes) -> None:
+        self.saved = state
+        self.saves += 1
+
+
+def test_a_restarted_agent_does_not_execute_a_replayed_command_again() -> None:
+    store = MemoryStore()
+    first = handler(store=store)
+    assert first.handle(command(), NOW).outcome is Outcome.EXECUTED
+    assert store.saves == 1  # saved before handle returned: before the action ran
+    # The agent restarts: a new handler on the same store.
+    again = handler(store=store)
+    r = again.handle(command(), NOW + 10)
+    assert r.outcome is Outcome.DUPLICATE and r.action is None
+    assert [a.state for a in r.acks] == ["received", "notice_shown", "completed"]
+    assert all(a.ts_ms == NOW for a in r.acks)  # the first delivery's acks, unchanged
+    # A new command reusing the accepted nonce is refused after the restart too.
+    r = again.handle(command(command_id="c-2"), NOW + 20)
+    assert (r.outcome, r.reason) == (Outcome.REJECTED, "replayed_nonce")
+    # Without a store, the same restart would have executed the replay again.
+    assert handler().handle(command(), NOW + 10).outcome is Outcome.EXECUTED
+
+
+def test_the_state_keeps_trusted_keys_and_forgets_what_expired() -> None:
+    store = MemoryStore()
+    h = handler(store=store, remember_after_expiry_ms=0)
+    new = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+    trust = command(command_id="t-1", type="trust_key", notice=None, nonce="trust-nonce-1",
+                    params={"key_id": "k2", "public_key": _b64_public(new)})
+    assert h.handle(trust, NOW).outcome is Outcome.EXECUTED
+    restarted = handler(store=store, remember_after_expiry_ms=0)
+    assert set(restarted.keys) == {"k1", "k2"}
+    assert restarted.executed("t-1", NOW + 1)
+    assert not restarted.executed("t-1", NOW + HOUR)  # past expiry: forgotten
+    # A command signed with the key learnt before the restart verifies.
+    r = restarted.handle(command(new, key_id="k2", command_id="c-9", nonce="other-nonce-9"),
+                         NOW + 2)
+    assert r.outcome is Outcome.EXECUTED
+
+
+def test_an_unreadable_state_stops_the_agent_rather_than_forget() -> None:
+    store = MemoryStore()
+    store.saved = b'{"v": 1, "keys": {}, "nonces": [["n", "not a number"]], "executed": []}'
+    with pytest.raises(ValueError, match="saved agent state cannot be read"):
+        handler(store=store)
+    store.saved = b"{}"
+    with pytest.raises(ValueError, match="saved agent state cannot be read"):
+        handler(store=store)
+
+
+def test_a_store_that_cannot_save_stops_the_command_before_it_runs() -> None:
+    class Broken(MemoryStore):
+        def save(self, state: bytes) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        handler(store=Broken()).handle(command(), NOW)
+
+
+# --- distrust_key -------------------------------------------------------------------------
+
+
+def _b64_public(key: Ed25519PrivateKey) -> str:
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+                            ).decode("ascii")
+
+
+def test_distrust_key_drops_a_retired_key_but_never_the_last_one() -> None:
+    new = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+    h = CommandHandler("acme", "dev-1", {"k1": KEY.public_key(), "k2": new.public_key()})
+    r = h.handle(command(new, key_id="k2", command_id="d-1", type="distrust_key",
+                         notice=None, params={"key_id": "k1"}, nonce="distrust-nonce-1"), NOW)
+    assert r.outcome is Outcome.EXECUTED and [a.state for a in r.acks] == ["received",
+                                                                             "completed"]
+    assert set(h.keys) == {"k2"}
+    # Commands signed with the distrusted key are refused from now on.
+    r = h.handle(command(command_id="c-5", nonce="after-distrust-1"), NOW + 1)
+    assert (r.outcome, r.reason) == (Outcome.REJECTED, "unknown_key")
+    # The last key is kept: the agent refuses, the server learns it from the ack.
+    r = h.handle(command(new, key_id="k2", command_id="d-2", type="distrust_key",
+                         notice=None, params={"key_id": "k2"}, nonce="distrust-nonce-2"), NOW)
+    assert [(a.state, a.detail) for a in r.acks] == [("received", None), ("failed", "last_key")]
+    assert set(h.keys) == {"k2"}
