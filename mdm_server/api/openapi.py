@@ -29,6 +29,7 @@ from mdm_server.api.commands import (
     TTL_MAX_S,
     TTL_MIN_S,
 )
+from mdm_server.api.limits import BODY_LIMIT, NO_BODY_LIMIT, POLICY_BODY_LIMIT, public
 from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
 from mdm_server.commands.states import STATES
 from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS, FloorUse
@@ -400,12 +401,18 @@ PARAMETERS: dict[str, Schema] = {
 }
 
 
+#: On every /api/ answer (mdm_server/api/limits.py).
+API_HEADERS: dict[str, Schema] = {
+    "Cache-Control": {"required": True, "schema": enum(("no-store",)),
+                      "description": "no cache keeps an API answer"},
+    "X-Content-Type-Options": {"required": True, "schema": enum(("nosniff",)),
+                               "description": "no browser reads it as another type"},
+}
+
+
 def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
-    out: Schema = {"description": description,
-                   "content": {"application/json": {"schema": ref("Error")}}}
-    if headers:
-        out["headers"] = headers
-    return out
+    return {"description": description, "headers": {**(headers or {}), **API_HEADERS},
+            "content": {"application/json": {"schema": ref("Error")}}}
 
 
 #: Status -> (component name, response).
@@ -417,13 +424,19 @@ ERRORS: dict[int, tuple[str, Schema]] = {
                               "personal_device, same_admin, group_factory_reset)")),
     404: ("NotFound", _error("not found, or not the caller's: indistinguishable")),
     409: ("Conflict", _error("the state does not allow it (`code` says why)")),
-    413: ("PayloadTooLarge", _error("the body is over 1 MiB (8 MiB for policies)")),
+    413: ("PayloadTooLarge", _error(
+        f"the body is over the route's limit: {POLICY_BODY_LIMIT // 2**20} MiB for a policy "
+        f"or a preview, {BODY_LIMIT // 1024} KiB for other JSON bodies, "
+        f"{NO_BODY_LIMIT // 1024} KiB where the route takes none; counted as it is read, "
+        "with or without Content-Length")),
+    415: ("UnsupportedMediaType", _error(
+        "a body that is not JSON: every body is `Content-Type: application/json` (UTF-8)")),
     422: ("Invalid", _error("invalid: every problem in `issues`, with its path")),
     429: ("TooManyRequests", _error(
-        "rate limited (per token; `Retry-After` says when to try again), or an export "
-        "already running", {"Retry-After": {"required": False,
-                                           "schema": {"type": "string",
-                                                      "pattern": "^[0-9]+$"}}})),
+        "rate limited (per token, or per client address without a valid one; "
+        "`Retry-After` says when to try again), or an export already running",
+        {"Retry-After": {"required": False,
+                         "schema": {"type": "string", "pattern": "^[0-9]+$"}}})),
 }
 
 
@@ -489,15 +502,19 @@ def _act_on_command(verb: str, text: str) -> Schema:
 
 def _limited(paths: dict[str, dict[str, Schema]]) -> dict[str, dict[str, Schema]]:
     """Every /api/ request passes the limits (mdm_server/api/limits.py): a body over the
-    size limit is 413 and a token over its rate 429, whatever the route."""
+    route's limit is 413, one that is not JSON 415, a caller over its rate 429, whatever
+    the route; and every answer carries API_HEADERS."""
     for path, operations in paths.items():
         if not path.startswith("/api/"):
             continue
         for operation in operations.values():
             responses = operation["responses"]
-            for status in (413, 429):
+            for status in (413, 415, 429):
                 responses[str(status)] = {
                     "$ref": f"#/components/responses/{ERRORS[status][0]}"}
+            for response in responses.values():
+                if "$ref" not in response:  # the shared error responses have them
+                    response["headers"] = {**response.get("headers", {}), **API_HEADERS}
             operation["responses"] = dict(sorted(responses.items()))
     return paths
 
@@ -720,8 +737,11 @@ def document() -> dict[str, Any]:
                 "route of another role is 403. Errors are JSON `{\"error\"}` plus, where "
                 "useful, `code` and `issues`; no error quotes a value from the request. "
                 f"Lists take `limit` (default 100, at most {LIST_LIMIT_MAX}) and a `cursor` "
-                "from the previous page's `next`. Contract: docs/api.md, docs/commands.md, "
-                "docs/policies.md."),
+                "from the previous page's `next`. A body is JSON (`Content-Type: "
+                "application/json`, else 415) within its route's limit (413); requests are "
+                "rate-limited per token, and per client address without a valid one (429). "
+                "Every answer is `Cache-Control: no-store`, `X-Content-Type-Options: "
+                "nosniff`. Contract: docs/api.md, docs/commands.md, docs/policies.md."),
         },
         "tags": [{"name": n} for n in
                  ("devices", "erasure", "audit", "policies", "commands", "me", "meta")],
@@ -741,6 +761,7 @@ def _body() -> bytes:
     return orjson.dumps(document())
 
 
+@public
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=_body(), content_type="application/json")
 

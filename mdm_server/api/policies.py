@@ -21,7 +21,7 @@ from mdm_server import audit
 from mdm_server.api.auth import require_admin, require_reader
 from mdm_server.api.context import POOL, audit_keys
 from mdm_server.api.errors import json_error
-from mdm_server.api.limits import PREVIEW_LIMITER
+from mdm_server.api.limits import POLICY_BODY_LIMIT, PREVIEW_LIMITER, body_limit
 from mdm_server.commands.outbox import enqueue_sync_policy
 from mdm_server.policy.in_force import in_force, tenant_candidates
 from mdm_server.storage import policies as store
@@ -109,6 +109,7 @@ async def get_policy(request: web.Request) -> web.Response:
     return web.json_response(_version_json(v))
 
 
+@body_limit(POLICY_BODY_LIMIT)
 async def put_policy(request: web.Request) -> web.Response:
     who = await require_admin(request, request.app[POOL])
     name = request.match_info["name"]
@@ -156,6 +157,7 @@ async def list_versions(request: web.Request) -> web.Response:
     return web.json_response({"versions": [_version_json(v) for v in versions]})
 
 
+@body_limit(POLICY_BODY_LIMIT)
 async def preview(request: web.Request) -> web.Response:
     """Run a policy (the stored one, or a draft in the body) over a sample
     payload; return what would be stored. Nothing is written but an audit entry.
