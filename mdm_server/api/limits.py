@@ -51,6 +51,7 @@ from aiohttp.typedefs import Handler
 from mdm_server.api.auth import authenticate, bearer_token
 from mdm_server.api.context import POOL
 from mdm_server.api.errors import json_error
+from mdm_server.policy.offload import for_tenant
 from mdm_server.storage.tenants import hash_token
 
 __all__ = [
@@ -181,6 +182,7 @@ async def _wait(request: web.Request, limiter: ApiLimiter) -> float:
             and handler not in _PUBLIC:
         who = await authenticate(request, request.app[POOL])
         if who is not None:
+            for_tenant(who.tenant)  # its policy work takes its tenant's turn
             return limiter.principals.take(who.tenant.encode() + b"\0" + hash_token(token))
     return limiter.addresses.take(client_address(request))
 

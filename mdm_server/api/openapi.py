@@ -254,11 +254,17 @@ SCHEMAS: dict[str, Schema] = {
                                      "what to do instead"),
     "PolicyVersion": obj(
         {"name": ID, "version": {"type": "integer", "minimum": 1}, "deleted": BOOLEAN,
+         "pruned": {**BOOLEAN, "description": "its body was dropped to keep the tenant's "
+                                               "policies under their cap (its number, "
+                                               "author and time stay)"},
+         "bytes": {**COUNT, "description": "the size of its body as stored, as counted "
+                                           "against the cap; 0: none"},
          "created_at": TIME, "created_by": STRING},
         {"policy": ref("Policy"), "explanation": LINES,
          "warnings": array(ref("PolicyWarning"))},
         description="One version of a policy; `policy` (canonical form), `explanation` "
-                    "and `warnings` where it has a body (not in lists, not a deletion)."),
+                    "and `warnings` where it has a body and one is asked for (not in lists, "
+                    "not a deletion, not a pruned version)."),
     "PolicyList": obj({
         "policies": array(ref("PolicyVersion"),
                           description="the newest version of each, without bodies"),
@@ -268,7 +274,10 @@ SCHEMAS: dict[str, Schema] = {
             "policy": {**STRING, "description": "the id stamped on the records"},
             "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
             "devices": array(ID)}),
-            description="which policy decides for each enrolled personal device")}),
+            description="which policy decides for each enrolled personal device"),
+        "storage": obj({"bytes": COUNT, "cap_bytes": COUNT},
+                       description="what the tenant's stored versions take, and the cap "
+                                   "(MDM_POLICY_STORE_MB)")}),
     "PreviewRequest": obj(
         {"kind": enum(KINDS)},
         {"policy": ref("Policy"),
@@ -380,6 +389,9 @@ PARAMETERS: dict[str, Schema] = {
     "CommandId": _param("command_id", "path", UUID, "command id"),
     "BatchId": _param("batch_id", "path", UUID, "batch id (a group request)"),
     "PolicyName": _param("name", "path", ID, "policy name"),
+    "PolicyVersionNumber": _param("version", "path",
+                                  {"type": "integer", "minimum": 1, "maximum": 999_999_999},
+                                  "version number"),
     "NoticeKind": _param("kind", "path", enum(NOTICE_KINDS), "kind of command"),
     "RequestId": _param("request_id", "path", UUID, "erasure request id"),
     "Limit": _param("limit", "query", {"type": "integer", "minimum": 1,
@@ -587,10 +599,14 @@ def _paths() -> dict[str, dict[str, Schema]]:
                       roles=READER, params=("PolicyName",), errors=(404,),
                       ok={200: _json(ref("PolicyVersion"), "with body and explanation")}),
             "put": op("putPolicy", "Create or change a policy (a new version)",
-                      tag="policies", roles=ADMIN, params=("PolicyName",), errors=(422,),
-                      body=ref("Policy"),
+                      tag="policies", roles=ADMIN, params=("PolicyName",),
+                      errors=(409, 422), body=ref("Policy"),
                       description="`name` may be left out (the URL gives it). The devices "
-                                  "are told in the same transaction.",
+                                  "are told in the same transaction. The tenant's stored "
+                                  "versions are capped in bytes: the bodies of the oldest "
+                                  "versions that are not in force are pruned to make room; "
+                                  "409 `policy_storage_full` when the policies in force and "
+                                  "this one do not fit (nothing is changed).",
                       ok={200: _json(ref("PolicyVersion"), "a new version"),
                           201: _json(ref("PolicyVersion"), "the first version")}),
             "delete": op("deletePolicy", "Delete a policy (a deletion version)",
@@ -600,9 +616,16 @@ def _paths() -> dict[str, dict[str, Schema]]:
                          ok={204: {"description": "deleted"}}),
         },
         f"{v1}/policies/{{name}}/versions": {"get": op(
-            "listPolicyVersions", "Every version of a policy", tag="policies",
-            roles=READER, params=("PolicyName",), errors=(404,),
-            ok={200: _json(listing("versions", ref("PolicyVersion")), "oldest first")})},
+            "listPolicyVersions", "A policy's versions, oldest first, without bodies",
+            tag="policies", roles=READER, params=("PolicyName", "Limit", "Cursor"),
+            errors=(400, 404),
+            ok={200: _json(page("versions", ref("PolicyVersion")),
+                           "a page of versions, without their bodies")})},
+        f"{v1}/policies/{{name}}/versions/{{version}}": {"get": op(
+            "getPolicyVersion", "One version of a policy, with its body", tag="policies",
+            roles=READER, params=("PolicyName", "PolicyVersionNumber"), errors=(404,),
+            ok={200: _json(ref("PolicyVersion"), "with its policy, explanation and "
+                           "warnings (none for a deletion or a pruned version)")})},
         f"{v1}/policies/{{name}}:preview": {"post": op(
             "previewPolicy", "What a policy would store of a sample payload",
             tag="policies", roles=ADMIN, params=("PolicyName",), errors=(404, 422),
