@@ -17,10 +17,12 @@ from mdm_server.api import auth, commands, devices, me, openapi, pages, policies
 from mdm_server.api.context import CONFIG, KEYRING, POOL
 from mdm_server.api.errors import error_middleware
 from mdm_server.api.limits import (
-    POLICY_BODY_LIMIT,
+    NO_BODY_LIMIT,
     PREVIEW_LIMITER,
     RATE_LIMITER,
+    ApiLimiter,
     RateLimiter,
+    api_headers,
     limits_middleware,
 )
 from mdm_server.commands.acks import AckConsumer
@@ -145,10 +147,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config, *, ingest: bool = True) -> web.Application:
-    # 8 MiB: a policy with a thousand work-zone polygons is a few MiB of GeoJSON.
+    # Body limits are per route (limits_middleware sets each /api/ request's own);
+    # nothing outside /api/ takes a body.
     app = web.Application(middlewares=[error_middleware, limits_middleware],
-                          client_max_size=POLICY_BODY_LIMIT)
-    app[RATE_LIMITER] = RateLimiter(rate=config.api_rate_per_s, burst=config.api_burst)
+                          client_max_size=NO_BODY_LIMIT)
+    app.on_response_prepare.append(api_headers)
+    app[RATE_LIMITER] = ApiLimiter(rate=config.api_rate_per_s, burst=config.api_burst,
+                                   max_keys=config.api_rate_keys)
     app[PREVIEW_LIMITER] = RateLimiter(rate=config.preview_per_min / 60,
                                        burst=float(config.preview_per_min))
     app[CONFIG] = config

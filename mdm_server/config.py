@@ -69,9 +69,15 @@ class Config:
     max_pending_bytes: int = 64 * 1024 * 1024
     share_group: str = "mdm-ingest"
     retention_interval_s: float = 3600.0
-    # Per-token API rate limit: a burst, then a steady rate (mdm_server/api/limits.py).
+    # API rate limit per principal (token), and per client address for requests
+    # without a valid token: a burst, then a steady rate (mdm_server/api/limits.py).
     api_rate_per_s: float = 20.0
     api_burst: float = 200.0
+    # Buckets kept in each of the limiter's two tables (principals, addresses).
+    api_rate_keys: int = 100_000
+    # Bytes of policy versions a tenant may keep (old versions' bodies are pruned
+    # first; mdm_server/storage/policies.py).
+    policy_store_bytes: int = 64 * 1024 * 1024
     # Policy previews per tenant and minute (and their burst): apart from the above.
     preview_per_min: int = 20
     # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
@@ -205,6 +211,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         retention_interval_s=float(_int(env, "MDM_RETENTION_INTERVAL_S", 3600, 10, 86400)),
         api_rate_per_s=float(_int(env, "MDM_API_RATE_PER_S", 20, 1, 100_000)),
         api_burst=float(_int(env, "MDM_API_BURST", 200, 1, 1_000_000)),
+        api_rate_keys=_int(env, "MDM_API_RATE_KEYS", 100_000, 10, 10_000_000),
+        policy_store_bytes=_int(env, "MDM_POLICY_STORE_MB", 64, 1, 65536) * 1024 * 1024,
         preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),
         unsafe_ack_before_commit=unsafe,
         allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",

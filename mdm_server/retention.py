@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 
 from agent_protocol import KINDS
 from mdm_server.commands.states import TERMINAL
+from mdm_server.policy.offload import policy_work
 from mdm_server.storage.policies import DEFAULT_POLICY
 from privacy_filters import (
     FLOOR_ID,
@@ -63,20 +65,27 @@ class RetentionReport:
 async def _retention_table(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, int]]:
     """(tenant, policy id) -> days per kind, for every policy in force."""
     rows = await conn.fetch(
-        """SELECT tenant_id, name, body FROM (
+        """SELECT tenant_id, name, body::text AS body_json FROM (
                SELECT DISTINCT ON (tenant_id, name) * FROM policies
                ORDER BY tenant_id, name, version DESC) newest
            WHERE NOT deleted""")
+    # Decoding and parsing every tenant's policies (zones and all) takes seconds:
+    # off the event loop, which serves the API meanwhile.
+    return await policy_work(_table, [(r["tenant_id"], r["name"], r["body_json"])
+                                      for r in rows])
+
+
+def _table(rows: list[tuple[str, str, str]]) -> dict[tuple[str, str], dict[str, int]]:
     table: dict[tuple[str, str], dict[str, int]] = {}
-    for r in rows:
+    for tenant, name, body_json in rows:
         try:
-            policy = parse_policy(r["body"], name=r["name"])
+            policy = parse_policy(orjson.loads(body_json), name=name)
         except PolicyError:
             policy = PERSONAL_FLOOR  # the engine applies it in that case too
-        table[(r["tenant_id"], r["name"])] = {k: policy.retention_for(k) for k in KINDS}
+        table[(tenant, name)] = {k: policy.retention_for(k) for k in KINDS}
         # The same policy merged with the personal-device floor (personal devices).
         merged = merge_policies(policy, PERSONAL_FLOOR)
-        table[(r["tenant_id"], r["name"] + FLOOR_SUFFIX)] = {
+        table[(tenant, name + FLOOR_SUFFIX)] = {
             k: merged.retention_for(k) for k in KINDS}
     for tenant in {t for t, _ in table}:
         for floor_id in (FLOOR_ID, _LEGACY_FLOOR_ID):

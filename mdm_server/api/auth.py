@@ -12,6 +12,8 @@ from mdm_server.storage.tenants import hash_token
 
 __all__ = [
     "Principal",
+    "authenticate",
+    "bearer_token",
     "require_admin",
     "require_principal",
     "require_reader",
@@ -33,18 +35,47 @@ def _unauthorized(reason: str) -> web.HTTPUnauthorized:
     return web.HTTPUnauthorized(reason=reason, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_principal(request: web.Request, pool: asyncpg.Pool) -> Principal:
+def bearer_token(request: web.Request) -> str | None:
+    """The bearer token as every check reads it: ``Bearer`` in any case, a space,
+    then the token with the whitespace around it stripped. None: no bearer token.
+    ``Bearer abc``, ``bearer  abc`` and ``BEARER abc `` are the same token, so the
+    rate limit (mdm_server/api/limits.py) keys them alike."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
     if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+# Who the request's token is, once looked up (None: not a valid token).
+_RESOLVED: web.RequestKey[Principal | None] = web.RequestKey("mdm_principal")
+
+
+async def authenticate(request: web.Request, pool: asyncpg.Pool) -> Principal | None:
+    """The principal of the request's bearer token; None without a valid one.
+    Looked up once per request: the rate limit resolves it before the handler
+    runs, and the handler's ``require_*`` reuses it (no second round trip)."""
+    if _RESOLVED in request:
+        return request[_RESOLVED]
+    token = bearer_token(request)
+    who = None
+    if token is not None and token.isascii() and token.isprintable():
+        row = await pool.fetchrow(
+            "SELECT tenant_id, role, name, device_id FROM api_tokens "
+            "WHERE token_sha256 = $1 AND revoked_at IS NULL", hash_token(token))
+        if row is not None:
+            who = Principal(row["tenant_id"], row["role"], row["name"], row["device_id"])
+    request[_RESOLVED] = who
+    return who
+
+
+async def require_principal(request: web.Request, pool: asyncpg.Pool) -> Principal:
+    if bearer_token(request) is None:
         raise _unauthorized("a bearer token is required")
-    if not token.isascii() or not token.strip().isprintable():
+    who = await authenticate(request, pool)
+    if who is None:
         raise _unauthorized("the token is not valid")
-    row = await pool.fetchrow(
-        "SELECT tenant_id, role, name, device_id FROM api_tokens "
-        "WHERE token_sha256 = $1 AND revoked_at IS NULL", hash_token(token.strip()))
-    if row is None:
-        raise _unauthorized("the token is not valid")
-    return Principal(row["tenant_id"], row["role"], row["name"], row["device_id"])
+    return who
 
 
 async def require_admin(request: web.Request, pool: asyncpg.Pool) -> Principal:

@@ -17,6 +17,7 @@ from agent_protocol import COMMAND_TYPES, WIPE_SCOPES, LocalProtocolError, Notic
 from mdm_server.api.auth import require_admin, require_reader
 from mdm_server.api.context import POOL, audit_keys
 from mdm_server.api.errors import json_error
+from mdm_server.api.limits import BODY_LIMIT, body_limit
 from mdm_server.commands import service, states
 from mdm_server.commands.service import CommandRefused
 
@@ -142,10 +143,12 @@ async def _create(request: web.Request, target: str) -> web.Response:
                              headers={"Location": location})
 
 
+@body_limit(BODY_LIMIT)
 async def create_command(request: web.Request) -> web.Response:
     return await _create(request, "device:" + request.match_info["device"])
 
 
+@body_limit(BODY_LIMIT)
 async def create_group_command(request: web.Request) -> web.Response:
     """The same command for every enrolled device of a group; answers with the batch,
     whose progress ``GET /api/v1/command-batches/{batch_id}`` follows."""
@@ -258,6 +261,7 @@ async def cancel_command(request: web.Request) -> web.Response:
     return await _act(request, "cancel")
 
 
+@body_limit(BODY_LIMIT)
 async def put_notice_template(request: web.Request) -> web.Response:
     """The tenant's notice text for one kind of command (used when a request has none)."""
     who = await require_admin(request, request.app[POOL])

@@ -21,6 +21,7 @@ from mdm_server.api.auth import Principal, require_admin, require_reader
 from mdm_server.api.context import POOL, audit_keys, keyring
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
+from mdm_server.api.limits import BODY_LIMIT, body_limit
 from mdm_server.policy.in_force import device_policy
 from mdm_server.storage import erasure
 from mdm_server.storage.sealing import DeviceReader
@@ -192,6 +193,7 @@ async def fulfil_erasure(request: web.Request) -> web.Response:
     return web.json_response(done)
 
 
+@body_limit(BODY_LIMIT)
 async def refuse_erasure(request: web.Request) -> web.Response:
     who = await require_admin(request, request.app[POOL])
     try:

@@ -29,7 +29,8 @@ from mdm_server.api.context import POOL, audit_keys, keyring
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
 from mdm_server.commands.service import notice_log
-from mdm_server.policy.in_force import device_policy
+from mdm_server.policy.in_force import InForce, device_policy
+from mdm_server.policy.offload import policy_work
 from mdm_server.storage import erasure
 from mdm_server.storage.sealing import DeviceReader
 from privacy_filters import PERSONAL_FLOOR, beyond_floor, explain_policy
@@ -79,6 +80,10 @@ async def _policy_in_force(conn: asyncpg.Connection, tenant: str, device: str
     in plain words; for a personal device also what it collects beyond the floor."""
     found = await device_policy(conn, tenant, device)
     assert found is not None  # _mine checked the device
+    return await policy_work(_explained, found)  # explaining zones: off the loop
+
+
+def _explained(found: InForce) -> dict[str, Any]:
     out = found.to_json()
     out["explanation"] = explain_policy(found.effective)
     out["beyond_floor"] = (beyond_floor(found.effective, PERSONAL_FLOOR)

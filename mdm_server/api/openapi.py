@@ -29,6 +29,7 @@ from mdm_server.api.commands import (
     TTL_MAX_S,
     TTL_MIN_S,
 )
+from mdm_server.api.limits import BODY_LIMIT, NO_BODY_LIMIT, POLICY_BODY_LIMIT, public
 from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
 from mdm_server.commands.states import STATES
 from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS, FloorUse
@@ -255,11 +256,17 @@ SCHEMAS: dict[str, Schema] = {
                                      "what to do instead"),
     "PolicyVersion": obj(
         {"name": ID, "version": {"type": "integer", "minimum": 1}, "deleted": BOOLEAN,
+         "pruned": {**BOOLEAN, "description": "its body was dropped to keep the tenant's "
+                                               "policies under their cap (its number, "
+                                               "author and time stay)"},
+         "bytes": {**COUNT, "description": "the size of its body as stored, as counted "
+                                           "against the cap; 0: none"},
          "created_at": TIME, "created_by": STRING},
         {"policy": ref("Policy"), "explanation": LINES,
          "warnings": array(ref("PolicyWarning"))},
         description="One version of a policy; `policy` (canonical form), `explanation` "
-                    "and `warnings` where it has a body (not in lists, not a deletion)."),
+                    "and `warnings` where it has a body and one is asked for (not in lists, "
+                    "not a deletion, not a pruned version)."),
     "PolicyList": obj({
         "policies": array(ref("PolicyVersion"),
                           description="the newest version of each, without bodies"),
@@ -269,7 +276,10 @@ SCHEMAS: dict[str, Schema] = {
             "policy": {**STRING, "description": "the id stamped on the records"},
             "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
             "devices": array(ID)}),
-            description="which policy decides for each enrolled personal device")}),
+            description="which policy decides for each enrolled personal device"),
+        "storage": obj({"bytes": COUNT, "cap_bytes": COUNT},
+                       description="what the tenant's stored versions take, and the cap "
+                                   "(MDM_POLICY_STORE_MB)")}),
     "PreviewRequest": obj(
         {"kind": enum(KINDS)},
         {"policy": ref("Policy"),
@@ -381,6 +391,9 @@ PARAMETERS: dict[str, Schema] = {
     "CommandId": _param("command_id", "path", UUID, "command id"),
     "BatchId": _param("batch_id", "path", UUID, "batch id (a group request)"),
     "PolicyName": _param("name", "path", ID, "policy name"),
+    "PolicyVersionNumber": _param("version", "path",
+                                  {"type": "integer", "minimum": 1, "maximum": 999_999_999},
+                                  "version number"),
     "NoticeKind": _param("kind", "path", enum(NOTICE_KINDS), "kind of command"),
     "RequestId": _param("request_id", "path", UUID, "erasure request id"),
     "Limit": _param("limit", "query", {"type": "integer", "minimum": 1,
@@ -402,12 +415,18 @@ PARAMETERS: dict[str, Schema] = {
 }
 
 
+#: On every /api/ answer (mdm_server/api/limits.py).
+API_HEADERS: dict[str, Schema] = {
+    "Cache-Control": {"required": True, "schema": enum(("no-store",)),
+                      "description": "no cache keeps an API answer"},
+    "X-Content-Type-Options": {"required": True, "schema": enum(("nosniff",)),
+                               "description": "no browser reads it as another type"},
+}
+
+
 def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
-    out: Schema = {"description": description,
-                   "content": {"application/json": {"schema": ref("Error")}}}
-    if headers:
-        out["headers"] = headers
-    return out
+    return {"description": description, "headers": {**(headers or {}), **API_HEADERS},
+            "content": {"application/json": {"schema": ref("Error")}}}
 
 
 #: Status -> (component name, response).
@@ -419,13 +438,19 @@ ERRORS: dict[int, tuple[str, Schema]] = {
                               "personal_device, same_admin, group_factory_reset)")),
     404: ("NotFound", _error("not found, or not the caller's: indistinguishable")),
     409: ("Conflict", _error("the state does not allow it (`code` says why)")),
-    413: ("PayloadTooLarge", _error("the body is over 1 MiB (8 MiB for policies)")),
+    413: ("PayloadTooLarge", _error(
+        f"the body is over the route's limit: {POLICY_BODY_LIMIT // 2**20} MiB for a policy "
+        f"or a preview, {BODY_LIMIT // 1024} KiB for other JSON bodies, "
+        f"{NO_BODY_LIMIT // 1024} KiB where the route takes none; counted as it is read, "
+        "with or without Content-Length")),
+    415: ("UnsupportedMediaType", _error(
+        "a body that is not JSON: every body is `Content-Type: application/json` (UTF-8)")),
     422: ("Invalid", _error("invalid: every problem in `issues`, with its path")),
     429: ("TooManyRequests", _error(
-        "rate limited (per token; `Retry-After` says when to try again), or an export "
-        "already running", {"Retry-After": {"required": False,
-                                           "schema": {"type": "string",
-                                                      "pattern": "^[0-9]+$"}}})),
+        "rate limited (per token, or per client address without a valid one; "
+        "`Retry-After` says when to try again), or an export already running",
+        {"Retry-After": {"required": False,
+                         "schema": {"type": "string", "pattern": "^[0-9]+$"}}})),
 }
 
 
@@ -491,15 +516,19 @@ def _act_on_command(verb: str, text: str) -> Schema:
 
 def _limited(paths: dict[str, dict[str, Schema]]) -> dict[str, dict[str, Schema]]:
     """Every /api/ request passes the limits (mdm_server/api/limits.py): a body over the
-    size limit is 413 and a token over its rate 429, whatever the route."""
+    route's limit is 413, one that is not JSON 415, a caller over its rate 429, whatever
+    the route; and every answer carries API_HEADERS."""
     for path, operations in paths.items():
         if not path.startswith("/api/"):
             continue
         for operation in operations.values():
             responses = operation["responses"]
-            for status in (413, 429):
+            for status in (413, 415, 429):
                 responses[str(status)] = {
                     "$ref": f"#/components/responses/{ERRORS[status][0]}"}
+            for response in responses.values():
+                if "$ref" not in response:  # the shared error responses have them
+                    response["headers"] = {**response.get("headers", {}), **API_HEADERS}
             operation["responses"] = dict(sorted(responses.items()))
     return paths
 
@@ -572,10 +601,14 @@ def _paths() -> dict[str, dict[str, Schema]]:
                       roles=READER, params=("PolicyName",), errors=(404,),
                       ok={200: _json(ref("PolicyVersion"), "with body and explanation")}),
             "put": op("putPolicy", "Create or change a policy (a new version)",
-                      tag="policies", roles=ADMIN, params=("PolicyName",), errors=(422,),
-                      body=ref("Policy"),
+                      tag="policies", roles=ADMIN, params=("PolicyName",),
+                      errors=(409, 422), body=ref("Policy"),
                       description="`name` may be left out (the URL gives it). The devices "
-                                  "are told in the same transaction.",
+                                  "are told in the same transaction. The tenant's stored "
+                                  "versions are capped in bytes: the bodies of the oldest "
+                                  "versions that are not in force are pruned to make room; "
+                                  "409 `policy_storage_full` when the policies in force and "
+                                  "this one do not fit (nothing is changed).",
                       ok={200: _json(ref("PolicyVersion"), "a new version"),
                           201: _json(ref("PolicyVersion"), "the first version")}),
             "delete": op("deletePolicy", "Delete a policy (a deletion version)",
@@ -585,9 +618,16 @@ def _paths() -> dict[str, dict[str, Schema]]:
                          ok={204: {"description": "deleted"}}),
         },
         f"{v1}/policies/{{name}}/versions": {"get": op(
-            "listPolicyVersions", "Every version of a policy", tag="policies",
-            roles=READER, params=("PolicyName",), errors=(404,),
-            ok={200: _json(listing("versions", ref("PolicyVersion")), "oldest first")})},
+            "listPolicyVersions", "A policy's versions, oldest first, without bodies",
+            tag="policies", roles=READER, params=("PolicyName", "Limit", "Cursor"),
+            errors=(400, 404),
+            ok={200: _json(page("versions", ref("PolicyVersion")),
+                           "a page of versions, without their bodies")})},
+        f"{v1}/policies/{{name}}/versions/{{version}}": {"get": op(
+            "getPolicyVersion", "One version of a policy, with its body", tag="policies",
+            roles=READER, params=("PolicyName", "PolicyVersionNumber"), errors=(404,),
+            ok={200: _json(ref("PolicyVersion"), "with its policy, explanation and "
+                           "warnings (none for a deletion or a pruned version)")})},
         f"{v1}/policies/{{name}}:preview": {"post": op(
             "previewPolicy", "What a policy would store of a sample payload",
             tag="policies", roles=ADMIN, params=("PolicyName",), errors=(404, 422),
@@ -722,8 +762,11 @@ def document() -> dict[str, Any]:
                 "route of another role is 403. Errors are JSON `{\"error\"}` plus, where "
                 "useful, `code` and `issues`; no error quotes a value from the request. "
                 f"Lists take `limit` (default 100, at most {LIST_LIMIT_MAX}) and a `cursor` "
-                "from the previous page's `next`. Contract: docs/api.md, docs/commands.md, "
-                "docs/policies.md."),
+                "from the previous page's `next`. A body is JSON (`Content-Type: "
+                "application/json`, else 415) within its route's limit (413); requests are "
+                "rate-limited per token, and per client address without a valid one (429). "
+                "Every answer is `Cache-Control: no-store`, `X-Content-Type-Options: "
+                "nosniff`. Contract: docs/api.md, docs/commands.md, docs/policies.md."),
         },
         "tags": [{"name": n} for n in
                  ("devices", "erasure", "audit", "policies", "commands", "me", "meta")],
@@ -743,6 +786,7 @@ def _body() -> bytes:
     return orjson.dumps(document())
 
 
+@public
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=_body(), content_type="application/json")
 

@@ -93,10 +93,15 @@ class PolicyEngine:
         todo = {t for t in tenants if t not in self._tenants} | (self._stale & tenants)
         changed = False
         for tenant in sorted(todo):
-            rows = [(p.name, p.version, p.body) for p in await current_policies(conn, tenant)]
-            signature = tuple((name, version) for name, version, _ in rows)
+            # Which versions are in force first: their bodies (megabytes of zones
+            # each) are read only when they changed.
+            signature = tuple((p.name, p.version) for p in
+                              await current_policies(conn, tenant, bodies=False))
             known = self._tenants.get(tenant)
             if known is None or known.signature != signature:
+                rows = [(p.name, p.version, p.body)
+                        for p in await current_policies(conn, tenant)]
+                signature = tuple((name, version) for name, version, _ in rows)
                 # In a thread: a policy with a thousand zones takes tens of
                 # milliseconds (GEOS, which releases the GIL, for much of it),
                 # and the loop meanwhile goes on reading the broker.

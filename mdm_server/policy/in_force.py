@@ -16,7 +16,8 @@ from typing import Any
 import asyncpg
 
 from agent_protocol import KINDS
-from mdm_server.storage.policies import current_policies
+from mdm_server.policy.offload import policy_work
+from mdm_server.storage.policies import PolicyVersion, current_policies
 from privacy_filters import (
     FLOOR_ID,
     PERSONAL_FLOOR,
@@ -56,17 +57,22 @@ class InForce:
                 "collects": {k: self.effective.collect[k] for k in KINDS}}
 
 
-async def tenant_candidates(conn: asyncpg.Connection, tenant: str) -> Candidates:
-    """The tenant's policies in force, parsed (one that no longer validates counts
-    as the floor, as in the ingest)."""
+def _parse_candidates(versions: list[PolicyVersion]) -> Candidates:
     out: Candidates = []
-    for v in await current_policies(conn, tenant):
+    for v in versions:
         try:
             policy = parse_policy(v.body, name=v.name)
         except PolicyError:
             policy = PERSONAL_FLOOR
         out.append((policy, (v.name, v.version)))
     return out
+
+
+async def tenant_candidates(conn: asyncpg.Connection, tenant: str) -> Candidates:
+    """The tenant's policies in force, parsed (one that no longer validates counts
+    as the floor, as in the ingest); parsed on the policy threads, never on the
+    event loop (a policy with thousands of zones takes seconds)."""
+    return await policy_work(_parse_candidates, await current_policies(conn, tenant))
 
 
 def in_force(candidates: Sequence[tuple[Policy, tuple[str, int]]], *, ownership: str,
@@ -86,5 +92,6 @@ async def device_policy(conn: asyncpg.Connection, tenant: str, device: str
                               "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
     if dev is None:
         return None
-    return in_force(await tenant_candidates(conn, tenant), ownership=dev["ownership"],
-                    groups=list(dev["groups"]))
+    # Off the loop too: merging with the floor may combine zones.
+    return await policy_work(in_force, await tenant_candidates(conn, tenant),
+                             ownership=dev["ownership"], groups=list(dev["groups"]))

@@ -123,7 +123,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def _url(template: str, which: str, world: World) -> str:
     device = {"own": OWN, "sibling": SIBLING, "foreign": FOREIGN}[which]
-    fixed = {"device": device, "name": "default", "kind": "lock", "group": "grp"}
+    fixed = {"device": device, "name": "default", "kind": "lock", "group": "grp",
+             "version": "1"}
 
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)

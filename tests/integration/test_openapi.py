@@ -183,6 +183,7 @@ def _make_state(api: Api) -> None:
     known: dict[str, list[dict[str, str]]] = {
         "device": [{"device": d} for d in ("corp1", "pers1", "gone1", "g1")],
         "name": [{"name": n} for n in ("default", "field")],
+        "version": [{"name": "field", "version": "1"}, {"name": "default", "version": "1"}],
         "group": [{"group": "field"}],
         "command_id": [{"device": c["device"], "command_id": c["command_id"]}
                        for c in (lock, reset, wipe)],
