@@ -9,7 +9,9 @@ Facts of Mosquitto 2.0.11 this relies on (tests/integration/test_broker_access.p
 checks the ones that matter for security):
 
 - a client that is deleted, disabled or modified (password, client id, roles)
-  is disconnected at once, and so is every client of a role whose ACLs change;
+  is disconnected at once; a role's ACLs are checked at every publish and
+  subscribe, so adding or removing one applies at once to its connected clients,
+  without disconnecting them (tested);
 - a publish to ``$CONTROL`` that nobody handles (a broker without the plugin) is
   simply never answered, hence the timeout.
 

@@ -14,6 +14,7 @@ from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Broker,
     IngestProcess,
+    allow_any_telemetry_subtopic,
     broker_only_devices,
     enroll,
     fetch,
@@ -104,6 +105,10 @@ def test_bad_input_is_dead_lettered_and_ingest_goes_on(
         # The broker lets only devices it knows publish: this one it knows, the
         # database does not (as after a revocation the broker was not told of yet).
         asyncio.run(broker_only_devices(broker.url, "acme", ["stranger"]))
+    if case in KEPT_TOPIC:
+        # The broker refuses telemetry sub-topics no kind names; a role made before
+        # issue 10, not reconciled yet, still allows them: the ingest refuses them too.
+        asyncio.run(allow_any_telemetry_subtopic(broker.url, "acme", "dev-1"))
     ingest = IngestProcess(server_env(database, broker.url), tmp_path / "ingest.log")
     ingest.start()
     ingest.wait_ready()
