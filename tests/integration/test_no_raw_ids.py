@@ -126,6 +126,7 @@ def test_an_unknown_kind_is_dead_lettered_without_its_value(server: Server, admi
     [dead] = body["dead_letters"]  # the tenant's admin sees it
     assert dead["topic"] == "mdm/v1/acme/devices/phone/telemetry/{kind}"
     assert (dead["device"], dead["level"], dead["reason"]) == ("phone", "kind", "bad_topic")
+    assert dead["count"] == 1 and dead["first_seen"] == dead["last_seen"]
     assert BAD_KIND not in _dump(server) and "356938035643809" not in _dump(server)
 
 
