@@ -9,9 +9,10 @@ timeit runs, for a few hand-made payloads.
 ``pipeline``: CPU time (``time.process_time``) per record of everything the
 ingest process does with a message on its own core, except the sockets and the
 database: the MQTT reader's PUBLISH fast path on a buffer of real packets, the
-worker's intake, decode and validation, the enrolled-device check, the policy
-(the tenant's open default, as the drain benchmark runs it) and what the sink
-computes before COPY (gathering rows, partitions, jsonb encoding). Messages
+worker's intake (with the per-device rate limit's check), decode and
+validation, the enrolled-device check, the policy (the tenant's open default,
+as the drain benchmark runs it) and what the sink computes before COPY
+(gathering rows, partitions, jsonb encoding). Messages
 are made like the simulator's (load_tests/fleet_data.py, encode_telemetry with
 device and kind: RFC 3339 ``ts``), 20 devices taking turns, in batches of
 5,000 as the ingest takes them. Best of ``--repeats`` runs; the machine is
@@ -206,8 +207,20 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
     known = {(TENANT, f"sim-{i:04d}") for i in range(DEVICES)}
 
     received: list[InboundMessage] = []
+    # The worker's intake (IngestWorker._on_message): the per-device rate limit's
+    # check on every message (default settings: none of these is over it).
+    limiter = cfg.device_limiter()
+    assert limiter is not None
+    limit, keep = limiter.check, received.append
+
+    def intake(msg: InboundMessage) -> None:
+        bucket = limit(msg.topic)
+        if bucket is not None:
+            msg.limited = bucket
+        keep(msg)
+
     consumer = MqttConsumer(cfg.mqtt, client_id="bench", subscriptions=[],
-                            on_message=received.append)
+                            on_message=intake)
     sock = _BlobSocket(blob)
     consumer._client._sock = sock  # type: ignore[assignment]  # recv and fileno suffice
 

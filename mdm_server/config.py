@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from mdm_server.audit import AuditKeys
+from mdm_server.ingest.limits import DeviceLimiter
 
 __all__ = ["Config", "ConfigError", "MqttSettings", "load_config", "master_key_from_env"]
 
@@ -68,6 +69,11 @@ class Config:
     batch_max_delay_s: float = 0.1
     max_pending_bytes: int = 64 * 1024 * 1024
     share_group: str = "mdm-ingest"
+    # Per-device ingest rate limit (mdm_server/ingest/limits.py): messages a second
+    # after a burst, per consumer process; past it a message is acknowledged and
+    # counted (dead_letters, reason rate_limited), never decoded or stored. 0: off.
+    device_rate_per_s: float = 100.0
+    device_burst: int = 50_000
     retention_interval_s: float = 3600.0
     # API rate limit per principal (token), and per client address for requests
     # without a valid token: a burst, then a steady rate (mdm_server/api/limits.py).
@@ -97,6 +103,12 @@ class Config:
     allow_privileged_db_role: bool = False
     # The password `migrate --server-role` gives the server's database role.
     server_db_password: str | None = field(default=None, repr=False)
+
+    def device_limiter(self) -> DeviceLimiter | None:
+        """A fresh per-device rate limit for one consumer; None when switched off."""
+        if self.device_rate_per_s <= 0:
+            return None
+        return DeviceLimiter(self.device_rate_per_s, self.device_burst)
 
     def require_master_key(self) -> bytes:
         if self.master_key is None:
@@ -204,6 +216,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         batch_max_records=_int(env, "MDM_INGEST_BATCH", 5000, 1, 100_000),
         batch_max_delay_s=_int(env, "MDM_INGEST_BATCH_DELAY_MS", 100, 1, 10_000) / 1000,
         max_pending_bytes=_int(env, "MDM_INGEST_MAX_PENDING_MB", 64, 1, 4096) * 1024 * 1024,
+        device_rate_per_s=float(_int(env, "MDM_INGEST_DEVICE_RATE", 100, 0, 10_000_000)),
+        device_burst=_int(env, "MDM_INGEST_DEVICE_BURST", 50_000, 1, 1_000_000_000),
         master_key=master_key_from_env(env),
         keyring_dir=_keyring_dir(env),
         # At most a day: the retention run also catches up on a key-ring compaction

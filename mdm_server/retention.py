@@ -135,8 +135,9 @@ async def run_retention(conn: asyncpg.Connection, now: datetime | None = None
                     kind, tenant, cutoff, known[tenant])
                 report.deleted_rows += int(status.split()[-1])
 
-    status = await conn.execute("DELETE FROM dead_letters WHERE received_at < $1",
-                                now - timedelta(days=DEAD_LETTER_DAYS))
+    # Counted per hour (migration 013): an hour's row goes once the hour has passed.
+    status = await conn.execute("DELETE FROM dead_letters WHERE hour < $1",
+                                now - timedelta(days=DEAD_LETTER_DAYS, hours=1))
     report.deleted_dead_letters = int(status.split()[-1])
     status = await conn.execute(
         "DELETE FROM checkout_events WHERE ts < $1",

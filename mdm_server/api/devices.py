@@ -128,14 +128,19 @@ async def device_data(request: web.Request) -> web.Response:
 async def dead_letters(request: web.Request) -> web.Response:
     who = await require_reader(request, request.app[POOL])
     limit, before = page_limit(request), _int_cursor(request)
+    # One row per device, reason, topic outline and hour, with its count (migration
+    # 013): newest first by when the row began.
     rows = await request.app[POOL].fetch(
-        "SELECT id, received_at, topic, device_id, failed_level, reason, detail, payload_bytes "
+        "SELECT id, hour, first_seen, last_seen, count, topic, device_id, failed_level, "
+        "reason, detail, payload_bytes "
         "FROM dead_letters WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2) "
         "ORDER BY id DESC LIMIT $3", who.tenant, before, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     return web.json_response({
-        "dead_letters": [{"id": r["id"], "received_at": r["received_at"].isoformat(),
+        "dead_letters": [{"id": r["id"], "hour": r["hour"].isoformat(),
+                          "first_seen": r["first_seen"].isoformat(),
+                          "last_seen": r["last_seen"].isoformat(), "count": r["count"],
                           "topic": r["topic"], "device": r["device_id"],
                           "level": r["failed_level"],
                           "reason": r["reason"], "detail": r["detail"],

@@ -323,15 +323,30 @@ SCHEMAS: dict[str, Schema] = {
         "policy": nullable(STRING), "policy_version": nullable(INTEGER),
         "data": ANY_OBJECT}, description="A telemetry record exactly as stored."),
     "DeadLetter": obj({
-        "id": INTEGER, "received_at": TIME,
+        "id": INTEGER,
+        "hour": {**TIME, "description": "the UTC hour counted (its start)"},
+        "first_seen": TIME, "last_seen": TIME,
+        "count": {"type": "integer", "minimum": 1,
+                  "description": "messages refused that hour for this device, reason "
+                                 "and topic"},
         "topic": {**STRING, "description": "what of the topic parsed; the level that did "
-                                           "not is named in braces, never its value"},
+                                           "not is named in braces, never its value; "
+                                           "`mdm/v1/{tenant}/devices/{device}/#` for "
+                                           "`rate_limited`"},
         "device": nullable(STRING),
         "level": {"anyOf": [enum(("prefix", "tenant", "device", "channel", "kind", "extra")),
                             {"type": "null"}],
                   "description": "the topic level that failed; null when the topic parsed"},
-        "reason": STRING, "detail": STRING, "payload_bytes": COUNT},
-        description="Input that was refused: why, never its payload."),
+        "reason": {**STRING, "description": "why: a protocol reason (`not_json`, "
+                                            "`bad_topic`, ...), `unknown_device`, "
+                                            "`storage_refused`, or `rate_limited` (over "
+                                            "the device's ingest rate limit: "
+                                            "acknowledged, deliberately not stored)"},
+        "detail": {**STRING, "description": "the first message's: names fields, never "
+                                            "values"},
+        "payload_bytes": {**COUNT, "description": "the messages' total size"}},
+        description="Input that was refused, counted per device, reason, topic and hour: "
+                    "why and how much, never a payload."),
     "AuditEntry": obj({
         "seq": {"type": "integer", "minimum": 1}, "at": TIME, "tenant": nullable(STRING),
         "actor": STRING, "action": STRING, "target": STRING, "details": ANY_OBJECT,
@@ -568,7 +583,8 @@ def _paths() -> dict[str, dict[str, Schema]]:
                         "personal data: written to the device user's access log.",
             ok={200: _json(page("records", ref("Record")), "a page of records")})},
         f"{v1}/dead-letters": {"get": op(
-            "listDeadLetters", "Refused input, newest first", tag="devices", roles=READER,
+            "listDeadLetters", "Refused input, counted per device, reason and hour; "
+            "newest first", tag="devices", roles=READER,
             params=("Limit", "Cursor"), errors=(400,),
             ok={200: _json(page("dead_letters", ref("DeadLetter")), "never a payload")})},
         f"{v1}/erasure-requests": {"get": op(

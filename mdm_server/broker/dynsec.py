@@ -9,7 +9,9 @@ Facts of Mosquitto 2.0.11 this relies on (tests/integration/test_broker_access.p
 checks the ones that matter for security):
 
 - a client that is deleted, disabled or modified (password, client id, roles)
-  is disconnected at once, and so is every client of a role whose ACLs change;
+  is disconnected at once; a role's ACLs are checked at every publish and
+  subscribe, so adding or removing one applies at once to its connected clients,
+  without disconnecting them (tested);
 - a publish to ``$CONTROL`` that nobody handles (a broker without the plugin) is
   simply never answered, hence the timeout.
 
@@ -40,9 +42,28 @@ log = logging.getLogger(__name__)
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
-# Commands per request: keeps each request far below the broker's
-# message_size_limit (1 MiB) whatever the fleet's size.
+# Commands per request, and bytes: each request stays far below the broker's
+# max_packet_size (263,168 bytes, deploy/mosquitto/mosquitto.conf), which holds for
+# the server's connections too: a larger request would get this connection
+# dropped. 200 roles of devices with 64-character ids are ~450 KB.
 _CHUNK = 200
+_CHUNK_BYTES = 128 * 1024
+
+
+def _chunks(commands: Sequence[Mapping[str, Any]]) -> list[Sequence[Mapping[str, Any]]]:
+    """``commands`` cut into requests of at most _CHUNK commands and about
+    _CHUNK_BYTES of JSON each (a single larger command goes alone)."""
+    out: list[Sequence[Mapping[str, Any]]] = []
+    start, size = 0, 0
+    for i, command in enumerate(commands):
+        n = len(json.dumps(command)) + 64  # its correlationData and separators
+        if i > start and (i - start >= _CHUNK or size + n > _CHUNK_BYTES):
+            out.append(commands[start:i])
+            start, size = i, 0
+        size += n
+    if start < len(commands):
+        out.append(commands[start:])
+    return out
 
 
 class DynsecError(Exception):
@@ -208,8 +229,8 @@ class Dynsec:
         """Send ``commands``; return one response per command, in order. A response
         holds ``error`` when the plugin refused that command (the others still ran)."""
         out: list[dict[str, Any]] = []
-        for i in range(0, len(commands), _CHUNK):
-            out += await self._call_chunk(commands[i:i + _CHUNK])
+        for chunk in _chunks(commands):
+            out += await self._call_chunk(chunk)
         return out
 
     async def _call_chunk(self, commands: Sequence[Mapping[str, Any]]

@@ -4,8 +4,10 @@ For an enrolled device ``{tenant}/{device}`` at credential generation ``g`` the
 broker holds:
 
 - a role ``mdm-device:{tenant}.{device}`` allowing exactly: publish to
-  ``mdm/v1/{tenant}/devices/{device}/telemetry/+``, ``.../acks`` and ``.../status``;
-  subscribe to (literally, no wildcard) and receive ``.../commands``;
+  ``mdm/v1/{tenant}/devices/{device}/telemetry/{kind}`` for each of the protocol's
+  kinds (literal topics, no ``+``: a "kind" like ``imei=356938035643809`` never
+  reaches the server), ``.../acks`` and ``.../status``; subscribe to (literally, no
+  wildcard) and receive ``.../commands``;
 - a client with username and client id ``{tenant}.{device}`` (the client id is
   bound: nobody can take over the device's session, and the device cannot use
   another id), the password :func:`~mdm_server.broker.credentials.device_password`
@@ -37,6 +39,7 @@ from typing import Any
 
 import asyncpg
 
+from agent_protocol import KINDS
 from mdm_server.broker.credentials import device_password
 from mdm_server.broker.dynsec import Dynsec, DynsecError
 from mdm_server.config import Config, MqttSettings
@@ -73,14 +76,16 @@ def device_rolename(tenant: str, device: str) -> str:
 
 def device_acls(tenant: str, device: str) -> list[dict[str, Any]]:
     """The device's role: its own topics, nothing else (literal ids, no patterns:
-    the ids are [A-Za-z0-9_-], so they hold no wildcard).
+    the ids are [A-Za-z0-9_-], so they hold no wildcard). Telemetry only on the
+    six kinds' own topics: roles made before issue 10 allowed ``telemetry/+``, any
+    sub-topic; :func:`reconcile` replaces that ACL with these (the ACL sets differ).
 
     A role cannot refuse the retain flag (the plugin's ACL check in Mosquitto 2.0
     ignores it): the broker's config refuses retained messages, retained wills and
     QoS 2 for every client (deploy/mosquitto/mosquitto.conf)."""
     base = f"mdm/v1/{tenant}/devices/{device}"
     return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
-        ("publishClientSend", f"{base}/telemetry/+"),
+        *(("publishClientSend", f"{base}/telemetry/{kind}") for kind in KINDS),
         ("publishClientSend", f"{base}/acks"),
         ("publishClientSend", f"{base}/status"),
         ("subscribeLiteral", f"{base}/commands"),

@@ -15,7 +15,10 @@ an ack the broker accepted is never lost.
 - ``online`` status: commands the device has not acknowledged receiving (``sent``,
   not expired) are marked for re-sending; the dispatcher publishes the same signed
   bytes again.
-- Malformed input is dead-lettered with its reason (never its payload).
+- Malformed input is dead-lettered with its reason (never its payload); messages
+  over their device's rate limit (``MDM_INGEST_DEVICE_RATE``, as for telemetry)
+  are counted (``rate_limited``) and acknowledged, never applied. Dead letters
+  are counted per device, reason and hour (ingest/dead_letters.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from mdm_server.commands import states
 from mdm_server.commands.outbox import NOTIFY_CHANNEL
 from mdm_server.config import Config
 from mdm_server.ingest.batch import DeadLetter
+from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
 from mdm_server.ingest.sink import retry_while_away
 
@@ -90,8 +94,14 @@ class AckConsumer:
         self._wake = asyncio.Event()
         self.stats = AckStats()
         self.consumer: MqttConsumer | None = None
+        limiter = config.device_limiter()
+        self._limit = limiter.check if limiter is not None else None
 
     def _on_message(self, msg: InboundMessage) -> None:
+        if self._limit is not None:
+            # Over its device's rate limit (a flood of statuses would make the
+            # dispatcher re-send the device's commands): counted, not applied.
+            msg.limited = self._limit(msg.topic)
         self._inbox.append(msg)
         self._wake.set()
 
@@ -118,11 +128,14 @@ class AckConsumer:
     # -- decoding ---------------------------------------------------------------
 
     def _decode(self, msgs: list[InboundMessage], now_ms: int
-                ) -> tuple[list[_Ack], set[tuple[str, str]], list[tuple[object, ...]]]:
+                ) -> tuple[list[_Ack], set[tuple[str, str]], DeadLetterTally]:
         acks: list[_Ack] = []
         online: set[tuple[str, str]] = set()
-        dead: list[tuple[object, ...]] = []
+        dead = DeadLetterTally()
         for m in msgs:
+            if m.limited is not None:  # over its device's rate limit: counted only
+                dead.add_limited(m.limited, 1, len(m.payload))
+                continue
             tenant = device = None
             try:
                 topic = parse_topic(m.topic)
@@ -133,8 +146,8 @@ class AckConsumer:
                     continue
                 ack = decode_ack(m.payload, now_ms=now_ms)
             except ProtocolError as exc:
-                dead.append(DeadLetter.of(m.topic, str(exc.reason), exc.detail,
-                                          len(m.payload)).as_row())
+                dead.add(DeadLetter.of(m.topic, str(exc.reason), exc.detail,
+                                       len(m.payload)))
                 continue
             try:
                 command_id: uuid.UUID | None = uuid.UUID(ack.command_id)
@@ -149,15 +162,12 @@ class AckConsumer:
     async def _apply(self, msgs: list[InboundMessage]) -> None:
         acks, online, dead = self._decode(msgs, int(time.time() * 1000))
         async with self._pool.acquire() as conn, conn.transaction():
-            if dead:
-                await conn.executemany(
-                    "INSERT INTO dead_letters (topic, tenant_id, device_id, failed_level, "
-                    "reason, detail, payload_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7)", dead)
+            await store_dead_letters(conn, dead)
             if acks:
                 await self._apply_acks(conn, acks)
             if online:
                 await self._request_resends(conn, online)
-        self.stats.dead_letters += len(dead)
+        self.stats.dead_letters += dead.messages
 
     async def _apply_acks(self, conn: asyncpg.Connection, acks: list[_Ack]) -> None:
         ids = list({a.command_id for a in acks if a.command_id is not None})

@@ -3,7 +3,8 @@
 A batch is kept column-wise, not as an object per message: the hot path of a
 100,000-message drain makes only the records' own tuples and dicts. Every
 message contributes exactly one outcome: its records (stored rows, check-out
-events, suppressed counts, as the policy decides), or one dead letter. Each
+events, suppressed counts, as the policy decides), one dead letter, or (over its
+device's rate limit, never decoded) one count of ``rate_limited``. Each
 output carries the index of its message in the batch, so the sink can write any
 range of messages on its own (it splits a batch the database refuses) and "one
 message is written entirely or not at all" holds. The worker acknowledges a
@@ -98,6 +99,8 @@ class DecodedBatch:
     messages: list[InboundMessage]
     now_ms: int
     errors: list[tuple[int, Topic | None, ProtocolError]] = field(default_factory=list)
+    # Messages over their device's rate limit (``msg.limited``): never decoded.
+    limited: list[int] = field(default_factory=list)
     # By id(Topic), cheaper to hash than the name: _topic returns one object per
     # name while cached (a group keeps its Topic alive, so an id is never reused).
     _groups: dict[int, TopicGroup] = field(default_factory=dict)
@@ -113,9 +116,12 @@ class DecodedBatch:
     def decode(self, start: int = 0, stop: int | None = None) -> None:
         """Decode messages [start, stop); a bad one is kept with its error, never raises."""
         groups, errors, now_ms = self._groups, self.errors, self.now_ms
-        messages = self.messages
+        messages, limited = self.messages, self.limited
         for i in range(start, len(messages) if stop is None else min(stop, len(messages))):
             msg = messages[i]
+            if msg.limited is not None:
+                limited.append(i)
+                continue
             topic: Topic | None = None
             try:
                 topic = _topic(msg.topic)
@@ -156,6 +162,8 @@ class WriteSet:
     checkouts: list[tuple[int, CheckoutRow]] = field(default_factory=list)
     suppressed: list[tuple[int, SuppressedRow]] = field(default_factory=list)
     enforce_checkins: list[tuple[int, CheckinRow]] = field(default_factory=list)
+    # Messages over their device's rate limit: counted, nothing else.
+    limited: list[int] = field(default_factory=list)
     # The messages [lo, hi) of ``messages`` this set covers.
     lo: int = 0
     hi: int = -1
@@ -181,6 +189,7 @@ class WriteSet:
             [c for c in self.checkouts if lo <= c[0] < hi],
             [s for s in self.suppressed if lo <= s[0] < hi],
             [e for e in self.enforce_checkins if lo <= e[0] < hi],
+            [i for i in self.limited if lo <= i < hi],
             lo, hi,
         )
 
@@ -207,9 +216,10 @@ def _dead(msg: InboundMessage, topic: Topic | None, reason: str, detail: str) ->
 def admit(decoded: DecodedBatch, is_enrolled: Callable[[str, str], bool]
           ) -> tuple[list[TopicGroup], WriteSet]:
     """The groups of enrolled devices, and a write set holding a dead letter for
-    every other message (undecodable, or from a device not enrolled)."""
+    every other message (undecodable, or from a device not enrolled) and the
+    rate-limited ones."""
     msgs = decoded.messages
-    out = WriteSet(msgs)
+    out = WriteSet(msgs, limited=decoded.limited)
     dead = out.dead
     for i, t, err in decoded.errors:
         detail = f"{err.path}: {err.detail}" if err.path else err.detail

@@ -33,6 +33,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from mdm_server.config import MqttSettings
+from mdm_server.ingest.limits import DeviceBucket
 
 __all__ = ["InboundMessage", "MqttConsumer"]
 
@@ -48,6 +49,9 @@ class InboundMessage:
     generation: int
     topic: str
     payload: bytes
+    # Set by a consumer's rate limit (ingest/limits.py): the bucket of the device
+    # that was over its limit; such a message is acknowledged but not decoded.
+    limited: DeviceBucket | None = None
 
 
 class _BufferedClient(paho.Client):

@@ -1,7 +1,8 @@
 """Writes a batch to PostgreSQL: seals each record under its device's data key
 (:mod:`mdm_server.storage.sealing`), COPY into a staging table, then one INSERT
 with ON CONFLICT DO NOTHING into the partitioned ``telemetry`` table, and the
-batch's dead letters, all in one transaction.
+batch's dead letters and rate-limited messages, counted per device, reason and
+hour (ingest/dead_letters.py), all in one transaction.
 
 Failures are split by who is at fault:
 - the database is away (connection lost, shutting down, starting): the write is
@@ -26,6 +27,8 @@ import asyncpg
 
 from agent_protocol import KINDS
 from mdm_server.ingest.batch import DeadLetter, WriteSet
+from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
+from mdm_server.ingest.limits import DeviceBucket
 from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone, SealError
@@ -92,11 +95,6 @@ INSERT INTO suppressed_locations (tenant_id, device_id, day, count)
 SELECT $1, $2, (ts AT TIME ZONE 'UTC')::date, count(*) FROM gone GROUP BY 3
 ON CONFLICT (tenant_id, device_id, day)
 DO UPDATE SET count = suppressed_locations.count + EXCLUDED.count"""
-_INSERT_DEAD = """
-INSERT INTO dead_letters (topic, tenant_id, device_id, failed_level, reason, detail,
-                          payload_bytes)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::int[])"""
 
 # SQLSTATE classes that mean "the server is away or busy", not "the data is bad".
 _TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
@@ -134,6 +132,7 @@ class WriteResult:
     offered: int = 0
     dead_letters: int = 0
     refused: int = 0  # messages the database refused, stored as dead letters
+    rate_limited: int = 0  # messages over their device's rate limit, counted only
 
     @property
     def duplicates(self) -> int:
@@ -243,8 +242,9 @@ class TelemetrySink:
                 a = await self._write_splitting(ws.select(ws.lo, mid))
                 b = await self._write_splitting(ws.select(mid, ws.hi))
                 return WriteResult(a.inserted + b.inserted, a.offered + b.offered,
-                                   a.dead_letters + b.dead_letters, a.refused + b.refused)
-            if not ws.rows and not ws.checkouts:  # a lone dead letter was refused: our bug
+                                   a.dead_letters + b.dead_letters, a.refused + b.refused,
+                                   a.rate_limited + b.rate_limited)
+            if not ws.rows and not ws.checkouts:  # a lone dead letter or count refused: a bug
                 raise
             # The failed transaction has rolled back; the connection is usable.
             msg = ws.messages[ws.lo]
@@ -260,7 +260,23 @@ class TelemetrySink:
 
     async def _write_once(self, ws: WriteSet) -> WriteResult:
         rows = ws.rows
-        dead = [d.as_row() for _, d in ws.dead]
+        dead = DeadLetterTally()
+        for _, d in ws.dead:
+            dead.add(d)
+        if ws.limited:
+            msgs = ws.messages
+            by_bucket: dict[DeviceBucket, list[int]] = {}
+            for i in ws.limited:
+                bucket = msgs[i].limited
+                assert bucket is not None
+                n = by_bucket.get(bucket)
+                if n is None:
+                    by_bucket[bucket] = [1, len(msgs[i].payload)]
+                else:
+                    n[0] += 1
+                    n[1] += len(msgs[i].payload)
+            for bucket, (count, size) in by_bucket.items():
+                dead.add_limited(bucket, count, size)
         checkouts = [c for _, c in ws.checkouts]
         enforce = [e for _, e in ws.enforce_checkins]
         suppressed = Counter(s for _, s in ws.suppressed)
@@ -281,8 +297,7 @@ class TelemetrySink:
                 )
                 status = await conn.execute(_INSERT)
                 inserted = int(status.rsplit(" ", 1)[1])
-            if dead:
-                await conn.execute(_INSERT_DEAD, *_columns(dead))
+            await store_dead_letters(conn, dead)
             if checkouts:
                 await conn.execute(_INSERT_CHECKOUTS, *_columns(checkouts))
             if suppressed:
@@ -290,5 +305,6 @@ class TelemetrySink:
                     [(t, d, day, n) for (t, d, day), n in suppressed.items()]))
             if enforce:
                 await conn.executemany(_ENFORCE_CHECKIN, enforce)
-        return WriteResult(inserted=inserted, offered=len(rows), dead_letters=len(dead))
+        return WriteResult(inserted=inserted, offered=len(rows), dead_letters=len(ws.dead),
+                           rate_limited=len(ws.limited))
 

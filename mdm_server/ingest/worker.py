@@ -7,7 +7,9 @@ one event loop (see ingest/mqtt.py for why).
 
 Order of operations per batch, which is what makes a crash harmless:
 decode -> look up unknown devices -> write rows and dead letters in one
-transaction -> commit -> ack. A crash before the ack means redelivery, and the
+transaction -> commit -> ack. A message over its device's rate limit (checked on
+arrival, ingest/limits.py) skips the decode; its count is written and committed
+with its batch before it is acknowledged. A crash before the ack means redelivery, and the
 table's unique key absorbs the repeat.
 """
 
@@ -56,6 +58,7 @@ class IngestStats:
     records_stored: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    rate_limited: int = 0  # over their device's rate limit: acknowledged, counted only
     not_collected: int = 0  # records of kinds the policy does not collect
     suppressed: int = 0  # location points the policy kept out of storage
     batches: int = 0
@@ -154,6 +157,8 @@ class IngestWorker:
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
         self.policies = PolicyEngine(config)
+        limiter = config.device_limiter()
+        self._limit = limiter.check if limiter is not None else None
         self.consumer = MqttConsumer(
             config.mqtt,
             client_id=self.client_id,
@@ -162,6 +167,13 @@ class IngestWorker:
         )
 
     def _on_message(self, msg: InboundMessage) -> None:
+        limit = self._limit
+        if limit is not None:
+            # Over its device's rate limit: it goes with its batch, to be counted
+            # and acknowledged after the commit, but is never decoded.
+            bucket = limit(msg.topic)
+            if bucket is not None:
+                msg.limited = bucket
         pending = self._pending
         if not pending:
             self._first_at = time.monotonic()
@@ -263,6 +275,7 @@ class IngestWorker:
             s.records_stored += result.inserted
             s.duplicates += result.duplicates
             s.dead_letters += result.dead_letters
+            s.rate_limited += result.rate_limited
             s.not_collected += shaped.not_collected
             s.suppressed += shaped.suppressed
             s.batches += 1
@@ -310,4 +323,5 @@ async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> 
         last_stored, last_t = stats.records_stored, now
         print(f"{label}: {rate:,.0f} records/s  stored={stats.records_stored:,} "
               f"duplicates={stats.duplicates:,} dead_letters={stats.dead_letters:,} "
-              f"messages={stats.messages:,}", file=sys.stderr, flush=True)
+              f"rate_limited={stats.rate_limited:,} messages={stats.messages:,}",
+              file=sys.stderr, flush=True)

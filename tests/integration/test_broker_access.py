@@ -33,7 +33,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent_protocol import Record, Status, encode_status, encode_telemetry, outline_topic
+from agent_protocol import KINDS, Record, Status, encode_status, encode_telemetry, outline_topic
 from mdm_server.broker.dynsec import Dynsec
 from mdm_server.config import MqttSettings
 from tests.support.services import (
@@ -55,6 +55,7 @@ pytestmark = pytest.mark.integration
 
 TENANTS = {"acme": ["a1", "a2", "a3"], "globex": ["g1", "g2"]}
 REVOCABLE = {"acme": ["r1", "r2"]}  # not in the matrix: the revocation tests' own
+LEGACY = {"acme": ["l1"]}  # not in the matrix: given a role as made before issue 10
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,12 @@ def _targets(intruder: Dev) -> list[Dev]:
 # --- the generated matrix -----------------------------------------------------------------
 
 PUBLISH_CHANNELS = ("telemetry/location", "telemetry/identity", "acks", "status", "commands")
+# Sub-topics of a device's own topics that no ACL names (issue 10).
+NON_KIND_SUBTOPICS = (
+    "telemetry/imei=356938035643809", "telemetry/unknownkind", "telemetry/Location",
+    "telemetry/location/extra", "telemetry/location/", "telemetry/", "telemetry",
+    "acks/extra", "status/extra", "telemetryx/location", "other",
+)
 WIDE_FILTERS = (
     "#", "mdm/#", "mdm/v1/+/devices/+/commands", "mdm/v1/+/devices/+/telemetry/+",
     "mdm/v1/+/devices/+/acks", "+/+/+/+/+/+", "$share/x/mdm/v1/+/devices/+/#",
@@ -129,6 +136,12 @@ def _generate() -> list[Case]:
         # Its own topics, but a channel a device must not write: commands to itself.
         cases.append(Case(f"{intr}-publishes-own-commands", "publish", intr, intr,
                           f"{intr.base}/commands"))
+        # Its own topics, but sub-topics that are not the protocol's: roles once
+        # allowed telemetry/+ (a "kind" like imei=... reached the server), now only
+        # the six kinds' literal topics, acks and status.
+        for sub in NON_KIND_SUBTOPICS:
+            cases.append(Case(f"{intr}-publishes-own-{sub.replace('/', '-')}", "publish",
+                              intr, intr, f"{intr.base}/{sub}"))
         for f in WIDE_FILTERS:
             cases.append(Case(f"{intr}-subscribes-{f}", "subscribe", intr, None, f))
         cases.append(Case(f"{intr}-administers-the-broker", "control", intr, None,
@@ -298,8 +311,11 @@ def _telemetry(dev: Dev, record_id: str, kind: str = "location") -> bytes:
 def _payload(case: Case, target: Dev) -> bytes:
     """What an intruder sends: exactly what the target itself would send, marked."""
     channel = case.topic.removeprefix(target.base + "/")
-    if channel.startswith("telemetry/"):
+    if channel in ("telemetry/location", "telemetry/identity"):
         return _telemetry(target, case.marker, channel.split("/", 1)[1])
+    if channel.startswith("telemetry"):  # a sub-topic no kind names: a valid envelope
+        return json.dumps({"v": 1, "id": case.marker, "ts": _now_ms(),
+                           "data": {"lat": 52.07, "lon": 4.3}}).encode()
     if channel == "acks":
         return _ack(case.marker)
     return json.dumps({"v": 1, "state": "online", "ts": _now_ms(),
@@ -413,18 +429,38 @@ def _run_matrix(w: World) -> None:
         w.connacks[case.id] = Probe(port, case.client_id, case.username,
                                     w.password(case.password, case.username)).attempt()
     w.control_after = _strip(asyncio.run(_dynsec(w.broker.url, _CONTROL_QUERY)))
-    # 5. Controls: every device's own traffic, and a command from the server to each.
+    # 5. Controls: every device's own traffic, and a command from the server to each;
+    #    one device publishes a record of every kind, on each kind's topic.
     for dev, probe in w.devices.items():
         probe.publish(f"{dev.base}/telemetry/location", _telemetry(dev, f"own-{dev.user}"))
+        if dev in INTRUDERS:
+            for kind, payload in _every_kind(dev).items():
+                probe.publish(f"{dev.base}/telemetry/{kind}", payload)
         probe.publish(f"{dev.base}/acks", _ack(f"own-ack-{dev.user}"))
         probe.publish(f"{dev.base}/status", encode_status(Status("online", _now_ms())))
         w.observer.publish(f"{dev.base}/commands", f"command-for-{dev.user}".encode())
     assert _wait(lambda: all(any(p == f"command-for-{d.user}".encode()
                                  for _, p in w.devices[d].messages()) for d in DEVICES))
-    own = ", ".join(f"'{stored_id(d.tenant, d.device, f'own-{d.user}')}'" for d in DEVICES)
+    own = ", ".join(f"'{stored_id(d.tenant, d.device, rid)}'" for d, rid in _own_records())
     wait_for_count(w.database, f"SELECT count(*) FROM telemetry WHERE record_id IN ({own})",
-                   len(DEVICES), timeout=60)
+                   len(_own_records()), timeout=60)
     time.sleep(2.0)  # anything forged and late would show by now
+
+
+def _every_kind(dev: Dev) -> dict[str, bytes]:
+    """A valid record of every kind (ids ``own-{kind}-{device}``), as an agent sends them."""
+    from load_tests.fleet_data import DeviceProfile
+
+    profile, now = DeviceProfile(dev.device, seed=1), _now_ms()
+    return {kind: encode_telemetry([Record(f"own-{kind}-{dev.user}", now,
+                                           profile.data(kind, now))],
+                                   device=dev.device, kind=kind) for kind in KINDS}
+
+
+def _own_records() -> list[tuple[Dev, str]]:
+    """(device, record id) of everything the controls publish as telemetry."""
+    return [(d, f"own-{d.user}") for d in DEVICES] + [
+        (d, f"own-{kind}-{d.user}") for d in INTRUDERS for kind in KINDS]
 
 
 def _device_probe(w: World, dev: Dev) -> Probe:
@@ -442,7 +478,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with running_broker(tmp) as broker:
             passwords: dict[str, str] = {}
             for tenant, devices in {**TENANTS, "acme": TENANTS["acme"] + REVOCABLE["acme"]
-                                    }.items():
+                                    + LEGACY["acme"]}.items():
                 for e in asyncio.run(enroll_devices(database, broker.url, tenant, devices)):
                     passwords[e["mqtt"]["username"]] = e["mqtt"]["password"]
             server = Server(server_env(database, broker.url), tmp / "serve.log")
@@ -513,6 +549,10 @@ def test_every_device_gets_its_own_traffic_through_and_only_its_own(world: World
         assert any(t == f"{dev.base}/status" for t, _ in seen)
         assert any(t == f"{dev.base}/telemetry/location" and f"own-{dev.user}".encode() in p
                    for t, p in seen)
+        if dev in INTRUDERS:  # the six kinds' literal topics are all open to their device
+            for kind in KINDS:
+                assert any(t == f"{dev.base}/telemetry/{kind}"
+                           and f"own-{kind}-{dev.user}".encode() in p for t, p in seen), kind
         # Exactly the server's command, on its own topic; nothing of anyone else.
         assert w.devices[dev].messages() == [(f"{dev.base}/commands",
                                               f"command-for-{dev.user}".encode())]
@@ -520,7 +560,7 @@ def test_every_device_gets_its_own_traffic_through_and_only_its_own(world: World
     rows = asyncio.run(fetch(w.database, "SELECT tenant_id, device_id, record_id FROM telemetry"))
     # Nothing stored under a device but what that device itself sent.
     assert sorted((r["tenant_id"], r["device_id"], r["record_id"]) for r in rows) == sorted(
-        (d.tenant, d.device, stored_id(d.tenant, d.device, f"own-{d.user}")) for d in DEVICES)
+        (d.tenant, d.device, stored_id(d.tenant, d.device, rid)) for d, rid in _own_records())
     assert asyncio.run(fetchval(w.database, "SELECT count(*) FROM dead_letters")) == 0
 
 
@@ -649,3 +689,58 @@ def test_the_broker_that_lost_its_state_gets_every_identity_back(tmp_path: Path)
                 server.stop()
     finally:
         asyncio.run(drop_database(database))
+
+
+def test_reconcile_narrows_a_role_that_still_allows_any_telemetry_subtopic(
+        world: World) -> None:
+    """A role as made before issue 10 (publish to telemetry/+) lets a "kind" like
+    imei=... reach the server; serve's reconcile replaces it with the kinds' literal
+    topics, after which the same publish never arrives and the kinds still do."""
+    from mdm_server.broker.identity import device_acls, device_rolename
+    from mdm_server.storage.pool import connect
+
+    w = world
+    l1 = Dev("acme", "l1")
+    rolename = device_rolename(l1.tenant, l1.device)
+    old = [{"command": "removeRoleACL", "rolename": rolename,
+            "acltype": "publishClientSend", "topic": f"{l1.base}/telemetry/{kind}"}
+           for kind in KINDS]
+    old.append({"command": "addRoleACL", "rolename": rolename,
+                "acltype": "publishClientSend", "topic": f"{l1.base}/telemetry/+",
+                "priority": 0, "allow": True})
+    assert not [r for r in asyncio.run(_dynsec(w.broker.url, old)) if "error" in r]
+    bad = f"{l1.base}/telemetry/imei=356938035643809"
+
+    def arrived(marker: bytes) -> bool:
+        return any(marker in p for _, p in w.observer.messages())
+
+    probe = _device_probe(w, l1)
+    probe.publish(bad, b'{"v": 1, "id": "legacy-before", "ts": 1, "data": {}}')
+    assert _wait(lambda: arrived(b"legacy-before")), "the old role did not let it through"
+
+    async def notify() -> None:
+        conn = await connect(w.database)
+        try:
+            await conn.execute("SELECT pg_notify('mdm_broker_identity', '')")
+        finally:
+            await conn.close()
+
+    def acls() -> set[tuple[str, str]]:
+        (resp,) = asyncio.run(_dynsec(w.broker.url, [{"command": "getRole",
+                                                      "rolename": rolename}]))
+        return {(a["acltype"], a["topic"]) for a in resp["data"]["role"]["acls"]}
+
+    asyncio.run(notify())
+    want = {(a["acltype"], a["topic"]) for a in device_acls(l1.tenant, l1.device)}
+    assert _wait(lambda: acls() == want, timeout=20), acls()
+    # Mosquitto 2.0.11 checks a role's ACLs at every publish: the change applies to
+    # the connection that is already open (adding or removing an ACL kicks nobody).
+    assert probe.connected
+    try:
+        probe.publish(bad, b'{"v": 1, "id": "legacy-after", "ts": 1, "data": {}}')
+        probe.publish(f"{l1.base}/telemetry/location", _telemetry(l1, "legacy-control"))
+        assert _wait(lambda: arrived(b"legacy-control"))
+        time.sleep(1.0)  # published before the control: it would have arrived by now
+        assert not arrived(b"legacy-after")
+    finally:
+        probe.stop()

@@ -10,10 +10,12 @@ import orjson
 import psutil
 import pytest
 
+from agent_protocol import MAX_PAYLOAD_BYTES
 from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Broker,
     IngestProcess,
+    allow_any_telemetry_subtopic,
     broker_only_devices,
     enroll,
     fetch,
@@ -60,6 +62,11 @@ def _env(rec_id: str, data: dict[str, object], ts: object = None, **extra: objec
                          "data": data, **extra})
 
 
+def _pad_to(size: int) -> bytes:
+    base = _env("b5", {"lat": 52.1, "lon": 4.3, "pad": ""})
+    return _env("b5", {"lat": 52.1, "lon": 4.3, "pad": "x" * (size - len(base))})
+
+
 LOC = "mdm/v1/acme/devices/dev-1/telemetry/location"
 # Each kind of bad input, the reason it must be dead-lettered with. The raw values
 # are distinctive so the test can show they are not copied into the dead letter.
@@ -70,8 +77,10 @@ BAD_INPUTS: list[tuple[str, str, bytes, str]] = [
     ("out_of_range", LOC, _env("b3", {"lat": 123.456789, "lon": 4.3}), "out_of_range"),
     ("future", LOC, _env("b4", {"lat": 52.1, "lon": 4.3}, ts=_now_ms() + 3 * 86_400_000),
      "future_timestamp"),
-    ("oversized", LOC, _env("b5", {"lat": 52.1, "lon": 4.3, "pad": "x" * 300_000}),
-     "too_large"),
+    # Just over the contract's 256 KiB: the broker's packet limit leaves room for the
+    # longest topic, so on this one it passes the broker and the ingest refuses it
+    # (larger packets get the device disconnected: test_broker_limits.py).
+    ("oversized", LOC, _pad_to(MAX_PAYLOAD_BYTES + 1), "too_large"),
     ("batch_over_limit", LOC, orjson.dumps({"v": 1, "records": [
         {"id": f"r{i}", "ts": _now_ms(), "data": {"lat": 52.1, "lon": 4.3}}
         for i in range(1001)]}), "batch_too_large"),
@@ -104,6 +113,10 @@ def test_bad_input_is_dead_lettered_and_ingest_goes_on(
         # The broker lets only devices it knows publish: this one it knows, the
         # database does not (as after a revocation the broker was not told of yet).
         asyncio.run(broker_only_devices(broker.url, "acme", ["stranger"]))
+    if case in KEPT_TOPIC:
+        # The broker refuses telemetry sub-topics no kind names; a role made before
+        # issue 10, not reconciled yet, still allows them: the ingest refuses them too.
+        asyncio.run(allow_any_telemetry_subtopic(broker.url, "acme", "dev-1"))
     ingest = IngestProcess(server_env(database, broker.url), tmp_path / "ingest.log")
     ingest.start()
     ingest.wait_ready()

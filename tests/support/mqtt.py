@@ -8,6 +8,7 @@ still PUBACKed under MQTT 3.1.1: check what arrived, not the acks.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -140,3 +141,90 @@ def publish_as_server(mqtt_url: str, topic: str, payload: bytes) -> None:
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+# --- a bare MQTT 3.1.1 client, for what paho will not do --------------------------------
+
+
+def _packet(first_byte: int, body: bytes) -> bytes:
+    """An MQTT packet: fixed header (type and flags, remaining length) and body."""
+    n, length = len(body), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([first_byte]) + bytes(length) + body
+
+
+def _string(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return len(b).to_bytes(2, "big") + b
+
+
+def publish_packet(topic: str, payload: bytes, mid: int = 1) -> bytes:
+    """A QoS 1 PUBLISH, not retained (``mid`` 1..65535)."""
+    return _packet(0x32, _string(topic) + mid.to_bytes(2, "big") + payload)
+
+
+class RawClient:
+    """A bare MQTT 3.1.1 client on a plain socket: CONNECT, then whatever bytes the
+    test writes; a reader thread counts the PUBACKs and notices the broker closing
+    the connection. For exact packet sizes, and for floods sent as fast as one
+    ``sendall`` of prepared packets goes (paho spends ~30 us a message in Python)."""
+
+    def __init__(self, port: int, client_id: str, username: str, password: str, *,
+                 host: str = "127.0.0.1") -> None:
+        import socket
+
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.pubacks = 0
+        self.closed = threading.Event()
+        body = (_string("MQTT") + bytes([4, 0xC2]) + (0).to_bytes(2, "big")  # no keepalive
+                + _string(client_id) + _string(username) + _string(password))
+        self.sock.sendall(_packet(0x10, body))
+        connack = self._read_exactly(4)
+        if connack[:2] != b"\x20\x02" or connack[3] != 0:
+            self.sock.close()
+            raise ConnectionRefusedError(f"CONNACK {connack.hex()}")
+        self.sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read_exactly(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed by the broker")
+            out += chunk
+        return out
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                # PUBACKs (0x40 0x02 mid mid) are all the broker sends a publisher
+                # without keepalive: every fourth byte starts one.
+                whole = len(buf) - len(buf) % 4
+                self.pubacks += buf[0:whole:4].count(0x40)
+                buf = buf[whole:]
+        except OSError:
+            pass
+        finally:
+            self.closed.set()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._reader.join(timeout=5)

@@ -375,6 +375,26 @@ async def broker_only_devices(mqtt_url: str, tenant: str, devices: list[str]) ->
     assert not errors, errors
 
 
+async def allow_any_telemetry_subtopic(mqtt_url: str, tenant: str, device: str) -> None:
+    """Give a device's broker role the ACL roles had before issue 10: publish to
+    ``.../telemetry/+``, any sub-topic, as a broker that no ``serve`` has reconciled
+    since still holds. For tests of what the ingest does with topics the broker now
+    refuses (a running ``serve`` takes the ACL away again at its next reconcile).
+    Disconnects the device if it is connected (its role changed)."""
+    from mdm_server.broker.dynsec import Dynsec
+    from mdm_server.broker.identity import device_rolename
+    from mdm_server.config import MqttSettings
+
+    async with Dynsec(MqttSettings.from_url(mqtt_url)) as dynsec:
+        (resp,) = await dynsec.call([{
+            "command": "addRoleACL", "rolename": device_rolename(tenant, device),
+            "acltype": "publishClientSend",
+            "topic": f"mdm/v1/{tenant}/devices/{device}/telemetry/+",
+            "priority": 0, "allow": True}])
+    # Given already (an earlier test) is as good.
+    assert resp.get("error") in (None, "ACL with this topic already exists"), resp
+
+
 async def fetchval(database_url: str, sql: str, *args: object) -> object:
     from mdm_server.storage.pool import connect
 

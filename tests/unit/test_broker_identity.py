@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from agent_protocol import KINDS
 from mdm_server.broker import bootstrap
 from mdm_server.broker.credentials import device_password
-from mdm_server.broker.identity import device_acls
+from mdm_server.broker.identity import SyncReport, _plan, device_acls, device_rolename
+from mdm_server.storage.devices import DeviceIdentity
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "mdm_server" / "broker" / "bootstrap.py"
@@ -103,7 +105,35 @@ def test_a_device_role_names_only_its_own_topics() -> None:
     acls = device_acls("acme", "d1")
     assert all(a["topic"].startswith("mdm/v1/acme/devices/d1/") for a in acls)
     assert all("#" not in a["topic"] for a in acls)
+    assert all("+" not in a["topic"] for a in acls)  # literal topics only (issue 10)
     assert {(a["acltype"], a["topic"].rsplit("d1/", 1)[1]) for a in acls} == {
-        ("publishClientSend", "telemetry/+"), ("publishClientSend", "acks"),
-        ("publishClientSend", "status"), ("subscribeLiteral", "commands"),
-        ("publishClientReceive", "commands")}
+        *(("publishClientSend", f"telemetry/{kind}") for kind in KINDS),
+        ("publishClientSend", "acks"), ("publishClientSend", "status"),
+        ("subscribeLiteral", "commands"), ("publishClientReceive", "commands")}
+
+
+def test_reconcile_replaces_the_wildcard_telemetry_acl_of_an_older_role() -> None:
+    """A role made before issue 10 allowed telemetry/+ (any sub-topic): the plan
+    removes that ACL and adds the kinds' literal topics; an up-to-date role is left
+    alone."""
+    base = "mdm/v1/acme/devices/d1"
+    old = [{"acltype": t, "topic": f"{base}/{topic}", "priority": 0, "allow": True}
+           for t, topic in (("publishClientSend", "telemetry/+"),
+                            ("publishClientSend", "acks"), ("publishClientSend", "status"),
+                            ("subscribeLiteral", "commands"),
+                            ("publishClientReceive", "commands"))]
+    rolename = device_rolename("acme", "d1")
+    client = {"username": "acme.d1", "clientid": "acme.d1",
+              "textdescription": "credential generation 1", "roles": [{"rolename": rolename}]}
+    want = [DeviceIdentity("acme", "d1", 1, True)]
+
+    def plan(acls: list[dict[str, object]]) -> list[dict[str, object]]:
+        return list(_plan(KEY, want, {"acme.d1": client},
+                          {rolename: {"rolename": rolename, "acls": acls}}, SyncReport()))
+
+    commands = plan(old)
+    assert {(c["command"], c.get("topic")) for c in commands} == {
+        ("removeRoleACL", f"{base}/telemetry/+"),
+        *(("addRoleACL", f"{base}/telemetry/{kind}") for kind in KINDS)}
+    assert all(c["rolename"] == rolename for c in commands)
+    assert plan(device_acls("acme", "d1")) == []
