@@ -33,6 +33,7 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -472,16 +473,18 @@ async def list_commands(conn: asyncpg.Connection, tenant: str, device: str | Non
 
 
 async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
-                     limit: int) -> list[dict[str, Any]]:
+                     limit: int, since: datetime | None = None) -> list[dict[str, Any]]:
     """Every command that affected the device's user, newest first: the notice text
     and language as sent, when it was sent, when the device reported it shown, and
-    the outcome. What the device's user (and their admins) may read."""
+    the outcome. What the device's user (and their admins) may read; ``since``:
+    only commands requested since then (the user's enrollment)."""
     rows = await conn.fetch(
         """SELECT command_id, type, params, notice, state, created_at, sent_at, received_at,
                   notice_shown_at, finished_at, outcome_detail
            FROM commands WHERE tenant_id = $1 AND device_id = $2 AND type = ANY($3::text[])
+             AND ($5::timestamptz IS NULL OR created_at >= $5)
            ORDER BY created_at DESC, command_id LIMIT $4""",
-        tenant, device, list(NOTICE_TYPES), limit)
+        tenant, device, list(NOTICE_TYPES), limit, since)
     return [{"command_id": str(r["command_id"]), "type": r["type"], "params": r["params"],
              "notice": r["notice"], "state": r["state"],
              "requested_at": _iso(r["created_at"]), "sent_at": _iso(r["sent_at"]),
