@@ -590,8 +590,16 @@ def test_console_fulfils_an_erasure_and_the_portal_keeps_only_the_fact(
     assert fleet.count("SELECT count(*) FROM keystore.device_keys "
                        "WHERE device_id = 'corp2'") == 0
 
-    # The user sees the fact, and no data any more.
-    b.sign_in("/portal/", user2)
+    # The erasure revoked the user's token: the portal refuses it.
+    b.open("/portal/")
+    b.driver.execute_script("sessionStorage.clear()")
+    b.driver.refresh()
+    b.fill("#token", user2)
+    b.click("#sign-in button[type=submit]")
+    assert "the token is not valid" in b.wait_text("#sign-in-status", "not valid")
+    # With a token issued afterwards the user sees the fact, and no data any more.
+    after = fleet.server.cli("user", "token", "--tenant", TENANT, "--device", "corp2").strip()
+    b.sign_in("/portal/", after)
     row = b.wait_text("#erasure-table tbody tr", "fulfilled")
     assert "alice" in row
     b.select("#data-kind", "location")
