@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mdm_server.api import auth, commands, devices, me, openapi, pages, policies
+from mdm_server.api import auth, commands, devices, me, openapi, pages, policies, tokens
 from mdm_server.api.context import CONFIG, KEYRING, POOL
 from mdm_server.api.errors import error_middleware
 from mdm_server.api.limits import (
@@ -166,6 +166,7 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
         app.cleanup_ctx.append(_dispatch_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes(auth.routes())  # GET /api/v1/token
+    app.router.add_routes(tokens.routes())  # GET /api/v1/tokens, DELETE .../{token_id}
     app.router.add_routes(devices.routes())
     app.router.add_routes(commands.routes())
     app.router.add_routes(me.routes())

@@ -11,28 +11,39 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 
 import asyncpg
 
 from mdm_server import audit
+from mdm_server.commands.service import lock_unfinished, withdraw_unfinished
 from mdm_server.config import Config, ConfigError, load_config, master_key_from_env
 from mdm_server.storage.devices import (
     EnrollmentError,
     enroll_device,
     reenroll_device,
     revoke_device,
+    start_enrollment,
 )
 from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.master import MasterKeyError
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
 from mdm_server.storage.roles import RoleError, privileged_because
-from mdm_server.storage.tenants import (
-    TenantError,
+from mdm_server.storage.tenants import TenantError, create_tenant
+from mdm_server.storage.tokens import (
+    ADMIN_DEFAULT_DAYS,
+    EXPIRES_MAX_DAYS,
+    EXPIRES_MIN_DAYS,
+    TOKEN_STATES,
+    USER_DEFAULT_DAYS,
     create_admin_token,
-    create_tenant,
     create_user_token,
+    list_tokens,
+    revoke_device_user_tokens,
+    revoke_token,
+    token_json,
 )
 
 __all__ = ["main"]
@@ -68,12 +79,33 @@ def _parser() -> argparse.ArgumentParser:
     ac.add_argument("--name", required=True)
     ac.add_argument("--role", choices=["admin", "auditor"], default="admin",
                     help="auditor: reads everything an admin reads, changes nothing")
+    ac.add_argument("--expires-in", type=int, metavar="DAYS", dest="expires_in",
+                    help=f"the token works this many days ({EXPIRES_MIN_DAYS}-"
+                         f"{EXPIRES_MAX_DAYS}; default {ADMIN_DEFAULT_DAYS})")
+    ac.add_argument("--rotate", action="store_true",
+                    help="the name has a working token already: revoke it and issue a new "
+                         "one (without --rotate that is refused)")
     user = sub.add_parser("user", help="device users").add_subparsers(dest="action",
                                                                       required=True)
     ut = user.add_parser("token", help="a token for a device's user (the /api/v1/me API "
-                                       "and the portal); prints it")
+                                       "and the portal), bound to the device's current "
+                                       "enrollment; prints it")
     ut.add_argument("--tenant", required=True)
     ut.add_argument("--device", required=True)
+    ut.add_argument("--expires-in", type=int, metavar="DAYS", dest="expires_in",
+                    help=f"the token works this many days ({EXPIRES_MIN_DAYS}-"
+                         f"{EXPIRES_MAX_DAYS}; default {USER_DEFAULT_DAYS})")
+    tok = sub.add_parser("token", help="API tokens of a tenant").add_subparsers(
+        dest="action", required=True)
+    tl = tok.add_parser("list", help="the tenant's tokens, newest first (JSON lines: id, role, "
+                                     "name, device, created_at, expires_at, last_used_at, "
+                                     "revoked_at, state; never the token)")
+    tl.add_argument("--tenant", required=True)
+    tl.add_argument("--state", choices=TOKEN_STATES, help="only tokens in this state")
+    tr = tok.add_parser("revoke", help="revoke a token now: it is refused (401) from its "
+                                       "next request on")
+    tr.add_argument("--tenant", required=True)
+    tr.add_argument("--id", required=True, dest="token_id", help="the token's id (token list)")
     device = sub.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
     de = device.add_parser("enroll", help="enroll a device; prints what its agent needs (JSON)")
     de.add_argument("--tenant", required=True)
@@ -86,13 +118,19 @@ def _parser() -> argparse.ArgumentParser:
                                          "since rotated away: re-enroll them (JSON lines)")
     ds.add_argument("--tenant")
     for name, text in (("revoke", "revoke a device: the broker disconnects it and lets it in "
-                                  "no more, ingest refuses its telemetry (exit 4: the broker "
-                                  "could not be told yet)"),
-                       ("reenroll", "new credentials for a device, revoked or not; prints "
-                                    "what its agent needs (JSON)")):
+                                  "no more, ingest refuses its telemetry, its unfinished "
+                                  "commands are cancelled and its user tokens revoked (exit 4: "
+                                  "the broker could not be told yet)"),
+                       ("reenroll", "a new enrollment (a new holder), revoked or not: new "
+                                    "credentials, unfinished commands cancelled, user tokens "
+                                    "revoked; prints what its agent needs (JSON)")):
         dr = device.add_parser(name, help=text)
         dr.add_argument("--tenant", required=True)
         dr.add_argument("--device", required=True)
+        if name == "reenroll":
+            dr.add_argument("--user-email",
+                            help="the new holder's e-mail (left out: none; the previous "
+                                 "holder's is never kept)")
     broker = sub.add_parser("broker", help="the MQTT broker's device identities")
     bsub = broker.add_subparsers(dest="action", required=True)
     bsub.add_parser(
@@ -190,30 +228,89 @@ async def _tenant_create(cfg: Config, name: str) -> None:
     print(json.dumps({"tenant": name}))
 
 
-async def _admin_create(cfg: Config, tenant: str, name: str, role: str) -> None:
+async def _admin_create(cfg: Config, args: argparse.Namespace) -> None:
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
-            token = await create_admin_token(conn, tenant=tenant, name=name, role=role)
-            await audit.append(conn, cfg.audit_keys(), tenant=tenant, actor="cli",
-                               action=f"{role}.create",
-                               target=f"admin:{name}")
+            made = await create_admin_token(conn, tenant=args.tenant, name=args.name,
+                                            role=args.role, expires_in_days=args.expires_in,
+                                            rotate=args.rotate)
+            details: dict[str, object] = {"token_id": str(made.token_id),
+                                          "expires_at": made.expires_at.isoformat()}
+            if made.revoked:
+                details["revoked_tokens"] = [str(t) for t in made.revoked]
+            await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
+                               action=f"{args.role}.create",
+                               target=f"admin:{args.name}", details=details)
     finally:
         await conn.close()
-    print(token)
+    print(made.token)
+    if made.revoked:
+        print(f"mdm-server: revoked {len(made.revoked)} earlier token(s) of {args.name!r}",
+              file=sys.stderr)
+    print(f"mdm-server: token id {made.token_id}, expires {made.expires_at.isoformat()}",
+          file=sys.stderr)
 
 
-async def _user_token(cfg: Config, tenant: str, device: str) -> None:
+async def _user_token(cfg: Config, args: argparse.Namespace) -> None:
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
-            token = await create_user_token(conn, tenant=tenant, device=device)
-            await audit.append(conn, cfg.audit_keys(), tenant=tenant, actor="cli",
+            made = await create_user_token(conn, tenant=args.tenant, device=args.device,
+                                           expires_in_days=args.expires_in)
+            await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
                                action="user_token.create",
-                               target=f"device:{device}")
+                               target=f"device:{args.device}",
+                               details={"token_id": str(made.token_id),
+                                        "expires_at": made.expires_at.isoformat()})
     finally:
         await conn.close()
-    print(token)
+    print(made.token)
+    print(f"mdm-server: token id {made.token_id}, expires {made.expires_at.isoformat()}",
+          file=sys.stderr)
+
+
+async def _token(cfg: Config, args: argparse.Namespace) -> int:
+    conn = await connect(cfg.database_url)
+    try:
+        if args.action == "list":
+            if not await conn.fetchval("SELECT true FROM tenants WHERE tenant_id = $1",
+                                       args.tenant):
+                raise TenantError(f"no tenant {args.tenant!r}")
+            for row in await list_tokens(conn, args.tenant, state=args.state) or []:
+                print(json.dumps(token_json(row)))
+            return 0
+        try:
+            token_id = uuid.UUID(args.token_id)
+        except ValueError:
+            raise TenantError("--id is a token id as `token list` shows it") from None
+        async with conn.transaction():
+            found = await revoke_token(conn, args.tenant, token_id)
+            if found is None:
+                raise TenantError(f"no token with that id in tenant {args.tenant!r}")
+            row, changed = found
+            if changed:
+                await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
+                                   action="token.revoke", target=f"token:{token_id}",
+                                   details={"role": row["role"]})
+        print(json.dumps(token_json(row)))
+        if not changed:
+            print("mdm-server: the token was revoked already", file=sys.stderr)
+        return 0
+    finally:
+        await conn.close()
+
+
+async def _end_enrollment(cfg: Config, conn: asyncpg.Connection, tenant: str, device: str,
+                          because: str) -> dict[str, object]:
+    """The device's holder is gone (revoked) or changes (re-enrolled): its unfinished
+    commands are cancelled and its user tokens revoked. Inside the transaction,
+    after :func:`lock_unfinished` and the device's own change."""
+    withdrawn = await withdraw_unfinished(conn, tenant=tenant, device=device, actor="cli",
+                                          because=because, audit_keys=cfg.audit_keys())
+    tokens = await revoke_device_user_tokens(conn, tenant, device)
+    return {"commands_cancelled": len(withdrawn),
+            "user_tokens_revoked": [str(t) for t in tokens]}
 
 
 async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
@@ -264,10 +361,13 @@ async def _device_revoke(cfg: Config, args: argparse.Namespace) -> int:
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
+            await lock_unfinished(conn, args.tenant, args.device)
             changed = await revoke_device(conn, tenant=args.tenant, device=args.device)
-            if changed:
+            ended = await _end_enrollment(cfg, conn, args.tenant, args.device, "device.revoke")
+            if changed or ended["commands_cancelled"] or ended["user_tokens_revoked"]:
                 await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
-                                   action="device.revoke", target=f"device:{args.device}")
+                                   action="device.revoke", target=f"device:{args.device}",
+                                   details=ended)
         print(json.dumps({"tenant": args.tenant, "device": args.device, "status": "revoked"}))
         synced = await _sync_broker(cfg, conn, args.tenant, args.device, "is revoked")
     finally:
@@ -279,11 +379,18 @@ async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
+            await lock_unfinished(conn, args.tenant, args.device)
             enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
                                                mqtt_url=cfg.mqtt.url(),
                                                master_key=cfg.master_key)
+            number = await start_enrollment(conn, tenant=args.tenant, device=args.device,
+                                            user_email=args.user_email)
+            ended = await _end_enrollment(cfg, conn, args.tenant, args.device,
+                                          "device.reenroll")
+            # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
             await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
-                               action="device.reenroll", target=f"device:{args.device}")
+                               action="device.reenroll", target=f"device:{args.device}",
+                               details={"enrollment": number, **ended})
         print(json.dumps(enrollment, indent=2))
         await _sync_broker(cfg, conn, args.tenant, args.device, "has new credentials")
     finally:
@@ -592,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set: policies "
                               "hash values under keys derived from it (generate one with "
                               "`head -c 32 /dev/urandom | base64`)")
-        if args.command in _AUDITED:
+        if args.command in _AUDITED or (args.command == "token" and args.action == "revoke"):
             cfg.audit_keys()  # the master key, or a clear error before anything is done
         if args.command in ("serve", "ingest") or (
                 args.command == "keys" and args.action in ("compact", "rotate-master")):
@@ -615,9 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "tenant":
             asyncio.run(_tenant_create(cfg, args.name))
         elif args.command == "admin":
-            asyncio.run(_admin_create(cfg, args.tenant, args.name, args.role))
+            asyncio.run(_admin_create(cfg, args))
         elif args.command == "user":
-            asyncio.run(_user_token(cfg, args.tenant, args.device))
+            asyncio.run(_user_token(cfg, args))
+        elif args.command == "token":
+            return asyncio.run(_token(cfg, args))
         elif args.command == "device" and args.action == "enroll":
             asyncio.run(_device_enroll(cfg, args))
         elif args.command == "device" and args.action == "reenroll":

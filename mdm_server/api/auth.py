@@ -1,7 +1,14 @@
-"""Bearer tokens: who is calling, for which tenant, in which role."""
+"""Bearer tokens: who is calling, for which tenant, in which role.
+
+Every request looks its token up again: a revoked or expired token, or a device
+user's token whose device was re-enrolled since, is 401 at once, on every route.
+``last_used_at`` is written at most once a minute per token (the read tells
+whether it is due), so requests stay reads.
+"""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import asyncpg
@@ -9,6 +16,7 @@ from aiohttp import web
 
 from mdm_server.api.context import POOL
 from mdm_server.storage.tenants import hash_token
+from mdm_server.storage.tokens import Coverage, covered_devices
 
 __all__ = [
     "Principal",
@@ -19,8 +27,24 @@ __all__ = [
     "require_reader",
     "require_user",
     "routes",
+    "user_coverage",
     "user_devices",
 ]
+
+# A request writes last_used_at when it is more than a minute old (or never set).
+_LOOKUP = """
+    SELECT t.token_id, t.tenant_id, t.role, t.name, t.device_id,
+           t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute' AS stale
+    FROM api_tokens t
+    WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL AND t.expires_at > now()
+      AND (t.role <> 'user' OR EXISTS (
+          SELECT 1 FROM api_token_devices c
+          JOIN devices d ON d.tenant_id = c.tenant_id AND d.device_id = c.device_id
+          WHERE c.token_id = t.token_id AND c.device_id = t.device_id
+            AND d.enrollment_no = c.enrollment_no))"""
+_TOUCH = """
+    UPDATE api_tokens SET last_used_at = now()
+    WHERE token_id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +53,7 @@ class Principal:
     role: str
     name: str
     device: str | None
+    token_id: uuid.UUID | None = None
 
 
 def _unauthorized(reason: str) -> web.HTTPUnauthorized:
@@ -60,11 +85,14 @@ async def authenticate(request: web.Request, pool: asyncpg.Pool) -> Principal | 
     token = bearer_token(request)
     who = None
     if token is not None and token.isascii() and token.isprintable():
-        row = await pool.fetchrow(
-            "SELECT tenant_id, role, name, device_id FROM api_tokens "
-            "WHERE token_sha256 = $1 AND revoked_at IS NULL", hash_token(token))
+        # Unknown, expired, revoked, or a user token whose device was re-enrolled:
+        # all the same, no principal.
+        row = await pool.fetchrow(_LOOKUP, hash_token(token))
         if row is not None:
-            who = Principal(row["tenant_id"], row["role"], row["name"], row["device_id"])
+            if row["stale"]:
+                await pool.execute(_TOUCH, row["token_id"])
+            who = Principal(row["tenant_id"], row["role"], row["name"], row["device_id"],
+                            row["token_id"])
     request[_RESOLVED] = who
     return who
 
@@ -74,7 +102,8 @@ async def require_principal(request: web.Request, pool: asyncpg.Pool) -> Princip
         raise _unauthorized("a bearer token is required")
     who = await authenticate(request, pool)
     if who is None:
-        raise _unauthorized("the token is not valid")
+        # One answer for unknown, expired and revoked: it tells a finder nothing.
+        raise _unauthorized("the token is not valid (unknown, expired or revoked)")
     return who
 
 
@@ -101,16 +130,20 @@ async def require_user(request: web.Request, pool: asyncpg.Pool) -> Principal:
     return who
 
 
+async def user_coverage(conn: asyncpg.Connection, who: Principal) -> list[Coverage]:
+    """The devices a user token covers now, each with the start of the enrollment
+    it covers (what the user may read of it starts there): its own device, and
+    the tenant's devices that had the same user e-mail when it was issued (one
+    person, several phones), while each is still in that enrollment and has that
+    e-mail (mdm_server/storage/tokens.py)."""
+    if who.token_id is None or who.device is None:
+        return []
+    return await covered_devices(conn, who.token_id, who.tenant, who.device)
+
+
 async def user_devices(conn: asyncpg.Connection, who: Principal) -> list[str]:
-    """The devices a user token covers: its own, and the tenant's other devices
-    with the same user e-mail (one person, several phones)."""
-    rows = await conn.fetch(
-        """SELECT d.device_id FROM devices d
-           JOIN devices own ON own.tenant_id = d.tenant_id AND own.device_id = $2
-           WHERE d.tenant_id = $1 AND (d.device_id = $2 OR (own.user_email IS NOT NULL
-                                                            AND d.user_email = own.user_email))
-           ORDER BY d.device_id""", who.tenant, who.device)
-    return [r["device_id"] for r in rows]
+    """The ids of :func:`user_coverage`."""
+    return [c.device for c in await user_coverage(conn, who)]
 
 
 async def token_info(request: web.Request) -> web.Response:

@@ -66,9 +66,10 @@ def parse_data_query(request: web.Request) -> DataQuery:
 
 
 async def read_data(conn: asyncpg.Connection, keyring: Keyring, tenant: str, device: str,
-                    q: DataQuery) -> dict[str, object]:
+                    q: DataQuery, *, received_since: datetime | None = None
+                    ) -> dict[str, object]:
     reader = await DeviceReader.load(conn, keyring, tenant, device)
     page = await read_page(conn, reader, kind=q.kind, start=q.start, end=q.end,
-                           limit=q.limit, after=q.after)
+                           limit=q.limit, after=q.after, received_since=received_since)
     return {"records": page.records,
             "next": None if page.next is None else encode_cursor(page.next)}

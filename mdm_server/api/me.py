@@ -6,8 +6,12 @@ an admin role read the data. Portability (art. 20): everything as one ZIP of JSO
 and CSV, streamed with flat memory. Erasure (art. 17): a request an admin fulfils
 or refuses, fulfilled automatically after 30 days.
 
-A user token covers its device and the tenant's other devices with the same user
-e-mail; any other device is 404, exactly like a device that does not exist.
+A user token covers its device and the tenant's devices that had the same user
+e-mail when it was issued, each while it is in the enrollment it was in then
+(mdm_server/storage/tokens.py); any other device is 404, exactly like a device
+that does not exist. Of a device it covers, the user reads what was recorded since
+that enrollment began: data received, commands requested, reads logged, erasure
+requests made since then, never a previous holder's.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import csv
 import io
 import zipfile
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -24,7 +29,7 @@ from aiohttp import web
 
 from agent_protocol import FIELD_TYPES, KINDS
 from mdm_server import audit
-from mdm_server.api.auth import Principal, require_user, user_devices
+from mdm_server.api.auth import Principal, require_user, user_coverage
 from mdm_server.api.context import POOL, audit_keys, keyring
 from mdm_server.api.data import page_limit, parse_data_query, read_data
 from mdm_server.api.errors import json_error
@@ -44,34 +49,36 @@ _FLUSH_BYTES = 256 * 1024
 _FETCH_ROWS = 1000
 
 
-async def _mine(request: web.Request) -> tuple[Principal, str]:
-    """The caller (a device user) and the device of the URL, if it is theirs."""
+async def _mine(request: web.Request) -> tuple[Principal, str, datetime]:
+    """The caller (a device user), the device of the URL if the token covers it,
+    and since when it shows that device's records (its enrollment's start)."""
     who = await require_user(request, request.app[POOL])
     device = request.match_info["device"]
     async with request.app[POOL].acquire() as conn:
-        if device not in await user_devices(conn, who):
-            raise web.HTTPNotFound(reason="no such device")
-    return who, device
+        for c in await user_coverage(conn, who):
+            if c.device == device:
+                return who, device, c.since
+    raise web.HTTPNotFound(reason="no such device")
 
 
 async def my_devices(request: web.Request) -> web.Response:
     who = await require_user(request, request.app[POOL])
     async with request.app[POOL].acquire() as conn:
         rows = await conn.fetch(
-            "SELECT device_id, ownership, status, enrolled_at FROM devices "
+            "SELECT device_id, ownership, status, enrollment_started_at FROM devices "
             "WHERE tenant_id = $1 AND device_id = ANY($2::text[]) ORDER BY device_id",
-            who.tenant, await user_devices(conn, who))
+            who.tenant, [c.device for c in await user_coverage(conn, who)])
     return web.json_response({"devices": [
         {"device": r["device_id"], "ownership": r["ownership"], "status": r["status"],
-         "enrolled_at": r["enrolled_at"].isoformat()} for r in rows]})
+         "enrolled_at": r["enrollment_started_at"].isoformat()} for r in rows]})
 
 
 async def my_data(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, since = await _mine(request)
     q = parse_data_query(request)
     async with request.app[POOL].acquire() as conn:
         return web.json_response(await read_data(conn, keyring(request), who.tenant,
-                                                 device, q))
+                                                 device, q, received_since=since))
 
 
 async def _policy_in_force(conn: asyncpg.Connection, tenant: str, device: str
@@ -92,49 +99,53 @@ def _explained(found: InForce) -> dict[str, Any]:
 
 
 async def my_policy(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, _since = await _mine(request)
     async with request.app[POOL].acquire() as conn:
         return web.json_response(await _policy_in_force(conn, who.tenant, device))
 
 
 async def my_notices(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, since = await _mine(request)
     async with request.app[POOL].acquire() as conn:
-        log = await notice_log(conn, who.tenant, device, limit=page_limit(request))
+        log = await notice_log(conn, who.tenant, device, limit=page_limit(request),
+                               since=since)
     return web.json_response({"notices": log})
 
 
 async def _access_log(conn: asyncpg.Connection, keys: audit.AuditKeys, tenant: str,
-                      device: str, limit: int) -> list[dict[str, Any]]:
-    """Reads of the device's personal data, newest first. Only entries whose MAC
-    checks (and legacy ones, written before entries were MAC'd, so marked): an
-    entry someone wrote into the table without the server's key is left out."""
+                      device: str, limit: int, since: datetime) -> list[dict[str, Any]]:
+    """Reads of the device's personal data since ``since``, newest first. Only
+    entries whose MAC checks (and legacy ones, written before entries were MAC'd,
+    so marked): an entry someone wrote into the table without the server's key is
+    left out."""
     entries = await audit.read_genuine(conn, keys, tenant, limit=limit,
                                        action="personal_data.read", target=f"device:{device}")
     return [{"at": e.at.isoformat(), "actor": e.actor, "role": e.details.get("role"),
-             "what": e.details.get("what"), "integrity": e.integrity} for e in entries]
+             "what": e.details.get("what"), "integrity": e.integrity}
+            for e in entries if e.at >= since]
 
 
 async def my_access_log(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, since = await _mine(request)
     async with request.app[POOL].acquire() as conn:
         entries = await _access_log(conn, audit_keys(request), who.tenant, device,
-                                    page_limit(request))
+                                    page_limit(request), since)
     return web.json_response({"entries": entries})
 
 
-async def _counts(conn: asyncpg.Connection, tenant: str, device: str) -> dict[str, int]:
+async def _counts(conn: asyncpg.Connection, tenant: str, device: str, since: datetime
+                  ) -> dict[str, int]:
     rows = await conn.fetch(
         "SELECT kind, count(*) AS n FROM telemetry WHERE tenant_id = $1 AND device_id = $2 "
-        "GROUP BY kind", tenant, device)
+        "AND received_at >= $3 GROUP BY kind", tenant, device, since)
     found = {r["kind"]: int(r["n"]) for r in rows}
     return {k: found.get(k, 0) for k in KINDS}
 
 
 async def export_summary(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, since = await _mine(request)
     async with request.app[POOL].acquire() as conn:
-        counts = await _counts(conn, who.tenant, device)
+        counts = await _counts(conn, who.tenant, device, since)
     return web.json_response({"records": counts, "total": sum(counts.values())})
 
 
@@ -166,14 +177,15 @@ def _csv_line(values: list[Any]) -> bytes:
     return buf.getvalue().encode()
 
 
-async def _rows(conn: asyncpg.Connection, reader: DeviceReader, kind: str
+async def _rows(conn: asyncpg.Connection, reader: DeviceReader, kind: str, since: datetime
                 ) -> AsyncIterator[tuple[asyncpg.Record, Any]]:
-    """The device's records of one kind, oldest first, each with its data opened."""
+    """The device's records of one kind received since ``since``, oldest first, each
+    with its data opened."""
     async for r in conn.cursor(
             "SELECT kind, record_id, ts, received_at, policy_id, policy_version, key_id, "
             "sealed, data FROM telemetry WHERE tenant_id = $1 AND device_id = $2 "
-            "AND kind = $3 ORDER BY ts, record_id", reader.tenant, reader.device, kind,
-            prefetch=_FETCH_ROWS):
+            "AND kind = $3 AND received_at >= $4 ORDER BY ts, record_id",
+            reader.tenant, reader.device, kind, since, prefetch=_FETCH_ROWS):
         data = reader.data(r)
         if data is not None:  # None: its key is gone, an erasure is removing it
             yield r, data
@@ -181,7 +193,7 @@ async def _rows(conn: asyncpg.Connection, reader: DeviceReader, kind: str
 
 async def my_export(request: web.Request) -> web.StreamResponse:
     """Everything held about the device as one ZIP, streamed (memory stays flat)."""
-    who, device = await _mine(request)
+    who, device, since = await _mine(request)
     key = (who.tenant, who.device or "")
     running = request.app[EXPORTS]
     if key in running:
@@ -190,20 +202,20 @@ async def my_export(request: web.Request) -> web.StreamResponse:
              "code": "export_running"}, status=429, headers={"Retry-After": "10"})
     running.add(key)
     try:
-        return await _stream_export(request, who, device)
+        return await _stream_export(request, who, device, since)
     finally:
         running.discard(key)
 
 
-async def _stream_export(request: web.Request, who: Principal, device: str
-                         ) -> web.StreamResponse:
+async def _stream_export(request: web.Request, who: Principal, device: str,
+                         since: datetime) -> web.StreamResponse:
     pool = request.app[POOL]
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                         readonly=True):
-        counts = await _counts(conn, who.tenant, device)
+        counts = await _counts(conn, who.tenant, device, since)
         dev = await conn.fetchrow(
-            "SELECT device_id, ownership, groups, status, enrolled_at, user_email FROM devices "
-            "WHERE tenant_id = $1 AND device_id = $2", who.tenant, device)
+            "SELECT device_id, ownership, groups, status, enrollment_started_at, user_email "
+            "FROM devices WHERE tenant_id = $1 AND device_id = $2", who.tenant, device)
         assert dev is not None
         resp = web.StreamResponse(headers={
             "Content-Type": "application/zip",
@@ -225,21 +237,24 @@ async def _stream_export(request: web.Request, who: Principal, device: str
             put("device.json", {
                 "device": dev["device_id"], "ownership": dev["ownership"],
                 "groups": list(dev["groups"]), "status": dev["status"],
-                "enrolled_at": dev["enrolled_at"].isoformat(), "user_email": dev["user_email"],
+                "enrolled_at": dev["enrollment_started_at"].isoformat(),
+                "user_email": dev["user_email"],
                 "records": counts})
             put("policy.json", await _policy_in_force(conn, who.tenant, device))
-            put("notices.json", await notice_log(conn, who.tenant, device, limit=100_000))
+            put("notices.json", await notice_log(conn, who.tenant, device, limit=100_000,
+                                                 since=since))
             put("access-log.json", await _access_log(conn, audit_keys(request), who.tenant,
-                                                     device, 100_000))
+                                                     device, 100_000, since))
             put("erasure-requests.json",
-                await erasure.list_requests(conn, who.tenant, device=device, limit=1000))
+                await erasure.list_requests(conn, who.tenant, device=device, limit=1000,
+                                            since=since))
             await resp.write(out.take())
             for kind in KINDS:
                 if not counts[kind]:
                     continue
                 fields = list(FIELD_TYPES[kind])
                 with zf.open(f"telemetry/{kind}.jsonl", "w", force_zip64=True) as f:
-                    async for r, data in _rows(conn, reader, kind):
+                    async for r, data in _rows(conn, reader, kind, since):
                         f.write(orjson.dumps({
                             "id": r["record_id"], "ts": r["ts"].isoformat(),
                             "received_at": r["received_at"].isoformat(),
@@ -250,7 +265,7 @@ async def _stream_export(request: web.Request, who: Principal, device: str
                 with zf.open(f"telemetry/{kind}.csv", "w", force_zip64=True) as f:
                     f.write(_csv_line(["id", "ts", "received_at", "policy", "policy_version",
                                        *fields]))
-                    async for r, data in _rows(conn, reader, kind):
+                    async for r, data in _rows(conn, reader, kind, since):
                         cells = [data.get(name) for name in fields]
                         f.write(_csv_line([
                             r["record_id"], r["ts"].isoformat(), r["received_at"].isoformat(),
@@ -266,7 +281,7 @@ async def _stream_export(request: web.Request, who: Principal, device: str
 
 
 async def request_erasure(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, _since = await _mine(request)
     raw = await request.read()
     if raw:
         try:
@@ -287,9 +302,9 @@ async def request_erasure(request: web.Request) -> web.Response:
 
 
 async def my_erasure_requests(request: web.Request) -> web.Response:
-    who, device = await _mine(request)
+    who, device, since = await _mine(request)
     async with request.app[POOL].acquire() as conn:
-        found = await erasure.list_requests(conn, who.tenant, device=device)
+        found = await erasure.list_requests(conn, who.tenant, device=device, since=since)
     return web.json_response({"erasure_requests": found})
 
 

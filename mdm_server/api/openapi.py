@@ -32,6 +32,7 @@ from mdm_server.api.commands import (
 from mdm_server.api.limits import BODY_LIMIT, NO_BODY_LIMIT, POLICY_BODY_LIMIT, public
 from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
 from mdm_server.commands.states import STATES
+from mdm_server.storage.tokens import TOKEN_STATES
 from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS, FloorUse
 from privacy_filters.policy import (
     MASK_MAX,
@@ -367,9 +368,21 @@ SCHEMAS: dict[str, Schema] = {
                              "description": "rows removed, per kind of data"})}),
     "TokenInfo": obj({"tenant": ID, "role": enum(("admin", "auditor", "user")),
                       "name": STRING, "device": nullable(ID)}),
+    "Token": obj({
+        "id": {**UUID, "description": "the token's public id (random; never the token)"},
+        "role": enum(("admin", "auditor", "user")), "name": STRING,
+        "device": {**nullable(ID), "description": "a user token's device"},
+        "created_at": TIME, "expires_at": TIME,
+        "last_used_at": {**nullable(TIME), "description": "written at most once a minute"},
+        "revoked_at": nullable(TIME),
+        "state": enum(TOKEN_STATES, description="active: it works; expired or revoked: "
+                                                "refused (401) on every route")},
+        description="An API token as listed: never the token, nor its digest"),
     # The device user's view
     "MyDevice": obj({"device": ID, "ownership": enum(OWNERSHIPS),
-                     "status": enum(("enrolled", "revoked")), "enrolled_at": TIME}),
+                     "status": enum(("enrolled", "revoked")),
+                     "enrolled_at": {**TIME, "description": "when the enrollment the token "
+                                     "covers began: what the user reads starts there"}}),
     "PolicyInForce": obj({
         "policy": STRING, "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
         "collects": obj({k: BOOLEAN for k in KINDS}), "explanation": LINES,
@@ -411,6 +424,9 @@ PARAMETERS: dict[str, Schema] = {
                                   "version number"),
     "NoticeKind": _param("kind", "path", enum(NOTICE_KINDS), "kind of command"),
     "RequestId": _param("request_id", "path", UUID, "erasure request id"),
+    "TokenId": _param("token_id", "path", UUID, "a token's id (`id` in the listing)"),
+    "TokenState": _param("state", "query", enum(TOKEN_STATES), "only tokens in this state"),
+    "TokenCursor": _param("cursor", "query", UUID, "`next` of the previous page"),
     "Limit": _param("limit", "query", {"type": "integer", "minimum": 1,
                                        "maximum": LIST_LIMIT_MAX, "default": 100},
                     f"items per page, at most {LIST_LIMIT_MAX} (more is 400)"),
@@ -447,7 +463,8 @@ def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema
 #: Status -> (component name, response).
 ERRORS: dict[int, tuple[str, Schema]] = {
     400: ("BadRequest", _error("malformed request: bad JSON, a bad query parameter")),
-    401: ("Unauthorized", _error("no token, or not a valid one", {
+    401: ("Unauthorized", _error("no token, or not a valid one: unknown, expired or "
+                                 "revoked (a user token: also its device re-enrolled)", {
         "WWW-Authenticate": {"required": True, "schema": enum(("Bearer",))}})),
     403: ("Forbidden", _error("a route of another role (or, for a command, a guard: "
                               "personal_device, same_admin, group_factory_reset)")),
@@ -565,6 +582,19 @@ def _paths() -> dict[str, dict[str, Schema]]:
             "getToken", "Who this token is: tenant, role, name (and device)", tag="meta",
             roles=ANY_ROLE, description="The pages ask it after sign-in, to show what the "
             "role may do.", ok={200: _json(ref("TokenInfo"), "the token's principal")})},
+        f"{v1}/tokens": {"get": op(
+            "listTokens", "The tenant's API tokens, newest first", tag="meta",
+            roles=READER, params=("TokenState", "Limit", "TokenCursor"), errors=(400,),
+            description="Every token of the tenant (admins, auditors, device users), "
+                        "working or not; never a token itself.",
+            ok={200: _json(page("tokens", ref("Token")), "a page of tokens")})},
+        f"{v1}/tokens/{{token_id}}": {"delete": op(
+            "revokeToken", "Revoke a token now", tag="meta", roles=ADMIN,
+            params=("TokenId",), errors=(404,),
+            description="From its next request on the token is refused (401) on every "
+                        "route. Audited (`token.revoke`). A token revoked already: 204 "
+                        "again; another tenant's: 404.",
+            ok={204: {"description": "revoked"}})},
         # Devices, their data, dead letters, erasure requests, the audit log
         f"{v1}/devices": {"get": op(
             "listDevices", "The tenant's devices", tag="devices", roles=READER,
@@ -673,7 +703,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
             ok={200: _json(ref("CommandWithEvents"), "the command")})},
         f"{cmds}/{{command_id}}:approve": {"post": _act_on_command(
             "approve", "approved by a second admin (the requester's own approval is 403 "
-                       "same_admin)")},
+                       "same_admin; a revoked device's, 409 device_revoked)")},
         f"{cmds}/{{command_id}}:cancel": {"post": _act_on_command(
             "cancel", "cancelled if it has not gone to the broker yet (else 409 "
                       "not_cancellable)")},

@@ -225,6 +225,14 @@ class Dynsec:
             fut.cancel()
         self._waiting.clear()
 
+    async def discard_session(self, client_id: str) -> None:
+        """Connect once as ``client_id`` with a clean session, then leave: the broker
+        drops the persistent session it keeps for that id, with the messages queued
+        in it, and disconnects a client using it. (The server's user is bound to no
+        client id, so it may use a device's.)"""
+        async with Dynsec(self._settings, client_id=client_id, timeout_s=self._timeout_s):
+            pass
+
     async def call(self, commands: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Send ``commands``; return one response per command, in order. A response
         holds ``error`` when the plugin refused that command (the others still ran)."""

@@ -19,6 +19,13 @@ Everything else is denied by the default access the bootstrap set
 deleting the client disconnects it at once (Mosquitto 2.0.11 kicks a deleted,
 disabled or modified client).
 
+Before a client is deleted or gets a new password (revocation, re-enrollment: the
+holder changes), its persistent session is discarded: the broker keeps a
+device's session, and the commands queued in it while the device was offline,
+under its client id after the client is gone, and would hand them to whoever
+connects next with that id, i.e. the next holder (:meth:`Dynsec.discard_session`).
+First, so that a failure leaves the change planned again for the next try.
+
 The database is the truth; the broker follows it. :func:`sync_devices` makes the
 broker match the database for some devices (enrollment, re-enrollment,
 revocation); :func:`reconcile` for all of them, deleting managed clients and roles
@@ -68,6 +75,7 @@ NOTIFY_CHANNEL = "mdm_broker_identity"
 _LOCK_KEY = 0x6D646D0B  # "mdm" + broker: one sync at a time, across processes
 _PAGE = 1000
 _IGNORED_ON_DELETE = ("Client not found", "Role not found")
+_DISCARD_AT_ONCE = 16
 
 
 def device_rolename(tenant: str, device: str) -> str:
@@ -243,7 +251,18 @@ def _plan(master_key: bytes, want: Sequence[DeviceIdentity],
             yield {"command": "deleteRole", "rolename": rolename}
 
 
+async def _discard_sessions(dynsec: Dynsec, commands: list[dict[str, Any]]) -> None:
+    """Discard the sessions of the clients ``commands`` delete or give a new
+    password (their client id is their username)."""
+    ids = [c["username"] for c in commands if c["command"] == "deleteClient"
+           or (c["command"] == "modifyClient" and "password" in c)]
+    for i in range(0, len(ids), _DISCARD_AT_ONCE):
+        await asyncio.gather(*(dynsec.discard_session(cid)
+                               for cid in ids[i:i + _DISCARD_AT_ONCE]))
+
+
 async def _apply(dynsec: Dynsec, commands: list[dict[str, Any]]) -> None:
+    await _discard_sessions(dynsec, commands)
     if not commands:
         return
     failed = [(c["command"], r["error"]) for c, r in

@@ -7,6 +7,12 @@ signed bytes (a resend is byte-identical, so the agent's nonce check absorbs a
 duplicate), publishes them at QoS 1 (never retained) and marks a command ``sent``
 only once the broker has acknowledged it. While the broker is away commands stay
 queued; a server restart loses nothing, because the queue is the table.
+
+Nothing is signed or published for a revoked device: both claims read the
+device's status, and revoking (or re-enrolling) a device withdraws its unfinished
+commands (:func:`mdm_server.commands.service.withdraw_unfinished`) after locking
+them, so a claim either holds them first (the revocation waits for its commit,
+then cancels what it sent) or skips them.
 """
 
 from __future__ import annotations
@@ -262,7 +268,7 @@ class CommandDispatcher:
                 """SELECT c.command_id, c.tenant_id, c.device_id, c.type, c.params, c.notice,
                           c.expires_at, d.trusted_key_ids
                    FROM commands c JOIN devices d USING (tenant_id, device_id)
-                   WHERE c.state = 'queued' AND c.payload IS NULL
+                   WHERE c.state = 'queued' AND c.payload IS NULL AND d.status = 'enrolled'
                    ORDER BY c.created_at LIMIT $1 FOR UPDATE OF c SKIP LOCKED""", self._batch)
             if not rows:
                 return
@@ -321,10 +327,12 @@ class CommandDispatcher:
             # acknowledging receipt (same signed bytes: the agent's nonce and
             # executed-command checks absorb a copy it did get).
             rows = await conn.fetch(
-                """SELECT command_id, tenant_id, device_id, payload, state FROM commands
-                   WHERE (state = 'queued' AND payload IS NOT NULL)
-                      OR (state = ANY($2::text[]) AND resend AND expires_at > now())
-                   ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                """SELECT c.command_id, c.tenant_id, c.device_id, c.payload, c.state
+                   FROM commands c JOIN devices d USING (tenant_id, device_id)
+                   WHERE ((c.state = 'queued' AND c.payload IS NOT NULL)
+                          OR (c.state = ANY($2::text[]) AND c.resend AND c.expires_at > now()))
+                     AND d.status = 'enrolled'
+                   ORDER BY c.created_at LIMIT $1 FOR UPDATE OF c SKIP LOCKED""",
                 self._batch, list(states.from_states("reconnect")))
             if not rows:
                 return False

@@ -17,6 +17,14 @@ Guards (the order they are checked in):
 4. A request repeated with the same ``Idempotency-Key`` (per admin) returns the
    command it created the first time; the same key with a different request is
    refused.
+
+When a device is revoked or re-enrolled (its holder changes), every command of it
+that is not finished is withdrawn (:func:`withdraw_unfinished`): cancelled, with an
+event and an audit entry each; a factory reset waiting for approval can then no
+longer be approved. Issuing and approving read the device's row ``FOR SHARE`` and
+the revocation locks the device's unfinished commands before it changes the
+device, so a command is either withdrawn with the others or refused
+(``device_revoked``), never left queued for a revoked device.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -48,8 +57,10 @@ __all__ = [
     "issue",
     "issue_group",
     "list_commands",
+    "lock_unfinished",
     "notice_log",
     "set_notice_template",
+    "withdraw_unfinished",
 ]
 
 #: Command types that affect the device's user: each carries a notice.
@@ -170,9 +181,11 @@ async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: st
                 raise CommandRefused(422, "idempotency_key_reused",
                                      "this Idempotency-Key was used for a different request")
             return IssueResult(command_json(earlier), created=False)
+    # FOR SHARE: a revocation waits for this command (and withdraws it), or this
+    # waits for the revocation and is refused.
     dev = await conn.fetchrow(
-        "SELECT ownership, status FROM devices WHERE tenant_id = $1 AND device_id = $2",
-        tenant, device)
+        "SELECT ownership, status FROM devices WHERE tenant_id = $1 AND device_id = $2 "
+        "FOR SHARE", tenant, device)
     if dev is None:
         raise CommandRefused(404, "no_such_device", "no such device")
     if dev["status"] != "enrolled":
@@ -251,7 +264,7 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
         raise CommandRefused(422, "invalid_command", str(exc)) from None
     members = await conn.fetch(
         "SELECT device_id, ownership FROM devices WHERE tenant_id = $1 AND $2 = ANY(groups) "
-        "AND status = 'enrolled'", tenant, group)
+        "AND status = 'enrolled' ORDER BY device_id FOR SHARE", tenant, group)
     if not members:
         raise CommandRefused(404, "empty_group", "no enrolled device is in this group")
     personal_refused = type_ == "wipe" and params.get("scope") == "full"
@@ -344,6 +357,14 @@ async def approve(conn: asyncpg.Connection, *, tenant: str, device: str,
         raise CommandRefused(403, "same_admin",
                              "the admin who requested the command cannot approve it: "
                              "another admin of the tenant must")
+    # After the command's lock, as a revocation takes them (commands, then device).
+    status = await conn.fetchval(
+        "SELECT status FROM devices WHERE tenant_id = $1 AND device_id = $2 FOR SHARE",
+        tenant, device)
+    if status != "enrolled":
+        raise CommandRefused(409, "device_revoked",
+                             "the device is revoked: its commands were withdrawn and "
+                             "cannot be approved")
     t = states.transition(row["state"], "approve")
     if not t.changed:
         raise CommandRefused(409, t.reason or "not_pending",
@@ -382,6 +403,47 @@ async def cancel(conn: asyncpg.Connection, *, tenant: str, device: str,
     return command_json(new)
 
 
+async def lock_unfinished(conn: asyncpg.Connection, tenant: str, device: str) -> None:
+    """Lock the device's unfinished commands (inside the caller's transaction),
+    before the device's row is changed: the order approvals and acks take them in,
+    so a revocation and an approval never wait for each other in a circle."""
+    await conn.execute(
+        "SELECT command_id FROM commands WHERE tenant_id = $1 AND device_id = $2 "
+        "AND state = ANY($3::text[]) ORDER BY command_id FOR UPDATE",
+        tenant, device, list(states.WITHDRAW_FROM_STATES))
+
+
+async def withdraw_unfinished(conn: asyncpg.Connection, *, tenant: str, device: str,
+                              actor: str, because: str, audit_keys: audit.AuditKeys
+                              ) -> list[uuid.UUID]:
+    """Cancel every command of the device that is not finished (``withdraw``: the
+    device was revoked or re-enrolled), whatever its state: an event
+    (``withdrawn``, with ``because``) and an audit entry (``command.cancel``) each.
+    Nothing of them is signed or sent from then on, and a resend owed to the
+    device is dropped. Returns their ids. Call inside the revoking transaction,
+    after :func:`lock_unfinished` and the change of the device."""
+    rows = await conn.fetch(
+        """WITH live AS (SELECT command_id, state FROM commands
+                         WHERE tenant_id = $1 AND device_id = $2 AND state = ANY($3::text[])
+                         ORDER BY command_id FOR UPDATE)
+           UPDATE commands c SET state = 'cancelled', cancelled_by = $4,
+                                 finished_at = now(), resend = false
+           FROM live WHERE c.command_id = live.command_id
+           RETURNING c.command_id, c.type, live.state AS old_state""",
+        tenant, device, list(states.WITHDRAW_FROM_STATES), actor)
+    rows = sorted(rows, key=lambda r: r["command_id"])
+    for r in rows:
+        t = states.transition(r["old_state"], "withdraw")
+        assert t.to_state == "cancelled", t
+        await _event(conn, r["command_id"], "withdrawn", r["old_state"], t.to_state,
+                     detail=because, actor=actor)
+        await audit.append(conn, audit_keys, tenant=tenant, actor=actor,
+                           action="command.cancel", target=f"device:{device}",
+                           details={"command_id": str(r["command_id"]), "type": r["type"],
+                                    "state": r["old_state"], "because": because})
+    return [r["command_id"] for r in rows]
+
+
 async def get_command(conn: asyncpg.Connection, tenant: str, device: str,
                       command_id: uuid.UUID) -> dict[str, Any] | None:
     row = await conn.fetchrow(
@@ -411,16 +473,18 @@ async def list_commands(conn: asyncpg.Connection, tenant: str, device: str | Non
 
 
 async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
-                     limit: int) -> list[dict[str, Any]]:
+                     limit: int, since: datetime | None = None) -> list[dict[str, Any]]:
     """Every command that affected the device's user, newest first: the notice text
     and language as sent, when it was sent, when the device reported it shown, and
-    the outcome. What the device's user (and their admins) may read."""
+    the outcome. What the device's user (and their admins) may read; ``since``:
+    only commands requested since then (the user's enrollment)."""
     rows = await conn.fetch(
         """SELECT command_id, type, params, notice, state, created_at, sent_at, received_at,
                   notice_shown_at, finished_at, outcome_detail
            FROM commands WHERE tenant_id = $1 AND device_id = $2 AND type = ANY($3::text[])
+             AND ($5::timestamptz IS NULL OR created_at >= $5)
            ORDER BY created_at DESC, command_id LIMIT $4""",
-        tenant, device, list(NOTICE_TYPES), limit)
+        tenant, device, list(NOTICE_TYPES), limit, since)
     return [{"command_id": str(r["command_id"]), "type": r["type"], "params": r["params"],
              "notice": r["notice"], "state": r["state"],
              "requested_at": _iso(r["created_at"]), "sent_at": _iso(r["sent_at"]),

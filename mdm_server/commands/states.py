@@ -5,6 +5,9 @@ The tables below are the whole machine; :func:`transition` only reads them.
 * ``approve``: ``pending_approval -> queued`` (a second admin approved it).
 * ``cancel``: ``pending_approval | queued -> cancelled``. Refused once ``sent``:
   the device may already have the command.
+* ``withdraw``: every state but a terminal one ``-> cancelled``: the device was
+  revoked or re-enrolled (its holder changed); nothing of it is ever signed or
+  sent again, whether the device may have it or not.
 * ``publish``: ``queued -> sent``, when the broker PUBACKed the signed bytes.
 * ``ack`` (the device reports ``received | notice_shown | completed | failed |
   rejected``): accepted from ``sent``, ``received`` or ``notice_shown`` when it
@@ -52,6 +55,7 @@ __all__ = [
     "EXPIRE_FROM_STATES",
     "STATES",
     "TERMINAL",
+    "WITHDRAW_FROM_STATES",
     "Refusal",
     "Transition",
     "from_states",
@@ -86,13 +90,16 @@ STATES: Final[tuple[str, ...]] = (
 TERMINAL: Final[frozenset[str]] = frozenset(
     {"completed", "failed", "rejected", "expired", "cancelled"}
 )
-EVENTS: Final[tuple[str, ...]] = ("approve", "cancel", "publish", "ack", "expire", "reconnect")
+EVENTS: Final[tuple[str, ...]] = ("approve", "cancel", "withdraw", "publish", "ack", "expire",
+                                  "reconnect")
 
 # Every event but ``ack``: the live states it applies to and where it takes them.
 # In any other live state it is refused with the reason of _REFUSED_ELSEWHERE.
 _MOVES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({
     "approve":   {"pending_approval": "queued"},
     "cancel":    {"pending_approval": "cancelled", "queued": "cancelled"},
+    "withdraw":  {"pending_approval": "cancelled", "queued": "cancelled",
+                  "sent": "cancelled", "received": "cancelled", "notice_shown": "cancelled"},
     "publish":   {"queued": "sent"},
     "expire":    {"pending_approval": "expired", "queued": "expired", "sent": "expired"},
     "reconnect": {"sent": "sent", "received": "received", "notice_shown": "notice_shown"},
@@ -158,6 +165,7 @@ def from_states(event: str, ack_state: str | None = None) -> tuple[str, ...]:
 ACK_FROM_STATES: Final[tuple[str, ...]] = from_states("ack")
 EXPIRE_FROM_STATES: Final[tuple[str, ...]] = from_states("expire")
 CANCEL_FROM_STATES: Final[tuple[str, ...]] = from_states("cancel")
+WITHDRAW_FROM_STATES: Final[tuple[str, ...]] = from_states("withdraw")
 
 
 def sql_list(states: Iterable[str]) -> str:

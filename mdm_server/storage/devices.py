@@ -22,6 +22,7 @@ __all__ = [
     "mqtt_username",
     "reenroll_device",
     "revoke_device",
+    "start_enrollment",
 ]
 
 Ownership = Literal["corporate", "personal"]
@@ -134,8 +135,7 @@ async def enroll_device(
         raise EnrollmentError("group names are 1-64 characters of A-Z a-z 0-9 _ -")
     if ownership not in ("corporate", "personal"):
         raise EnrollmentError("ownership must be corporate or personal")
-    if user_email is not None and ("@" not in user_email or len(user_email) > 320):
-        raise EnrollmentError("user email is not an e-mail address")
+    check_user_email(user_email)
     mqtt = MqttSettings.from_url(mqtt_url)
     password = _password(master_key, tenant, device, 1)
     server_keys = await _server_keys(conn, master_key)
@@ -180,6 +180,29 @@ async def reenroll_device(
             tenant, device, list(server_keys))
     return _enrollment(tenant, device, row["ownership"], password,
                        MqttSettings.from_url(mqtt_url), server_keys)
+
+
+def check_user_email(user_email: str | None) -> None:
+    if user_email is not None and ("@" not in user_email or len(user_email) > 320):
+        raise EnrollmentError("user email is not an e-mail address")
+
+
+async def start_enrollment(conn: asyncpg.Connection, *, tenant: str, device: str,
+                           user_email: str | None) -> int:
+    """Begin the device's next enrollment (a new holder, ``device reenroll``): its
+    user is ``user_email`` (None: nobody named), and what a device user may read
+    of it starts now. User tokens issued under an earlier enrollment cover it no
+    more (mdm_server/storage/tokens.py). Returns the enrollment's number.
+    Credentials are :func:`reenroll_device`'s business."""
+    check_user_email(user_email)
+    number: int | None = await conn.fetchval(
+        """UPDATE devices SET enrollment_no = enrollment_no + 1,
+                              enrollment_started_at = now(), user_email = $3
+           WHERE tenant_id = $1 AND device_id = $2 RETURNING enrollment_no""",
+        tenant, device, user_email)
+    if number is None:
+        raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+    return number
 
 
 async def revoke_device(conn: asyncpg.Connection, *, tenant: str, device: str) -> bool:

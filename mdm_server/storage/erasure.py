@@ -8,7 +8,10 @@ everything held about the device's use: its telemetry (every kind), check-out
 history, suppressed-point counts, dead letters, and the user's e-mail on the
 device record. What remains is the fact: the request (when, by
 whom decided, counts of what was removed), the audit entry, and the notice log of
-the commands sent to the device (what the user was told, and when).
+the commands sent to the device (what the user was told, and when). The user
+tokens issued for the device are revoked with it (a new one, issued after, shows
+only what is recorded from then on), and no other user's token covers it any more
+(its e-mail is gone).
 
 Once the erasure has committed, :func:`shred` compacts the key ring
 (keyring.py): the surviving keys are re-wrapped under a new epoch and the epoch
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -30,6 +34,7 @@ from mdm_server import audit
 from mdm_server.logsafe import describe
 from mdm_server.storage.keyring import CompactionReport, Keyring, KeyringError
 from mdm_server.storage.sealing import destroy_device_keys
+from mdm_server.storage.tokens import revoke_device_user_tokens
 
 __all__ = [
     "ErasureError",
@@ -86,11 +91,14 @@ async def request_erasure(conn: asyncpg.Connection, *, tenant: str, device: str,
 
 
 async def list_requests(conn: asyncpg.Connection, tenant: str, *, device: str | None = None,
-                        state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+                        state: str | None = None, limit: int = 100,
+                        since: datetime | None = None) -> list[dict[str, Any]]:
+    """Newest first; ``since``: only those requested since then (a user's enrollment)."""
     rows = await conn.fetch(
         "SELECT * FROM erasure_requests WHERE tenant_id = $1 "
         "AND ($2::text IS NULL OR device_id = $2) AND ($3::text IS NULL OR state = $3) "
-        "ORDER BY requested_at DESC LIMIT $4", tenant, device, state, limit)
+        "AND ($5::timestamptz IS NULL OR requested_at >= $5) "
+        "ORDER BY requested_at DESC LIMIT $4", tenant, device, state, limit, since)
     return [request_json(r) for r in rows]
 
 
@@ -149,12 +157,16 @@ async def fulfil(conn: asyncpg.Connection, *, tenant: str, request_id: uuid.UUID
     and the audit entry commit together."""
     row = await _pending(conn, tenant, request_id)
     erased = await erase_device_data(conn, tenant, row["device_id"])
+    # After the device's row changed (erase_device_data): a user token being issued
+    # for it now has committed (and is revoked here) or waits and sees the erasure.
+    revoked = await revoke_device_user_tokens(conn, tenant, row["device_id"])
     new = await conn.fetchrow(
         "UPDATE erasure_requests SET state = 'fulfilled', decided_by = $2, decided_at = now(), "
         "erased = $3 WHERE request_id = $1 RETURNING *", request_id, actor, erased)
     await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="erasure.fulfil",
                        target=f"device:{row['device_id']}",
-                       details={"request_id": str(request_id), **erased})
+                       details={"request_id": str(request_id), **erased,
+                                "user_tokens_revoked": [str(t) for t in revoked]})
     assert new is not None
     return request_json(new)
 

@@ -63,8 +63,11 @@ def record_json(r: asyncpg.Record, data: Any) -> dict[str, Any]:
 
 async def read_page(conn: asyncpg.Connection, reader: DeviceReader, *, kind: str,
                     start: datetime | None, end: datetime | None, limit: int,
-                    after: Cursor | None = None) -> Page:
-    """Records of one kind with start <= ts < end, oldest first, at most ``limit``."""
+                    after: Cursor | None = None, received_since: datetime | None = None
+                    ) -> Page:
+    """Records of one kind with start <= ts < end, oldest first, at most ``limit``;
+    with ``received_since``, only those received since then (a device user reads
+    what was recorded during their enrollment)."""
     if kind not in KINDS:
         raise ValueError("unknown kind")
     tenant, device = reader.tenant, reader.device
@@ -76,10 +79,11 @@ async def read_page(conn: asyncpg.Connection, reader: DeviceReader, *, kind: str
              AND ($4::timestamptz IS NULL OR ts >= $4)
              AND ($5::timestamptz IS NULL OR ts < $5)
              AND ($6::timestamptz IS NULL OR (ts, record_id) > ($6, $7))
+             AND ($9::timestamptz IS NULL OR received_at >= $9)
            ORDER BY ts, record_id LIMIT $8""",
         tenant, device, kind, start, end,
         None if after is None else after.ts, None if after is None else after.record_id,
-        limit + 1)
+        limit + 1, received_since)
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = Cursor(rows[-1]["ts"], rows[-1]["record_id"]) if more and rows else None

@@ -1,9 +1,8 @@
-"""Tenants and their API tokens."""
+"""Tenants. Their API tokens: mdm_server/storage/tokens.py."""
 
 from __future__ import annotations
 
 import hashlib
-import secrets
 
 import asyncpg
 
@@ -11,9 +10,7 @@ from agent_protocol import is_valid_id
 
 __all__ = [
     "TenantError",
-    "create_admin_token",
     "create_tenant",
-    "create_user_token",
     "ensure_tenant",
     "hash_token",
 ]
@@ -55,42 +52,3 @@ async def ensure_tenant(conn: asyncpg.Connection, name: str) -> None:
             "RETURNING true", name)
         if created:
             await _create_default_policy(conn, name)
-
-
-async def create_admin_token(conn: asyncpg.Connection, *, tenant: str, name: str,
-                             role: str = "admin") -> str:
-    """Create an admin (or a read-only ``auditor``) of ``tenant``; return the bearer
-    token (stored only hashed)."""
-    if not name or len(name) > 200:
-        raise TenantError("admin names are 1-200 characters")
-    if role not in ("admin", "auditor"):
-        raise TenantError("role must be admin or auditor")
-    token = "mdm_" + secrets.token_urlsafe(32)
-    try:
-        await conn.execute(
-            "INSERT INTO api_tokens (token_sha256, tenant_id, role, name) "
-            "VALUES ($1, $2, $3, $4)",
-            hash_token(token),
-            tenant,
-            role,
-            name,
-        )
-    except asyncpg.ForeignKeyViolationError:
-        raise TenantError(f"no tenant {tenant!r}") from None
-    return token
-
-
-async def create_user_token(conn: asyncpg.Connection, *, tenant: str, device: str) -> str:
-    """A bearer token for the user of ``device`` (role ``user``): it reads that
-    device's data, and that of the tenant's other devices with the same user
-    e-mail, through /api/v1/me. Stored only hashed."""
-    known = await conn.fetchval(
-        "SELECT true FROM devices WHERE tenant_id = $1 AND device_id = $2", tenant, device)
-    if not known:
-        raise TenantError(f"no device {device!r} in tenant {tenant!r}")
-    token = "mdu_" + secrets.token_urlsafe(32)
-    await conn.execute(
-        "INSERT INTO api_tokens (token_sha256, tenant_id, role, name, device_id) "
-        "VALUES ($1, $2, 'user', $3, $4)",
-        hash_token(token), tenant, f"user of {device}", device)
-    return token

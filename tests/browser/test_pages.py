@@ -6,7 +6,9 @@ asserts what the page shows: text in elements, not just that a page loaded."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import io
 import json
 import os
@@ -23,6 +25,7 @@ import pytest
 
 from mdm_server.api.pages import WEB_ROOT
 from tests.browser.conftest import IMEI, LOCATIONS, TENANT, Browser, Fleet
+from tests.support.services import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -587,10 +590,54 @@ def test_console_fulfils_an_erasure_and_the_portal_keeps_only_the_fact(
     assert fleet.count("SELECT count(*) FROM keystore.device_keys "
                        "WHERE device_id = 'corp2'") == 0
 
-    # The user sees the fact, and no data any more.
-    b.sign_in("/portal/", user2)
+    # The erasure revoked the user's token: the portal refuses it.
+    b.open("/portal/")
+    b.driver.execute_script("sessionStorage.clear()")
+    b.driver.refresh()
+    b.fill("#token", user2)
+    b.click("#sign-in button[type=submit]")
+    assert "the token is not valid" in b.wait_text("#sign-in-status", "not valid")
+    # With a token issued afterwards the user sees the fact, and no data any more.
+    after = fleet.server.cli("user", "token", "--tenant", TENANT, "--device", "corp2").strip()
+    b.sign_in("/portal/", after)
     row = b.wait_text("#erasure-table tbody tr", "fulfilled")
     assert "alice" in row
     b.select("#data-kind", "location")
     b.click("#data-show")
     assert "No records of this kind" in b.wait_text("#data-records", "No records")
+
+
+def test_a_revoked_or_expired_token_is_refused_by_both_pages(fleet: Fleet, browser: Browser
+                                                             ) -> None:
+    """A token revoked (or expired) while a page is open: its next call shows the
+    API's 401 text, and the page asks for a token again when reloaded."""
+    def token_id(token: str) -> str:
+        [row] = asyncio.run(fetch(fleet.database, "SELECT token_id::text AS id FROM api_tokens "
+                                                  "WHERE token_sha256 = $1",
+                                  hashlib.sha256(token.encode()).digest()))
+        return str(row["id"])
+
+    refused = "the token is not valid (unknown, expired or revoked)"
+    b = browser
+    user = fleet.server.cli("user", "token", "--tenant", TENANT, "--device", "corp1").strip()
+    b.sign_in("/portal/", user)
+    b.wait_css("#devices button[data-device=corp1]")
+    b.wait_css("#data-records")
+    status, _ = fleet.api("DELETE", f"/tokens/{token_id(user)}", fleet.alice)
+    assert status == 204
+    b.select("#data-kind", "location")
+    b.click("#data-show")
+    assert refused in b.wait_text("#data-status", "not valid")
+    b.driver.refresh()
+    assert f"Sign-in failed: {refused}" in b.wait_text("#sign-in-status", "not valid")
+    assert b.find("#token").is_displayed() and not b.find("#app").is_displayed()
+
+    carol = fleet.server.cli("admin", "create", "--tenant", TENANT, "--name",
+                             "carol-pages").strip()
+    b.sign_in("/console/", carol)
+    b.wait_css("#devices-table tbody tr")
+    asyncio.run(fetch(fleet.database, "UPDATE api_tokens SET expires_at = now() - interval "
+                                      "'1 second' WHERE token_id = $1::uuid", token_id(carol)))
+    b.driver.refresh()
+    assert f"Sign-in failed: {refused}" in b.wait_text("#sign-in-status", "not valid")
+    assert b.find("#token").is_displayed() and not b.find("#nav").is_displayed()

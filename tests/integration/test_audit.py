@@ -708,11 +708,14 @@ def test_admin_actions_are_logged_when_committed(database: str, broker: Broker,
     listed = _cli(env, "audit", "list", "--tenant", "acme", "--limit", "2")
     rows = asyncio.run(fetch(database, "SELECT seq, tenant_id, actor, action, target, details "
                                        "FROM audit_log ORDER BY chain, seq"))
+    [alice] = asyncio.run(fetch(database, "SELECT token_id::text AS id, expires_at "
+                                          "FROM api_tokens"))
     assert [tuple(r.values()) for r in rows] == [
         (1, "acme", "cli", "tenant.create", "tenant:acme", {}),
         (2, "acme", "cli", "device.enroll", "device:phone-1",
          {"ownership": "personal", "groups": ["field"]}),
-        (3, "acme", "cli", "admin.create", "admin:alice", {}),
+        (3, "acme", "cli", "admin.create", "admin:alice",
+         {"token_id": alice["id"], "expires_at": alice["expires_at"].isoformat()}),
         (4, "acme", "alice", "policy.put", "policy:field", {"version": 1}),
         (5, "acme", "alice", "policy.put", "policy:field", {"version": 2}),
         (6, "acme", "alice", "policy.delete", "policy:field", {"version": 3}),

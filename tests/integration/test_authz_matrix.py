@@ -2,12 +2,20 @@
 registers (read from its router, not a hand list) x every kind of caller x
 own / other device / other tenant. A caller never gets another tenant's or
 another user's data (404, indistinguishable from nothing), a role never gets a
-route that is not its own (403), no token is 401, and nothing answers 5xx."""
+route that is not its own (403), no token is 401, and nothing answers 5xx.
+
+And every route x every way a token stops working (expired, revoked by the CLI or
+the API, a user token whose device was re-enrolled), for each role: 401 with
+``WWW-Authenticate: Bearer``, from the request after (each token worked before)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +38,8 @@ pytestmark = pytest.mark.integration
 
 ACME, GLOBEX = "acme", "globex"
 OWN, SIBLING, FOREIGN = "u1", "c2", "g1"  # the user's device, another acme device, globex's
+LEAVER = "x3"  # an acme device that is re-enrolled (a new holder)
+ERASED = "e4"  # an acme device whose user's erasure request an admin fulfils
 GUARDS = {"same_admin", "personal_device", "group_factory_reset"}
 PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
@@ -51,6 +61,45 @@ class World:
     server: Server
     tokens: dict[str, str]  # caller -> token ("none" absent)
     ids: dict[tuple[str, str], str]  # (param, which) -> value; which: own/sibling/foreign
+    dead: dict[str, str]  # how a token stopped working -> the token
+
+
+#: Tokens that worked, then stopped: how, and the role (admin, auditor, user).
+DEAD = ("expired_admin", "expired_auditor", "expired_user", "revoked_admin",
+        "revoked_auditor", "revoked_user", "reenrolled_user")
+
+
+def _make_dead(cli: Any, how: str) -> str:
+    role = how.split("_")[1]
+    if role == "user":
+        device = LEAVER if how == "reenrolled_user" else OWN
+        return str(cli("user", "token", "--tenant", ACME, "--device", device)).strip()
+    return str(cli("admin", "create", "--tenant", ACME, "--name", how, "--role", role)).strip()
+
+
+def _token_id(database: str, token: str) -> str:
+    rows = asyncio.run(fetch(database, "SELECT token_id::text AS id FROM api_tokens "
+                                       "WHERE token_sha256 = $1",
+                             hashlib.sha256(token.encode()).digest()))
+    return str(rows[0]["id"])
+
+
+def _kill(world: World, database: str) -> None:
+    """Each dead token works first; then it expires (time passes: its expires_at is
+    moved to the past), is revoked (CLI, API) or its device re-enrolled."""
+    srv, cli = world.server, world.server.cli
+    for how, token in world.dead.items():
+        assert srv.request("GET", "/api/v1/token", token)[0] == 200, how
+    for how in ("expired_admin", "expired_auditor", "expired_user"):
+        asyncio.run(fetch(database, "UPDATE api_tokens SET expires_at = now() - interval "
+                                    "'1 second' WHERE token_sha256 = $1",
+                          hashlib.sha256(world.dead[how].encode()).digest()))
+    for how in ("revoked_admin", "revoked_user"):
+        cli("token", "revoke", "--tenant", ACME, "--id", _token_id(database, world.dead[how]))
+    status, _ = srv.request("DELETE", "/api/v1/tokens/" + _token_id(
+        database, world.dead["revoked_auditor"]), world.tokens["admin"])
+    assert status == 204
+    cli("device", "reenroll", "--tenant", ACME, "--device", LEAVER)
 
 
 def _routes() -> list[tuple[str, str]]:
@@ -75,7 +124,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     database = asyncio.run(create_database())
     try:
         with running_broker(tmp) as broker:
-            asyncio.run(enroll_devices(database, broker.url, ACME, [OWN, SIBLING]))
+            asyncio.run(enroll_devices(database, broker.url, ACME, [OWN, SIBLING, LEAVER,
+                                                                   ERASED]))
             asyncio.run(enroll_devices(database, broker.url, GLOBEX, [FOREIGN]))
             asyncio.run(fetch(database, "UPDATE devices SET groups = '{grp}'"))
             srv = Server(server_env(database, broker.url, MDM_API_RATE_PER_S="100000",
@@ -90,9 +140,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                    "--name", "eve").strip(),
             }
             g_user = cli("user", "token", "--tenant", GLOBEX, "--device", FOREIGN).strip()
+            # Fulfilling an erasure revokes the device's user tokens: not the caller's.
+            e_user = cli("user", "token", "--tenant", ACME, "--device", ERASED).strip()
+            dead = {how: _make_dead(cli, how) for how in DEAD}
+            # Tokens to revoke through DELETE /api/v1/tokens/{token_id}: acme's, globex's.
+            spare = {which: cli("admin", "create", "--tenant", tenant, "--name",
+                                f"spare-{which}").strip()
+                     for which, tenant in (("own", ACME), ("sibling", ACME),
+                                           ("foreign", GLOBEX))}
             srv.start()
             try:
-                ids: dict[tuple[str, str], str] = {}
+                ids: dict[tuple[str, str], str] = {
+                    ("token_id", which): _token_id(database, token)
+                    for which, token in spare.items()}
                 for which, device, token in (("own", OWN, tokens["admin"]),
                                              ("sibling", SIBLING, tokens["admin"]),
                                              ("foreign", FOREIGN, tokens["other_admin"])):
@@ -106,7 +166,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                                 {"type": "locate", "reason": "setup"})
                     assert status == 201, batch
                     ids[("batch_id", which)] = batch["batch_id"]
-                for which, device, token in (("own", OWN, tokens["user"]),
+                for which, device, token in (("own", ERASED, e_user),
                                              ("foreign", FOREIGN, g_user)):
                     status, req = srv.request(
                         "POST", f"/api/v1/me/devices/{device}/erasure-requests", token)
@@ -114,7 +174,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     ids[("request_id", which)] = req["id"]
                 ids[("batch_id", "sibling")] = ids[("batch_id", "own")]
                 ids[("request_id", "sibling")] = ids[("request_id", "own")]
-                yield World(srv, tokens, ids)
+                world = World(srv, tokens, ids, dead)
+                _kill(world, database)
+                yield world
             finally:
                 srv.stop()
     finally:
@@ -192,9 +254,33 @@ def test_authorization(world: World, method: str, template: str, caller: str,
         assert status in expected, (status, answer)
 
 
+DEAD_CASES = [(m, t, how) for m, t in ROUTES for how in DEAD]
+
+
+@pytest.mark.parametrize(("method", "template", "how"), DEAD_CASES,
+                         ids=[f"{m} {t} {how}" for m, t, how in DEAD_CASES])
+def test_a_token_that_stopped_working_is_401_everywhere(world: World, method: str,
+                                                        template: str, how: str) -> None:
+    url = world.server.base + _url(template, "own", world)
+    body = BODIES.get((method, template))
+    req = urllib.request.Request(url, method=method,
+                                 data=None if body is None else json.dumps(body).encode())
+    req.add_header("Authorization", f"Bearer {world.dead[how]}")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, headers, raw = resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        status, headers, raw = err.code, err.headers, err.read()
+    assert status == 401, (status, raw[:300])
+    assert headers["WWW-Authenticate"] == "Bearer"
+    assert json.loads(raw) == {"error": "the token is not valid (unknown, expired or revoked)"}
+
+
 def test_the_matrix_covers_every_route() -> None:
     assert len(ROUTES) >= 30
     templates = {t for _, t in ROUTES}
     for expected in ("/api/v1/me/devices/{device}/export", "/api/v1/devices/{device}/data",
-                     "/api/v1/devices/{device}/commands/{command_id}:approve"):
+                     "/api/v1/devices/{device}/commands/{command_id}:approve",
+                     "/api/v1/me/devices", "/api/v1/token", "/api/v1/tokens/{token_id}"):
         assert expected in templates, sorted(templates)

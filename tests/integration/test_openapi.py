@@ -130,6 +130,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
                                                    "pat@example.org")),
                     (TENANT, "pers2", "personal", ("--user-email", "pat@example.org")),
                     (TENANT, "gone1", "corporate", ()),
+                    (TENANT, "pers3", "personal", ()),
                     (OTHER, "g1", "corporate", ())):
                 srv.cli("device", "enroll", "--tenant", tenant, "--device", device,
                         "--ownership", ownership, *extra)
@@ -189,8 +190,15 @@ def _make_state(api: Api) -> None:
                        for c in (lock, reset, wipe)],
         "batch_id": [{"batch_id": batch["batch_id"]}],
     }
+    # A token nobody uses, for DELETE /api/v1/tokens/{token_id}.
+    api.server.cli("admin", "create", "--tenant", TENANT, "--name", "spare")
+    listed = api.call("GET", "/api/v1/tokens?state=active", admin).json()["tokens"]
+    known["token_id"] = [{"token_id": t["id"]} for t in listed if t["name"] == "spare"]
     if "user" in api.tokens:
-        made = post("/api/v1/me/devices/pers1/erasure-requests", {}, api.tokens["user"])
+        # The fuzzer fulfils it, which revokes the user tokens of its device: not the
+        # user token it calls /me with (pers1's).
+        other = api.server.cli("user", "token", "--tenant", TENANT, "--device", "pers3")
+        made = post("/api/v1/me/devices/pers3/erasure-requests", {}, other.strip())
         known["request_id"] = [{"request_id": made["id"]}]
         # The user's token covers pers1 and pers2 (same e-mail); corp1 is not theirs.
         known["my_device"] = [{"device": d} for d in ("pers1", "pers2", "corp1")]
@@ -311,6 +319,9 @@ def _happy_paths(api: Api) -> list[tuple[str, str, dict[str, Any], int]]:
               "retention_days": {"location": 30, "default": 60}}
     paths: list[tuple[str, str, dict[str, Any], int]] = [
         ("admin", "GET /api/v1/devices", {"query": {"limit": 2}}, 200),
+        ("admin", "GET /api/v1/tokens", {"query": {"limit": 2, "state": "active"}}, 200),
+        ("admin", "DELETE /api/v1/tokens/{token_id}",
+         {"path_parameters": api.known["token_id"][0]}, 204),
         ("admin", "GET /api/v1/devices/{device}", {"path_parameters": {"device": "corp1"}},
          200),
         ("admin", "GET /api/v1/devices/{device}/data",

@@ -259,10 +259,14 @@ def test_erasure_request_fulfilled_leaves_only_the_fact(env: Env) -> None:
         assert value not in dump, value
     assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM telemetry "
                                               "WHERE device_id = 'c1'")) == 5
-    # The fact remains: the request, the audit entry, the notice log.
-    status, mine = env.get("/api/v1/me/devices/p1/erasure-requests", env.ann)
+    # The erasure revoked the user token issued for p1: refused at once.
+    assert env.get("/api/v1/me/devices", env.ann)[0] == 401
+    # The fact remains: the request, the audit entry, the notice log, for a token
+    # the user gets afterwards.
+    ann = env.server.cli("user", "token", "--tenant", TENANT, "--device", "p1").strip()
+    status, mine = env.get("/api/v1/me/devices/p1/erasure-requests", ann)
     assert mine["erasure_requests"][0]["state"] == "fulfilled"
-    assert env.get("/api/v1/me/devices/p1/notices", env.ann)[1]["notices"]
+    assert env.get("/api/v1/me/devices/p1/notices", ann)[1]["notices"]
     actions = [r["action"] for r in asyncio.run(fetch(
         env.database, "SELECT action FROM audit_log WHERE target = 'device:p1' ORDER BY seq"))]
     assert actions[-2:] == ["erasure.request", "erasure.fulfil"] or \
@@ -270,15 +274,18 @@ def test_erasure_request_fulfilled_leaves_only_the_fact(env: Env) -> None:
     verify = subprocess.run([sys.executable, "-m", "mdm_server", "audit", "verify"],
                             env=env.server.env, capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert env.get("/api/v1/me/devices/p1/data?kind=location", env.ann)[1]["records"] == []
+    assert env.get("/api/v1/me/devices/p1/data?kind=location", ann)[1]["records"] == []
+    # p2 shared the user's e-mail with p1 and the erasure removed it: a new p1 token
+    # covers p1 alone.
+    assert [d["device"] for d in env.get("/api/v1/me/devices", ann)[1]["devices"]] == ["p1"]
 
 
 def test_refusal_needs_a_reason_and_unanswered_requests_are_fulfilled_after_30_days(
         env: Env) -> None:
-    # p1's erasure removed the e-mail that linked ann's p1 token to p2: her own token
-    # for p2 now.
+    # p1's erasure revoked ann's p1 token (and removed the e-mail that linked p1 to
+    # p2): her own token for p2 now.
     ann_p2 = env.server.cli("user", "token", "--tenant", TENANT, "--device", "p2").strip()
-    assert env.get("/api/v1/me/devices/p2/policy", env.ann)[0] == 404
+    assert env.get("/api/v1/me/devices/p2/policy", env.ann)[0] == 401
     status, req = env.post("/api/v1/me/devices/p2/erasure-requests", ann_p2)
     assert status == 201
     url = f"/api/v1/erasure-requests/{req['id']}:refuse"
@@ -300,8 +307,10 @@ def test_refusal_needs_a_reason_and_unanswered_requests_are_fulfilled_after_30_d
             await conn.close()
 
     assert asyncio.run(run_due()) == 1
-    status, mine = env.get("/api/v1/me/devices/c1/erasure-requests", env.bob)
-    assert mine["erasure_requests"][0]["state"] == "fulfilled"
-    assert mine["erasure_requests"][0]["decided_by"].startswith("system")
+    # Fulfilled by the server: bob's token for c1 is revoked with it.
+    assert env.get("/api/v1/me/devices/c1/erasure-requests", env.bob)[0] == 401
+    status, listed = env.get("/api/v1/erasure-requests", env.alice)
+    [done] = [r for r in listed["erasure_requests"] if r["id"] == req["id"]]
+    assert done["state"] == "fulfilled" and done["decided_by"].startswith("system")
     assert asyncio.run(fetchval(env.database, "SELECT count(*) FROM telemetry "
                                               "WHERE device_id = 'c1'")) == 0

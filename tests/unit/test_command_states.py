@@ -38,6 +38,7 @@ from mdm_server.commands.states import (
     EXPIRE_FROM_STATES,
     STATES,
     TERMINAL,
+    WITHDRAW_FROM_STATES,
     Refusal,
     Transition,
     from_states,
@@ -51,17 +52,17 @@ from mdm_server.commands.states import (
 # Timed events are written for a command before its expiry (expire: after it).
 
 EVENT_TABLE = """
-state             approve                cancel            publish
-pending_approval  queued                 cancelled         !not_queued
-queued            !not_pending_approval  cancelled         sent
-sent              !not_pending_approval  !not_cancellable  !not_queued
-received          !not_pending_approval  !not_cancellable  !not_queued
-notice_shown      !not_pending_approval  !not_cancellable  !not_queued
-completed         !terminal              !terminal         !terminal
-failed            !terminal              !terminal         !terminal
-rejected          !terminal              !terminal         !terminal
-expired           !terminal              !terminal         !terminal
-cancelled         !terminal              !terminal         !terminal
+state             approve                cancel            withdraw   publish
+pending_approval  queued                 cancelled         cancelled  !not_queued
+queued            !not_pending_approval  cancelled         cancelled  sent
+sent              !not_pending_approval  !not_cancellable  cancelled  !not_queued
+received          !not_pending_approval  !not_cancellable  cancelled  !not_queued
+notice_shown      !not_pending_approval  !not_cancellable  cancelled  !not_queued
+completed         !terminal              !terminal         !terminal  !terminal
+failed            !terminal              !terminal         !terminal  !terminal
+rejected          !terminal              !terminal         !terminal  !terminal
+expired           !terminal              !terminal         !terminal  !terminal
+cancelled         !terminal              !terminal         !terminal  !terminal
 """
 
 TIMED_TABLE = """
@@ -125,7 +126,7 @@ def check(t: Transition, state: str, event: str, cell: str) -> None:
 
 
 def test_tables_cover_every_state_and_event() -> None:
-    assert [s for s, *_ in cells(EVENT_TABLE)][::3] == list(STATES)
+    assert [s for s, *_ in cells(EVENT_TABLE)][::4] == list(STATES)
     assert [s for s, *_ in cells(TIMED_TABLE)][::2] == list(STATES)
     assert [s for s, *_ in cells(ACK_TABLE)][::5] == list(STATES)
     events = {c for _, c, _ in cells(EVENT_TABLE) + cells(TIMED_TABLE)}
@@ -176,11 +177,12 @@ def test_terminal_states() -> None:
 
 
 def test_sets_for_sql_follow_the_tables() -> None:
-    for event in ("approve", "cancel", "publish", "expire", "reconnect"):
+    for event in ("approve", "cancel", "withdraw", "publish", "expire", "reconnect"):
         moving = [s for s, c, cell in cells(EVENT_TABLE) + cells(TIMED_TABLE)
                   if c == event and cell[0] != "!"]
         assert list(from_states(event)) == moving
     assert CANCEL_FROM_STATES == ("pending_approval", "queued")
+    assert WITHDRAW_FROM_STATES == tuple(s for s in STATES if s not in TERMINAL)
     assert EXPIRE_FROM_STATES == ("pending_approval", "queued", "sent")
     assert ACK_FROM_STATES == ("sent", "received", "notice_shown")
     assert from_states("ack") == ACK_FROM_STATES
