@@ -397,7 +397,8 @@ ROUTES = _routes()
 VALUES = {"device": "d1", "name": "default", "kind": "lock", "group": "grp", "version": "1",
           "command_id": "00000000-0000-0000-0000-000000000000",
           "batch_id": "00000000-0000-0000-0000-000000000000",
-          "request_id": "00000000-0000-0000-0000-000000000000"}
+          "request_id": "00000000-0000-0000-0000-000000000000",
+          "token_id": "00000000-0000-0000-0000-000000000000"}
 
 
 def test_every_api_response_is_no_store_and_nosniff(api: Api) -> None:
