@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 BROKER_SCRIPT = Path(os.environ.get("MDM_BROKER_SCRIPT") or REPO / "scripts" / "broker")
 TEMPLATE = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
 DOCKER_CONF = REPO / "deploy" / "mosquitto" / "docker.conf"
-PLACEHOLDERS = {"@PORT@", "@BIND@", "@DATA_DIR@", "@USER@", "@LOG_DEST@", "@DYNSEC_PLUGIN@"}
+PLACEHOLDERS = {"@PORT@", "@BIND@", "@DATA_DIR@", "@USER@", "@LOG_DEST@", "@DYNSEC_PLUGIN@",
+                "@TLS_PORT@", "@TLS_BIND@", "@TLS_CERTFILE@", "@TLS_KEYFILE@"}
 
 
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
@@ -78,7 +79,14 @@ def test_docker_conf_differs_from_the_template_only_in_placeholders() -> None:
     for key, values in template.items():
         if not any(p in v for v in values for p in PLACEHOLDERS):
             assert docker[key] == values, key
-    assert docker["listener"] == ["1883 0.0.0.0"]
+    # Plain text only inside the container (its health check); the server and the
+    # devices use TLS, the one port docker-compose publishes.
+    assert docker["listener"] == ["1883 127.0.0.1", "8883 0.0.0.0"]
+    assert docker["certfile"] == ["/mosquitto/tls/server.crt"]
+    assert docker["keyfile"] == ["/mosquitto/tls/server.key"]
+    assert docker["tls_version"] == ["tlsv1.2"]
+    # max_qos is per listener: both listeners refuse QoS 2.
+    assert docker["max_qos"] == ["1", "1"]
     assert docker["persistence_location"] == ["/mosquitto/data/"]
     # The eclipse-mosquitto image's plugin, its config next to the broker's data.
     assert docker["plugin"] == ["/usr/lib/mosquitto_dynamic_security.so"]
@@ -87,13 +95,27 @@ def test_docker_conf_differs_from_the_template_only_in_placeholders() -> None:
 
 
 def test_local_rendering_uses_the_given_port_and_dir(tmp_path: Path) -> None:
-    path = _render("--render", "--port", "18999", "--dir", str(tmp_path)).strip()
+    path = _render("--render", "--port", "18999", "--tls-port", "18998",
+                   "--dir", str(tmp_path)).strip()
     assert Path(path) == tmp_path / "mosquitto.conf"
     local = _settings(Path(path).read_text())
-    assert local["listener"] == ["18999 127.0.0.1"]
+    # Plain text on loopback only unless asked (--plain-bind); TLS on every address.
+    assert local["listener"] == ["18999 127.0.0.1", "18998 0.0.0.0"]
+    assert local["certfile"] == [f"{tmp_path}/tls/server.crt"]
+    assert local["keyfile"] == [f"{tmp_path}/tls/server.key"]
+    assert local["max_qos"] == ["1", "1"]
     assert local["persistence_location"] == [f"{tmp_path}/"]
     assert local["log_dest"] == [f"file {tmp_path}/mosquitto.log"]
     assert local["plugin_opt_config_file"] == [f"{tmp_path}/dynamic-security.json"]
     assert local["plugin"][0].endswith("/mosquitto_dynamic_security.so")
     assert local["allow_anonymous"] == ["false"]
     assert local["max_queued_messages"] == _settings(DOCKER_CONF.read_text())["max_queued_messages"]
+
+
+def test_local_rendering_binds_where_asked(tmp_path: Path) -> None:
+    path = _render("--render", "--port", "18999", "--tls-port", "18998", "--dir",
+                   str(tmp_path), "--plain-bind", "0.0.0.0", "--tls-bind", "10.0.0.7",
+                   "--tls-cert", str(TEMPLATE), "--tls-key", str(TEMPLATE)).strip()
+    local = _settings(Path(path).read_text())
+    assert local["listener"] == ["18999 0.0.0.0", "18998 10.0.0.7"]
+    assert local["certfile"] == local["keyfile"] == [str(TEMPLATE)]
