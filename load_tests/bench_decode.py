@@ -206,7 +206,7 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
     known = {(TENANT, f"sim-{i:04d}") for i in range(DEVICES)}
 
     received: list[InboundMessage] = []
-    consumer = MqttConsumer(cfg.mqtt, client_id="bench", subscriptions=[],
+    consumer = MqttConsumer(cfg.require_mqtt(), client_id="bench", subscriptions=[],
                             on_message=received.append)
     sock = _BlobSocket(blob)
     consumer._client._sock = sock  # type: ignore[assignment]  # recv and fileno suffice

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from mdm_server import audit
-from mdm_server.config import Config, ConfigError, load_config
+from mdm_server.config import Config, ConfigError, DeviceBroker, load_config
 from mdm_server.storage.devices import (
     EnrollmentError,
     enroll_device,
@@ -200,14 +200,30 @@ async def _user_token(cfg: Config, tenant: str, device: str) -> None:
     print(token)
 
 
+def _device_broker(cfg: Config) -> DeviceBroker:
+    """The broker address and CA enrollment gives devices; says on stderr when it is
+    the server's own address because MDM_MQTT_PUBLIC_URL is not set."""
+    broker = cfg.device_broker()
+    if broker.fallback:
+        print(f"mdm-server: note: MDM_MQTT_PUBLIC_URL is not set, so the enrollment gives "
+              f"the server's own broker address, {broker.url} (MDM_MQTT_URL without its "
+              "credentials" + (", and MDM_MQTT_CA_FILE's CA" if broker.ca_pem else "")
+              + "). Devices elsewhere may not reach it: set MDM_MQTT_PUBLIC_URL to the "
+              "address they use (e.g. mqtts://mdm.example.org:8883), and "
+              "MDM_MQTT_PUBLIC_CA_FILE if the broker's certificate is not publicly trusted.",
+              file=sys.stderr)
+    return broker
+
+
 async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
+    broker = _device_broker(cfg)
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
             enrollment = await enroll_device(
                 conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
-                user_email=args.user_email, mqtt_url=cfg.mqtt.url(), master_key=cfg.master_key,
-                groups=tuple(args.groups),
+                user_email=args.user_email, mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
+                master_key=cfg.master_key, groups=tuple(args.groups),
             )
             # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
             await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
@@ -227,13 +243,14 @@ async def _sync_broker(cfg: Config, conn: asyncpg.Connection, tenant: str, devic
     on stderr: a running serve reconciles as soon as it reaches the broker."""
     from mdm_server.broker.identity import sync_or_defer
 
-    if not cfg.mqtt.username:
+    mqtt = cfg.require_mqtt()
+    if not mqtt.username:
         print(f"mdm-server: note: the device {done}; MDM_MQTT_URL names no MQTT user, so "
               "the broker was not told (fine only for an anonymous experimental broker)",
               file=sys.stderr)
         return False
     assert cfg.master_key is not None  # enrollment and revocation need it
-    why = await sync_or_defer(cfg.mqtt, conn, cfg.master_key, [(tenant, device)])
+    why = await sync_or_defer(mqtt, conn, cfg.master_key, [(tenant, device)])
     if why is not None:
         print(f"mdm-server: warning: the device {done} in the database, but the broker was "
               f"not updated: {why}. `mdm-server serve` updates it as soon as it reaches the "
@@ -256,15 +273,16 @@ async def _device_revoke(cfg: Config, args: argparse.Namespace) -> int:
         synced = await _sync_broker(cfg, conn, args.tenant, args.device, "is revoked")
     finally:
         await conn.close()
-    return 0 if synced or not cfg.mqtt.username else 4
+    return 0 if synced or not cfg.require_mqtt().username else 4
 
 
 async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
+    broker = _device_broker(cfg)
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
             enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
-                                               mqtt_url=cfg.mqtt.url(),
+                                               mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
                                                master_key=cfg.master_key)
             await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
                                action="device.reenroll", target=f"device:{args.device}")
@@ -298,7 +316,7 @@ async def _broker_reconcile(cfg: Config) -> int:
         raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set")
     conn = await connect(cfg.database_url)
     try:
-        async with Dynsec(cfg.mqtt) as dynsec:
+        async with Dynsec(cfg.require_mqtt()) as dynsec:
             report = await reconcile(dynsec, conn, cfg.master_key)
     except DynsecError as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
@@ -534,6 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.command == "keys" and args.action == "compact"):
             cfg.require_master_key()
             cfg.require_keyring_dir()  # stored telemetry is sealed under keys it wraps
+        if args.command in ("serve", "ingest", "broker", "device"):
+            # Where the broker is, and a CA file that loads, before anything starts.
+            cfg.require_mqtt().ssl_context()
         if args.command == "migrate":
             asyncio.run(_migrate(cfg, args.server_role))
         elif args.command == "serve":

@@ -8,7 +8,10 @@ data), and ``ack`` is never called concurrently with paho's reader.
 Why the subclass: paho reads every packet with three or more ``recv`` calls (one
 byte of type, the length bytes one by one, then the body) and ``loop_read`` reads
 one packet per call. ``_BufferedClient`` serves those small reads from one large
-``recv``, and parses whole QoS 1 PUBLISH packets itself (see the class). It
+``recv``, and parses whole QoS 1 PUBLISH packets itself (see the class). Over TLS
+(``mqtts://``) the socket is paho's ``ssl.SSLSocket``: a ``recv`` returns at most
+one TLS record (16 KiB), and bytes already decrypted (``pending()``) count as
+buffered, since the file descriptor's readiness does not show them. It
 overrides private methods, so pyproject.toml pins paho-mqtt below the next minor
 release and tests/integration/test_mqtt_reader.py exercises it against a real
 broker with packets of every size.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from mdm_server.config import MqttSettings
+from mdm_server.mqtt_client import configure
 
 __all__ = ["InboundMessage", "MqttConsumer"]
 
@@ -68,7 +73,12 @@ class _BufferedClient(paho.Client):
         self.fast_publish: Callable[[int, bytes, bytes], None] | None = None
 
     def buffered(self) -> bool:
-        return self._rpos < len(self._rbuf)
+        """Bytes are waiting that the socket's readiness would not announce: ours,
+        or (over TLS) decrypted ones held by the SSL object."""
+        if self._rpos < len(self._rbuf):
+            return True
+        sock = self._sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def reset_buffer(self) -> None:
         self._rbuf = b""
@@ -78,7 +88,13 @@ class _BufferedClient(paho.Client):
         if self._rpos >= len(self._rbuf):
             if self._sock is None:
                 raise ConnectionError("socket is closed")
-            data: bytes = self._sock.recv(_RECV_CHUNK)  # BlockingIOError when empty
+            try:
+                data: bytes = self._sock.recv(_RECV_CHUNK)  # BlockingIOError when empty
+            except ssl.SSLWantReadError:  # TLS: no whole record yet
+                raise BlockingIOError from None
+            except ssl.SSLWantWriteError:  # TLS: the session must write first
+                self._call_socket_register_write()
+                raise BlockingIOError from None
             if len(data) <= bufsize:
                 return data  # includes b"" at end of stream
             self._rbuf = data
@@ -172,8 +188,7 @@ class MqttConsumer:
             protocol=paho.MQTTv311,
             manual_ack=True,
         )
-        if settings.username:
-            c.username_pw_set(settings.username, settings.password)
+        configure(c, settings)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

@@ -155,7 +155,7 @@ class IngestWorker:
         self._lookup = _LookupConnection(config.database_url)
         self.policies = PolicyEngine(config)
         self.consumer = MqttConsumer(
-            config.mqtt,
+            config.require_mqtt(),
             client_id=self.client_id,
             subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER)],
             on_message=self._on_message,
