@@ -513,6 +513,7 @@ def _serve(cfg: Config, workers: int) -> None:
 
     if workers < 1:
         raise ConfigError("--ingest-workers must be at least 1")
+    https = cfg.https_context()  # a bad certificate or key: said before anything starts
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
@@ -523,7 +524,7 @@ def _serve(cfg: Config, workers: int) -> None:
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
     try:
-        web.run_app(app, host=cfg.http_host, port=cfg.http_port,
+        web.run_app(app, host=cfg.http_host, port=cfg.http_port, ssl_context=https,
                     print=lambda msg: print(msg, file=sys.stderr))
     finally:
         for proc in extra:

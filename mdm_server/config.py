@@ -187,6 +187,9 @@ class Config:
     # gives devices and the CA they trust it by (device_broker()).
     mqtt_public: MqttSettings | None = None
     mqtt_public_ca_file: Path | None = None
+    # MDM_TLS_CERT / MDM_TLS_KEY: serve terminates HTTPS itself (and sends HSTS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def require_mqtt(self) -> MqttSettings:
         if self.mqtt is None:
@@ -196,6 +199,23 @@ class Config:
                 "CA) or mqtt://mdm-server:PASSWORD@127.0.0.1:PORT (plain text, this host "
                 "only); scripts/broker prints it")
         return self.mqtt
+
+    def https_context(self) -> ssl.SSLContext | None:
+        """None unless MDM_TLS_CERT and MDM_TLS_KEY are set; then serve's TLS server
+        context (TLS 1.2 at least), or ConfigError if the files cannot be used (the
+        message names the variables, never the key's content)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise ConfigError(f"MDM_TLS_CERT and MDM_TLS_KEY cannot be used: {reason} (PEM "
+                              "files: the certificate, then any intermediates; the "
+                              "unencrypted private key that belongs to it)") from None
+        return ctx
 
     def device_broker(self) -> DeviceBroker:
         """The broker address and CA that enrollment gives devices: MDM_MQTT_PUBLIC_URL
@@ -360,6 +380,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     if urlsplit(db).scheme not in ("postgresql", "postgres"):
         raise ConfigError("MDM_DATABASE_URL must start with postgresql://")
     mqtt, public, public_ca = _mqtt(env)
+    tls_cert, tls_key = _path(env, "MDM_TLS_CERT"), _path(env, "MDM_TLS_KEY")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("MDM_TLS_CERT and MDM_TLS_KEY go together (PEM files: the "
+                          "certificate chain and its private key)")
     host, port = _parse_addr(env.get("MDM_HTTP_ADDR", "127.0.0.1:8080"), "MDM_HTTP_ADDR")
     unsafe = env.get("MDM_TEST_UNSAFE_ACK_BEFORE_COMMIT", "") == "1"
     return Config(
@@ -383,4 +407,6 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,
         mqtt_public=public,
         mqtt_public_ca_file=public_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )

@@ -31,6 +31,8 @@ def test_defaults_and_parsing() -> None:
      "MDM_MQTT_PUBLIC_URL must not hold credentials"),
     ({"MDM_DATABASE_URL": DB, "MDM_MQTT_PUBLIC_CA_FILE": "/ca.crt"},
      "MDM_MQTT_PUBLIC_CA_FILE"),
+    ({"MDM_DATABASE_URL": DB, "MDM_TLS_CERT": "/cert.pem"}, "MDM_TLS_CERT and MDM_TLS_KEY"),
+    ({"MDM_DATABASE_URL": DB, "MDM_TLS_KEY": "/key.pem"}, "MDM_TLS_CERT and MDM_TLS_KEY"),
     ({"MDM_DATABASE_URL": DB, "MDM_HTTP_ADDR": "8080"}, "MDM_HTTP_ADDR"),
     ({"MDM_DATABASE_URL": DB, "MDM_HTTP_ADDR": "host:99999"}, "MDM_HTTP_ADDR"),
     ({"MDM_DATABASE_URL": DB, "MDM_INGEST_BATCH": "many"}, "MDM_INGEST_BATCH"),
