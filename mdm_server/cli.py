@@ -534,6 +534,25 @@ def _serve(cfg: Config, workers: int) -> None:
                 proc.wait(timeout=10)
 
 
+def _refuse_published_master_key(cfg: Config) -> None:
+    """A master key found in the project's repository (mdm_server/published_keys.py)
+    protects nothing: refuse it, unless explicitly allowed for development."""
+    from mdm_server.published_keys import is_published
+
+    if not is_published(cfg.require_master_key()):
+        return
+    text = ("the master key (MDM_MASTER_KEY or MDM_MASTER_KEY_FILE) is published: it "
+            "appears in the project's repository (the tests' key, docker-compose's old "
+            "development default or another example), so anyone can derive every device's "
+            "MQTT password, forge audit entries and, with the key ring, open stored data")
+    if not cfg.allow_published_master_key:
+        raise ConfigError(f"{text}. Make your own: head -c 32 /dev/urandom | base64 "
+                          "(development and tests only: MDM_ALLOW_PUBLISHED_MASTER_KEY=1)")
+    logging.getLogger("mdm_server").warning(
+        "WARNING: %s. Allowed only because MDM_ALLOW_PUBLISHED_MASTER_KEY=1 (development "
+        "and tests only).", text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -556,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("serve", "ingest", "broker", "device"):
             # Where the broker is, and a CA file that loads, before anything starts.
             cfg.require_mqtt().ssl_context()
+        if args.command in ("serve", "ingest"):
+            _refuse_published_master_key(cfg)
         if args.command == "migrate":
             asyncio.run(_migrate(cfg, args.server_role))
         elif args.command == "serve":

@@ -190,6 +190,9 @@ class Config:
     # MDM_TLS_CERT / MDM_TLS_KEY: serve terminates HTTPS itself (and sends HSTS).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Development and tests only: let serve start with a master key that is
+    # published (mdm_server/published_keys.py).
+    allow_published_master_key: bool = False
 
     def require_mqtt(self) -> MqttSettings:
         if self.mqtt is None:
@@ -409,4 +412,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         mqtt_public_ca_file=public_ca,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        allow_published_master_key=env.get("MDM_ALLOW_PUBLISHED_MASTER_KEY", "") == "1",
     )

@@ -334,6 +334,8 @@ def server_env(database_url: str, mqtt_url: str, *, superuser: bool = False,
     env.update({"MDM_DATABASE_URL": database_url, "MDM_MQTT_URL": mqtt_url,
                 "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
                 "MDM_MASTER_KEY": TEST_MASTER_KEY,
+                # The tests' key is published (in this file): serve refuses it without.
+                "MDM_ALLOW_PUBLISHED_MASTER_KEY": "1",
                 "MDM_KEYRING_DIR": str(keyring_dir_for(database_url))})
     broker = broker_for(mqtt_url)
     if broker is not None:  # devices are told the TLS listener and its CA
