@@ -8,6 +8,7 @@ deploy/mosquitto/mosquitto.conf, so people, tests and containers share one confi
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -24,10 +25,21 @@ PLACEHOLDERS = {"@PORT@", "@BIND@", "@DATA_DIR@", "@USER@", "@LOG_DEST@", "@DYNS
                 "@TLS_PORT@", "@TLS_BIND@", "@TLS_CERTFILE@", "@TLS_KEYFILE@"}
 
 
-def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+#: What an operator must set before `docker-compose up` (made-up values for tests).
+REQUIRED_ENV = {
+    "POSTGRES_PASSWORD": "test-only-postgres-password",
+    "MDM_SERVER_DB_PASSWORD": "test-only-server-db-password",
+    "MDM_MQTT_SERVER_PASSWORD": "test-only-mqtt-password",
+    "MDM_MASTER_KEY": base64.b64encode(b"k" * 32).decode(),
+    "MDM_MQTT_PUBLIC_HOST": "mdm.example.org",
+}
+
+
+def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose not installed (scripts/test installs Debian's package)")
+    base = {k: v for k, v in os.environ.items() if k not in REQUIRED_ENV}
     return subprocess.run(
         [exe, "-f", str(REPO / "docker-compose.yml"), *args],
         cwd=REPO,
@@ -35,6 +47,7 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+        env={**base, **(REQUIRED_ENV if env is None else env)},
     )
 
 
