@@ -24,15 +24,10 @@ def device_tls_context(enrollment: Mapping[str, Any]) -> ssl.SSLContext | None:
     """What an agent does with its enrollment's ``mqtt``: None for ``mqtt://``; for
     ``mqtts://`` a TLS context that checks the broker's certificate and host name
     against ``ca_pem`` only (the CA enrollment gave) or, without one, the system's
-    trusted CAs."""
-    m = enrollment["mqtt"]
-    if not str(m["url"]).startswith("mqtts://"):
-        return None
-    ctx = ssl.create_default_context(cadata=m.get("ca_pem") or None)
-    if not m.get("ca_pem"):
-        ctx.load_default_certs()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    trusted CAs (the simulator's agents do the same: load_tests.simulator)."""
+    from load_tests.simulator import tls_context
+
+    return tls_context(enrollment["mqtt"])
 
 
 def publish_all(
