@@ -828,7 +828,7 @@ def render_tls(b: Bench, add: Any) -> list[str]:
         f"rec/s: **TLS/plain = {ratio:.2f}**; best runs {best['tls'] / best['plain']:.2f}; "
         f"first→last commit {commits['tls'] / commits['plain']:.2f}. CPU per record "
         f"{cpu['plain']:.1f} → {cpu['tls']:.1f} µs ({cpu['tls'] - cpu['plain']:+.1f}: "
-        "decryption in the ingest process).")
+        "TLS in the ingest process: decryption, a `recv` per record).")
     add("")
     return [f"TLS/plain {ratio:.2f}"]
 
