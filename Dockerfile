@@ -2,7 +2,8 @@
 # the server; for migrate, which runs `mdm-server migrate --server-role mdm_server`
 # as the database's superuser; and for broker-init, which runs `python -m
 # mdm_server.broker.bootstrap` to write the server's MQTT user into the broker's
-# dynamic-security config, then `python -m mdm_server.broker.purge` on mosquitto.db.
+# dynamic-security config, then `python -m mdm_server.broker.purge` on mosquitto.db
+# and `python -m mdm_server.broker.certs` for the broker's TLS CA and certificate.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

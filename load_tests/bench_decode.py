@@ -219,7 +219,7 @@ async def _pipeline_once(blob: bytes, n: int) -> dict[str, float]:
             msg.limited = bucket
         keep(msg)
 
-    consumer = MqttConsumer(cfg.mqtt, client_id="bench", subscriptions=[],
+    consumer = MqttConsumer(cfg.require_mqtt(), client_id="bench", subscriptions=[],
                             on_message=intake)
     sock = _BlobSocket(blob)
     consumer._client._sock = sock  # type: ignore[assignment]  # recv and fileno suffice

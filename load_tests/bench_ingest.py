@@ -2,7 +2,7 @@
 
     python -m load_tests.bench_ingest [--messages 100000] [--naive-messages 20000]
         [--live-seconds 60] [--live-rate 10000] [--live-mix] [--skip-live] [--profile]
-        [--policy-mix] [--pair-runs 2] [--skip-policy]
+        [--policy-mix] [--pair-runs 2] [--skip-policy] [--tls] [--tls-runs 2]
 
 Phases, each on a fresh private broker (scripts/broker, the project's config) and the
 run's throwaway database (created, migrated, dropped at the end):
@@ -27,6 +27,11 @@ pair       policy A/B: drains of tenant ``bench`` (its default policy as created
            check_out per device (ts a minute earlier) is ingested by the primed ingest;
            the timed ingest runs until stored + suppressed = backlog. Location only;
            with --policy-mix also the simulator's realistic mix of kinds.
+tls        (--tls) the drain with the ingest connected to the broker's TLS listener
+           (mqtts://, the broker's CA as MDM_MQTT_CA_FILE) and with it connected in
+           plain text to the loopback listener, alternating plain tls tls plain
+           (--tls-runs each), each on a fresh broker: the cost of TLS on the ingest
+           as a ratio measured in one run.
 baseline   (--baseline REF) the drain again with the code of another commit (a git
            worktree of REF, its own throwaway database migrated by REF's code, devices
            enrolled and the backlog published by REF's simulator, REF's ingest) and
@@ -37,8 +42,9 @@ Ingest processes get MDM_MASTER_KEY (the tests' key) through tests/support/servi
 server_env(); the bench sets the same key in its own environment for enrollment.
 Brokers let nobody in anonymously: every fresh broker is given the enrolled devices'
 identities (reconcile, as ``serve`` does), devices publish with their own
-credentials, and the references (C subscriber, naive consumer) log in as the
-server's MQTT user.
+credentials over the broker's TLS listener (the simulator is told it as enrollment
+tells devices: MDM_MQTT_PUBLIC_URL and its CA), and the references (C subscriber,
+naive consumer) log in as the server's MQTT user on the plain loopback listener.
 
 Prints a summary and inserts a dated section at the top of load_tests/RESULTS.md
 (--no-results: print only). Everything it starts (brokers, ingest and consumer
@@ -299,12 +305,18 @@ class Bench:
         self.stack.callback(p.stop)
         return p.start()
 
-    def ingest(self, name: str, broker: Any, profile: Path | None = None) -> Proc:
+    def ingest(self, name: str, broker: Any, profile: Path | None = None,
+               tls: bool = False) -> Proc:
         cmd = [PY]
         if profile is not None:
             cmd += ["-m", "cProfile", "-o", str(profile)]
         cmd += ["-m", "mdm_server", "ingest", "--index", "0"]
-        return self.proc(name, cmd, services.server_env(self.db_url, broker.url))
+        if tls:  # the broker's TLS listener, its certificate checked against its CA
+            env = services.server_env(self.db_url, broker.tls_url,
+                                      MDM_MQTT_CA_FILE=str(broker.ca_file))
+        else:
+            env = services.server_env(self.db_url, broker.url)
+        return self.proc(name, cmd, env)
 
     def simulate(self, name: str, broker: Any, *, count: int | None = None,
                  rate: float = 0.0, duration: float = 0.0, kinds: str = "location",
@@ -322,7 +334,10 @@ class Bench:
             cmd += ["--count", str(count)]
         if duration:
             cmd += ["--duration", str(duration)]
-        p = self.proc(f"{name}-sim", cmd, {**os.environ, "MDM_MQTT_URL": broker.url})
+        # Devices go where enrollment sends them: the broker's TLS listener, its CA.
+        p = self.proc(f"{name}-sim", cmd, {**os.environ, "MDM_MQTT_URL": broker.url,
+                                           "MDM_MQTT_PUBLIC_URL": broker.device_url,
+                                           "MDM_MQTT_PUBLIC_CA_FILE": str(broker.ca_file)})
         assert p.proc is not None
         rc = p.proc.wait()
         p.proc = None
@@ -371,18 +386,21 @@ class Bench:
 
     # -- phases ------------------------------------------------------------------
 
-    def phase_drain(self, name: str, profile: Path | None = None) -> dict[str, Any]:
+    def phase_drain(self, name: str, profile: Path | None = None,
+                    tls: bool = False) -> dict[str, Any]:
         n = self.args.messages
         self.note_load(name)
         self.reset_tables()
         broker = self.broker(name)
-        prime = self.ingest(f"{name}-prime", broker)
+        # Primed as it will drain: the persistent session is the listener's client's.
+        prime = self.ingest(f"{name}-prime", broker, tls=tls)
         prime.wait_log("ingest subscribed")
         prime.stop()
         log(f"{name}: ingest primed; publishing {n:,} messages")
         sim = self.simulate(name, broker, count=n)
-        log(f"{name}: published at {sim['rate_msgs_per_s']:,.0f} msg/s; starting the ingest")
-        ing = self.ingest(name, broker, profile)
+        log(f"{name}: published at {sim['rate_msgs_per_s']:,.0f} msg/s; starting the ingest"
+            + (" (TLS)" if tls else ""))
+        ing = self.ingest(name, broker, profile, tls=tls)
         t0 = ing.started_at
         mon = Monitor(ing.pid)
         t1 = self.wait_count(n, ing, timeout=600)
@@ -529,6 +547,16 @@ class Bench:
             else:
                 runs[which].append(self.phase_drain(name))
         return {"ref": ref, "commit": commit, **runs}
+
+    def phase_tls(self) -> dict[str, Any]:
+        """Drains with the ingest over TLS and in plain text, alternating plain tls tls
+        plain (--tls-runs each), each on a fresh broker."""
+        runs: dict[str, list[dict[str, Any]]] = {"plain": [], "tls": []}
+        order = (["plain", "tls", "tls", "plain"] * self.args.tls_runs)[: 2 * self.args.tls_runs]
+        for i, which in enumerate(order):
+            runs[which].append(self.phase_drain(f"tls-{which}{i // 2 + 1}",
+                                                tls=which == "tls"))
+        return runs
 
     def phase_c_ref(self) -> dict[str, Any]:
         n = self.args.messages
@@ -777,6 +805,42 @@ def render_baseline(b: Bench, add: Any) -> list[str]:
     return [f"vs {base['commit']} {_pf(ok)}"]
 
 
+def render_tls(b: Bench, add: Any) -> list[str]:
+    """The section of --tls: the drain with the ingest over TLS against plain text."""
+    runs = b.results.get("tls")
+    if not runs:
+        return []
+    add("### The drain over TLS against plain text, in this run")
+    add("")
+    add("The drain above, with the ingest connected to the broker's TLS listener "
+        "(`mqtts://`, TLS 1.2+ as negotiated, the broker's private CA as "
+        "`MDM_MQTT_CA_FILE`) and in plain text to its loopback listener, alternating "
+        "plain · TLS · TLS · plain, each on a fresh broker. Everything else is the same: "
+        "the backlog is published by the simulator's devices over TLS in both, the "
+        "timed part is the ingest alone, from process start (which includes the TLS "
+        "handshake) to the last row.")
+    add("")
+    add("| Drain | rec/s from start | rec/s first→last commit | CPU µs/rec | peak RSS |")
+    add("|---|---:|---:|---:|---:|")
+    for which, label in (("plain", "plain"), ("tls", "TLS")):
+        for i, d in enumerate(runs[which], 1):
+            add(f"| {label} #{i} | {d['rate_wall']:,.0f} | {d['rate_commits']:,.0f} | "
+                f"{d['cpu_us_per_record']:.1f} | {d['peak_rss_mb']:.0f} MB |")
+    add("")
+    mean = {k: _mean([d["rate_wall"] for d in runs[k]]) for k in ("plain", "tls")}
+    commits = {k: _mean([d["rate_commits"] for d in runs[k]]) for k in ("plain", "tls")}
+    best = {k: max(d["rate_wall"] for d in runs[k]) for k in ("plain", "tls")}
+    cpu = {k: _mean([d["cpu_us_per_record"] for d in runs[k]]) for k in ("plain", "tls")}
+    ratio = mean["tls"] / mean["plain"]
+    add(f"- Mean from start: plain {mean['plain']:,.0f} rec/s, TLS {mean['tls']:,.0f} "
+        f"rec/s: **TLS/plain = {ratio:.2f}**; best runs {best['tls'] / best['plain']:.2f}; "
+        f"first→last commit {commits['tls'] / commits['plain']:.2f}. CPU per record "
+        f"{cpu['plain']:.1f} → {cpu['tls']:.1f} µs ({cpu['tls'] - cpu['plain']:+.1f}: "
+        "TLS in the ingest process: decryption, a `recv` per record).")
+    add("")
+    return [f"TLS/plain {ratio:.2f}"]
+
+
 def render_policy(b: Bench, add: Any) -> list[str]:
     """The policy A/B section; returns the verdicts."""
     a, r = b.args, b.results
@@ -930,7 +994,9 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
         "policy as created with the tenant (collect everything, keep every field — no "
         "filtering; the policy engine still shapes every record); the strict policy's "
         "cost is measured separately below. One private broker per phase "
-        "(scripts/broker, project config). Ratios are within this run only.")
+        "(scripts/broker, project config); devices publish over its TLS listener, the "
+        "ingest and the references read its plain listener on 127.0.0.1 (over TLS in the "
+        "TLS drains). Ratios are within this run only.")
     add("")
     add("| Measure | Value | Notes |")
     add("|---|---:|---|")
@@ -997,6 +1063,7 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
         verdicts.append(f"live p99 {_pf(ok)}")
     add("")
     verdicts += render_baseline(b, add)
+    verdicts += render_tls(b, add)
     verdicts += render_policy(b, add)
     for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
         summary = r.get(key)
@@ -1050,6 +1117,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also drains with the code of git REF, alternating with this tree's")
     p.add_argument("--baseline-runs", type=int, default=2,
                    help="drains of each side, alternating REF this this REF (default 2)")
+    p.add_argument("--tls", action="store_true",
+                   help="also drains with the ingest over TLS and in plain text, alternating")
+    p.add_argument("--tls-runs", type=int, default=2,
+                   help="drains of each, alternating plain tls tls plain (default 2)")
     p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     return p.parse_args(argv)
 
@@ -1156,6 +1227,8 @@ def phases(b: Bench, tmp: Path) -> None:
         b.results["drain"] = b.phase_drain("drain")
     if args.baseline:
         b.results["baseline"] = b.phase_baseline(args.baseline)
+    if args.tls:
+        b.results["tls"] = b.phase_tls()
     if not args.skip_policy:
         b.results["pair_location"] = b.phase_policy_pair("pair-loc", "location")
         if args.policy_mix:

@@ -41,7 +41,13 @@ server's MQTT user (``mqtt://mdm-server:PASSWORD@host:port``, as ``MDM_MQTT_URL`
 ``enroll_fleet`` uses it to give the enrolled devices their broker clients, as
 ``mdm-server device enroll`` does; ``--no-enroll`` gives synthetic devices broker
 clients of their own (``provision_synthetic``). Every device then connects on a
-connection of its own with its own credentials.
+connection of its own with its own credentials, where its enrollment says: its
+``mqtt.url``, over TLS for ``mqtts://``, trusting only the CA in ``mqtt.ca_pem``
+when there is one (else the system's CAs), as a real agent does (docs/protocol.md,
+"Connecting"). The CLI enrolls with the broker address the server gives devices:
+MDM_MQTT_PUBLIC_URL and MDM_MQTT_PUBLIC_CA_FILE, else MDM_MQTT_URL's (``scripts/run``
+sets all three). Over TLS the driver thread also reads what the TLS layer has
+already decrypted (``pending()``), which ``select`` does not see.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ import random
 import secrets
 import selectors
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -132,13 +139,16 @@ async def enroll_fleet(
     *,
     seed: int | None = None,
     master_key: bytes | None = None,
+    device_url: str | None = None,
+    ca_pem: str | None = None,
 ) -> list[dict[str, Any]]:
     """Enroll devices ``sim-0000``.. in ``tenant`` (created if missing).
 
     Devices that are enrolled already get new credentials (``reenroll_device``).
     Personal devices carry their user's e-mail. If ``mqtt_url`` names the server's
     MQTT user, the broker gets the devices' identities (SimulatorError if it cannot
-    be told). Returns the enrollment JSON of each.
+    be told). The enrollments send the devices to ``device_url`` (trusting
+    ``ca_pem``), else to ``mqtt_url``'s address. Returns the enrollment JSON of each.
     """
     # Imported here: only enrollment needs the database driver and the server package.
     from mdm_server.broker.identity import sync_or_defer
@@ -170,12 +180,13 @@ async def enroll_fleet(
                 enrollment = await enroll_device(
                     conn, tenant=tenant, device=device,
                     ownership="personal" if personal[i] else "corporate",
-                    user_email=email, mqtt_url=mqtt_url, master_key=master_key,
+                    user_email=email, mqtt_url=device_url or mqtt_url, mqtt_ca_pem=ca_pem,
+                    master_key=master_key,
                 )
             except EnrollmentError:
                 enrollment = await reenroll_device(
-                    conn, tenant=tenant, device=device, mqtt_url=mqtt_url,
-                    master_key=master_key,
+                    conn, tenant=tenant, device=device, mqtt_url=device_url or mqtt_url,
+                    mqtt_ca_pem=ca_pem, master_key=master_key,
                 )
             if email is not None:
                 enrollment.setdefault("user_email", email)
@@ -199,13 +210,17 @@ def synthetic_enrollments(
     *,
     seed: int | None = None,
     prefix: str = DEVICE_PREFIX,
+    device_url: str | None = None,
+    ca_pem: str | None = None,
 ) -> list[dict[str, Any]]:
     """Enrollment-shaped dicts without a database (broker-only tests and benchmarks).
 
     Each device gets the username and client id ``{tenant}.{device}`` and a random
-    password; :func:`provision_synthetic` gives them broker clients.
+    password, and is sent to ``device_url`` (trusting ``ca_pem``), else to
+    ``mqtt_url``'s address; :func:`provision_synthetic` gives them broker clients.
     """
-    host, port, _, _ = _parse_mqtt_url(mqtt_url)
+    host, port, _, _ = _parse_mqtt_url(device_url or mqtt_url)
+    scheme = (device_url or mqtt_url).split("://", 1)[0]
     personal = _ownership_plan(n, personal_share, seed)
     out = []
     for i in range(n):
@@ -215,7 +230,8 @@ def synthetic_enrollments(
             "device": device,
             "ownership": "personal" if personal[i] else "corporate",
             "mqtt": {
-                "url": f"mqtt://{host}:{port}", "host": host, "port": port,
+                "url": f"{scheme}://{host}:{port}", "host": host, "port": port,
+                "tls": scheme == "mqtts", "ca_pem": ca_pem,
                 "username": f"{tenant}.{device}", "password": secrets.token_urlsafe(24),
                 "client_id": f"{tenant}.{device}",
             },
@@ -262,13 +278,26 @@ async def provision_synthetic(mqtt_url: str, enrollments: Sequence[Mapping[str, 
                              f"{refused[0]['error']}")
 
 
+def tls_context(mqtt: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """What an agent does with its enrollment's ``mqtt``: None for ``mqtt://``; for
+    ``mqtts://`` TLS (1.2 at least) checking the broker's certificate and host name
+    against ``ca_pem`` only when given (a private CA), else the system's CAs."""
+    if not str(mqtt.get("url", "")).startswith("mqtts://"):
+        return None
+    ctx = ssl.create_default_context(cadata=mqtt.get("ca_pem") or None)
+    if not mqtt.get("ca_pem"):
+        ctx.load_default_certs()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def _parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
     parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise SimulatorError("MQTT URL must look like mqtt://[user:pass@]host:port")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise SimulatorError("MQTT URL must look like mqtt[s]://[user:pass@]host:port")
     return (
         parts.hostname,
-        parts.port or 1883,
+        parts.port or (8883 if parts.scheme == "mqtts" else 1883),
         unquote(parts.username) if parts.username else None,
         unquote(parts.password) if parts.password else None,
     )
@@ -460,7 +489,7 @@ class _Connection:
     def __init__(
         self, *, index: int, host: str, port: int, client_id: str, username: str | None,
         password: str | None, max_inflight: int, keepalive: int,
-        agent: _Agent | None = None,
+        agent: _Agent | None = None, tls: ssl.SSLContext | None = None,
     ) -> None:
         self.index = index
         self.agent = agent
@@ -482,6 +511,9 @@ class _Connection:
         )
         if username is not None:
             client.username_pw_set(username, password)
+        self.tls = tls is not None
+        if tls is not None:
+            client.tls_set_context(tls)
         # paho's own limit would queue inside paho; ours (below) bounds the total.
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(0)
@@ -623,7 +655,7 @@ class Fleet:
         self.max_inflight = max_inflight
         url_creds: tuple[str | None, str | None] = (None, None)
         if mqtt_url is not None:
-            host, port, u, p = _parse_mqtt_url(mqtt_url)
+            _, _, u, p = _parse_mqtt_url(mqtt_url)
             url_creds = (u, p)
         groups: list[list[Mapping[str, Any]]] = [[] for _ in range(n_conn)]
         for i, e in enumerate(enrollments):
@@ -633,8 +665,13 @@ class Fleet:
         self.agent_stats = AgentStats()
         for ci, group in enumerate(groups):
             m = group[0]["mqtt"]
-            if mqtt_url is None:
+            tls = None
+            if len(group) == 1 or mqtt_url is None:
+                # Where the enrollment sends the device, as its agent would connect.
                 host, port = m["host"], int(m["port"])
+                tls = tls_context(m)
+            else:
+                host, port, _, _ = _parse_mqtt_url(mqtt_url)
             if len(group) == 1:
                 user, pw, cid = m.get("username"), m.get("password"), m.get("client_id")
             else:
@@ -646,6 +683,7 @@ class Fleet:
                 index=ci, host=host, port=port, client_id=cid, username=user, password=pw,
                 max_inflight=max_inflight, keepalive=keepalive,
                 agent=_Agent(group[0], self.agent_stats, agent_state) if agents else None,
+                tls=tls,
             ))
         # Devices in enrollment order; device i rides on connection i % n_conn.
         for i, e in enumerate(enrollments):
@@ -762,14 +800,22 @@ class Fleet:
         if watched == 0:
             time.sleep(min(timeout, 0.05))
             return
-        for key, mask in sel.select(timeout):
+        # TLS: bytes the SSL object decrypted already do not make the socket readable.
+        pending = [c for c in self._conns if c.tls and _pending(c.client.socket())]
+        read: set[int] = set()
+        for key, mask in sel.select(0 if pending else timeout):
             conn: _Connection = key.data
             if mask & selectors.EVENT_READ:
+                read.add(conn.index)
                 rc = conn.client.loop_read(1000)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     conn.connected = False
             if mask & selectors.EVENT_WRITE and conn.client.socket() is not None:
                 conn.client.loop_write()
+        for conn in pending:
+            if conn.index not in read and conn.client.socket() is not None:
+                if conn.client.loop_read(1000) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    conn.connected = False
 
     def _keepalive(self) -> None:
         for c in self._conns:
@@ -964,6 +1010,10 @@ class Fleet:
         return await asyncio.to_thread(self.publish, count, **kwargs)
 
 
+def _pending(sock: Any) -> bool:
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+
 def _count_records(payload: bytes) -> int:
     if b'"records"' not in payload:
         return 1
@@ -1062,9 +1112,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mdm_server.config import ConfigError, device_broker_from
+
     args = _parse_args(argv)
     err = sys.stderr
-    mqtt_url = args.mqtt_url or os.environ.get("MDM_MQTT_URL") or "mqtt://127.0.0.1:1883"
+    mqtt_url = args.mqtt_url or os.environ.get("MDM_MQTT_URL")
+    if not mqtt_url:
+        print("sim: set MDM_MQTT_URL (or --mqtt-url): the broker and the server's MQTT user, "
+              "as scripts/broker prints it", file=err)
+        return 2
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     try:
         _kind_weights(kinds)
@@ -1074,9 +1130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.devices < 1:
         print("sim: --devices must be at least 1", file=err)
         return 2
+    # Where devices are sent: as the server's enrollment does (Config.device_broker).
+    try:
+        device = device_broker_from({**os.environ, "MDM_MQTT_URL": mqtt_url})
+    except ConfigError as e:
+        print(f"sim: {e}", file=err)
+        return 2
     if args.no_enroll:
         enrollments = synthetic_enrollments(
-            args.tenant, args.devices, mqtt_url, args.personal_share, seed=args.seed)
+            args.tenant, args.devices, mqtt_url, args.personal_share, seed=args.seed,
+            device_url=device.url, ca_pem=device.ca_pem)
         if _parse_mqtt_url(mqtt_url)[2] is not None:
             try:
                 asyncio.run(provision_synthetic(mqtt_url, enrollments))
@@ -1090,7 +1153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"sim: enrolling {args.devices} devices in tenant {args.tenant!r}...", file=err)
         enrollments = asyncio.run(enroll_fleet(
-            dsn, mqtt_url, args.tenant, args.devices, args.personal_share, seed=args.seed))
+            dsn, mqtt_url, args.tenant, args.devices, args.personal_share, seed=args.seed,
+            device_url=device.url, ca_pem=device.ca_pem))
 
     fleet = Fleet(enrollments, mqtt_url, connections=args.connections,
                   max_inflight=args.max_inflight, seed=args.seed, run_id=args.run_id)

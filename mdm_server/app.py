@@ -33,7 +33,7 @@ from mdm_server.logsafe import describe
 from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import create_pool
 
-__all__ = ["ACKS", "CONFIG", "DISPATCHER", "INGEST", "POOL", "create_app"]
+__all__ = ["ACKS", "CONFIG", "DISPATCHER", "HSTS", "INGEST", "POOL", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,15 @@ async def _dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
             await t
 
 
+#: Sent on every response when serve terminates HTTPS itself (MDM_TLS_CERT): browsers
+#: then use https:// for this host for a year, even if a link says http://.
+HSTS = "max-age=31536000"
+
+
+async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Strict-Transport-Security"] = HSTS
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Up, and is the ingest connected? Open to anyone, so it says nothing more: no
     counters (they would tell anyone how busy every tenant is)."""
@@ -157,6 +166,8 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app[PREVIEW_LIMITER] = RateLimiter(rate=config.preview_per_min / 60,
                                        burst=float(config.preview_per_min))
     app[CONFIG] = config
+    if config.tls_cert is not None:  # serve speaks HTTPS (cli._serve)
+        app.on_response_prepare.append(_hsts)
     if config.keyring_dir is not None and config.master_key is not None:
         app[KEYRING] = Keyring.from_config(config)
     app.cleanup_ctx.append(_pool_ctx)

@@ -18,7 +18,13 @@ import asyncpg
 
 from mdm_server import audit
 from mdm_server.commands.service import lock_unfinished, withdraw_unfinished
-from mdm_server.config import Config, ConfigError, load_config, master_key_from_env
+from mdm_server.config import (
+    Config,
+    ConfigError,
+    DeviceBroker,
+    load_config,
+    master_key_from_env,
+)
 from mdm_server.storage.devices import (
     EnrollmentError,
     enroll_device,
@@ -313,14 +319,30 @@ async def _end_enrollment(cfg: Config, conn: asyncpg.Connection, tenant: str, de
             "user_tokens_revoked": [str(t) for t in tokens]}
 
 
+def _device_broker(cfg: Config) -> DeviceBroker:
+    """The broker address and CA enrollment gives devices; says on stderr when it is
+    the server's own address because MDM_MQTT_PUBLIC_URL is not set."""
+    broker = cfg.device_broker()
+    if broker.fallback:
+        print(f"mdm-server: note: MDM_MQTT_PUBLIC_URL is not set, so the enrollment gives "
+              f"the server's own broker address, {broker.url} (MDM_MQTT_URL without its "
+              "credentials" + (", and MDM_MQTT_CA_FILE's CA" if broker.ca_pem else "")
+              + "). Devices elsewhere may not reach it: set MDM_MQTT_PUBLIC_URL to the "
+              "address they use (e.g. mqtts://mdm.example.org:8883), and "
+              "MDM_MQTT_PUBLIC_CA_FILE if the broker's certificate is not publicly trusted.",
+              file=sys.stderr)
+    return broker
+
+
 async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
+    broker = _device_broker(cfg)
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
             enrollment = await enroll_device(
                 conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
-                user_email=args.user_email, mqtt_url=cfg.mqtt.url(), master_key=cfg.master_key,
-                groups=tuple(args.groups),
+                user_email=args.user_email, mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
+                master_key=cfg.master_key, groups=tuple(args.groups),
             )
             # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
             await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
@@ -340,13 +362,14 @@ async def _sync_broker(cfg: Config, conn: asyncpg.Connection, tenant: str, devic
     on stderr: a running serve reconciles as soon as it reaches the broker."""
     from mdm_server.broker.identity import sync_or_defer
 
-    if not cfg.mqtt.username:
+    mqtt = cfg.require_mqtt()
+    if not mqtt.username:
         print(f"mdm-server: note: the device {done}; MDM_MQTT_URL names no MQTT user, so "
               "the broker was not told (fine only for an anonymous experimental broker)",
               file=sys.stderr)
         return False
     assert cfg.master_key is not None  # enrollment and revocation need it
-    why = await sync_or_defer(cfg.mqtt, conn, cfg.master_key, [(tenant, device)])
+    why = await sync_or_defer(mqtt, conn, cfg.master_key, [(tenant, device)])
     if why is not None:
         print(f"mdm-server: warning: the device {done} in the database, but the broker was "
               f"not updated: {why}. `mdm-server serve` updates it as soon as it reaches the "
@@ -372,16 +395,17 @@ async def _device_revoke(cfg: Config, args: argparse.Namespace) -> int:
         synced = await _sync_broker(cfg, conn, args.tenant, args.device, "is revoked")
     finally:
         await conn.close()
-    return 0 if synced or not cfg.mqtt.username else 4
+    return 0 if synced or not cfg.require_mqtt().username else 4
 
 
 async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
+    broker = _device_broker(cfg)
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
             await lock_unfinished(conn, args.tenant, args.device)
             enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
-                                               mqtt_url=cfg.mqtt.url(),
+                                               mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
                                                master_key=cfg.master_key)
             number = await start_enrollment(conn, tenant=args.tenant, device=args.device,
                                             user_email=args.user_email)
@@ -421,7 +445,7 @@ async def _broker_reconcile(cfg: Config) -> int:
         raise ConfigError("MDM_MASTER_KEY or MDM_MASTER_KEY_FILE must be set")
     conn = await connect(cfg.database_url)
     try:
-        async with Dynsec(cfg.mqtt) as dynsec:
+        async with Dynsec(cfg.require_mqtt()) as dynsec:
             report = await reconcile(dynsec, conn, cfg.master_key)
     except DynsecError as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
@@ -666,6 +690,7 @@ def _serve(cfg: Config, workers: int) -> None:
 
     if workers < 1:
         raise ConfigError("--ingest-workers must be at least 1")
+    https = cfg.https_context()  # a bad certificate or key: said before anything starts
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
@@ -676,7 +701,7 @@ def _serve(cfg: Config, workers: int) -> None:
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
     try:
-        web.run_app(app, host=cfg.http_host, port=cfg.http_port,
+        web.run_app(app, host=cfg.http_host, port=cfg.http_port, ssl_context=https,
                     print=lambda msg: print(msg, file=sys.stderr))
     finally:
         for proc in extra:
@@ -684,6 +709,25 @@ def _serve(cfg: Config, workers: int) -> None:
         for proc in extra:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+
+
+def _refuse_published_master_key(cfg: Config) -> None:
+    """A master key found in the project's repository (mdm_server/published_keys.py)
+    protects nothing: refuse it, unless explicitly allowed for development."""
+    from mdm_server.published_keys import is_published
+
+    if not is_published(cfg.require_master_key()):
+        return
+    text = ("the master key (MDM_MASTER_KEY or MDM_MASTER_KEY_FILE) is published: it "
+            "appears in the project's repository (the tests' key, docker-compose's old "
+            "development default or another example), so anyone can derive every device's "
+            "MQTT password, forge audit entries and, with the key ring, open stored data")
+    if not cfg.allow_published_master_key:
+        raise ConfigError(f"{text}. Make your own: head -c 32 /dev/urandom | base64 "
+                          "(development and tests only: MDM_ALLOW_PUBLISHED_MASTER_KEY=1)")
+    logging.getLogger("mdm_server").warning(
+        "WARNING: %s. Allowed only because MDM_ALLOW_PUBLISHED_MASTER_KEY=1 (development "
+        "and tests only).", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -705,6 +749,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.command == "keys" and args.action in ("compact", "rotate-master")):
             cfg.require_master_key()
             cfg.require_keyring_dir()  # stored telemetry is sealed under keys it wraps
+        if args.command in ("serve", "ingest", "broker", "device"):
+            # Where the broker is, and a CA file that loads, before anything starts.
+            cfg.require_mqtt().ssl_context()
+        if args.command in ("serve", "ingest"):
+            _refuse_published_master_key(cfg)
         if args.command == "serve":
             asyncio.run(_check_db_role(cfg))  # before anything else touches the database
         if cfg.master_key is not None and args.command in _MASTER_CHECKED and not (

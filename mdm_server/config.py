@@ -10,7 +10,9 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,49 +21,139 @@ from urllib.parse import unquote, urlsplit
 from mdm_server.audit import AuditKeys
 from mdm_server.ingest.limits import DeviceLimiter
 
-__all__ = ["Config", "ConfigError", "MqttSettings", "load_config", "master_key_from_env"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeviceBroker",
+    "MqttSettings",
+    "device_broker_from",
+    "is_loopback",
+    "load_config",
+    "master_key_from_env",
+    "read_ca_pem",
+]
 
 
 class ConfigError(Exception):
     """A configuration value is missing or invalid; the message names the variable."""
 
 
+def is_loopback(host: str) -> bool:
+    """True for this host's own addresses: 127.0.0.0/8, ::1, ``localhost``."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
+    """A broker address: ``mqtt://`` (plain text) or ``mqtts://`` (TLS, its
+    certificate checked against ``ca_file`` if given, else the system's CAs), with
+    the credentials to log in with, if any."""
+
     host: str
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: Path | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, var: str = "MDM_MQTT_URL") -> MqttSettings:
+    def from_url(cls, url: str, *, var: str = "MDM_MQTT_URL",
+                 ca_file: Path | None = None, ca_var: str = "MDM_MQTT_CA_FILE"
+                 ) -> MqttSettings:
         parts = urlsplit(url)
-        if parts.scheme != "mqtt":
-            raise ConfigError(f"{var} must look like mqtt://[user:pass@]host:port")
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(f"{var} must look like mqtts://[user:pass@]host:port (TLS) "
+                              "or mqtt://[user:pass@]host:port (plain text)")
         if not parts.hostname:
             raise ConfigError(f"{var} has no host")
+        tls = parts.scheme == "mqtts"
         try:
-            port = parts.port or 1883
+            port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise ConfigError(f"{var} has an invalid port") from None
+        if ca_file is not None and not tls:
+            raise ConfigError(f"{ca_var} is set but {var} is mqtt:// (plain text): a CA is "
+                              "for mqtts:// only")
         return cls(
             host=parts.hostname,
             port=port,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+            ca_file=ca_file,
         )
 
     def url(self, *, with_credentials: bool = False) -> str:
         auth = ""
         if with_credentials and self.username:
             auth = self.username + (f":{self.password}" if self.password else "") + "@"
-        return f"mqtt://{auth}{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """None for plain text; for TLS a client context that checks the broker's
+        certificate and host name (TLS 1.2 at least) against ``ca_file``, else the
+        system's trusted CAs. ConfigError if ``ca_file`` cannot be used."""
+        if not self.tls:
+            return None
+        try:
+            ctx = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"MDM_MQTT_CA_FILE cannot be loaded as PEM certificates "
+                              f"({type(exc).__name__})") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+
+def read_ca_pem(path: Path, var: str) -> str:
+    """The certificates in the PEM file ``path``, re-encoded (only certificates leave
+    this function: a key that found its way into the file is refused, never copied)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{var} cannot be read ({type(exc).__name__})") from None
+    if b"PRIVATE KEY" in raw:
+        raise ConfigError(f"{var} holds a private key: give the CA's certificate only "
+                          "(e.g. scripts/broker's tls/ca.crt), never a key")
+    try:
+        certs = x509.load_pem_x509_certificates(raw)
+    except ValueError:
+        raise ConfigError(f"{var} holds no PEM certificate") from None
+    return "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in certs)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBroker:
+    """What enrollment tells a device about the broker: the address to connect to
+    (no credentials: each device has its own) and, for a broker whose certificate is
+    not publicly trusted, the CA certificate to trust (PEM)."""
+
+    settings: MqttSettings
+    ca_pem: str | None
+    #: True: MDM_MQTT_PUBLIC_URL is not set and this is the server's own address.
+    fallback: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.settings.url()
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     database_url: str = field(repr=False)
-    mqtt: MqttSettings
+    # MDM_MQTT_URL (+ MDM_MQTT_CA_FILE): the server's own broker connection; None
+    # when unset (serve, ingest and the broker commands refuse: require_mqtt).
+    mqtt: MqttSettings | None
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # Ingest tuning; defaults are what load_tests/RESULTS.md measured.
@@ -103,6 +195,49 @@ class Config:
     allow_privileged_db_role: bool = False
     # The password `migrate --server-role` gives the server's database role.
     server_db_password: str | None = field(default=None, repr=False)
+    # MDM_MQTT_PUBLIC_URL / MDM_MQTT_PUBLIC_CA_FILE: the broker address enrollment
+    # gives devices and the CA they trust it by (device_broker()).
+    mqtt_public: MqttSettings | None = None
+    mqtt_public_ca_file: Path | None = None
+    # MDM_TLS_CERT / MDM_TLS_KEY: serve terminates HTTPS itself (and sends HSTS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Development and tests only: let serve start with a master key that is
+    # published (mdm_server/published_keys.py).
+    allow_published_master_key: bool = False
+
+    def require_mqtt(self) -> MqttSettings:
+        if self.mqtt is None:
+            raise ConfigError(
+                "MDM_MQTT_URL is not set: the broker and the server's MQTT user, "
+                "mqtts://mdm-server:PASSWORD@HOST:8883 (TLS; MDM_MQTT_CA_FILE for a private "
+                "CA) or mqtt://mdm-server:PASSWORD@127.0.0.1:PORT (plain text, this host "
+                "only); scripts/broker prints it")
+        return self.mqtt
+
+    def https_context(self) -> ssl.SSLContext | None:
+        """None unless MDM_TLS_CERT and MDM_TLS_KEY are set; then serve's TLS server
+        context (TLS 1.2 at least), or ConfigError if the files cannot be used (the
+        message names the variables, never the key's content)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise ConfigError(f"MDM_TLS_CERT and MDM_TLS_KEY cannot be used: {reason} (PEM "
+                              "files: the certificate, then any intermediates; the "
+                              "unencrypted private key that belongs to it)") from None
+        return ctx
+
+    def device_broker(self) -> DeviceBroker:
+        """The broker address and CA that enrollment gives devices: MDM_MQTT_PUBLIC_URL
+        and MDM_MQTT_PUBLIC_CA_FILE; without MDM_MQTT_PUBLIC_URL, the server's own
+        (MDM_MQTT_URL without its credentials, and MDM_MQTT_CA_FILE), marked
+        ``fallback``."""
+        return _device_broker(self.mqtt, self.mqtt_public, self.mqtt_public_ca_file)
 
     def device_limiter(self) -> DeviceLimiter | None:
         """A fresh per-device rate limit for one consumer; None when switched off."""
@@ -134,6 +269,26 @@ class Config:
         """The key a tenant's policies hash values under (HMAC-SHA256)."""
         return hmac.new(self.require_master_key(), b"tenant-hash-key:" + tenant.encode(),
                         hashlib.sha256).digest()
+
+
+def _device_broker(mqtt: MqttSettings | None, public: MqttSettings | None,
+                   public_ca: Path | None) -> DeviceBroker:
+    if public is not None:
+        ca = read_ca_pem(public_ca, "MDM_MQTT_PUBLIC_CA_FILE") if public_ca else None
+        return DeviceBroker(public, ca)
+    if mqtt is None:
+        raise ConfigError("MDM_MQTT_PUBLIC_URL (the broker address devices use, e.g. "
+                          "mqtts://mdm.example.org:8883) is not set, nor MDM_MQTT_URL")
+    own = MqttSettings(mqtt.host, mqtt.port, tls=mqtt.tls, ca_file=mqtt.ca_file)
+    ca = read_ca_pem(own.ca_file, "MDM_MQTT_CA_FILE") if own.ca_file else None
+    return DeviceBroker(own, ca, fallback=True)
+
+
+def device_broker_from(env: Mapping[str, str]) -> DeviceBroker:
+    """:meth:`Config.device_broker` from these variables alone (MDM_MQTT_URL,
+    MDM_MQTT_CA_FILE, MDM_MQTT_PUBLIC_URL, MDM_MQTT_PUBLIC_CA_FILE): for tools that
+    enroll devices without a whole Config (the fleet simulator)."""
+    return _device_broker(*_mqtt(env))
 
 
 def master_key_from_env(env: Mapping[str, str]) -> bytes | None:
@@ -184,6 +339,46 @@ def _keyring_dir(env: Mapping[str, str]) -> Path | None:
     return path
 
 
+def _path(env: Mapping[str, str], var: str) -> Path | None:
+    raw = env.get(var, "")
+    return Path(raw) if raw else None
+
+
+_PLAIN_ELSEWHERE = ("in plain text to another host, passwords and telemetry would cross "
+                    "the network readable: use mqtts:// (the broker's TLS listener)")
+
+
+def _mqtt(env: Mapping[str, str]) -> tuple[MqttSettings | None, MqttSettings | None,
+                                           Path | None]:
+    """MDM_MQTT_URL (+ MDM_MQTT_CA_FILE) and MDM_MQTT_PUBLIC_URL (+ its CA file).
+    Plain text (mqtt://) only to this host's loopback addresses."""
+    mqtt = None
+    ca = _path(env, "MDM_MQTT_CA_FILE")
+    if env.get("MDM_MQTT_URL"):
+        mqtt = MqttSettings.from_url(env["MDM_MQTT_URL"], ca_file=ca)
+        if not mqtt.tls and not is_loopback(mqtt.host):
+            raise ConfigError(f"MDM_MQTT_URL is mqtt:// to {mqtt.host}: {_PLAIN_ELSEWHERE}, "
+                              "or plain text to 127.0.0.1")
+    elif ca is not None:
+        raise ConfigError("MDM_MQTT_CA_FILE is set but MDM_MQTT_URL is not")
+    public = None
+    public_ca = _path(env, "MDM_MQTT_PUBLIC_CA_FILE")
+    if env.get("MDM_MQTT_PUBLIC_URL"):
+        public = MqttSettings.from_url(env["MDM_MQTT_PUBLIC_URL"], var="MDM_MQTT_PUBLIC_URL",
+                                       ca_file=public_ca, ca_var="MDM_MQTT_PUBLIC_CA_FILE")
+        if public.username or public.password:
+            raise ConfigError("MDM_MQTT_PUBLIC_URL must not hold credentials: each device "
+                              "logs in with its own (enrollment prints them)")
+        if not public.tls and not is_loopback(public.host):
+            raise ConfigError(f"MDM_MQTT_PUBLIC_URL is mqtt:// to {public.host}: devices "
+                              f"{_PLAIN_ELSEWHERE}")
+        # Devices get the CA's certificate; the path is the server's business.
+        public = MqttSettings(public.host, public.port, tls=public.tls)
+    elif public_ca is not None:
+        raise ConfigError("MDM_MQTT_PUBLIC_CA_FILE is set but MDM_MQTT_PUBLIC_URL is not")
+    return mqtt, public, public_ca
+
+
 def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
     raw = env.get(var)
     if raw is None or raw == "":
@@ -205,7 +400,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("MDM_DATABASE_URL is not set (postgresql://user@host:port/db)")
     if urlsplit(db).scheme not in ("postgresql", "postgres"):
         raise ConfigError("MDM_DATABASE_URL must start with postgresql://")
-    mqtt = MqttSettings.from_url(env.get("MDM_MQTT_URL", "mqtt://127.0.0.1:1883"))
+    mqtt, public, public_ca = _mqtt(env)
+    tls_cert, tls_key = _path(env, "MDM_TLS_CERT"), _path(env, "MDM_TLS_KEY")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("MDM_TLS_CERT and MDM_TLS_KEY go together (PEM files: the "
+                          "certificate chain and its private key)")
     host, port = _parse_addr(env.get("MDM_HTTP_ADDR", "127.0.0.1:8080"), "MDM_HTTP_ADDR")
     unsafe = env.get("MDM_TEST_UNSAFE_ACK_BEFORE_COMMIT", "") == "1"
     return Config(
@@ -231,4 +430,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         unsafe_ack_before_commit=unsafe,
         allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",
         server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,
+        mqtt_public=public,
+        mqtt_public_ca_file=public_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        allow_published_master_key=env.get("MDM_ALLOW_PUBLISHED_MASTER_KEY", "") == "1",
     )

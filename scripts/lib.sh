@@ -10,8 +10,10 @@
 #                              MDM_PG_ADMIN_URL, or a server answering at PGHOST/PGPORT
 #                              or 127.0.0.1:5432, else (or with MDM_PG_PRIVATE=1) a
 #                              private cluster in var/pg (stopped on exit)
-#   mdm_ensure_broker          start scripts/broker on a free port, export MDM_MQTT_URL
-#                              (with the server's MQTT user; stopped and removed on exit)
+#   mdm_ensure_broker          start scripts/broker on free ports, export MDM_MQTT_URL
+#                              (plain, loopback, with the server's MQTT user),
+#                              MDM_MQTT_PUBLIC_URL and MDM_MQTT_PUBLIC_CA_FILE (its TLS
+#                              listener and CA, for devices); stopped and removed on exit
 #   mdm_pg_url_for DB [USER PW] MDM_PG_ADMIN_URL for database DB (as USER with PW)
 #   mdm_redact_url URL         URL with its password replaced by *** (for logs)
 #   mdm_ensure_browser         Debian's chromium and chromium-driver (the browser tests),
@@ -330,9 +332,11 @@ mdm_dynsec_plugin() {
     return 1
 }
 
-# mdm_render_broker_config PORT BIND DATA_DIR USER LOG_DEST PLUGIN: print the
-# project's broker config (deploy/mosquitto/mosquitto.conf) with its @PLACEHOLDERS@
-# filled in (PLUGIN: path of mosquitto_dynamic_security.so).
+# mdm_render_broker_config PORT BIND DATA_DIR USER LOG_DEST PLUGIN TLS_PORT TLS_BIND
+#     CERTFILE KEYFILE: print the project's broker config
+# (deploy/mosquitto/mosquitto.conf) with its @PLACEHOLDERS@ filled in (PORT and
+# BIND: the plain listener; PLUGIN: path of mosquitto_dynamic_security.so;
+# TLS_PORT, TLS_BIND, CERTFILE, KEYFILE: the TLS listener and its PEM files).
 mdm_render_broker_config() {
     local conf
     conf="$(<"$MDM_REPO/deploy/mosquitto/mosquitto.conf")"
@@ -343,6 +347,10 @@ mdm_render_broker_config() {
     conf="${conf//@USER@/"$4"}"
     conf="${conf//@LOG_DEST@/"$5"}"
     conf="${conf//@DYNSEC_PLUGIN@/"$6"}"
+    conf="${conf//@TLS_PORT@/"$7"}"
+    conf="${conf//@TLS_BIND@/"$8"}"
+    conf="${conf//@TLS_CERTFILE@/"$9"}"
+    conf="${conf//@TLS_KEYFILE@/"${10}"}"
     printf '%s\n' \
         "# GENERATED from deploy/mosquitto/mosquitto.conf by scripts/broker: edit that file." \
         "# docker.conf is regenerated with: scripts/broker --docker-config >deploy/mosquitto/docker.conf" \
@@ -354,30 +362,52 @@ mdm_new_secret() {
     head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
 }
 
-# Start our own broker (never the machine's) on a free port; export MDM_MQTT_URL with
-# the server's MQTT user and a password made for this broker (it never reaches a log:
-# scripts/broker's stdout, which prints it, is discarded).
+# Start our own broker (never the machine's) on free ports; export MDM_MQTT_URL (plain,
+# on 127.0.0.1: the server's MQTT user and a password made for this broker; it never
+# reaches a log or a file: scripts/broker's line that prints it is dropped here) and,
+# from the lines scripts/broker prints, MDM_MQTT_PUBLIC_URL (its TLS listener, which
+# enrollment gives devices) and MDM_MQTT_PUBLIC_CA_FILE (the broker's private CA).
 mdm_ensure_broker() {
-    local port dir pid password
+    local port tls_port dir pid password line i
     if ! mdm_mosquitto_bin >/dev/null; then
         mdm_ensure_apt mosquitto mosquitto-clients
     fi
     port="$(mdm_free_port)"
+    tls_port="$(mdm_free_port)"
+    while [[ "$tls_port" == "$port" ]]; do tls_port="$(mdm_free_port)"; done
     dir="$MDM_VAR/broker-$port"
     rm -rf "$dir"
     mkdir -p -m 700 "$dir"
     password="$(mdm_new_secret)"
     MDM_MQTT_SERVER_PASSWORD="$password" "$MDM_REPO/scripts/broker" --port "$port" \
-        --dir "$dir" >/dev/null 2>"$dir/stderr.log" &
+        --tls-port "$tls_port" --dir "$dir" \
+        > >(grep --line-buffered -v '^MDM_MQTT_URL=' >"$dir/broker.env") \
+        2>"$dir/stderr.log" &
     pid=$!
     mdm_on_exit rm -rf "$dir"
     mdm_on_exit mdm_stop_pid "$pid" 20
-    if ! mdm_wait_port 127.0.0.1 "$port" 15 "$pid"; then
+    if ! mdm_wait_port 127.0.0.1 "$port" 15 "$pid" ||
+        ! mdm_wait_port 127.0.0.1 "$tls_port" 15 "$pid"; then
         cat "$dir/stderr.log" "$dir/mosquitto.log" >&2 2>/dev/null || true
-        mdm_die "the broker did not start on port $port"
+        mdm_die "the broker did not start on ports $port and $tls_port"
     fi
     export MDM_MQTT_URL="mqtt://mdm-server:$password@127.0.0.1:$port"
-    mdm_log "MQTT broker: $(mdm_redact_url "$MDM_MQTT_URL") (pid $pid, data and log in $dir)"
+    unset MDM_MQTT_PUBLIC_URL MDM_MQTT_PUBLIC_CA_FILE
+    for ((i = 0; i < 50; i++)); do
+        [[ -n "${MDM_MQTT_PUBLIC_CA_FILE:-}" ]] && break
+        while IFS= read -r line; do
+            case "$line" in
+                MDM_MQTT_PUBLIC_URL=*) export MDM_MQTT_PUBLIC_URL="${line#*=}" ;;
+                MDM_MQTT_PUBLIC_CA_FILE=*) export MDM_MQTT_PUBLIC_CA_FILE="${line#*=}" ;;
+            esac
+        done <"$dir/broker.env"
+        sleep 0.1
+    done
+    [[ "${MDM_MQTT_PUBLIC_URL:-}" == "mqtts://127.0.0.1:$tls_port" && \
+        -s "${MDM_MQTT_PUBLIC_CA_FILE:-}" ]] ||
+        mdm_die "scripts/broker did not print its TLS listener and CA (see $dir/broker.env)"
+    mdm_log "MQTT broker: $(mdm_redact_url "$MDM_MQTT_URL") for the server, $MDM_MQTT_PUBLIC_URL" \
+        "(CA $MDM_MQTT_PUBLIC_CA_FILE) for devices (pid $pid, data and log in $dir)"
 }
 
 # mdm_redact_url URL: URL with the password of its userinfo replaced by ***.

@@ -35,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from mdm_server.config import MqttSettings
+from mdm_server.mqtt_client import configure
 
 __all__ = ["CONTROL_TOPIC", "RESPONSE_TOPIC", "Dynsec", "DynsecError"]
 
@@ -170,8 +171,7 @@ class Dynsec:
         c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                         client_id=self._client_id, clean_session=True,
                         protocol=paho.MQTTv311)
-        if s.username:
-            c.username_pw_set(s.username, s.password)
+        configure(c, s)
         c.reconnect_delay_set(min_delay=1, max_delay=5)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe

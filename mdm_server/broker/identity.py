@@ -348,7 +348,8 @@ class BrokerReconciler:
 
     async def run(self) -> None:
         cfg = self._config
-        if not cfg.mqtt.username:
+        mqtt = cfg.require_mqtt()
+        if not mqtt.username:
             log.warning("MDM_MQTT_URL names no MQTT user: device identities on the broker "
                         "are not managed (an anonymous broker is for local experiments "
                         "only)")
@@ -356,7 +357,7 @@ class BrokerReconciler:
         if cfg.master_key is None:
             log.error("no master key: device identities on the broker are not managed")
             return
-        dynsec = Dynsec(cfg.mqtt)
+        dynsec = Dynsec(mqtt)
         conn: asyncpg.Connection | None = None
         retry_s = 1.0
         await dynsec.start()

@@ -107,7 +107,7 @@ class AckConsumer:
 
     async def run(self) -> None:
         self.consumer = MqttConsumer(
-            self._config.mqtt, client_id=self._client_id,
+            self._config.require_mqtt(), client_id=self._client_id,
             subscriptions=[shared_subscription(SHARE_GROUP, ACKS_FILTER),
                            shared_subscription(SHARE_GROUP, STATUS_FILTER)],
             on_message=self._on_message, label="acks")

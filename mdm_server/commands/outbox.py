@@ -43,6 +43,7 @@ from agent_protocol import (
 from mdm_server.commands import states
 from mdm_server.commands.keys import KeyRing
 from mdm_server.config import Config
+from mdm_server.mqtt_client import configure
 from mdm_server.storage.pool import connect
 
 __all__ = ["NOTIFY_CHANNEL", "CommandDispatcher", "check_command", "enqueue",
@@ -192,12 +193,11 @@ class CommandDispatcher:
             fut.set_result(ok)
 
     def _start_client(self) -> paho.Client:
-        s = self._config.mqtt
+        s = self._config.require_mqtt()
         c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                         client_id=self._client_id, clean_session=True,
                         protocol=paho.MQTTv311)
-        if s.username:
-            c.username_pw_set(s.username, s.password)
+        configure(c, s)
         c.max_inflight_messages_set(self._batch)
         c.reconnect_delay_set(min_delay=1, max_delay=5)
         c.on_connect = self._on_connect

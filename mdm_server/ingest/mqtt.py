@@ -8,7 +8,12 @@ data), and ``ack`` is never called concurrently with paho's reader.
 Why the subclass: paho reads every packet with three or more ``recv`` calls (one
 byte of type, the length bytes one by one, then the body) and ``loop_read`` reads
 one packet per call. ``_BufferedClient`` serves those small reads from one large
-``recv``, and parses whole QoS 1 PUBLISH packets itself (see the class). It
+``recv``, and parses whole QoS 1 PUBLISH packets itself (see the class). Over TLS
+(``mqtts://``) the socket is paho's ``ssl.SSLSocket``, whose ``recv`` returns one
+TLS record at most, and Mosquitto sends one record per packet: the reader takes
+every whole record already there (up to the same 256 KiB) in one go, and bytes
+already decrypted (``pending()``) count as buffered, since the file descriptor's
+readiness does not show them. It
 overrides private methods, so pyproject.toml pins paho-mqtt below the next minor
 release and tests/integration/test_mqtt_reader.py exercises it against a real
 broker with packets of every size.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -34,12 +40,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from mdm_server.config import MqttSettings
 from mdm_server.ingest.limits import DeviceBucket
+from mdm_server.mqtt_client import configure
 
 __all__ = ["InboundMessage", "MqttConsumer"]
 
 log = logging.getLogger(__name__)
 
 _RECV_CHUNK = 256 * 1024
+_TLS_RECORD = 16 * 1024  # the most plaintext one TLS record holds
 _FAST_PACKETS = 64  # PUBLISH packets parsed per call of _packet_read, at most
 
 
@@ -72,17 +80,52 @@ class _BufferedClient(paho.Client):
         self.fast_publish: Callable[[int, bytes, bytes], None] | None = None
 
     def buffered(self) -> bool:
-        return self._rpos < len(self._rbuf)
+        """Bytes are waiting that the socket's readiness would not announce: ours,
+        or (over TLS) decrypted ones held by the SSL object."""
+        if self._rpos < len(self._rbuf):
+            return True
+        sock = self._sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def reset_buffer(self) -> None:
         self._rbuf = b""
         self._rpos = 0
 
+    def _tls_recv(self, sock: ssl.SSLSocket) -> bytes:
+        """Up to _RECV_CHUNK bytes from TLS records already on the socket. One
+        ``recv`` returns one record at most, and Mosquitto writes a record per MQTT
+        packet: reading one per call sent every message round the event loop and
+        through paho alone (the drain ran at half speed). BlockingIOError if not
+        even one whole record is there yet."""
+        parts: list[bytes] = []
+        size = 0
+        while size < _RECV_CHUNK:
+            try:
+                part = sock.recv(_TLS_RECORD)
+            except ssl.SSLWantReadError:  # no whole record (more) yet
+                if parts:
+                    break
+                raise BlockingIOError from None
+            except ssl.SSLWantWriteError:  # the session must write first
+                self._call_socket_register_write()
+                if parts:
+                    break
+                raise BlockingIOError from None
+            if not part:  # end of stream: what came before it first, then b""
+                break
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
+
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            if self._sock is None:
+            sock = self._sock
+            if sock is None:
                 raise ConnectionError("socket is closed")
-            data: bytes = self._sock.recv(_RECV_CHUNK)  # BlockingIOError when empty
+            if isinstance(sock, ssl.SSLSocket):
+                data = self._tls_recv(sock)
+            else:
+                data = sock.recv(_RECV_CHUNK)  # BlockingIOError when empty
             if len(data) <= bufsize:
                 return data  # includes b"" at end of stream
             self._rbuf = data
@@ -176,8 +219,7 @@ class MqttConsumer:
             protocol=paho.MQTTv311,
             manual_ack=True,
         )
-        if settings.username:
-            c.username_pw_set(settings.username, settings.password)
+        configure(c, settings)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

@@ -160,7 +160,7 @@ class IngestWorker:
         limiter = config.device_limiter()
         self._limit = limiter.check if limiter is not None else None
         self.consumer = MqttConsumer(
-            config.mqtt,
+            config.require_mqtt(),
             client_id=self.client_id,
             subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER)],
             on_message=self._on_message,

@@ -84,16 +84,21 @@ async def _server_keys(conn: asyncpg.Connection, master_key: bytes | None) -> di
 
 
 def _enrollment(tenant: str, device: str, ownership: str, password: str, mqtt: MqttSettings,
-                server_keys: dict[str, str]) -> dict[str, Any]:
+                ca_pem: str | None, server_keys: dict[str, str]) -> dict[str, Any]:
     user = mqtt_username(tenant, device)
     return {
         "tenant": tenant,
         "device": device,
         "ownership": ownership,
         "mqtt": {
+            # Where to connect: mqtts:// is TLS (docs/protocol.md, "Connecting"), the
+            # broker's certificate checked against ca_pem when given (a private CA),
+            # else against the device's trusted CAs.
             "url": mqtt.url(),
             "host": mqtt.host,
             "port": mqtt.port,
+            "tls": mqtt.tls,
+            "ca_pem": ca_pem,
             "username": user,
             "password": password,
             "client_id": user,
@@ -121,8 +126,13 @@ async def enroll_device(
     mqtt_url: str,
     master_key: bytes | None,
     groups: tuple[str, ...] = (),
+    mqtt_ca_pem: str | None = None,
 ) -> dict[str, Any]:
     """Register a device; return what its agent needs (credentials shown only here).
+
+    ``mqtt_url`` is the broker address the device must use (credentials in it are
+    left out), ``mqtt_ca_pem`` the CA certificate it should trust the broker by
+    (Config.device_broker()).
 
     ``master_key`` (Config.master_key) derives the device's MQTT password
     (mdm_server/broker/credentials.py), and creates the first command-signing key
@@ -151,12 +161,12 @@ async def enroll_device(
         raise EnrollmentError(f"device {device!r} is enrolled already") from None
     except asyncpg.ForeignKeyViolationError:
         raise EnrollmentError(f"no tenant {tenant!r}") from None
-    return _enrollment(tenant, device, ownership, password, mqtt, server_keys)
+    return _enrollment(tenant, device, ownership, password, mqtt, mqtt_ca_pem, server_keys)
 
 
 async def reenroll_device(
     conn: asyncpg.Connection, *, tenant: str, device: str, mqtt_url: str,
-    master_key: bytes | None,
+    master_key: bytes | None, mqtt_ca_pem: str | None = None,
 ) -> dict[str, Any]:
     """Issue new credentials to a device, revoked or not: the next credential
     generation. The old password stops working once the broker is synced
@@ -179,7 +189,7 @@ async def reenroll_device(
             "UPDATE devices SET trusted_key_ids = $3 WHERE tenant_id = $1 AND device_id = $2",
             tenant, device, list(server_keys))
     return _enrollment(tenant, device, row["ownership"], password,
-                       MqttSettings.from_url(mqtt_url), server_keys)
+                       MqttSettings.from_url(mqtt_url), mqtt_ca_pem, server_keys)
 
 
 def check_user_email(user_email: str | None) -> None:

@@ -112,7 +112,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             bob = srv.cli("admin", "create", "--tenant", TENANT, "--name", "bob").strip()
             user = srv.cli("user", "token", "--tenant", TENANT, "--device", "corp1").strip()
             asyncio.run(_put_policy(database))
-            agents = {d: DeviceAgent(e, port=broker.port) for d, e in enrolled.items()}
+            agents = {d: DeviceAgent(e) for d, e in enrolled.items()}
             srv.start()
             srv.wait_log("acks subscribed")
             for a in agents.values():

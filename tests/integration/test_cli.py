@@ -41,7 +41,12 @@ def test_setup_commands(database: str, broker: Broker) -> None:
     info = json.loads(enrolled.stdout)
     assert info["mqtt"]["username"] == "acme.phone-1"
     assert len(info["mqtt"]["password"]) >= 24
-    assert info["mqtt"]["port"] == broker.port
+    # Where devices must connect: the broker's TLS listener, trusting its own CA
+    # (MDM_MQTT_PUBLIC_URL and MDM_MQTT_PUBLIC_CA_FILE, set by server_env).
+    assert info["mqtt"]["url"] == f"mqtts://127.0.0.1:{broker.tls_port}"
+    assert (info["mqtt"]["port"], info["mqtt"]["tls"]) == (broker.tls_port, True)
+    assert info["mqtt"]["ca_pem"] == broker.ca_pem
+    assert "PRIVATE KEY" not in enrolled.stdout
     assert info["topics"]["commands"] == "mdm/v1/acme/devices/phone-1/commands"
     assert info["topics"]["telemetry"] == "mdm/v1/acme/devices/phone-1/telemetry/{kind}"
     # The password is not stored, only its hash.

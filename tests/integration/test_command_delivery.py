@@ -93,7 +93,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
             enrolled = asyncio.run(enroll_devices(database, broker.url, TENANT, DEVICES))
             srv = Server(server_env(database, broker.url), tmp_path / "serve.log")
             admin = srv.cli("admin", "create", "--tenant", TENANT, "--name", "alice").strip()
-            agents = {e["device"]: DeviceAgent(e, port=broker.port) for e in enrolled}
+            agents = {e["device"]: DeviceAgent(e) for e in enrolled}
             srv.start()
             srv.wait_log("acks subscribed")
             for a in agents.values():

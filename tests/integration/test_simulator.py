@@ -92,8 +92,10 @@ def unique_tenant() -> str:
 
 
 def synthetic(broker: Broker, tenant: str, n: int, **kwargs: Any) -> list[dict[str, Any]]:
-    """Synthetic devices with broker clients of their own (no database)."""
-    enrollments = synthetic_enrollments(tenant, n, broker.url, **kwargs)
+    """Synthetic devices with broker clients of their own (no database), sent to the
+    broker's TLS listener with its CA, as an enrollment sends them."""
+    enrollments = synthetic_enrollments(tenant, n, broker.url, device_url=broker.device_url,
+                                        ca_pem=broker.ca_pem, **kwargs)
     asyncio.run(provision_synthetic(broker.url, enrollments))
     return enrollments
 
@@ -249,14 +251,20 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "load_tests.simulator", "--no-enroll", *args]
 
 
+def _cli_env(broker: Broker) -> dict[str, str]:
+    """The simulator sends devices where the server's enrollment would: this broker's
+    TLS listener, trusting its CA."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "MDM_MQTT_PUBLIC_URL": broker.device_url,
+            "MDM_MQTT_PUBLIC_CA_FILE": str(broker.ca_file)}
+
+
 def test_cli_count_and_json_stats(broker: Broker, tmp_path: Path) -> None:
     out = tmp_path / "stats.json"
     proc = subprocess.run(
         _cli("--mqtt-url", broker.url, "--tenant", unique_tenant(), "--devices", "3",
              "--count", "2000", "--rate", "0", "--batch-share", "0.05", "--json-stats",
              str(out)),
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=_cli_env(broker),
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -271,8 +279,7 @@ def test_cli_sigterm_drains_and_summarises(broker: Broker, tmp_path: Path) -> No
     proc = subprocess.Popen(
         _cli("--mqtt-url", broker.url, "--tenant", unique_tenant(), "--devices", "4",
              "--rate", "1000", "--json-stats", str(out)),
-        cwd=REPO, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO, stderr=subprocess.PIPE, text=True, env=_cli_env(broker),
     )
     time.sleep(2.5)
     proc.send_signal(signal.SIGTERM)

@@ -41,8 +41,12 @@ def test_simulated_agents_verify_show_execute_and_ack_a_group_wipe(tmp_path: Pat
     database = asyncio.run(create_database())
     try:
         with running_broker(tmp_path) as broker:
+            # Sent to the broker's TLS listener with its CA, as the CLI's enrollment does.
             enrollments = asyncio.run(enroll_fleet(database, broker.url, TENANT, 5,
-                                                   personal_share=0.2, seed=7))
+                                                   personal_share=0.2, seed=7,
+                                                   device_url=broker.device_url,
+                                                   ca_pem=broker.ca_pem))
+            assert {e["mqtt"]["url"] for e in enrollments} == {broker.device_url}
             personal = {e["device"] for e in enrollments if e["ownership"] == "personal"}
             assert len(personal) == 1
             asyncio.run(fetch(database, "UPDATE devices SET groups = '{crate-9}'"))

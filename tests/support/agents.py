@@ -1,5 +1,7 @@
 """Device agents for integration tests: real MQTT clients running the real agent
-code (:class:`agent_protocol.agent.CommandHandler`) on their enrollment credentials.
+code (:class:`agent_protocol.agent.CommandHandler`) on their enrollment credentials,
+connected where their enrollment says: over TLS for ``mqtts://``, trusting only the
+CA it gave (:func:`tests.support.mqtt.device_tls_context`).
 
 Each agent subscribes to its commands topic, publishes ``online`` on its status
 topic after every (re)connection (``offline`` is its will), verifies each command,
@@ -23,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_protocol import Status, acks_topic, commands_topic, encode_status, status_topic
 from agent_protocol.agent import Action, CommandHandler, HandleResult, NoticeShown
+from tests.support.mqtt import device_tls_context
 
 
 def _now_ms() -> int:
@@ -32,7 +35,8 @@ def _now_ms() -> int:
 @dataclass
 class DeviceAgent:
     enrollment: dict[str, Any]
-    host: str = "127.0.0.1"
+    # Where to connect instead of the enrollment's address (plain text on this host).
+    host: str | None = None
     port: int | None = None
     results: list[HandleResult] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
@@ -65,6 +69,10 @@ class DeviceAgent:
                         client_id=m["client_id"], clean_session=clean_session,
                         protocol=paho.MQTTv311)
         c.username_pw_set(m["username"], m["password"])
+        if self.host is None and self.port is None:
+            ctx = device_tls_context(self.enrollment)
+            if ctx is not None:
+                c.tls_set_context(ctx)
         c.will_set(status_topic(self.tenant, self.device),
                    encode_status(Status("offline", _now_ms())), qos=1)
         c.reconnect_delay_set(1, 2)
@@ -72,7 +80,7 @@ class DeviceAgent:
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         self.subscribed.clear()
-        c.connect(self.host, self.port or m["port"], keepalive=30)
+        c.connect(self.host or m["host"], self.port or m["port"], keepalive=30)
         c.loop_start()
         self.client = c
         if not self.subscribed.wait(timeout):

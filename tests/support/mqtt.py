@@ -2,20 +2,33 @@
 
 The project's broker lets a device publish only under its own topics, and only
 on a connection with its own credentials: :func:`publish_as_devices` publishes
-each message as the device its topic names. Remember that a refused publish is
-still PUBACKed under MQTT 3.1.1: check what arrived, not the acks.
+each message as the device its topic names, over the broker's TLS listener as
+devices do. Remember that a refused publish is still PUBACKed under MQTT 3.1.1:
+check what arrived, not the acks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+
+
+def device_tls_context(enrollment: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """What an agent does with its enrollment's ``mqtt``: None for ``mqtt://``; for
+    ``mqtts://`` a TLS context that checks the broker's certificate and host name
+    against ``ca_pem`` only (the CA enrollment gave) or, without one, the system's
+    trusted CAs (the simulator's agents do the same: load_tests.simulator)."""
+    from load_tests.simulator import tls_context
+
+    return tls_context(enrollment["mqtt"])
 
 
 def publish_all(
@@ -28,10 +41,11 @@ def publish_all(
     password: str | None = None,
     max_inflight: int = 1000,
     timeout: float = 300.0,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Publish at QoS 1 on one connection with at most ``max_inflight``
-    unacknowledged (paho's mids are 16-bit); return the count once every one is
-    acknowledged by the broker."""
+    """Publish at QoS 1 on one connection (TLS with the ``tls`` context) with at
+    most ``max_inflight`` unacknowledged (paho's mids are 16-bit); return the count
+    once every one is acknowledged by the broker."""
     window = threading.Semaphore(max_inflight)
     done = threading.Event()
     state = {"sent": 0, "acked": 0, "finished": False}
@@ -49,6 +63,8 @@ def publish_all(
                     protocol=paho.MQTTv311)
     if username is not None:
         c.username_pw_set(username, password)
+    if tls is not None:
+        c.tls_set_context(tls)
     c.max_inflight_messages_set(max_inflight)
     c.max_queued_messages_set(0)
     c.on_publish = on_publish
@@ -102,8 +118,13 @@ def publish_as_devices(
     names: one connection per device (client id and username ``{tenant}.{device}``,
     the password its enrollment with the tests' master key gave it, generation 1
     unless ``generations`` says otherwise), each device's messages in order, the
-    devices in parallel. Returns the count once every message is acknowledged."""
-    from tests.support.services import device_credentials
+    devices in parallel. Returns the count once every message is acknowledged.
+
+    ``port`` is the broker's plain one (``Broker.port``): when it is a broker of
+    this process (tests.support.services), the devices connect as they would in
+    production, to its TLS listener, trusting only its CA; any other port is
+    published to in plain text on ``host``."""
+    from tests.support.services import broker_for, device_credentials
 
     by_device: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
     for topic, payload in messages:
@@ -112,11 +133,17 @@ def publish_as_devices(
             raise ValueError(f"not a device topic: {topic!r}")
         by_device.setdefault((parts[2], parts[4]), []).append((topic, payload))
     gens = generations or {}
+    broker = broker_for(port)
+    tls = None
+    if broker is not None:
+        port = broker.tls_port
+        tls = device_tls_context({"mqtt": {"url": broker.device_url, "ca_pem": broker.ca_pem}})
 
     def one(key: tuple[str, str]) -> int:
         user, password = device_credentials(*key, gens.get(key, 1))
         return publish_all(host, port, by_device[key], client_id=user, username=user,
-                           password=password, max_inflight=max_inflight, timeout=timeout)
+                           password=password, max_inflight=max_inflight, timeout=timeout,
+                           tls=tls)
 
     if not by_device:
         return 0

@@ -7,7 +7,10 @@ a deployment: ``mdm_test_server`` (cluster-wide, made if missing by
 ``mdm-server migrate --server-role``'s code), a member of ``mdm_app`` acting as it;
 :func:`server_env` gives them its URL. Tests inspect and tamper as the superuser.
 Mosquitto: a private broker per test, started with the project's configuration
-through ``scripts/broker`` (so tests run what production runs).
+through ``scripts/broker`` (so tests run what production runs): the server connects
+to its plain listener on 127.0.0.1, devices to its TLS listener with its CA, as
+their enrollment says (:func:`server_env` sets MDM_MQTT_PUBLIC_URL and
+MDM_MQTT_PUBLIC_CA_FILE for a broker of this module).
 """
 
 from __future__ import annotations
@@ -164,31 +167,73 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 SERVER_USER = "mdm-server"
 
 
+#: Brokers of this process by their server URL and their plain port: for the
+#: helpers that are given only a URL or a port (enrollment, publish_as_devices).
+_BROKERS: dict[str | int, Broker] = {}
+
+
+def broker_for(url_or_port: str | int) -> Broker | None:
+    """The :class:`Broker` of this process with that server URL or plain port."""
+    return _BROKERS.get(url_or_port)
+
+
 @dataclass
 class Broker:
     """A private Mosquitto with the project's config; restartable on the same data.
 
     Nobody is let in anonymously: ``url`` carries the server's MQTT user and this
     broker's password for it (given to scripts/broker, which writes it into the
-    dynamic-security config); devices log in with their enrollment credentials."""
+    dynamic-security config); devices log in with their enrollment credentials.
+    Two listeners, as scripts/broker opens them: plain text on 127.0.0.1:``port``
+    (the server's), TLS on ``tls_port`` (the devices'), its certificate signed by
+    the broker's own CA, ``ca_file`` (made on the first start, kept after)."""
 
     port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
     password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    tls_port: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tls_port:
+            self.tls_port = free_port()
+            while self.tls_port == self.port:
+                self.tls_port = free_port()
+        _BROKERS[self.url] = _BROKERS[self.port] = self
 
     @property
     def url(self) -> str:
         """The server's URL: ``mqtt://mdm-server:PASSWORD@127.0.0.1:PORT``."""
         return f"mqtt://{SERVER_USER}:{self.password}@127.0.0.1:{self.port}"
 
+    @property
+    def tls_url(self) -> str:
+        """The server's URL over TLS (with :attr:`ca_file` as MDM_MQTT_CA_FILE)."""
+        return f"mqtts://{SERVER_USER}:{self.password}@127.0.0.1:{self.tls_port}"
+
+    @property
+    def device_url(self) -> str:
+        """What devices are told (MDM_MQTT_PUBLIC_URL): the TLS listener."""
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The broker's CA (MDM_MQTT_PUBLIC_CA_FILE), made by scripts/broker."""
+        return self.dir / "tls" / "ca.crt"
+
+    @property
+    def ca_pem(self) -> str:
+        return self.ca_file.read_text()
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BROKER_SCRIPT), "--port", str(self.port), "--dir", str(self.dir)],
+            [str(BROKER_SCRIPT), "--port", str(self.port), "--tls-port", str(self.tls_port),
+             "--dir", str(self.dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "MDM_MQTT_SERVER_PASSWORD": self.password},
         )
         wait_port(self.port)
+        wait_port(self.tls_port)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -289,7 +334,13 @@ def server_env(database_url: str, mqtt_url: str, *, superuser: bool = False,
     env.update({"MDM_DATABASE_URL": database_url, "MDM_MQTT_URL": mqtt_url,
                 "PYTHONPATH": str(REPO), "MDM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
                 "MDM_MASTER_KEY": TEST_MASTER_KEY,
+                # The tests' key is published (in this file): serve refuses it without.
+                "MDM_ALLOW_PUBLISHED_MASTER_KEY": "1",
                 "MDM_KEYRING_DIR": str(keyring_dir_for(database_url))})
+    broker = broker_for(mqtt_url)
+    if broker is not None:  # devices are told the TLS listener and its CA
+        env.update({"MDM_MQTT_PUBLIC_URL": broker.device_url,
+                    "MDM_MQTT_PUBLIC_CA_FILE": str(broker.ca_file)})
     env.update(extra)
     return env
 
@@ -305,7 +356,9 @@ async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices:
                          ) -> list[dict[str, Any]]:
     """As :func:`enroll`; returns each device's enrollment JSON (with server_keys).
     When ``mqtt_url`` names the server's user (``Broker.url`` does), the devices get
-    their broker clients too, as the CLI gives them."""
+    their broker clients too, as the CLI gives them. When it is a :class:`Broker`'s,
+    the enrollment gives its TLS listener and CA, as :func:`server_env` makes the CLI
+    do; any other URL is given to the devices as it is (its credentials left out)."""
     import base64
 
     from mdm_server.broker.identity import sync_or_defer
@@ -315,12 +368,14 @@ async def enroll_devices(database_url: str, mqtt_url: str, tenant: str, devices:
     from mdm_server.storage.tenants import ensure_tenant
 
     master_key = base64.b64decode(TEST_MASTER_KEY)
+    broker = broker_for(mqtt_url)
+    device_url, ca_pem = (broker.device_url, broker.ca_pem) if broker else (mqtt_url, None)
     conn = await connect(database_url)
     try:
         await ensure_tenant(conn, tenant)
         out = [await enroll_device(conn, tenant=tenant, device=d, ownership=ownership,
-                                   user_email=None, mqtt_url=mqtt_url, master_key=master_key,
-                                   groups=groups)
+                                   user_email=None, mqtt_url=device_url, mqtt_ca_pem=ca_pem,
+                                   master_key=master_key, groups=groups)
                for d in devices]
         settings = MqttSettings.from_url(mqtt_url)
         if settings.username:
