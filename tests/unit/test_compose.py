@@ -163,3 +163,9 @@ def test_compose_publishes_only_the_brokers_tls_port_and_the_server_uses_tls() -
     init = " ".join(services["broker-init"]["command"])
     assert "mdm_server.broker.certs /mosquitto/tls --host mosquitto" in init
     assert "--owner 1883:1883" in init
+
+
+def test_a_new_public_host_recreates_the_broker() -> None:
+    # broker-init issues a certificate for the new name; Mosquitto reads it at start.
+    services = _config()["services"]
+    assert services["mosquitto"]["environment"]["MDM_MQTT_PUBLIC_HOST"] == "mdm.example.org"
