@@ -26,12 +26,9 @@ from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Server,
     allow_any_telemetry_subtopic,
-    create_database,
-    drop_database,
     fetch,
     fetchval,
-    running_broker,
-    server_env,
+    served,
     stored_id,
     wait_for_count,
 )
@@ -46,22 +43,13 @@ ACK_DETAIL = "wiped for carol, call +31655555555"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("raw-ids")
-    database = asyncio.run(create_database())
-    with running_broker(tmp) as broker:
-        srv = Server(server_env(database, broker.url), tmp / "serve.log")
-        srv.env["BROKER_PORT"] = str(broker.port)
-        srv.env["TEST_DATABASE"] = database
-        srv.cli("tenant", "create", "acme")
+    def enroll(srv: Server) -> None:
         srv.cli("device", "enroll", "--tenant", "acme", "--device", "phone",
                 "--ownership", "corporate")
-        srv.start()
+
+    with served(tmp_path_factory.mktemp("raw-ids"), setup=enroll) as srv:
         srv.wait_log("acks subscribed")
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    asyncio.run(drop_database(database))
+        yield srv
 
 
 @pytest.fixture(scope="module")

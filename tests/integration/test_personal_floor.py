@@ -26,12 +26,9 @@ from agent_protocol import Record, encode_telemetry, telemetry_topic
 from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Server,
-    create_database,
-    drop_database,
     fetch,
     fetch_telemetry,
-    running_broker,
-    server_env,
+    served,
     stored_id,
     wait_for_count,
 )
@@ -51,23 +48,14 @@ PREVIEW_LIMIT = 4
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("floor")
-    database = asyncio.run(create_database())
-    with running_broker(tmp) as broker:
-        srv = Server(server_env(database, broker.url,
-                                MDM_PREVIEW_PER_MIN=str(PREVIEW_LIMIT)), tmp / "serve.log")
-        srv.env["BROKER_PORT"] = str(broker.port)
-        srv.env["TEST_DATABASE"] = database
-        srv.cli("tenant", "create", "acme")
+    def enroll(srv: Server) -> None:
         for device, ownership in (("byod", "personal"), ("corp", "corporate")):
             srv.cli("device", "enroll", "--tenant", "acme", "--device", device,
                     "--ownership", ownership, "--group", "field")
-        srv.start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    asyncio.run(drop_database(database))
+
+    with served(tmp_path_factory.mktemp("floor"), setup=enroll,
+                MDM_PREVIEW_PER_MIN=str(PREVIEW_LIMIT)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

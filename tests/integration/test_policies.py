@@ -14,12 +14,9 @@ from agent_protocol import Record, encode_telemetry, telemetry_topic
 from tests.support.mqtt import publish_as_devices
 from tests.support.services import (
     Server,
-    create_database,
-    drop_database,
     fetch,
     fetch_telemetry,
-    running_broker,
-    server_env,
+    served,
     stored_id,
     wait_for_count,
 )
@@ -55,20 +52,8 @@ FIELD_POLICY: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("policies")
-    database = asyncio.run(create_database())
-    with running_broker(tmp) as broker:
-        srv = Server(server_env(database, broker.url), tmp / "serve.log")
-        srv.env["BROKER_PORT"] = str(broker.port)
-        srv.env["TEST_DATABASE"] = database
-        srv.cli("tenant", "create", "acme")
-        srv.cli("tenant", "create", "other")
-        srv.start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    asyncio.run(drop_database(database))
+    with served(tmp_path_factory.mktemp("policies"), tenants=("acme", "other")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

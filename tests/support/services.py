@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -647,3 +647,32 @@ class Server(MdmProcess):
         except urllib.error.HTTPError as err:
             raw = err.read()
             return err.code, json.loads(raw) if raw else None
+
+
+@contextmanager
+def served(tmp: Path, *, tenants: tuple[str, ...] = ("acme",),
+           setup: Callable[[Server], object] | None = None, **env: str) -> Iterator[Server]:
+    """A fresh migrated database, a private broker and ``mdm-server serve`` on them,
+    for a test module: ``tenants`` created and ``setup(server)`` run (CLI calls)
+    before it starts; ``env`` added to the server's environment. The server's env
+    also names ``TEST_DATABASE`` (the superuser's URL, for inspecting) and
+    ``BROKER_PORT``. Everything is stopped and dropped afterwards."""
+    import asyncio
+
+    database = asyncio.run(create_database())
+    try:
+        with running_broker(tmp) as broker:
+            srv = Server(server_env(database, broker.url, **env), tmp / "serve.log")
+            srv.env["BROKER_PORT"] = str(broker.port)
+            srv.env["TEST_DATABASE"] = database
+            for tenant in tenants:
+                srv.cli("tenant", "create", tenant)
+            if setup is not None:
+                setup(srv)
+            srv.start()
+            try:
+                yield srv
+            finally:
+                srv.stop()
+    finally:
+        asyncio.run(drop_database(database))
