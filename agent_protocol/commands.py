@@ -22,6 +22,10 @@ from agent_protocol.topics import is_valid_id
 __all__ = [
     "ACK_STATES",
     "COMMAND_TYPES",
+    "CONSENT_REFUSALS",
+    "CONSENT_TYPES",
+    "REMOTE_VIEW_MODES",
+    "REMOTE_VIEW_REASON_MAX",
     "STATUS_STATES",
     "WIPE_SCOPES",
     "Ack",
@@ -40,9 +44,22 @@ __all__ = [
 
 COMMAND_TYPES: tuple[str, ...] = (
     "lock", "locate", "wipe", "factory_reset", "sync_policy", "trust_key", "distrust_key",
+    "remote_view",
 )  # fmt: skip
 WIPE_SCOPES: tuple[str, ...] = ("managed", "full")
-ACK_STATES: tuple[str, ...] = ("received", "notice_shown", "completed", "failed", "rejected")
+#: Commands the device's user must accept before anything happens: the agent shows
+#: the notice, asks, and acks ``consent_given`` or ``consent_refused``.
+CONSENT_TYPES: frozenset[str] = frozenset({"remote_view"})
+REMOTE_VIEW_MODES: tuple[str, ...] = ("screenshot", "session")
+REMOTE_VIEW_REASON_MAX: Final = 500
+#: The detail of a ``consent_refused`` ack: the user said no; nobody answered
+#: before the agent gave up; the answer came after the command's expiry; the
+#: device has nobody to ask (no interactive user).
+CONSENT_REFUSALS: tuple[str, ...] = ("refused", "no_answer", "expired", "no_user")
+ACK_STATES: tuple[str, ...] = (
+    "received", "notice_shown", "consent_given", "completed", "failed", "rejected",
+    "consent_refused",
+)  # fmt: skip
 STATUS_STATES: tuple[str, ...] = ("online", "offline")
 
 NOTICE_TEXT_MAX: Final = 4000
@@ -116,6 +133,23 @@ def _check_params(type_: str, params: object) -> None:
         if type(key_id) is not str or not is_valid_id(key_id):
             raise _local(Reason.BAD_VALUE, "params.key_id must be 1-64 of [A-Za-z0-9_-]",
                          "params.key_id")
+    if type_ == "remote_view":
+        mode, reason = params.get("mode"), params.get("reason")
+        if mode is None:
+            raise _local(Reason.MISSING_FIELD, "remote_view needs params.mode", "params.mode")
+        if type(mode) is not str or mode not in REMOTE_VIEW_MODES:
+            raise _local(Reason.BAD_VALUE,
+                         f"params.mode must be one of {', '.join(REMOTE_VIEW_MODES)}",
+                         "params.mode")
+        if reason is None:
+            raise _local(Reason.MISSING_FIELD, "remote_view needs params.reason",
+                         "params.reason")
+        if type(reason) is not str:
+            raise _local(Reason.WRONG_TYPE, "params.reason must be a string", "params.reason")
+        if not reason.strip() or len(reason) > REMOTE_VIEW_REASON_MAX or "\x00" in reason:
+            raise _local(Reason.BAD_VALUE,
+                         f"params.reason must be 1-{REMOTE_VIEW_REASON_MAX} characters, "
+                         "not blank, without NUL", "params.reason")
     if type_ == "wipe":
         scope = params.get("scope")
         if scope is None:
@@ -157,6 +191,9 @@ class Command:
         _check_params(self.type, self.params)
         if self.notice is not None and not isinstance(self.notice, Notice):
             raise _local(Reason.WRONG_TYPE, "notice must be a Notice or None", "notice")
+        if self.notice is None and self.type in CONSENT_TYPES:
+            # The user is asked with the notice: no notice, nothing to ask with.
+            raise _local(Reason.MISSING_FIELD, f"{self.type} needs a notice", "notice")
         if not is_valid_ms(self.issued_at_ms):
             raise _local(Reason.BAD_TIMESTAMP, "issued_at must be epoch ms >= 0", "issued_at")
         if not is_valid_ms(self.expires_at_ms):

@@ -93,8 +93,10 @@ from agent_protocol.agent import CommandHandler, Outcome
 from load_tests.fleet_data import DEFAULT_KIND_WEIGHTS, KIND_ORDER, DeviceProfile, person_for
 
 __all__ = [
+    "CONSENT_POLICIES",
     "DEFAULT_KIND_WEIGHTS",
     "AgentStats",
+    "ConsentPolicy",
     "Fleet",
     "SimulatorError",
     "Stats",
@@ -414,6 +416,13 @@ class TokenBucket:
 # --- connections ------------------------------------------------------------------------------
 
 
+#: How a simulated device's user answers a remote view: ``accept``, ``refuse``,
+#: ``ignore`` (never answers: the server expires it), or the share of users (0..1)
+#: who accept, drawn per device from the fleet's seed (the rest refuse).
+ConsentPolicy = str | float
+CONSENT_POLICIES = ("accept", "refuse", "ignore")
+
+
 @dataclass
 class AgentStats:
     """What the fleet's agents did with the commands they received."""
@@ -425,12 +434,25 @@ class AgentStats:
     notices_shown: int = 0
     acks_published: int = 0
     by_type: Counter[str] = field(default_factory=Counter)  # executed, per command type
+    # Remote views: each question put to a user, and what they answered
+    # (command id -> "given", "refused" or "ignored").
+    consent: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"received": self.received, "executed": self.executed,
                 "duplicates": self.duplicates, "rejected": dict(self.rejected),
                 "notices_shown": self.notices_shown, "acks_published": self.acks_published,
-                "by_type": dict(self.by_type)}
+                "by_type": dict(self.by_type),
+                "consent": dict(Counter(self.consent.values()))}
+
+
+def _check_consent(policy: ConsentPolicy) -> None:
+    if isinstance(policy, str):
+        if policy not in CONSENT_POLICIES:
+            raise SimulatorError(f"consent must be one of {', '.join(CONSENT_POLICIES)} "
+                                 "or a share from 0 to 1")
+    elif not 0.0 <= policy <= 1.0:
+        raise SimulatorError("a consent share must be from 0 to 1")
 
 
 def _now_ms() -> int:
@@ -440,12 +462,14 @@ def _now_ms() -> int:
 class _Agent:
     """A device's agent side: verifies each command with the real agent code
     (agent_protocol.agent.CommandHandler), "shows" the notice (counts it), acts
-    (counts it) and publishes the acks. ``online`` on every connection."""
+    (counts it) and publishes the acks. ``online`` on every connection. A remote
+    view is put to the device's "user", who answers at once as ``consent`` says."""
 
-    __slots__ = ("acks", "commands", "handler", "stats", "status")
+    __slots__ = ("acks", "answer", "commands", "handler", "stats", "status")
 
     def __init__(self, enrollment: Mapping[str, Any], stats: AgentStats,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, consent: ConsentPolicy = "accept",
+                 seed: int | None = None) -> None:
         # Imported here: only agents verify signatures.
         import base64
 
@@ -465,22 +489,44 @@ class _Agent:
         self.acks = acks_topic(tenant, device)
         self.status = status_topic(tenant, device)
         self.stats = stats
+        # This user's answer, the same for every question (a share: drawn once, from
+        # the seed and the device, so a seeded fleet answers alike every run).
+        if isinstance(consent, str):
+            self.answer = consent
+        else:
+            draw = random.Random(f"{seed}:{tenant}:{device}").random()
+            self.answer = "accept" if draw < consent else "refuse"
 
     def handle(self, payload: bytes) -> tuple[bytes, ...]:
         st = self.stats
         st.received += 1
-        result = self.handler.handle(payload, _now_ms())
+        now = _now_ms()
+        result = self.handler.handle(payload, now)
         if result.outcome is Outcome.EXECUTED:
             st.executed += 1
             if result.action is not None:
                 st.by_type[result.action.type] += 1
         elif result.outcome is Outcome.DUPLICATE:
             st.duplicates += 1
-        else:
+        elif result.outcome is not Outcome.CONSENT_NEEDED:
             st.rejected[result.reason or "?"] += 1
         if result.notice is not None:
             st.notices_shown += 1
-        return result.payloads()
+        payloads = result.payloads()
+        if result.consent is not None:  # a remote view: the user answers
+            cid = result.consent.command_id
+            if self.answer == "ignore":
+                st.consent[cid] = "ignored"
+            else:
+                answered = self.handler.answer_consent(cid, given=self.answer == "accept",
+                                                       now_ms=now)
+                st.consent[cid] = ("given" if answered.outcome is Outcome.EXECUTED
+                                   else "refused")
+                if answered.action is not None:
+                    st.executed += 1
+                    st.by_type[answered.action.type] += 1
+                payloads += answered.payloads()
+        return payloads
 
 
 class _Connection:
@@ -627,6 +673,10 @@ class Fleet:
     in with the credentials of ``mqtt_url`` if it has any, else those of its first
     device: only an anonymous experimental broker accepts the others' messages
     (the project's broker PUBACKs and drops them).
+
+    ``agents=True``: each device also runs its agent on its commands topic
+    (:class:`_Agent`; ``agent_state``: a directory for their saved state), and
+    ``consent`` says how its user answers a remote view (:data:`ConsentPolicy`).
     """
 
     def __init__(
@@ -641,9 +691,11 @@ class Fleet:
         keepalive: int = 60,
         agents: bool = False,
         agent_state: Path | None = None,
+        consent: ConsentPolicy = "accept",
     ) -> None:
         if not enrollments:
             raise SimulatorError("a fleet needs at least one device")
+        _check_consent(consent)
         if agents and connections not in (None, len(enrollments)):
             raise SimulatorError("agents need one connection per device (their own identity)")
         if not 1 <= max_inflight <= MAX_MQTT_INFLIGHT:
@@ -682,7 +734,8 @@ class Fleet:
             self._conns.append(_Connection(
                 index=ci, host=host, port=port, client_id=cid, username=user, password=pw,
                 max_inflight=max_inflight, keepalive=keepalive,
-                agent=_Agent(group[0], self.agent_stats, agent_state) if agents else None,
+                agent=(_Agent(group[0], self.agent_stats, agent_state, consent, seed)
+                       if agents else None),
                 tls=tls,
             ))
         # Devices in enrollment order; device i rides on connection i % n_conn.

@@ -13,7 +13,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from agent_protocol import COMMAND_TYPES, WIPE_SCOPES, LocalProtocolError, Notice
+from agent_protocol import (
+    COMMAND_TYPES,
+    CONSENT_TYPES,
+    REMOTE_VIEW_MODES,
+    WIPE_SCOPES,
+    LocalProtocolError,
+    Notice,
+)
 from mdm_server.api.auth import require_admin, require_reader
 from mdm_server.api.context import POOL, audit_keys
 from mdm_server.api.errors import json_error
@@ -25,12 +32,15 @@ __all__ = ["routes"]
 
 _DEVICE = "{device:[A-Za-z0-9_-]{1,64}}"
 _COMMAND = "{command_id:[0-9a-fA-F-]{36}}"
-_FIELDS = {"type", "scope", "reason", "notice", "ttl_s"}
+_FIELDS = {"type", "scope", "mode", "reason", "notice", "ttl_s"}
 #: What an admin may send; trust_key and distrust_key are the server's own (key
 #: rotation and retirement).
 ADMIN_COMMAND_TYPES = tuple(t for t in COMMAND_TYPES if t not in ("trust_key", "distrust_key"))
 REASON_MAX = 500
 TTL_MIN_S, TTL_MAX_S, TTL_DEFAULT_S = 60, 30 * 86_400, 7 * 86_400
+#: A remote view waits for its user's answer this long by default: the admin who
+#: asked is waiting too, and a yes days later would start a view nobody watches.
+TTL_DEFAULT_REMOTE_VIEW_S = 15 * 60
 LIST_LIMIT_MAX = 500
 IDEMPOTENCY_KEY_MAX = 200
 
@@ -86,19 +96,31 @@ def parse_command_request(body: dict[str, Any]
             params["scope"] = body["scope"]
     elif "scope" in body:
         issues.append(("scope", "only a wipe has a scope"))
+    if type_ == "remote_view":
+        if body.get("mode") not in REMOTE_VIEW_MODES:
+            issues.append(("mode", f"a remote view needs mode {' or '.join(REMOTE_VIEW_MODES)}"))
+        else:
+            params["mode"] = body["mode"]
+    elif "mode" in body:
+        issues.append(("mode", "only a remote view has a mode"))
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > REASON_MAX \
             or "\x00" in reason:
         issues.append(("reason", f"reason must be 1-{REASON_MAX} characters: why this "
                                  "command is sent"))
+    elif type_ == "remote_view":
+        params["reason"] = reason  # signed: the user is told why they are asked
     notice = None
     if "notice" in body:
         if type_ not in service.NOTICE_TYPES:
-            issues.append(("notice", "only lock, locate, wipe and factory_reset carry a notice"))
+            issues.append(("notice", f"only {', '.join(service.NOTICE_TYPES)} carry a notice"))
         else:
             notice, more = _parse_notice(body["notice"])
             issues += more
-    ttl = body.get("ttl_s", TTL_DEFAULT_S)
+    elif isinstance(type_, str) and type_ in CONSENT_TYPES:  # a list is not hashable
+        issues.append(("notice", "a remote view needs a notice: its user is asked with it"))
+    ttl = body.get("ttl_s", TTL_DEFAULT_REMOTE_VIEW_S if type_ == "remote_view"
+                   else TTL_DEFAULT_S)
     if type(ttl) is not int or not TTL_MIN_S <= ttl <= TTL_MAX_S:
         issues.append(("ttl_s", f"ttl_s must be an integer from {TTL_MIN_S} to {TTL_MAX_S}"))
     if issues:

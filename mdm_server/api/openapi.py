@@ -19,12 +19,13 @@ from typing import Any, get_args
 import orjson
 from aiohttp import web
 
-from agent_protocol import KINDS, WIPE_SCOPES
+from agent_protocol import CONSENT_TYPES, KINDS, REMOTE_VIEW_MODES, WIPE_SCOPES
 from mdm_server.api.commands import (
     ADMIN_COMMAND_TYPES,
     IDEMPOTENCY_KEY_MAX,
     LIST_LIMIT_MAX,
     REASON_MAX,
+    TTL_DEFAULT_REMOTE_VIEW_S,
     TTL_DEFAULT_S,
     TTL_MAX_S,
     TTL_MIN_S,
@@ -138,13 +139,28 @@ def _command_request(types: tuple[str, ...], *, scope: bool = False,
     return obj(required, optional)
 
 
+def _remote_view_request() -> Schema:
+    """A remote view: the user is asked with the notice, so it is required."""
+    return obj({"type": enum(("remote_view",)),
+                "mode": enum(REMOTE_VIEW_MODES, description="screenshot: one picture of the "
+                             "screen; session: a live view until the user ends it"),
+                "reason": {"allOf": [ref("CommandReason")],
+                           "description": "why the command is sent; shown to the user too"},
+                "notice": ref("Notice")},
+               {"ttl_s": {**_TTL, "default": TTL_DEFAULT_REMOTE_VIEW_S,
+                          "description": "seconds the user has to answer"}},
+               description="The device's user is asked; nothing happens on the device "
+                           "without their yes (docs/commands.md, \"Remote view\").")
+
+
 #: A command as the API shows it (mdm_server.commands.service.command_json).
 COMMAND_FIELDS: dict[str, Schema] = {
     "command_id": UUID,
     "device": STRING,
     "type": enum(ALL_COMMAND_TYPES),
     "params": {**ANY_OBJECT,
-               "description": "wipe: {scope}; trust_key: the new key; distrust_key: {key_id}"},
+               "description": "wipe: {scope}; remote_view: {mode, reason}; trust_key: the "
+                              "new key; distrust_key: {key_id}"},
     "notice": nullable(ref("Notice")),
     "state": enum(STATES),
     "reason": nullable(STRING),
@@ -157,6 +173,7 @@ COMMAND_FIELDS: dict[str, Schema] = {
     "sent_at": nullable(TIME),
     "received_at": nullable(TIME),
     "notice_shown_at": nullable(TIME),
+    "consent_at": {**nullable(TIME), "description": "when the user answered (remote_view)"},
     "finished_at": nullable(TIME),
     "expires_at": TIME,
     "outcome_detail": nullable(STRING),
@@ -183,8 +200,10 @@ SCHEMAS: dict[str, Schema] = {
                        "tenant's template for the kind of command is used, else a built-in "
                        "English text.",
         "oneOf": [
-            _command_request(tuple(t for t in NOTICE_TYPES if t != "wipe")),
+            _command_request(tuple(t for t in NOTICE_TYPES
+                                    if t != "wipe" and t not in CONSENT_TYPES)),
             _command_request(("wipe",), scope=True),
+            _remote_view_request(),
             _command_request(tuple(t for t in ADMIN_COMMAND_TYPES if t not in NOTICE_TYPES),
                              notice=False),
         ],
@@ -210,7 +229,10 @@ SCHEMAS: dict[str, Schema] = {
         "command_id": UUID, "type": enum(NOTICE_TYPES), "params": ANY_OBJECT,
         "notice": nullable(ref("Notice")), "state": enum(STATES), "requested_at": TIME,
         "sent_at": nullable(TIME), "received_at": nullable(TIME),
-        "notice_shown_at": nullable(TIME), "finished_at": nullable(TIME),
+        "notice_shown_at": nullable(TIME),
+        "consent": {"enum": ["given", "refused", None],
+                    "description": "the user's answer, where they were asked (remote_view)"},
+        "consent_at": nullable(TIME), "finished_at": nullable(TIME),
         "outcome_detail": nullable(STRING)},
         description="A command that affected the device's user, with the notice as sent."),
     "NoticeTemplate": obj({"kind": enum(NOTICE_KINDS), "text": STRING, "lang": STRING,

@@ -12,6 +12,11 @@ an ack the broker accepted is never lost.
   its reason and logged without its content.
 - A ``trust_key`` command completed: the device trusts the new signing key, which
   signs its commands from then on (key rotation, :mod:`mdm_server.commands.keys`).
+- A consent answer (``consent_given``, ``consent_refused``: ``remote_view``) is
+  applied with ``consent=True`` (``completed`` only after ``consent_given``),
+  recorded in ``consent_at``, and is an audit entry ``command.consent`` in the
+  same transaction. The user is asked with the notice, so an answer also records
+  the notice as shown when its ``notice_shown`` ack has not arrived.
 - ``online`` status: commands the device has not acknowledged receiving (``sent``,
   not expired) are marked for re-sending; the dispatcher publishes the same signed
   bytes again.
@@ -36,6 +41,8 @@ import asyncpg
 
 from agent_protocol import (
     ACKS_FILTER,
+    CONSENT_REFUSALS,
+    CONSENT_TYPES,
     STATUS_FILTER,
     ProtocolError,
     decode_ack,
@@ -43,6 +50,7 @@ from agent_protocol import (
     parse_topic,
     shared_subscription,
 )
+from mdm_server import audit
 from mdm_server.commands import states
 from mdm_server.commands.outbox import NOTIFY_CHANNEL
 from mdm_server.config import Config
@@ -57,7 +65,8 @@ log = logging.getLogger(__name__)
 
 SHARE_GROUP = "mdm-acks"
 _BATCH = 2000
-_TS_COLUMN = {"received": "received_at", "notice_shown": "notice_shown_at"}
+_TS_COLUMN = {"received": "received_at", "notice_shown": "notice_shown_at",
+              "consent_given": "consent_at", "consent_refused": "consent_at"}
 
 
 @dataclass(slots=True)
@@ -96,6 +105,12 @@ class AckConsumer:
         self.consumer: MqttConsumer | None = None
         limiter = config.device_limiter()
         self._limit = limiter.check if limiter is not None else None
+        self._audit_keys: audit.AuditKeys | None = None  # made when a consent is audited
+
+    def _keys(self) -> audit.AuditKeys:
+        if self._audit_keys is None:
+            self._audit_keys = self._config.audit_keys()
+        return self._audit_keys
 
     def _on_message(self, msg: InboundMessage) -> None:
         if self._limit is not None:
@@ -178,6 +193,7 @@ class AckConsumer:
         state_of = {r["command_id"]: r["state"] for r in rows}
         events: list[tuple[object, ...]] = []
         changed: dict[uuid.UUID, dict[str, object]] = {}
+        answers: list[tuple[asyncpg.Record, _Ack]] = []  # consent answers applied
         for a in acks:
             cid = a.command_id
             row = current.get(cid) if cid is not None else None
@@ -189,7 +205,8 @@ class AckConsumer:
                          a.command_id if a.command_id is not None else "(not a command id)")
                 continue
             before = state_of[cid]
-            t = states.transition(before, "ack", ack_state=a.state)
+            t = states.transition(before, "ack", ack_state=a.state,
+                                  consent=row["type"] in CONSENT_TYPES)
             if not t.changed:
                 self.stats.acks_ignored += 1
                 log.info("ack ignored: command %s is %s, ack says %s (%s)",
@@ -204,6 +221,10 @@ class AckConsumer:
             column = _TS_COLUMN.get(a.state)
             if column is not None:
                 upd[column] = a.ts
+            if column == "consent_at":
+                # Asked with the notice: the notice was shown by then at the latest.
+                upd["notice_implied_at"] = a.ts
+                answers.append((row, a))
             if t.to_state in states.TERMINAL:
                 upd["finished_at"] = a.ts
                 upd["outcome_detail"] = a.detail
@@ -213,20 +234,25 @@ class AckConsumer:
                 """UPDATE commands c SET
                        state = u.state,
                        received_at = COALESCE(u.received_at, c.received_at),
-                       notice_shown_at = COALESCE(u.notice_shown_at, c.notice_shown_at),
+                       notice_shown_at = COALESCE(u.notice_shown_at, c.notice_shown_at,
+                                                  u.notice_implied_at),
+                       consent_at = COALESCE(u.consent_at, c.consent_at),
                        finished_at = COALESCE(u.finished_at, c.finished_at),
                        outcome_detail = COALESCE(u.outcome_detail, c.outcome_detail),
                        resend = false
                    FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                               $5::timestamptz[], $6::text[])
+                               $5::timestamptz[], $6::text[], $7::timestamptz[],
+                               $8::timestamptz[])
                         AS u(command_id, state, received_at, notice_shown_at, finished_at,
-                             outcome_detail)
+                             outcome_detail, consent_at, notice_implied_at)
                    WHERE c.command_id = u.command_id""",
                 list(changed), [u["state"] for u in changed.values()],
                 [u.get("received_at") for u in changed.values()],
                 [u.get("notice_shown_at") for u in changed.values()],
                 [u.get("finished_at") for u in changed.values()],
-                [u.get("outcome_detail") for u in changed.values()])
+                [u.get("outcome_detail") for u in changed.values()],
+                [u.get("consent_at") for u in changed.values()],
+                [u.get("notice_implied_at") for u in changed.values()])
         trusted = [(current[cid]["tenant_id"], current[cid]["device_id"],
                     current[cid]["params"]["key_id"])
                    for cid, upd in changed.items()
@@ -251,6 +277,19 @@ class AckConsumer:
             await conn.executemany(
                 "INSERT INTO command_events (command_id, event, from_state, to_state, "
                 "accepted, detail) VALUES ($1, $2, $3, $4, $5, $6)", events)
+        for row, a in answers:
+            # The user's answer, reported by their device: tamper-evident, with the
+            # command. Codes only (an agent's free text never reaches the log).
+            given = a.state == "consent_given"
+            await audit.append(
+                conn, self._keys(), tenant=row["tenant_id"], actor=f"device:{a.device}",
+                action="command.consent", target=f"device:{a.device}",
+                details={"command_id": str(row["command_id"]), "type": row["type"],
+                         **({"mode": row["params"]["mode"]}
+                            if "mode" in row["params"] else {}),
+                         "answer": "given" if given else "refused",
+                         **({} if given or a.detail not in CONSENT_REFUSALS
+                            else {"detail": a.detail})})
 
     async def _request_resends(self, conn: asyncpg.Connection,
                                online: set[tuple[str, str]]) -> None:

@@ -33,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent_protocol import (
     COMMAND_TYPES,
+    CONSENT_TYPES,
     Command,
     LocalProtocolError,
     Notice,
@@ -64,14 +65,20 @@ def _dt(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-def check_command(tenant: str, device: str, type_: str, params: Mapping[str, Any]) -> None:
-    """Refuse what could never be signed, before it is queued (ValueError)."""
+def check_command(tenant: str, device: str, type_: str, params: Mapping[str, Any],
+                  notice: Mapping[str, str] | None = None) -> None:
+    """Refuse what could never be signed, before it is queued (ValueError).
+    ``notice``: the notice it will carry (None: not checked; it may come from a
+    template), required for a command its user must accept."""
     if type_ not in COMMAND_TYPES:
         raise ValueError(f"command type must be one of {', '.join(COMMAND_TYPES)}")
+    if type_ in CONSENT_TYPES and notice is None:
+        raise ValueError(f"a {type_} needs a notice: its user is asked with it")
     try:
         Command(command_id="check", tenant=tenant, device=device, type=type_,
-                params=dict(params), notice=None, issued_at_ms=0, expires_at_ms=1,
-                nonce="checking", key_id="check")
+                params=dict(params),
+                notice=None if notice is None else Notice(notice["text"], notice["lang"]),
+                issued_at_ms=0, expires_at_ms=1, nonce="checking", key_id="check")
     except LocalProtocolError as exc:
         raise ValueError(str(exc)) from None
 
@@ -119,12 +126,17 @@ SENT_EXPIRY_GRACE_S = 120
 
 
 async def expire_due(conn: asyncpg.Connection) -> int:
-    """Mark expired the commands whose time ran out before the device received them."""
+    """Mark expired the commands whose time ran out before the device received them,
+    and those its user must accept that got no answer in time (``remote_view``).
+    One the device may have (published) gets ``SENT_EXPIRY_GRACE_S`` more: its
+    ``received`` ack, or its user's answer, may be on the way."""
     status: str = await conn.execute(
         """WITH due AS (
                SELECT command_id, state FROM commands
-               WHERE state = ANY($1::text[])
-                 AND expires_at + CASE WHEN state = 'sent' THEN make_interval(secs => $2)
+               WHERE (state = ANY($1::text[])
+                      OR (type = ANY($3::text[]) AND state = ANY($4::text[])))
+                 AND expires_at + CASE WHEN state = ANY($5::text[])
+                                       THEN make_interval(secs => $2)
                                        ELSE interval '0' END <= now()
                FOR UPDATE SKIP LOCKED),
            exp AS (
@@ -133,7 +145,8 @@ async def expire_due(conn: asyncpg.Connection) -> int:
                RETURNING c.command_id, due.state AS old_state)
            INSERT INTO command_events (command_id, event, from_state, to_state, accepted)
            SELECT command_id, 'expired', old_state, 'expired', true FROM exp""",
-        list(states.EXPIRE_FROM_STATES), float(SENT_EXPIRY_GRACE_S))
+        list(states.EXPIRE_FROM_STATES), float(SENT_EXPIRY_GRACE_S), sorted(CONSENT_TYPES),
+        list(states.CONSENT_EXPIRE_FROM_STATES), list(states.ACK_FROM_STATES))
     return int(status.rsplit(" ", 1)[-1])
 
 

@@ -17,6 +17,11 @@ Guards (the order they are checked in):
 4. A request repeated with the same ``Idempotency-Key`` (per admin) returns the
    command it created the first time; the same key with a different request is
    refused.
+5. A command its user must accept (``remote_view``) carries the notice the admin
+   wrote (no template: 422 ``notice_required`` without one), and goes to one
+   device at a time (``group_remote_view``). Ownership does not matter: the user
+   is asked on every device, and the state machine completes it only after the
+   user's ``consent_given`` (:mod:`mdm_server.commands.states`, "Consent").
 
 When a device is revoked or re-enrolled (its holder changes), every command of it
 that is not finished is withdrawn (:func:`withdraw_unfinished`): cancelled, with an
@@ -38,7 +43,7 @@ from typing import Any
 
 import asyncpg
 
-from agent_protocol import canonical_json
+from agent_protocol import CONSENT_TYPES, canonical_json
 from mdm_server import audit
 from mdm_server.commands import states
 from mdm_server.commands.outbox import NOTIFY_CHANNEL, check_command
@@ -64,7 +69,7 @@ __all__ = [
 ]
 
 #: Command types that affect the device's user: each carries a notice.
-NOTICE_TYPES = ("lock", "locate", "wipe", "factory_reset")
+NOTICE_TYPES = ("lock", "locate", "wipe", "factory_reset", "remote_view")
 #: Notice texts are kept per kind: a managed and a full wipe differ for the user.
 NOTICE_KINDS = ("lock", "locate", "wipe-managed", "wipe-full", "factory_reset")
 
@@ -83,8 +88,8 @@ DEFAULT_NOTICES: dict[str, dict[str, str]] = {
 
 _SELECT = """SELECT command_id, device_id, type, params, notice, state, reason,
                     requested_by, approved_by, approved_at, cancelled_by, created_at,
-                    issued_at, sent_at, received_at, notice_shown_at, finished_at,
-                    expires_at, outcome_detail, send_count
+                    issued_at, sent_at, received_at, notice_shown_at, consent_at,
+                    finished_at, expires_at, outcome_detail, send_count
              FROM commands"""
 
 
@@ -128,6 +133,7 @@ def command_json(r: Mapping[str, Any]) -> dict[str, Any]:
         "sent_at": _iso(r["sent_at"]),
         "received_at": _iso(r["received_at"]),
         "notice_shown_at": _iso(r["notice_shown_at"]),
+        "consent_at": _iso(r["consent_at"]),
         "finished_at": _iso(r["finished_at"]),
         "expires_at": _iso(r["expires_at"]),
         "outcome_detail": r["outcome_detail"],
@@ -138,6 +144,23 @@ def command_json(r: Mapping[str, Any]) -> dict[str, Any]:
 def request_digest(device: str, body: Mapping[str, Any]) -> bytes:
     """What an Idempotency-Key is bound to: the device and the request body."""
     return hashlib.sha256(canonical_json({"device": device, "body": dict(body)})).digest()
+
+
+def consent_of(state: str, consent_at: datetime | None) -> str | None:
+    """The user's answer to a command that asked them: ``given`` or ``refused``
+    (None: not asked, or not answered)."""
+    if consent_at is None:
+        return None
+    return "refused" if state == "consent_refused" else "given"
+
+
+def _type_details(type_: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a command's parameters an audit entry names: codes, never text."""
+    if type_ == "wipe":
+        return {"scope": params["scope"]}
+    if type_ == "remote_view":
+        return {"mode": params["mode"]}
+    return {}
 
 
 def notice_kind(type_: str, params: Mapping[str, Any]) -> str:
@@ -191,8 +214,11 @@ async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: st
     if dev["status"] != "enrolled":
         raise CommandRefused(409, "device_revoked",
                              "the device is revoked: it cannot receive commands")
+    if type_ in CONSENT_TYPES and notice is None:
+        raise CommandRefused(422, "notice_required",
+                             f"a {type_} needs a notice: the device's user is asked with it")
     try:
-        check_command(tenant, device, type_, params)
+        check_command(tenant, device, type_, params, notice)
     except ValueError as exc:
         raise CommandRefused(422, "invalid_command", str(exc)) from None
     if dev["ownership"] == "personal" and (
@@ -226,7 +252,7 @@ async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: st
     await audit.append(conn, audit_keys, tenant=tenant, actor=actor, action="command.issue",
                        target=f"device:{device}",
                        details={"command_id": str(row["command_id"]), "type": type_,
-                                **({"scope": params["scope"]} if type_ == "wipe" else {})})
+                                **_type_details(type_, params)})
     if state == "queued":
         await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, tenant)
     return IssueResult(command_json(row), created=True)
@@ -258,6 +284,10 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
         raise CommandRefused(403, "group_factory_reset",
                              "a factory reset is requested one device at a time: each needs "
                              "its own approval by a second admin")
+    if type_ in CONSENT_TYPES:
+        raise CommandRefused(403, f"group_{type_}",
+                             "a remote view is requested one device at a time: its user is "
+                             "asked, and an admin looks at one screen")
     try:
         check_command(tenant, "group-check", type_, params)
     except ValueError as exc:
@@ -309,8 +339,7 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
                        action="command.issue_group",
                        target=f"group:{group}",
                        details={"batch_id": str(batch_id), "type": type_, "commands": count,
-                                "refused": len(refused),
-                                **({"scope": params["scope"]} if type_ == "wipe" else {})})
+                                "refused": len(refused), **_type_details(type_, params)})
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, tenant)
     batch = await get_batch(conn, tenant, batch_id)
     assert batch is not None
@@ -475,12 +504,13 @@ async def list_commands(conn: asyncpg.Connection, tenant: str, device: str | Non
 async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
                      limit: int, since: datetime | None = None) -> list[dict[str, Any]]:
     """Every command that affected the device's user, newest first: the notice text
-    and language as sent, when it was sent, when the device reported it shown, and
-    the outcome. What the device's user (and their admins) may read; ``since``:
+    and language as sent, when it was sent, when the device reported it shown, the
+    user's answer where they were asked (``consent``, ``consent_at``), and the
+    outcome. What the device's user (and their admins) may read; ``since``:
     only commands requested since then (the user's enrollment)."""
     rows = await conn.fetch(
         """SELECT command_id, type, params, notice, state, created_at, sent_at, received_at,
-                  notice_shown_at, finished_at, outcome_detail
+                  notice_shown_at, consent_at, finished_at, outcome_detail
            FROM commands WHERE tenant_id = $1 AND device_id = $2 AND type = ANY($3::text[])
              AND ($5::timestamptz IS NULL OR created_at >= $5)
            ORDER BY created_at DESC, command_id LIMIT $4""",
@@ -490,6 +520,8 @@ async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
              "requested_at": _iso(r["created_at"]), "sent_at": _iso(r["sent_at"]),
              "received_at": _iso(r["received_at"]),
              "notice_shown_at": _iso(r["notice_shown_at"]),
+             "consent": consent_of(r["state"], r["consent_at"]),
+             "consent_at": _iso(r["consent_at"]),
              "finished_at": _iso(r["finished_at"]), "outcome_detail": r["outcome_detail"]}
             for r in rows]
 

@@ -9,25 +9,35 @@ The tables below are the whole machine; :func:`transition` only reads them.
   revoked or re-enrolled (its holder changed); nothing of it is ever signed or
   sent again, whether the device may have it or not.
 * ``publish``: ``queued -> sent``, when the broker PUBACKed the signed bytes.
-* ``ack`` (the device reports ``received | notice_shown | completed | failed |
-  rejected``): accepted from ``sent``, ``received`` or ``notice_shown`` when it
-  moves forward in ``sent < received < notice_shown < {completed, failed,
-  rejected}``. Steps may be skipped (``sent -> completed``: a lock without a
+* ``ack`` (the device reports ``received | notice_shown | consent_given |
+  completed | failed | rejected | consent_refused``): accepted from a live state
+  the device has (``sent``, ``received``, ``notice_shown``, ``consent_given``)
+  when it moves forward in ``sent < received < notice_shown < {consent_given,
+  consent_refused} < {completed, failed, rejected}`` (``consent_refused`` is
+  terminal). Steps may be skipped (``sent -> completed``: a lock without a
   notice; ``sent -> rejected``: the agent refused a forged command). An ack equal
-  to the current state is a ``duplicate``, a lower one ``backwards``; an ack for
-  a command the device cannot have yet (``pending_approval``, ``queued``) is
-  ``not_delivered``.
+  to the current state is a ``duplicate``, a lower one ``backwards`` (so a
+  ``consent_refused`` after a ``consent_given``: the first answer counts); an
+  ack for a command the device cannot have yet (``pending_approval``,
+  ``queued``) is ``not_delivered``.
+* **Consent** (``consent=True``: a command the device's user must accept,
+  ``remote_view``). ``completed`` is accepted only from ``consent_given``:
+  from an earlier state it is refused with ``no_consent``, so such a command is
+  never completed without the user's yes on record. ``consent_refused`` ends it
+  (terminal). For any other command a consent ack is ``consent_not_asked``.
 * ``expire`` (only when ``now >= expires_at``): ``pending_approval | queued |
   sent -> expired``. Not once ``received``: the agent accepted the command before
-  its expiry and its outcome will follow.
+  its expiry and its outcome will follow. With ``consent``, also ``received |
+  notice_shown -> expired``: nothing happens on the device before a yes, and a
+  yes after the expiry is refused by the agent; not once ``consent_given``.
 * ``reconnect`` (the device came back): a command not yet finished that the device
   may lack (``sent``) or whose final acks may have been lost (``received``,
-  ``notice_shown``), and not past its expiry, is re-sent byte for byte; the agent
-  runs a command at most once and answers a copy with the acks it sent the first
-  time. The state stays, the action is ``resend``.
-* A terminal state (``completed``, ``failed``, ``rejected``, ``expired``,
-  ``cancelled``) never changes: every event is refused with ``terminal`` (an ack
-  repeating the final state with ``duplicate``).
+  ``notice_shown``, ``consent_given``), and not past its expiry, is re-sent byte
+  for byte; the agent runs a command at most once and answers a copy with the
+  acks it sent the first time. The state stays, the action is ``resend``.
+* A terminal state (``completed``, ``failed``, ``rejected``, ``consent_refused``,
+  ``expired``, ``cancelled``) never changes: every event is refused with
+  ``terminal`` (an ack repeating the final state with ``duplicate``).
 
 Refused and ignored events are not errors: the result carries a machine-readable
 :class:`Refusal` for the command's event log. Misuse (an unknown state or event, a
@@ -51,6 +61,7 @@ __all__ = [
     "ACK_FROM_STATES",
     "ACK_STATES",
     "CANCEL_FROM_STATES",
+    "CONSENT_EXPIRE_FROM_STATES",
     "EVENTS",
     "EXPIRE_FROM_STATES",
     "STATES",
@@ -72,6 +83,8 @@ class Refusal(StrEnum):
     DUPLICATE = "duplicate"  # an ack repeating the current state
     BACKWARDS = "backwards"  # an ack for a step before the current state
     NOT_DELIVERED = "not_delivered"  # an ack for a command not sent yet
+    NO_CONSENT = "no_consent"  # completed, but the user's yes is not on record
+    CONSENT_NOT_ASKED = "consent_not_asked"  # a consent ack for a command that asks none
     NOT_PENDING_APPROVAL = "not_pending_approval"  # approve: nothing awaits approval
     NOT_CANCELLABLE = "not_cancellable"  # cancel: the device may already have it
     NOT_QUEUED = "not_queued"  # publish: not waiting in the outbox
@@ -84,11 +97,11 @@ class Refusal(StrEnum):
 # --- the rules ----------------------------------------------------------------
 
 STATES: Final[tuple[str, ...]] = (
-    "pending_approval", "queued", "sent", "received", "notice_shown",
-    "completed", "failed", "rejected", "expired", "cancelled",
+    "pending_approval", "queued", "sent", "received", "notice_shown", "consent_given",
+    "completed", "failed", "rejected", "consent_refused", "expired", "cancelled",
 )  # fmt: skip
 TERMINAL: Final[frozenset[str]] = frozenset(
-    {"completed", "failed", "rejected", "expired", "cancelled"}
+    {"completed", "failed", "rejected", "consent_refused", "expired", "cancelled"}
 )
 EVENTS: Final[tuple[str, ...]] = ("approve", "cancel", "withdraw", "publish", "ack", "expire",
                                   "reconnect")
@@ -99,11 +112,16 @@ _MOVES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({
     "approve":   {"pending_approval": "queued"},
     "cancel":    {"pending_approval": "cancelled", "queued": "cancelled"},
     "withdraw":  {"pending_approval": "cancelled", "queued": "cancelled",
-                  "sent": "cancelled", "received": "cancelled", "notice_shown": "cancelled"},
+                  "sent": "cancelled", "received": "cancelled", "notice_shown": "cancelled",
+                  "consent_given": "cancelled"},
     "publish":   {"queued": "sent"},
     "expire":    {"pending_approval": "expired", "queued": "expired", "sent": "expired"},
-    "reconnect": {"sent": "sent", "received": "received", "notice_shown": "notice_shown"},
+    "reconnect": {"sent": "sent", "received": "received", "notice_shown": "notice_shown",
+                  "consent_given": "consent_given"},
 })  # fmt: skip
+# ``expire`` for a command that asks its user: also while the user has not answered.
+_CONSENT_EXPIRE: Final[Mapping[str, str]] = MappingProxyType({
+    **_MOVES["expire"], "received": "expired", "notice_shown": "expired"})
 _ACTIONS: Final[Mapping[str, str]] = MappingProxyType({"reconnect": "resend"})
 _REFUSED_ELSEWHERE: Final[Mapping[str, Refusal]] = MappingProxyType({
     "approve":   Refusal.NOT_PENDING_APPROVAL,
@@ -121,9 +139,12 @@ _ACK_RANK: Final[Mapping[str, int]] = MappingProxyType({
     "sent": 0,
     "received": 1,
     "notice_shown": 2,
-    "completed": 3, "failed": 3, "rejected": 3,
+    "consent_given": 3,
+    "completed": 4, "failed": 4, "rejected": 4,
+    "consent_refused": 3,
 })  # fmt: skip
 ACK_STATES: Final[tuple[str, ...]] = tuple(s for s in _ACK_RANK if s != "sent")
+_CONSENT_ACKS: Final = frozenset({"consent_given", "consent_refused"})
 
 def _check_state(state: str) -> None:
     if state not in STATES:
@@ -143,27 +164,35 @@ def _check_ack_state(ack_state: str) -> None:
 # --- derived sets, for SQL ------------------------------------------------------
 
 
-def from_states(event: str, ack_state: str | None = None) -> tuple[str, ...]:
+def from_states(event: str, ack_state: str | None = None, *, consent: bool = False
+                ) -> tuple[str, ...]:
     """The states ``event`` moves or acts on a command from, in :data:`STATES` order.
 
     For ``ack``, the states an ack may move from; with ``ack_state``, only those
-    that an ack of that state moves forward. Use it in a WHERE clause:
-    ``state = ANY($n::text[])``, or ``state IN (...)`` with :func:`sql_list`.
+    that an ack of that state moves forward. ``consent``: for a command its user
+    must accept. Use it in a WHERE clause: ``state = ANY($n::text[])``, or
+    ``state IN (...)`` with :func:`sql_list`.
     """
     _check_event(event)
     if event != "ack":
         if ack_state is not None:
             raise ValueError("ack_state is only for the ack event")
-        return tuple(s for s in STATES if s in _MOVES[event])
+        return tuple(s for s in STATES if s in _moves(event, consent))
     if ack_state is None:
         return tuple(s for s in STATES if s in _ACK_RANK and s not in TERMINAL)
     _check_ack_state(ack_state)
-    rank = _ACK_RANK[ack_state]
-    return tuple(s for s in STATES if s not in TERMINAL and _ACK_RANK.get(s, rank) < rank)
+    return tuple(s for s in STATES if s not in TERMINAL
+                 and _ack(s, ack_state, consent=consent).changed)
+
+
+def _moves(event: str, consent: bool) -> Mapping[str, str]:
+    return _CONSENT_EXPIRE if consent and event == "expire" else _MOVES[event]
 
 
 ACK_FROM_STATES: Final[tuple[str, ...]] = from_states("ack")
 EXPIRE_FROM_STATES: Final[tuple[str, ...]] = from_states("expire")
+#: ``expire`` of a command its user must accept (``remote_view``).
+CONSENT_EXPIRE_FROM_STATES: Final[tuple[str, ...]] = from_states("expire", consent=True)
 CANCEL_FROM_STATES: Final[tuple[str, ...]] = from_states("cancel")
 WITHDRAW_FROM_STATES: Final[tuple[str, ...]] = from_states("withdraw")
 
@@ -218,11 +247,13 @@ def transition(
     ack_state: str | None = None,
     now_ms: int | None = None,
     expires_at_ms: int | None = None,
+    consent: bool = False,
 ) -> Transition:
     """Apply ``event`` to a command in ``state``.
 
     ``ack`` needs ``ack_state`` (what the device reported); ``expire`` and
     ``reconnect`` need ``now_ms`` and ``expires_at_ms`` (epoch milliseconds).
+    ``consent``: the command is one its user must accept (``remote_view``).
     """
     _check_state(state)
     _check_event(event)
@@ -230,7 +261,7 @@ def transition(
         if ack_state is None:
             raise ValueError("the ack event needs ack_state")
         _check_ack_state(ack_state)
-        return _ack(state, ack_state)
+        return _ack(state, ack_state, consent=consent)
     if ack_state is not None:
         raise ValueError("ack_state is only for the ack event")
     expired = False
@@ -241,7 +272,7 @@ def transition(
 
     if state in TERMINAL:
         return _refuse(event, state, Refusal.TERMINAL)
-    target = _MOVES[event].get(state)
+    target = _moves(event, consent).get(state)
     if target is None:
         return _refuse(event, state, _REFUSED_ELSEWHERE[event])
     if event == "expire" and not expired:
@@ -251,7 +282,7 @@ def transition(
     return Transition(event, state, target, action=_ACTIONS.get(event))
 
 
-def _ack(state: str, ack_state: str) -> Transition:
+def _ack(state: str, ack_state: str, *, consent: bool) -> Transition:
     if ack_state == state:
         return _refuse("ack", state, Refusal.DUPLICATE)
     if state in TERMINAL:
@@ -259,8 +290,12 @@ def _ack(state: str, ack_state: str) -> Transition:
     rank = _ACK_RANK.get(state)
     if rank is None:  # pending_approval, queued
         return _refuse("ack", state, Refusal.NOT_DELIVERED)
+    if ack_state in _CONSENT_ACKS and not consent:
+        return _refuse("ack", state, Refusal.CONSENT_NOT_ASKED)
     if _ACK_RANK[ack_state] <= rank:
         return _refuse("ack", state, Refusal.BACKWARDS)
+    if consent and ack_state == "completed" and state != "consent_given":
+        return _refuse("ack", state, Refusal.NO_CONSENT)
     return Transition("ack", state, ack_state)
 
 

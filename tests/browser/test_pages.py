@@ -334,6 +334,38 @@ def test_factory_reset_needs_a_second_admin(fleet: Fleet, browser: Browser) -> N
     assert fleet.agents["corp2"].actions[-1].type == "factory_reset"
 
 
+def test_remote_view_needs_the_notice_its_user_is_asked_with(fleet: Fleet,
+                                                              browser: Browser) -> None:
+    b = browser
+    b.sign_in("/console/", fleet.alice)
+    b.open("/console/#commands=pers1")
+    b.wait_css("#cmd-device option[value=pers1]")
+    b.select("#cmd-type", "remote_view")
+    assert b.text("#cmd-submit") == "Ask to view the screen"
+    assert "No template" in b.wait_text("#cmd-template", "No template")
+    b.select("#cmd-mode", "session")
+    b.fill("#cmd-reason", "the scanner app freezes at log-in")
+    # Without a notice the form is not sent: the user is asked with it.
+    b.click("#cmd-submit")
+    assert b.driver.execute_script("return !document.querySelector('#cmd-notice')"
+                                   ".checkValidity()")
+    time.sleep(1)
+    assert not b.text("#command-status")
+    assert not fleet.agents["pers1"].questions
+    b.fill("#cmd-notice", "Your admin asks to see your screen, live. Accept?")
+    b.click("#cmd-submit")
+    b.wait_text("#command-status", "The remote view (session) of pers1 is")
+    command_id = _command_id(b, "#command-status")
+    # The agent put the notice to its user, who accepted: then, only then, it ran.
+    row = _wait_state(b, "#commands-table", command_id, "completed")
+    assert "remote view (session)" in row and "Accept?" in row
+    agent = fleet.agents["pers1"]
+    assert agent.questions[-1].text == "Your admin asks to see your screen, live. Accept?"
+    assert agent.actions[-1].command_id == command_id
+    assert dict(agent.actions[-1].params) == {"mode": "session",
+                                              "reason": "the scanner app freezes at log-in"}
+
+
 def test_group_wipe_shows_its_progress(fleet: Fleet, browser: Browser) -> None:
     b = browser
     b.sign_in("/console/", fleet.alice)

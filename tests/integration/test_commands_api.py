@@ -9,6 +9,7 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -112,6 +113,12 @@ def test_bad_requests_are_refused_with_every_problem_and_nothing_is_queued(api: 
          {"notice.text"}),
         ({"type": "lock", "reason": "x", "notice": {"text": "hi", "lang": "e n"}},
          {"notice.lang"}),
+        # A remote view: a mode, and the notice its user is asked with (no template).
+        ({"type": "remote_view", "reason": "x", "notice": {"text": "May we?"}}, {"mode"}),
+        ({"type": "remote_view", "mode": "keylogger", "reason": "x",
+          "notice": {"text": "May we?"}}, {"mode"}),
+        ({"type": "remote_view", "mode": "session", "reason": "x"}, {"notice"}),
+        ({"type": "lock", "mode": "session", "reason": "x"}, {"mode"}),
     ]
     for body, paths in cases:
         status, err = api.post(_cmds("corp1"), api.alice, body)
@@ -138,6 +145,33 @@ def test_personal_device_gets_only_a_managed_wipe(api: Api) -> None:
     states = asyncio.run(fetch(api.database, "SELECT type, params FROM commands "
                                              "WHERE device_id = 'pers1'"))
     assert [(r["type"], r["params"]) for r in states] == [("wipe", {"scope": "managed"})]
+
+
+def test_remote_view_carries_its_mode_reason_and_the_admins_notice(api: Api) -> None:
+    ask = {"text": "Your admin asks to see your screen. Accept?", "lang": "en"}
+    body = {"type": "remote_view", "mode": "session", "reason": "app crashes", "notice": ask}
+    for device in ("corp1", "pers1"):  # personal too: its user is asked like any other
+        status, cmd = api.post(_cmds(device), api.alice, body)
+        assert status == 201, cmd
+        assert (cmd["params"], cmd["notice"], cmd["consent_at"]) == (
+            {"mode": "session", "reason": "app crashes"}, ask, None)
+        # 15 minutes to answer by default: the admin is waiting too.
+        ttl = (datetime.fromisoformat(cmd["expires_at"])
+               - datetime.fromisoformat(cmd["created_at"])).total_seconds()
+        assert 899 <= ttl <= 901, ttl
+    status, cmd = api.post(_cmds("corp1"), api.alice, {**body, "ttl_s": 3600})
+    assert status == 201
+    assert (datetime.fromisoformat(cmd["expires_at"])
+            - datetime.fromisoformat(cmd["created_at"])).total_seconds() > 3500
+    [entry] = [e for e in api.get("/api/v1/audit?limit=500", api.alice)[1]["entries"]
+               if e["details"].get("command_id") == cmd["command_id"]]
+    assert entry["details"] == {"command_id": cmd["command_id"], "type": "remote_view",
+                                "mode": "session"}  # never the reason or the notice
+    # One device at a time: not for a group.
+    asyncio.run(fetch(api.database, "UPDATE devices SET groups = '{view-all}' "
+                                    "WHERE tenant_id = $1 AND device_id = 'corp2'", TENANT))
+    status, err = api.post("/api/v1/groups/view-all/commands", api.alice, body)
+    assert status == 403 and err["code"] == "group_remote_view"
 
 
 def test_factory_reset_waits_for_a_second_admin(api: Api) -> None:

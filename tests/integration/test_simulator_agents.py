@@ -90,3 +90,59 @@ def _forged(database: str) -> bytes:
     [row] = asyncio.run(fetch(database, "SELECT payload FROM commands WHERE type = 'wipe' "
                                         "ORDER BY device_id LIMIT 1"))
     return bytes(row["payload"]).replace(b'"scope":"full"', b'"scope":"managed"')
+
+
+def test_simulated_users_answer_a_remote_view_as_their_consent_policy_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the simulated users accept (drawn per device from the seed): each yes
+    is a view run once and a completed command, each no a consent_refused one."""
+    from tests.support.services import TEST_MASTER_KEY
+
+    monkeypatch.setenv("MDM_MASTER_KEY", TEST_MASTER_KEY)
+    database = asyncio.run(create_database())
+    try:
+        with running_broker(tmp_path) as broker:
+            enrollments = asyncio.run(enroll_fleet(database, broker.url, TENANT, 6,
+                                                   personal_share=0.5, seed=3,
+                                                   device_url=broker.device_url,
+                                                   ca_pem=broker.ca_pem))
+            srv = Server(server_env(database, broker.url), tmp_path / "serve.log")
+            admin = srv.cli("admin", "create", "--tenant", TENANT, "--name", "ops").strip()
+            srv.start()
+            try:
+                srv.wait_log("acks subscribed")
+                with Fleet(enrollments, broker.url, agents=True, consent=0.5,
+                           seed=3) as fleet:
+                    assert fleet.serve_commands(lambda: fleet.agents_subscribed == 6,
+                                                timeout=30)
+                    ids = {}
+                    for e in enrollments:
+                        status, cmd = srv.request(
+                            "POST", f"/api/v1/devices/{e['device']}/commands", admin,
+                            {"type": "remote_view", "mode": "screenshot",
+                             "reason": "support call",
+                             "notice": {"text": "May we see your screen?", "lang": "en"}})
+                        assert status == 201, cmd
+                        ids[cmd["command_id"]] = e["device"]
+
+                    def states() -> dict[str, str]:
+                        rows = asyncio.run(fetch(database, "SELECT command_id::text AS id, "
+                                                           "state FROM commands "
+                                                           "WHERE type = 'remote_view'"))
+                        return {r["id"]: r["state"] for r in rows}
+
+                    assert fleet.serve_commands(
+                        lambda: set(states().values()) <= {"completed", "consent_refused"},
+                        timeout=30), states()
+                    stats = fleet.agent_stats
+                    expected = {cid: {"given": "completed", "refused": "consent_refused"}[a]
+                                for cid, a in stats.consent.items()}
+                    assert expected == states() and set(states()) == set(ids)
+                    answers = sorted(stats.consent.values())
+                    assert set(answers) == {"given", "refused"}, answers  # a mix
+                    assert stats.by_type["remote_view"] == answers.count("given")
+                    assert stats.notices_shown == 6
+            finally:
+                srv.stop()
+    finally:
+        asyncio.run(drop_database(database))

@@ -8,6 +8,10 @@ topic after every (re)connection (``offline`` is its will), verifies each comman
 records the notice it shows and the action it executes, and publishes its acks.
 ``hold()`` makes it swallow commands without acting or acking (a phone that died
 right after receiving), to test re-sends.
+
+A remote view asks the device's user (:meth:`CommandHandler.answer_consent`):
+``consent`` says how the user answers, ``accept`` or ``refuse`` at once, or ``ask``:
+the question waits in ``questions`` until the test calls :meth:`DeviceAgent.answer`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_protocol import Status, acks_topic, commands_topic, encode_status, status_topic
-from agent_protocol.agent import Action, CommandHandler, HandleResult, NoticeShown
+from agent_protocol.agent import (
+    Action,
+    CommandHandler,
+    ConsentRequest,
+    HandleResult,
+    NoticeShown,
+)
 from tests.support.mqtt import device_tls_context
 
 
@@ -49,10 +59,16 @@ class DeviceAgent:
     # A file for the agent's command state (nonces, executed commands, keys), kept
     # across restarts as a real agent must; None: in memory only.
     state: Path | None = None
+    # How the user answers a remote view: "accept", "refuse", or "ask" (answer()).
+    consent: str = "accept"
+    questions: list[ConsentRequest] = field(default_factory=list)
+    answers: list[HandleResult] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from load_tests.agent_state import FileStateStore
 
+        if self.consent not in ("accept", "refuse", "ask"):
+            raise ValueError("consent is accept, refuse or ask")
         e = self.enrollment
         self.tenant, self.device = e["tenant"], e["device"]
         keys = {k: Ed25519PublicKey.from_public_bytes(base64.b64decode(v))
@@ -113,14 +129,51 @@ class DeviceAgent:
                 self.actions.append(result.action)
             if result.notice is not None:
                 self.notices.append(result.notice)
-        for payload in result.payloads():
+            payloads = result.payloads()
+            if result.consent is not None:
+                self.questions.append(result.consent)
+                if self.consent != "ask":
+                    payloads += self._answer(result.consent.command_id,
+                                             self.consent == "accept", _now_ms(), None)
+        for payload in payloads:
             c.publish(acks_topic(self.tenant, self.device), payload, qos=1)
+
+    def _answer(self, command_id: str, given: bool, now_ms: int, detail: str | None
+                ) -> tuple[bytes, ...]:
+        """The user's answer (under the lock): recorded, its acks returned."""
+        result = self.handler.answer_consent(command_id, given=given, now_ms=now_ms,
+                                             detail=detail)
+        self.answers.append(result)
+        if result.action is not None:
+            self.actions.append(result.action)
+        return result.payloads()
 
     # -- test controls ---------------------------------------------------------
 
     def hold(self, on: bool = True) -> None:
         with self.lock:
             self.holding = on
+
+    def answer(self, command_id: str, given: bool, *, now_ms: int | None = None,
+               detail: str | None = None) -> HandleResult:
+        """The device's user answers a question (``consent="ask"``); ``now_ms``: when
+        (default now). The acks are published; returns the handler's result."""
+        with self.lock:
+            payloads = self._answer(command_id, given,
+                                    _now_ms() if now_ms is None else now_ms, detail)
+            result = self.answers[-1]
+        for payload in payloads:
+            self.publish_ack(payload)
+        return result
+
+    def wait_questions(self, n: int, timeout: float = 30.0) -> list[ConsentRequest]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.questions) >= n:
+                    return list(self.questions)
+            time.sleep(0.05)
+        raise AssertionError(f"agent {self.device}: {len(self.questions)} of {n} questions")
 
     def publish_ack(self, payload: bytes) -> None:
         """Publish raw ack bytes as this device (forged, late or malformed acks)."""

@@ -1,8 +1,10 @@
 """The agent's command handler: every refusal acked with its reason, a good command
-acked step by step and executed once, whatever arrives again."""
+acked step by step and executed once, whatever arrives again; a remote view runs
+only after its user's yes."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -14,10 +16,12 @@ from agent_protocol import (
     Action,
     Command,
     CommandHandler,
+    ConsentRequest,
     NonceStore,
     Notice,
     NoticeShown,
     Outcome,
+    canonical_json,
     decode_ack,
     encode_command,
     sign_command,
@@ -363,3 +367,142 @@ def test_distrust_key_drops_a_retired_key_but_never_the_last_one() -> None:
                          notice=None, params={"key_id": "k2"}, nonce="distrust-nonce-2"), NOW)
     assert [(a.state, a.detail) for a in r.acks] == [("received", None), ("failed", "last_key")]
     assert set(h.keys) == {"k2"}
+
+
+# --- remote_view: the user's consent ------------------------------------------------------
+
+VIEW = {"mode": "session", "reason": "the scanner app freezes at log-in"}
+ASK = Notice("Uw beheerder wil uw scherm zien. Accepteert u dat?", "nl")
+
+
+def remote_view(**over: Any) -> bytes:
+    return command(**{"command_id": "v-1", "type": "remote_view", "params": VIEW,
+                      "notice": ASK, "nonce": "view-nonce-1", **over})
+
+
+def test_remote_view_shows_the_notice_asks_and_does_nothing_yet() -> None:
+    h = handler()
+    r = h.handle(remote_view(), NOW + 5)
+    assert r.outcome is Outcome.CONSENT_NEEDED
+    assert r.action is None  # nothing happens before the user's answer
+    assert r.notice == NoticeShown("v-1", ASK.text, "nl", NOW + 5)
+    assert r.consent == ConsentRequest("v-1", "remote_view", VIEW, ASK.text, "nl", NOW + 5,
+                                       NOW + HOUR)
+    assert acked(r.payloads()) == [("v-1", "received", None), ("v-1", "notice_shown", None)]
+    assert h.pending_consents(NOW + 6) == (r.consent,)
+
+
+def test_a_yes_runs_the_view_once_and_acks_consent_then_completed() -> None:
+    h = handler()
+    h.handle(remote_view(), NOW)
+    r = h.answer_consent("v-1", given=True, now_ms=NOW + 30_000)
+    assert r.outcome is Outcome.EXECUTED
+    assert r.action == Action("v-1", "remote_view", VIEW)
+    assert acked(r.payloads()) == [("v-1", "consent_given", None), ("v-1", "completed", None)]
+    assert all(a.ts_ms == NOW + 30_000 for a in r.acks)  # the time of the answer
+    assert h.pending_consents(NOW + 30_001) == ()
+    # A second answer, either way, changes nothing: the first counts.
+    for given in (True, False):
+        again = h.answer_consent("v-1", given=given, now_ms=NOW + 40_000)
+        assert again.outcome is Outcome.DUPLICATE and again.action is None
+    # The command arriving again: every ack so far, no question, no action.
+    dup = h.handle(remote_view(), NOW + 50_000)
+    assert dup.outcome is Outcome.DUPLICATE and dup.action is None and dup.consent is None
+    assert [a.state for a in dup.acks] == ["received", "notice_shown", "consent_given",
+                                           "completed"]
+
+
+@pytest.mark.parametrize(("detail", "sent"), [(None, "refused"), ("no_answer", "no_answer"),
+                                               ("no_user", "no_user")])
+def test_a_no_is_acked_with_its_code_and_nothing_ever_runs(detail: str | None,
+                                                           sent: str) -> None:
+    h = handler()
+    h.handle(remote_view(), NOW)
+    r = h.answer_consent("v-1", given=False, now_ms=NOW + 1, detail=detail)
+    assert (r.outcome, r.reason, r.action) == (Outcome.CONSENT_REFUSED, sent, None)
+    assert acked(r.payloads()) == [("v-1", "consent_refused", sent)]
+    late_yes = h.answer_consent("v-1", given=True, now_ms=NOW + 2)
+    assert late_yes.outcome is Outcome.DUPLICATE and late_yes.action is None
+    assert h.handle(remote_view(), NOW + 3).action is None
+
+
+def test_a_yes_after_the_expiry_is_a_refusal() -> None:
+    h = handler()
+    h.handle(remote_view(), NOW)
+    assert [q.command_id for q in h.pending_consents(NOW + HOUR)] == ["v-1"]  # still open
+    r = h.answer_consent("v-1", given=True, now_ms=NOW + HOUR)
+    assert (r.outcome, r.reason, r.action) == (Outcome.CONSENT_REFUSED, "expired", None)
+    assert acked(r.payloads()) == [("v-1", "consent_refused", "expired")]
+
+
+def test_a_redelivered_remote_view_is_asked_once() -> None:
+    h = handler()
+    first = h.handle(remote_view(), NOW)
+    again = h.handle(remote_view(), NOW + 1000)
+    assert again.outcome is Outcome.DUPLICATE
+    assert again.consent is None and again.notice is None and again.action is None
+    assert again.acks == first.acks
+    assert len(h.pending_consents(NOW + 1000)) == 1
+
+
+def test_an_open_question_outlives_a_restart() -> None:
+    store = MemoryStore()
+    handler(store=store).handle(remote_view(), NOW)
+    restarted = handler(store=store)
+    [question] = restarted.pending_consents(NOW + 10)
+    assert (question.command_id, question.params, question.text) == ("v-1", VIEW, ASK.text)
+    assert restarted.handle(remote_view(), NOW + 20).outcome is Outcome.DUPLICATE
+    r = restarted.answer_consent("v-1", given=True, now_ms=NOW + 30)
+    assert r.action == Action("v-1", "remote_view", VIEW)
+    # The answer is saved before it returns: after another restart it is not asked
+    # again, and not run again.
+    once_more = handler(store=store)
+    assert once_more.pending_consents(NOW + 40) == ()
+    assert once_more.answer_consent("v-1", given=True, now_ms=NOW + 40).action is None
+
+
+def test_a_state_saved_by_the_previous_version_still_loads() -> None:
+    store = MemoryStore()
+    handler(store=store).handle(command(), NOW)
+    doc = orjson.loads(store.saved or b"")
+    doc["v"] = 1
+    doc["executed"] = [e[:3] for e in doc["executed"]]  # version 1: no question
+    store.saved = orjson.dumps(doc)
+    h = handler(store=store)
+    assert h.handle(command(), NOW + 1).outcome is Outcome.DUPLICATE
+    assert h.pending_consents(NOW + 1) == ()
+
+
+@pytest.mark.parametrize(("over", "reason"), [
+    ({"notice": None}, "missing_field"),  # nothing to ask the user with
+    ({"params": {"mode": "keylogger", "reason": "x"}}, "bad_value"),
+    ({"params": {"mode": "screenshot"}}, "missing_field"),
+    ({"params": {"mode": "screenshot", "reason": " "}}, "bad_value"),
+])
+def test_a_remote_view_the_agent_cannot_ask_with_is_rejected(over: dict[str, Any],
+                                                             reason: str) -> None:
+    obj = orjson.loads(remote_view())
+    for k, v in over.items():
+        if v is None:
+            del obj[k]
+        else:
+            obj[k] = v
+    # Signed as the server would: the refusal is about the content, not the signature.
+    del obj["sig"]
+    obj["sig"] = base64.b64encode(KEY.sign(canonical_json(obj))).decode()
+    _rejected(orjson.dumps(obj), reason, cid="v-1")
+
+
+def test_answers_the_handler_cannot_take_are_errors() -> None:
+    h = handler()
+    h.handle(remote_view(), NOW)
+    h.handle(command(), NOW)  # a wipe: no question
+    with pytest.raises(ValueError, match="no consent was asked"):
+        h.answer_consent("c-1", given=True, now_ms=NOW)
+    with pytest.raises(ValueError, match="no consent was asked"):
+        h.answer_consent("nope", given=False, now_ms=NOW)
+    with pytest.raises(ValueError, match="only with a refusal"):
+        h.answer_consent("v-1", given=True, now_ms=NOW, detail="refused")
+    with pytest.raises(ValueError, match="detail must be one of"):
+        h.answer_consent("v-1", given=False, now_ms=NOW, detail="the user typed this")
+    assert len(h.pending_consents(NOW)) == 1  # none of them answered it

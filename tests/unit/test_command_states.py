@@ -1,5 +1,6 @@
-"""The server's command state machine: every rule, cell by cell, and a model of
-several commands travelling between the server and a real agent (Ed25519 signed)."""
+"""The server's command state machine: every rule, cell by cell (for commands the
+user must accept, remote_view, too), and a model of several commands travelling
+between the server and a real agent (Ed25519 signed), whose user answers."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from hypothesis.stateful import (
 
 import agent_protocol
 from agent_protocol import (
+    CONSENT_TYPES,
     Command,
     CommandHandler,
     NonceStore,
@@ -34,6 +36,7 @@ from mdm_server.commands.states import (
     ACK_FROM_STATES,
     ACK_STATES,
     CANCEL_FROM_STATES,
+    CONSENT_EXPIRE_FROM_STATES,
     EVENTS,
     EXPIRE_FROM_STATES,
     STATES,
@@ -58,9 +61,11 @@ queued            !not_pending_approval  cancelled         cancelled  sent
 sent              !not_pending_approval  !not_cancellable  cancelled  !not_queued
 received          !not_pending_approval  !not_cancellable  cancelled  !not_queued
 notice_shown      !not_pending_approval  !not_cancellable  cancelled  !not_queued
+consent_given     !not_pending_approval  !not_cancellable  cancelled  !not_queued
 completed         !terminal              !terminal         !terminal  !terminal
 failed            !terminal              !terminal         !terminal  !terminal
 rejected          !terminal              !terminal         !terminal  !terminal
+consent_refused   !terminal              !terminal         !terminal  !terminal
 expired           !terminal              !terminal         !terminal  !terminal
 cancelled         !terminal              !terminal         !terminal  !terminal
 """
@@ -72,26 +77,67 @@ queued            expired            !nothing_to_resend
 sent              expired            sent
 received          !already_received  received
 notice_shown      !already_received  notice_shown
+consent_given     !already_received  consent_given
 completed         !terminal          !terminal
 failed            !terminal          !terminal
 rejected          !terminal          !terminal
+consent_refused   !terminal          !terminal
 expired           !terminal          !terminal
 cancelled         !terminal          !terminal
 """
 
-ACK_TABLE = """
-state             received        notice_shown    completed       failed          rejected
-pending_approval  !not_delivered  !not_delivered  !not_delivered  !not_delivered  !not_delivered
-queued            !not_delivered  !not_delivered  !not_delivered  !not_delivered  !not_delivered
-sent              received        notice_shown    completed       failed          rejected
-received          !duplicate      notice_shown    completed       failed          rejected
-notice_shown      !backwards      !duplicate      completed       failed          rejected
-completed         !terminal       !terminal       !duplicate      !terminal       !terminal
-failed            !terminal       !terminal       !terminal       !duplicate      !terminal
-rejected          !terminal       !terminal       !terminal       !terminal       !duplicate
-expired           !terminal       !terminal       !terminal       !terminal       !terminal
-cancelled         !terminal       !terminal       !terminal       !terminal       !terminal
+# A command its user must accept (remote_view): until the user said yes nothing
+# happened on the device, so it still expires; once they did, it no longer does.
+CONSENT_TIMED_TABLE = """
+state             expire             reconnect
+pending_approval  expired            !nothing_to_resend
+queued            expired            !nothing_to_resend
+sent              expired            sent
+received          expired            received
+notice_shown      expired            notice_shown
+consent_given     !already_received  consent_given
+completed         !terminal          !terminal
+failed            !terminal          !terminal
+rejected          !terminal          !terminal
+consent_refused   !terminal          !terminal
+expired           !terminal          !terminal
+cancelled         !terminal          !terminal
 """
+
+_ND, _NA = "!not_delivered", "!consent_not_asked"
+ACK_TABLE = f"""
+state            received   notice_shown consent_given completed  failed     rejected   consent_refused
+pending_approval {_ND}      {_ND}        {_ND}         {_ND}      {_ND}      {_ND}      {_ND}
+queued           {_ND}      {_ND}        {_ND}         {_ND}      {_ND}      {_ND}      {_ND}
+sent             received   notice_shown {_NA}         completed  failed     rejected   {_NA}
+received         !duplicate notice_shown {_NA}         completed  failed     rejected   {_NA}
+notice_shown     !backwards !duplicate   {_NA}         completed  failed     rejected   {_NA}
+consent_given    !backwards !backwards   !duplicate    completed  failed     rejected   {_NA}
+completed        !terminal  !terminal    !terminal     !duplicate !terminal  !terminal  !terminal
+failed           !terminal  !terminal    !terminal     !terminal  !duplicate !terminal  !terminal
+rejected         !terminal  !terminal    !terminal     !terminal  !terminal  !duplicate !terminal
+consent_refused  !terminal  !terminal    !terminal     !terminal  !terminal  !terminal  !duplicate
+expired          !terminal  !terminal    !terminal     !terminal  !terminal  !terminal  !terminal
+cancelled        !terminal  !terminal    !terminal     !terminal  !terminal  !terminal  !terminal
+"""  # noqa: E501
+
+# remote_view: completed only after the user's yes; a no ends it; the first answer
+# counts (a no after a yes goes backwards).
+CONSENT_ACK_TABLE = f"""
+state            received   notice_shown consent_given completed   failed     rejected   consent_refused
+pending_approval {_ND}      {_ND}        {_ND}         {_ND}       {_ND}      {_ND}      {_ND}
+queued           {_ND}      {_ND}        {_ND}         {_ND}       {_ND}      {_ND}      {_ND}
+sent             received   notice_shown consent_given !no_consent failed     rejected   consent_refused
+received         !duplicate notice_shown consent_given !no_consent failed     rejected   consent_refused
+notice_shown     !backwards !duplicate   consent_given !no_consent failed     rejected   consent_refused
+consent_given    !backwards !backwards   !duplicate    completed   failed     rejected   !backwards
+completed        !terminal  !terminal    !terminal     !duplicate  !terminal  !terminal  !terminal
+failed           !terminal  !terminal    !terminal     !terminal   !duplicate !terminal  !terminal
+rejected         !terminal  !terminal    !terminal     !terminal   !terminal  !duplicate !terminal
+consent_refused  !terminal  !terminal    !terminal     !terminal   !terminal  !terminal  !duplicate
+expired          !terminal  !terminal    !terminal     !terminal   !terminal  !terminal  !terminal
+cancelled        !terminal  !terminal    !terminal     !terminal   !terminal  !terminal  !terminal
+"""  # noqa: E501
 
 
 def cells(table: str) -> list[tuple[str, str, str]]:
@@ -128,22 +174,28 @@ def check(t: Transition, state: str, event: str, cell: str) -> None:
 def test_tables_cover_every_state_and_event() -> None:
     assert [s for s, *_ in cells(EVENT_TABLE)][::4] == list(STATES)
     assert [s for s, *_ in cells(TIMED_TABLE)][::2] == list(STATES)
-    assert [s for s, *_ in cells(ACK_TABLE)][::5] == list(STATES)
+    assert [s for s, *_ in cells(CONSENT_TIMED_TABLE)][::2] == list(STATES)
+    assert [s for s, *_ in cells(ACK_TABLE)][::7] == list(STATES)
+    assert [s for s, *_ in cells(CONSENT_ACK_TABLE)][::7] == list(STATES)
     events = {c for _, c, _ in cells(EVENT_TABLE) + cells(TIMED_TABLE)}
     assert events | {"ack"} == set(EVENTS)
-    assert [c for _, c, _ in cells(ACK_TABLE)][:5] == list(ACK_STATES)
+    assert [c for _, c, _ in cells(ACK_TABLE)][:7] == list(ACK_STATES)
+    assert [c for _, c, _ in cells(CONSENT_ACK_TABLE)][:7] == list(ACK_STATES)
 
 
+@pytest.mark.parametrize("consent", [False, True])
 @pytest.mark.parametrize(("state", "event", "cell"), cells(EVENT_TABLE))
-def test_event(state: str, event: str, cell: str) -> None:
-    check(transition(state, event), state, event, cell)
+def test_event(state: str, event: str, cell: str, consent: bool) -> None:
+    check(transition(state, event, consent=consent), state, event, cell)
 
 
-@pytest.mark.parametrize(("state", "event", "cell"), cells(TIMED_TABLE))
-def test_timed_event(state: str, event: str, cell: str) -> None:
+@pytest.mark.parametrize(("consent", "state", "event", "cell"),
+                         [(False, *c) for c in cells(TIMED_TABLE)]
+                         + [(True, *c) for c in cells(CONSENT_TIMED_TABLE)])
+def test_timed_event(consent: bool, state: str, event: str, cell: str) -> None:
     # expire: at expires_at; reconnect: before it.
     now = EXPIRES if event == "expire" else EXPIRES - 1
-    t = transition(state, event, now_ms=now, expires_at_ms=EXPIRES)
+    t = transition(state, event, now_ms=now, expires_at_ms=EXPIRES, consent=consent)
     check(t, state, event, cell)
     resent = event == "reconnect" and not cell.startswith("!")
     assert t.action == ("resend" if resent else None)
@@ -152,6 +204,21 @@ def test_timed_event(state: str, event: str, cell: str) -> None:
 @pytest.mark.parametrize(("state", "ack_state", "cell"), cells(ACK_TABLE))
 def test_ack(state: str, ack_state: str, cell: str) -> None:
     check(transition(state, "ack", ack_state=ack_state), state, "ack", cell)
+
+
+@pytest.mark.parametrize(("state", "ack_state", "cell"), cells(CONSENT_ACK_TABLE))
+def test_ack_of_a_command_the_user_must_accept(state: str, ack_state: str, cell: str) -> None:
+    check(transition(state, "ack", ack_state=ack_state, consent=True), state, "ack", cell)
+
+
+def test_only_remote_view_asks_its_user() -> None:
+    assert CONSENT_TYPES == {"remote_view"}
+
+
+@pytest.mark.parametrize("state", ["received", "notice_shown"])
+def test_an_unanswered_remote_view_waits_for_expires_at(state: str) -> None:
+    t = transition(state, "expire", now_ms=EXPIRES - 1, expires_at_ms=EXPIRES, consent=True)
+    check(t, state, "expire", "!not_expired")
 
 
 @pytest.mark.parametrize("state", ["pending_approval", "queued", "sent"])
@@ -170,7 +237,8 @@ def test_reconnect_past_expiry_resends_nothing() -> None:
 
 
 def test_terminal_states() -> None:
-    assert TERMINAL == {"completed", "failed", "rejected", "expired", "cancelled"}
+    assert TERMINAL == {"completed", "failed", "rejected", "consent_refused", "expired",
+                        "cancelled"}
     assert [s for s in STATES if is_terminal(s)] == [s for s in STATES if s in TERMINAL]
     with pytest.raises(ValueError):
         is_terminal("done")
@@ -181,24 +249,45 @@ def test_sets_for_sql_follow_the_tables() -> None:
         moving = [s for s, c, cell in cells(EVENT_TABLE) + cells(TIMED_TABLE)
                   if c == event and cell[0] != "!"]
         assert list(from_states(event)) == moving
+    for event in ("expire", "reconnect"):
+        moving = [s for s, c, cell in cells(CONSENT_TIMED_TABLE)
+                  if c == event and cell[0] != "!"]
+        assert list(from_states(event, consent=True)) == moving
     assert CANCEL_FROM_STATES == ("pending_approval", "queued")
     assert WITHDRAW_FROM_STATES == tuple(s for s in STATES if s not in TERMINAL)
     assert EXPIRE_FROM_STATES == ("pending_approval", "queued", "sent")
-    assert ACK_FROM_STATES == ("sent", "received", "notice_shown")
+    assert CONSENT_EXPIRE_FROM_STATES == (
+        "pending_approval", "queued", "sent", "received", "notice_shown")
+    assert ACK_FROM_STATES == ("sent", "received", "notice_shown", "consent_given")
     assert from_states("ack") == ACK_FROM_STATES
-    for ack_state in ACK_STATES:
-        moving = [s for s, c, cell in cells(ACK_TABLE) if c == ack_state and cell[0] != "!"]
-        assert list(from_states("ack", ack_state)) == moving
+    for table, consent in ((ACK_TABLE, False), (CONSENT_ACK_TABLE, True)):
+        for ack_state in ACK_STATES:
+            moving = [s for s, c, cell in cells(table) if c == ack_state and cell[0] != "!"]
+            assert list(from_states("ack", ack_state, consent=consent)) == moving
     assert sql_list(EXPIRE_FROM_STATES) == "'pending_approval', 'queued', 'sent'"
+
+
+def _latest_check(constraint: str, column: str) -> list[str]:
+    """The values of the newest migration's CHECK (column IN (...)) of a constraint:
+    the one the database has."""
+    migrations = sorted((Path(__file__).parents[2] / "mdm_server/storage/migrations")
+                        .glob("*.sql"))
+    found = None
+    for m in migrations:
+        text = m.read_text()
+        named = re.findall(rf"ADD CONSTRAINT {constraint}\s+CHECK \({column} IN \(([^)]*)\)\)",
+                           text)
+        inline = re.findall(rf"{column}\s+text\s+NOT NULL CHECK \({column} IN \(([^)]*)\)\)",
+                            text) if m.name.startswith("003_") else []
+        found = (named or inline or [found])[-1]
+    assert found is not None
+    return re.findall(r"'(\w+)'", found)
 
 
 def test_states_match_the_protocol_and_the_schema() -> None:
     assert ACK_STATES == agent_protocol.ACK_STATES
-    migration = Path(__file__).parents[2] / "mdm_server/storage/migrations/003_commands.sql"
-    check_clause = re.search(r"state\s+text\s+NOT NULL CHECK \(state IN \(([^)]*)\)\)",
-                             migration.read_text())
-    assert check_clause is not None
-    assert re.findall(r"'(\w+)'", check_clause.group(1)) == list(STATES)
+    assert _latest_check("commands_state_check", "state") == list(STATES)
+    assert _latest_check("commands_type_check", "type") == list(agent_protocol.COMMAND_TYPES)
 
 
 def test_misuse_raises() -> None:
@@ -232,14 +321,16 @@ def test_misuse_raises() -> None:
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 KEYS = {"k1": KEY.public_key()}
-RANK = {"pending_approval": 0, "queued": 1, "sent": 2, "received": 3, "notice_shown": 4}
+RANK = {"pending_approval": 0, "queued": 1, "sent": 2, "received": 3, "notice_shown": 4,
+        "consent_given": 5}
 TTL = 60_000
 PICK = st.integers(0, 1000)
-TYPES = st.sampled_from(["wipe", "lock", "factory_reset"])
+TYPES = st.sampled_from(["wipe", "lock", "factory_reset", "remote_view"])
+REMOTE_VIEW = {"mode": "screenshot", "reason": "the app crashes on start"}
 
 
 def rank(state: str) -> int:
-    return RANK.get(state, 5)
+    return RANK.get(state, 6)
 
 
 class ForgetfulNonces(NonceStore):
@@ -261,9 +352,15 @@ class ServerCommand:
     executions: int = 0
     refused: bool = False  # the agent refused it (only ever as expired)
     history: list[str] = field(default_factory=list)  # every state, the first included
+    asked: int = 0  # times the agent put the question to its user
+    answers: list[tuple[bool, int]] = field(default_factory=list)  # (yes, when) per answer
 
     def __post_init__(self) -> None:
         self.history.append(self.state)
+
+    @property
+    def consent(self) -> bool:
+        return self.type in CONSENT_TYPES
 
 
 class CommandLifecycle(RuleBasedStateMachine):
@@ -288,7 +385,7 @@ class CommandLifecycle(RuleBasedStateMachine):
     def feed(self, cmd: ServerCommand, payload: bytes) -> None:
         ack = decode_ack(payload, now_ms=self.now)
         assert ack.command_id == cmd.command_id
-        t = transition(cmd.state, "ack", ack_state=ack.state)
+        t = transition(cmd.state, "ack", ack_state=ack.state, consent=cmd.consent)
         if cmd.state in TERMINAL:
             assert not t.accepted
         self.apply(cmd, t)
@@ -298,8 +395,15 @@ class CommandLifecycle(RuleBasedStateMachine):
         """The agent handles the command's bytes; its acks are in flight (or flushed)."""
         assert cmd.payload is not None
         result = self.agent.handle(cmd.payload, self.now)
-        assert result.outcome in (Outcome.EXECUTED, Outcome.DUPLICATE, Outcome.REJECTED)
+        assert result.outcome in (Outcome.EXECUTED, Outcome.DUPLICATE, Outcome.REJECTED,
+                                  Outcome.CONSENT_NEEDED)
+        # A command its user must accept is never executed by handle(): it asks.
+        assert (result.outcome is Outcome.CONSENT_NEEDED) == (result.consent is not None)
+        if result.consent is not None:
+            assert cmd.consent and result.action is None and result.notice is not None
+            cmd.asked += 1
         if result.action is not None:
+            assert not cmd.consent
             assert result.outcome is Outcome.EXECUTED
             assert result.action.command_id == cmd.command_id
             assert result.action.type == cmd.type
@@ -309,7 +413,10 @@ class CommandLifecycle(RuleBasedStateMachine):
             assert result.reason == "expired"
             assert self.now >= cmd.expires_at_ms
             cmd.refused = True
-        cmd.in_flight += result.payloads()
+        self.acks_out(cmd, result.payloads(), flush)
+
+    def acks_out(self, cmd: ServerCommand, payloads: tuple[bytes, ...], flush: bool) -> None:
+        cmd.in_flight += payloads
         while flush and cmd.in_flight:
             self.feed(cmd, cmd.in_flight.pop(0))
 
@@ -323,6 +430,7 @@ class CommandLifecycle(RuleBasedStateMachine):
     @rule(type_=TYPES, with_notice=st.booleans())
     def issue(self, type_: str, with_notice: bool) -> None:
         cid = f"c-{len(self.server)}"
+        with_notice = with_notice or type_ in CONSENT_TYPES  # the user is asked with it
         notice = Notice("Your phone will be wiped; call IT.", "en") if with_notice else None
         state = "pending_approval" if type_ == "factory_reset" else "queued"
         self.server[cid] = ServerCommand(cid, type_, notice, self.now + TTL, state)
@@ -362,7 +470,8 @@ class CommandLifecycle(RuleBasedStateMachine):
         if cmd.payload is None:
             unsigned = Command(
                 command_id=cmd.command_id, tenant="acme", device="dev-1", type=cmd.type,
-                params={"scope": "managed"} if cmd.type == "wipe" else {},
+                params={"wipe": {"scope": "managed"},
+                        "remote_view": REMOTE_VIEW}.get(cmd.type, {}),
                 notice=cmd.notice, issued_at_ms=self.now, expires_at_ms=cmd.expires_at_ms,
                 nonce=f"nonce-{cmd.command_id}-0000", key_id="k1",
             )
@@ -383,7 +492,7 @@ class CommandLifecycle(RuleBasedStateMachine):
         if cmd is not None:
             self.agent_receives(cmd, flush)
 
-    @rule(pick=PICK, which=st.integers(0, 2))
+    @rule(pick=PICK, which=st.integers(0, 3))
     def ack_arrives(self, pick: int, which: int) -> None:
         """One ack in flight reaches the server (not necessarily the oldest)."""
         cmd = self.some(pick, lambda c: bool(c.in_flight))
@@ -410,6 +519,27 @@ class CommandLifecycle(RuleBasedStateMachine):
         if cmd is not None:
             self.feed(cmd, cmd.arrived[0])
 
+    @rule(pick=PICK, yes=st.booleans(), flush=st.booleans())
+    def user_answers(self, pick: int, yes: bool, flush: bool) -> None:
+        """The device's user answers an open question (yes or no), or answers again."""
+        cmd = self.some(pick, lambda c: c.asked > 0)
+        if cmd is None:
+            return
+        result = self.agent.answer_consent(cmd.command_id, given=yes, now_ms=self.now)
+        open_before = not cmd.answers
+        cmd.answers.append((yes, self.now))
+        if not open_before:  # the first answer counts
+            assert result.outcome is Outcome.DUPLICATE and result.action is None
+        elif yes and self.now < cmd.expires_at_ms:
+            assert result.outcome is Outcome.EXECUTED and result.action is not None
+            assert result.action.params == REMOTE_VIEW
+            cmd.executions += 1
+        else:
+            assert result.outcome is Outcome.CONSENT_REFUSED and result.action is None
+            assert result.reason == ("expired" if yes else "refused")
+        if result.outcome is not Outcome.DUPLICATE:
+            self.acks_out(cmd, result.payloads(), flush)
+
     @rule(advance=st.sampled_from([1, TTL // 10, TTL // 4, TTL]) | st.integers(0, TTL // 2))
     def tick(self, advance: int) -> None:
         self.now += advance
@@ -418,8 +548,10 @@ class CommandLifecycle(RuleBasedStateMachine):
     def expire(self) -> None:
         """The server's expiry job."""
         for cmd in self.server.values():
-            t = transition(cmd.state, "expire", now_ms=self.now, expires_at_ms=cmd.expires_at_ms)
-            if cmd.state in EXPIRE_FROM_STATES and self.now >= cmd.expires_at_ms:
+            t = transition(cmd.state, "expire", now_ms=self.now, expires_at_ms=cmd.expires_at_ms,
+                           consent=cmd.consent)
+            if cmd.state in from_states("expire", consent=cmd.consent) \
+                    and self.now >= cmd.expires_at_ms:
                 assert t.accepted and t.to_state == "expired"
             self.apply(cmd, t)
 
@@ -432,10 +564,11 @@ class CommandLifecycle(RuleBasedStateMachine):
                 self.agent_receives(cmd, flush)
         for cmd in self.server.values():
             t = transition(cmd.state, "reconnect", now_ms=self.now,
-                           expires_at_ms=cmd.expires_at_ms)
+                           expires_at_ms=cmd.expires_at_ms, consent=cmd.consent)
             self.apply(cmd, t)
             if t.action == "resend":
-                assert t.accepted and cmd.state in ("sent", "received", "notice_shown")
+                assert t.accepted and cmd.state in ("sent", "received", "notice_shown",
+                                                    "consent_given")
                 self.agent_receives(cmd, flush)
 
     @rule()
@@ -461,9 +594,12 @@ class CommandLifecycle(RuleBasedStateMachine):
     @invariant()
     def a_command_the_agent_accepted_does_not_expire(self) -> None:
         for cmd in self.server.values():
-            if cmd.state == "expired":
+            if cmd.state == "expired" and not cmd.consent:
                 assert cmd.history[-2] in EXPIRE_FROM_STATES
                 assert "received" not in cmd.history
+            if cmd.state == "expired" and cmd.consent:  # only while its user had not said yes
+                assert cmd.history[-2] in CONSENT_EXPIRE_FROM_STATES
+                assert "consent_given" not in cmd.history
 
     @invariant()
     def each_command_is_executed_at_most_once(self) -> None:
@@ -481,13 +617,33 @@ class CommandLifecycle(RuleBasedStateMachine):
     @invariant()
     def the_server_reports_only_what_the_agent_did(self) -> None:
         for cmd in self.server.values():
-            if cmd.state in ("received", "notice_shown", "completed"):
+            if cmd.state in ("received", "notice_shown", "completed") and not cmd.consent:
                 assert cmd.executions == 1
             if cmd.state == "notice_shown":
                 assert cmd.notice is not None
             assert cmd.state != "failed"
             if cmd.state == "rejected":  # refused as expired, never executed
                 assert cmd.refused and cmd.executions == 0
+            if not cmd.consent:
+                assert cmd.asked == 0 and not cmd.answers
+                assert "consent_given" not in cmd.history
+                assert "consent_refused" not in cmd.history
+
+    @invariant()
+    def a_remote_view_runs_only_after_its_users_yes_in_time(self) -> None:
+        for cmd in self.server.values():
+            if not cmd.consent:
+                continue
+            assert cmd.asked <= 1  # asked once, whatever arrives again
+            yes_in_time = bool(cmd.answers) and cmd.answers[0][0] \
+                and cmd.answers[0][1] < cmd.expires_at_ms
+            assert cmd.executions == int(yes_in_time)
+            if cmd.state in ("consent_given", "completed"):
+                assert yes_in_time and "consent_given" in cmd.history
+            if cmd.state == "completed":
+                assert cmd.history[-2] == "consent_given"
+            if cmd.state == "consent_refused":
+                assert cmd.executions == 0 and not yes_in_time
 
 
 TestCommandLifecycle = CommandLifecycle.TestCase

@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import agent_protocol
 from agent_protocol import (
     KINDS,
+    CommandHandler,
     NonceStore,
+    Outcome,
     decode_ack,
     decode_telemetry,
     parse_topic,
@@ -32,14 +34,19 @@ def examples() -> list[tuple[str, bytes]]:
 def test_one_example_per_kind() -> None:
     kinds = {t.rsplit("/", 1)[1] for t, _ in examples() if "/telemetry/" in t}
     assert kinds == set(KINDS)
-    assert {t for t, _ in examples()} >= {"command", "ack"}
+    assert {t for t, _ in examples()} >= {"command", "ack", "command:remote_view",
+                                          "ack:consent_refused"}
 
 
 @pytest.mark.parametrize(("target", "payload"), examples())
 def test_example_decodes(target: str, payload: bytes) -> None:
-    if target == "ack":
-        assert decode_ack(payload, now_ms=NOW).state == "completed"
-    elif target == "command":
+    what, _, variant = target.partition(":")
+    if what == "ack":
+        ack = decode_ack(payload, now_ms=NOW)
+        assert ack.state == (variant or "completed")
+        if variant == "consent_refused":
+            assert ack.detail in agent_protocol.CONSENT_REFUSALS
+    elif what == "command":
         key = Ed25519PublicKey.from_public_bytes(base64.b64decode(DOC_PUBLIC_KEY))
         cmd = verify_command(
             payload,
@@ -49,7 +56,16 @@ def test_example_decodes(target: str, payload: bytes) -> None:
             now_ms=1_795_512_600_000 + 1000,
             seen_nonces=NonceStore(),
         )
-        assert cmd.params == {"scope": "managed"}
+        assert cmd.type == (variant or "wipe")
+        if variant == "remote_view":
+            assert cmd.params["mode"] in agent_protocol.REMOTE_VIEW_MODES
+            assert cmd.notice is not None
+            # The agent asks, and does nothing else yet.
+            handler = CommandHandler("acme", "dev-1", {"server-2026": key})
+            result = handler.handle(payload, 1_795_512_600_000 + 1000)
+            assert result.outcome is Outcome.CONSENT_NEEDED and result.action is None
+        else:
+            assert cmd.params == {"scope": "managed"}
     else:
         records = decode_telemetry(parse_topic(target), payload, now_ms=NOW)
         assert records and all(r.data for r in records)

@@ -5,14 +5,16 @@
 import { api, newRequestId, query } from "./common/api.js";
 import { busy, clear, h, poll, showError, showInfo, showOk, table, time } from "./common/ui.js";
 
-export const TERMINAL = new Set(["completed", "failed", "rejected", "expired", "cancelled"]);
-const NOTICE_TYPES = new Set(["lock", "locate", "wipe", "factory_reset"]);
+export const TERMINAL = new Set(["completed", "failed", "rejected", "consent_refused",
+                                 "expired", "cancelled"]);
+const NOTICE_TYPES = new Set(["lock", "locate", "wipe", "factory_reset", "remote_view"]);
 const TYPES = [
   ["lock", "Lock"],
   ["locate", "Locate"],
   ["wipe", "Wipe"],
   ["factory_reset", "Factory reset (needs a second admin)"],
   ["sync_policy", "Send the current policy"],
+  ["remote_view", "Remote view (the device's user must accept)"],
 ];
 
 function stateCell(st) {
@@ -21,6 +23,7 @@ function stateCell(st) {
 
 function typeText(c) {
   if (c.type === "wipe" && c.params && c.params.scope) return `wipe (${c.params.scope})`;
+  if (c.type === "remote_view" && c.params) return `remote view (${c.params.mode})`;
   return c.type.replace(/_/g, " ");
 }
 
@@ -117,6 +120,12 @@ export function commandsView(view, presetDevice) {
     h("option", { value: "full" }, "Everything: the whole device (full)"));
   const scopeBox = h("div", { hidden: true }, h("label", { for: "cmd-scope" }, "Wipe scope"),
                      scope);
+  const mode = h("select", { id: "cmd-mode", name: "mode" },
+    h("option", { value: "screenshot" }, "One screenshot"),
+    h("option", { value: "session" }, "A live session, until the user ends it"));
+  const modeBox = h("div", { hidden: true }, h("label", { for: "cmd-mode" }, "View"), mode,
+    h("p", { class: "hint" }, "The user is asked with the notice below; nothing is seen ",
+      "unless they accept, on any device."));
   const reason = h("textarea", { id: "cmd-reason", name: "reason", class: "prose", rows: 2,
                                  maxlength: 500, required: true });
   const noticeText = h("textarea", { id: "cmd-notice", name: "notice", class: "prose",
@@ -124,9 +133,9 @@ export function commandsView(view, presetDevice) {
   const noticeLang = h("input", { type: "text", id: "cmd-lang", name: "lang", value: "en",
                                   size: 8, maxlength: 35 });
   const templateHint = h("p", { class: "hint", id: "cmd-template" });
+  const noticeLabel = h("label", { for: "cmd-notice" });
   const noticeBox = h("fieldset", {},
-    h("legend", {}, "Notice shown on the device before it acts"),
-    h("label", { for: "cmd-notice" }, "Notice text (empty: the tenant's template)"),
+    h("legend", {}, "Notice shown on the device before it acts"), noticeLabel,
     noticeText, templateHint,
     h("label", { for: "cmd-lang" }, "Language of the notice (e.g. en, nl, de)"), noticeLang);
   const submit = h("button", { type: "submit", id: "cmd-submit" }, "Send command");
@@ -136,7 +145,7 @@ export function commandsView(view, presetDevice) {
       targetGroup, h("label", { for: "target-group", class: "inline" }, "A group"),
       h("label", { for: "cmd-device" }, "Device"), device,
       h("label", { for: "cmd-group" }, "Group"), group),
-    h("label", { for: "cmd-type" }, "Command"), type, scopeBox,
+    h("label", { for: "cmd-type" }, "Command"), type, scopeBox, modeBox,
     h("label", { for: "cmd-reason" }, "Reason (why this command is sent; kept in the audit log)"),
     reason, noticeBox, h("div", { class: "actions" }, submit));
   const batchBox = h("div", { id: "batch" });
@@ -165,6 +174,10 @@ export function commandsView(view, presetDevice) {
     const seq = ++templateSeq; // an answer for an earlier choice is dropped
     clear(templateHint);
     if (!NOTICE_TYPES.has(type.value)) return;
+    if (type.value === "remote_view") {
+      templateHint.append("No template: write what the user is asked.");
+      return;
+    }
     try {
       const t = await api(`/notice-templates/${templateKind(type.value, scope.value)}`);
       if (seq !== templateSeq) return;
@@ -177,17 +190,24 @@ export function commandsView(view, presetDevice) {
 
   const sync = () => {
     const wipe = type.value === "wipe";
+    const view = type.value === "remote_view";
     scopeBox.hidden = !wipe;
+    modeBox.hidden = !view;
     noticeBox.hidden = !NOTICE_TYPES.has(type.value);
+    noticeText.required = view; // the user is asked with it: no template
+    noticeLabel.textContent = view ? "Notice text (required: the user is asked with it)"
+                                   : "Notice text (empty: the tenant's template)";
     device.disabled = !targetDevice.checked;
     group.disabled = !targetGroup.checked;
     group.required = targetGroup.checked;
     submit.textContent = type.value === "factory_reset" ? "Request factory reset"
-                                                       : "Send command";
+                       : view ? "Ask to view the screen" : "Send command";
     changed();
     loadTemplate();
   };
-  for (const el of [type, scope, targetDevice, targetGroup]) el.addEventListener("change", sync);
+  for (const el of [type, scope, mode, targetDevice, targetGroup]) {
+    el.addEventListener("change", sync);
+  }
   for (const el of [device, group, reason, noticeText, noticeLang]) {
     el.addEventListener("input", changed);
   }
@@ -213,6 +233,7 @@ export function commandsView(view, presetDevice) {
     busy(submit, status, async () => {
       const body = { type: type.value, reason: reason.value };
       if (type.value === "wipe") body.scope = scope.value;
+      if (type.value === "remote_view") body.mode = mode.value;
       if (NOTICE_TYPES.has(type.value) && noticeText.value.trim()) {
         body.notice = { text: noticeText.value, lang: noticeLang.value.trim() || "en" };
       }
