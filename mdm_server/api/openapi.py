@@ -66,7 +66,10 @@ def ref(name: str) -> Schema:
 
 def nullable(schema: Schema) -> Schema:
     if "type" in schema and isinstance(schema["type"], str):
-        return {**schema, "type": [schema["type"], "null"]}
+        out = {**schema, "type": [schema["type"], "null"]}
+        if "enum" in schema:  # an enum lists every allowed value: null too
+            out["enum"] = [*schema["enum"], None]
+        return out
     return {"anyOf": [schema, {"type": "null"}]}
 
 
