@@ -49,6 +49,7 @@ from agent_protocol.errors import (
     RemoteProtocolError,
 )
 from agent_protocol.kinds import FIELD_TYPES, KINDS, REQUIRED_FIELDS, validate_data
+from agent_protocol.osmand import OsmAndPoint, decode_osmand
 from agent_protocol.owntracks import (
     OwnTracksMessage,
     OwnTracksTopic,
@@ -102,6 +103,7 @@ __all__ = [
     "NonceStore",
     "Notice",
     "NoticeShown",
+    "OsmAndPoint",
     "Outcome",
     "OwnTracksMessage",
     "OwnTracksTopic",
@@ -119,6 +121,7 @@ __all__ = [
     "commands_topic",
     "decode_ack",
     "decode_command",
+    "decode_osmand",
     "decode_owntracks",
     "decode_status",
     "decode_telemetry",

@@ -625,8 +625,18 @@ messages = st.fixed_dictionaries(
     {"_type": st.sampled_from(TYPES) | json_values},
     optional={name: field_values for name in FIELDS[1:]},
 )
+# Near-valid messages, so that the fuzzing also reaches the records it builds.
+fixes = st.fixed_dictionaries(
+    {"_type": st.sampled_from(["location", "transition"]),
+     "tst": st.integers(NOW // 1000 - 10**7, NOW // 1000 + 10**4) | st.just(str(NOW // 1000)),
+     "lat": st.floats(-90, 90) | st.just("52.1"), "lon": st.floats(-180, 180),
+     "event": st.sampled_from(["enter", "leave"])},
+    optional={name: field_values for name in FIELDS[4:] if name != "event"},
+)  # fmt: skip
 payloads = (
-    st.binary(max_size=200)
+    fixes.map(orjson.dumps)
+    | st.lists(fixes, max_size=3).map(lambda ms: seal(orjson.dumps(ms), KEY))
+    | st.binary(max_size=200)
     | json_values.map(orjson.dumps)
     | messages.map(orjson.dumps)
     | st.lists(messages, max_size=4).map(orjson.dumps)
