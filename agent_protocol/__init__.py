@@ -1,7 +1,9 @@
 """The MDM wire contract, sans I/O: bytes in, typed records out, and back.
 
 This package contains no networking code: it imports only the standard library,
-orjson and cryptography. See docs/protocol.md for the contract it implements.
+orjson, cryptography and PyNaCl (libsodium, for OwnTracks' encrypted payloads). See
+docs/protocol.md for the contract it implements, and docs/agents.md for the adapters
+of other agents' formats (owntracks, osmand).
 """
 
 from agent_protocol.agent import (
@@ -51,6 +53,14 @@ from agent_protocol.errors import (
     RemoteProtocolError,
 )
 from agent_protocol.kinds import FIELD_TYPES, KINDS, REQUIRED_FIELDS, validate_data
+from agent_protocol.osmand import OsmAndPoint, decode_osmand
+from agent_protocol.owntracks import (
+    OwnTracksMessage,
+    OwnTracksTopic,
+    OwnTracksTransition,
+    decode_owntracks,
+    parse_owntracks_topic,
+)
 from agent_protocol.signing import CommandRejected, NonceStore, sign_command, verify_command
 from agent_protocol.topics import (
     ACKS_FILTER,
@@ -101,7 +111,11 @@ __all__ = [
     "NonceStore",
     "Notice",
     "NoticeShown",
+    "OsmAndPoint",
     "Outcome",
+    "OwnTracksMessage",
+    "OwnTracksTopic",
+    "OwnTracksTransition",
     "ProtocolError",
     "Reason",
     "Record",
@@ -115,6 +129,8 @@ __all__ = [
     "commands_topic",
     "decode_ack",
     "decode_command",
+    "decode_osmand",
+    "decode_owntracks",
     "decode_status",
     "decode_telemetry",
     "encode_ack",
@@ -123,6 +139,7 @@ __all__ = [
     "encode_telemetry",
     "is_valid_id",
     "outline_topic",
+    "parse_owntracks_topic",
     "parse_topic",
     "shared_subscription",
     "sign_command",

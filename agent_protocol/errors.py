@@ -42,6 +42,8 @@ class Reason(StrEnum):
     UNKNOWN_KIND = "unknown_kind"
     TOPIC_MISMATCH = "topic_mismatch"
     UNKNOWN_DEVICE = "unknown_device"
+    # Other agents' formats (owntracks.py): an encrypted payload that does not open.
+    BAD_ENCRYPTION = "bad_encryption"
     # Command verification on the agent (raised as CommandRejected).
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_KEY = "unknown_key"
