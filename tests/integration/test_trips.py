@@ -26,8 +26,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
+import jsonschema_rs
 import pytest
 
+from mdm_server.api import openapi
 from mdm_server.storage.policies import put_policy
 from mdm_server.storage.pool import connect
 from privacy_filters import parse_policy, policy_to_doc
@@ -123,9 +125,19 @@ def _at(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
 
 
+def _conforms(body: Any, schema: str = "Trips") -> None:
+    """The answer is what the OpenAPI document says (closed objects: no field more,
+    none missing)."""
+    root = {"$ref": f"#/components/schemas/{schema}",
+            "components": openapi.document()["components"]}
+    errors = [e.message for e in jsonschema_rs.validator_for(root).iter_errors(body)]
+    assert not errors, errors[:5]
+
+
 def test_two_trips_and_the_stop_in_the_depot(env: Env) -> None:
     status, body = env.trips("van1")
     assert status == 200, body
+    _conforms(body)
     day = env.day
     assert body["precision"]["precision_m"] is None
     assert [(p["policy"], p["known"]) for p in body["precision"]["policies"]] == \
@@ -186,6 +198,7 @@ def test_reading_trips_is_in_the_users_access_log(env: Env) -> None:
 def test_under_a_1_km_grid_the_answer_says_so_and_invents_no_movement(env: Env) -> None:
     status, body = env.trips("van2")
     assert status == 200, body
+    _conforms(body)
     precision = body["precision"]
     assert precision["precision_m"] == 1000
     assert precision["policies"] == [{"policy": "coarse", "version": 1, "points":
