@@ -49,7 +49,8 @@ class Day:
     points: list[tuple[datetime, float, float]]
 
     def records(self, device: str) -> list[Record]:
-        return [Record(id=f"{device}-{i}", ts_ms=int(t.timestamp() * 1000),
+        day = self.start.strftime("%Y%m%d")
+        return [Record(id=f"{device}-{day}-{i}", ts_ms=int(t.timestamp() * 1000),
                        data={"lat": round(la, 7), "lon": round(lo, 7), "accuracy_m": 5.0,
                              "source": "gps"})
                 for i, (t, la, lo) in enumerate(self.points)]
