@@ -30,6 +30,7 @@ import jsonschema_rs
 import pytest
 
 from mdm_server.api import openapi
+from mdm_server.api.trips import MAX_POINTS
 from mdm_server.storage.policies import put_policy
 from mdm_server.storage.pool import connect
 from privacy_filters import parse_policy, policy_to_doc
@@ -39,6 +40,7 @@ from tests.support.services import (
     create_database,
     drop_database,
     enroll,
+    fetch,
     running_broker,
     server_env,
     wait_for_count,
@@ -90,6 +92,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             asyncio.run(enroll(database, broker.url, TENANT, ["van1"]))
             asyncio.run(enroll(database, broker.url, TENANT, ["van2"], groups=("coarse",)))
             asyncio.run(enroll(database, broker.url, TENANT, ["van3"], groups=("private",)))
+            asyncio.run(enroll(database, broker.url, TENANT, ["van4"]))
             asyncio.run(_policies(database))
             srv = Server(server_env(database, broker.url), tmp / "serve.log")
             admin = srv.cli("admin", "create", "--tenant", TENANT, "--name", "alice").strip()
@@ -277,3 +280,28 @@ def test_parameters_within_their_bounds(env: Env) -> None:
     assert env.server.request("GET", "/api/v1/devices/van1/trips", env.admin)[0] == 400
     assert env.trips("nope")[0] == 404
     assert env.trips("van1", env.user)[0] == 403
+
+
+def test_a_range_over_the_point_limit_is_refused_before_anything_is_read(env: Env) -> None:
+    """MAX_POINTS + 1 rows (plain, as before sealing: only their count matters) in one
+    hour of van4's day: 422 too_many_points, and no read in the audit log."""
+    start = env.day.start
+    asyncio.run(fetch(env.database, """
+        INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, data)
+        SELECT 'acme', 'van4', 'location', 'bulk-' || i,
+               $1::timestamptz + i * interval '10 milliseconds', '{"lat": 1, "lon": 2}'
+        FROM generate_series(0, $2) AS i""", start, MAX_POINTS))
+    try:
+        reads = "SELECT count(*) AS n FROM audit_log WHERE target = 'device:van4'"
+        status, err = env.trips("van4")
+        assert status == 422 and err["code"] == "too_many_points", err
+        assert str(MAX_POINTS) in err["error"]
+        assert asyncio.run(fetch(env.database, reads))[0]["n"] == 0
+        # A shorter range holding fewer points is answered.
+        status, body = env.server.request("GET", "/api/v1/devices/van4/trips?" + urlencode(
+            {"from": start.isoformat(), "to": (start + timedelta(seconds=60)).isoformat()}),
+            env.admin)
+        assert status == 200 and body["points"] == 6000
+        assert asyncio.run(fetch(env.database, reads))[0]["n"] == 1
+    finally:
+        asyncio.run(fetch(env.database, "DELETE FROM telemetry WHERE device_id = 'van4'"))
