@@ -176,6 +176,9 @@ class Config:
     # Bytes of policy versions a tenant may keep (old versions' bodies are pruned
     # first; mdm_server/storage/policies.py).
     policy_store_bytes: int = 64 * 1024 * 1024
+    # Bytes of place versions a tenant may keep (the same rule as policies;
+    # mdm_server/storage/places.py).
+    place_store_bytes: int = 16 * 1024 * 1024
     # Policy previews per tenant and minute (and their burst): apart from the above.
     preview_per_min: int = 20
     # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
@@ -427,6 +430,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         api_rate_keys=_int(env, "MDM_API_RATE_KEYS", 100_000, 10, 10_000_000),
         policy_store_bytes=_int(env, "MDM_POLICY_STORE_MB", 64, 1, 65536) * 1024 * 1024,
         preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),
+        place_store_bytes=_int(env, "MDM_PLACE_STORE_MB", 16, 1, 65536) * 1024 * 1024,
         unsafe_ack_before_commit=unsafe,
         allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",
         server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,

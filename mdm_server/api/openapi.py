@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from agent_protocol import CONSENT_TYPES, KINDS, REMOTE_VIEW_MODES, WIPE_SCOPES
+from mdm_server.analysis.trips import BOUNDS, PATH_MAX, Params
 from mdm_server.api.commands import (
     ADMIN_COMMAND_TYPES,
     IDEMPOTENCY_KEY_MAX,
@@ -31,6 +32,8 @@ from mdm_server.api.commands import (
     TTL_MIN_S,
 )
 from mdm_server.api.limits import BODY_LIMIT, NO_BODY_LIMIT, POLICY_BODY_LIMIT, public
+from mdm_server.api.places import PLACE_BODY_LIMIT
+from mdm_server.api.trips import MAX_POINTS, MAX_RANGE
 from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
 from mdm_server.commands.states import STATES
 from mdm_server.storage.tokens import TOKEN_STATES
@@ -97,6 +100,7 @@ def enum(values: tuple[str, ...] | list[str], **extra: Any) -> Schema:
 STRING: Schema = {"type": "string"}
 TEXT: Schema = {"type": "string", "pattern": "^[^\\u0000]*$"}  # PostgreSQL refuses NUL
 INTEGER: Schema = {"type": "integer"}
+NUMBER: Schema = {"type": "number"}
 COUNT: Schema = {"type": "integer", "minimum": 0}
 BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time"}
@@ -348,6 +352,73 @@ SCHEMAS: dict[str, Schema] = {
         "kind": enum(KINDS), "id": STRING, "ts": TIME, "received_at": TIME,
         "policy": nullable(STRING), "policy_version": nullable(INTEGER),
         "data": ANY_OBJECT}, description="A telemetry record exactly as stored."),
+    # Location history analysis and named places (issue 11; docs/api.md, "Trips")
+    **{
+        "TripParameters": obj({k: {"type": "number", "minimum": 0} for k in BOUNDS},
+                              description="metres and seconds"),
+        "TripEnd": obj({"at": TIME, "lat": NUMBER, "lon": NUMBER,
+                        "places": array(ID, description="the places it is in")}),
+        "Trip": obj({
+            "start": ref("TripEnd"), "end": ref("TripEnd"),
+            "distance_m": {**NUMBER, "description": "sum of great-circle segments"},
+            "duration_s": NUMBER, "avg_speed_mps": NUMBER, "max_speed_mps": NUMBER,
+            "points": COUNT,
+            "path": array(array(NUMBER, minItems=2, maxItems=2), maxItems=PATH_MAX,
+                          description=f"[lon, lat] positions, at most {PATH_MAX}")}),
+        "Stop": obj({"lat": NUMBER, "lon": NUMBER, "places": array(ID), "arrival": TIME,
+                     "departure": TIME, "duration_s": NUMBER, "points": COUNT}),
+        "DataGap": obj({"from": TIME, "to": TIME, "duration_s": NUMBER},
+                       description="no point for longer than max_gap_s: ends a trip"),
+        "PlaceEvent": obj({"place": ID, "event": enum(("enter", "leave")), "at": TIME}),
+        "TripDay": obj({
+            "date": {"type": "string", "format": "date",
+                     "description": "a calendar day in `tz`"},
+            "distance_m": NUMBER, "moving_s": NUMBER, "stopped_s": NUMBER,
+            "trips": {**COUNT, "description": "trips that began that day"},
+            "stops": {**COUNT, "description": "stops that began that day"},
+            "places": array(obj({"name": ID, "seconds": NUMBER}),
+                            description="time in each place that day")}),
+        "Trips": obj({
+            "device": ID, "from": TIME, "to": TIME, "tz": STRING,
+            "parameters": {**ref("TripParameters"),
+                           "description": "as used: raised to the precision"},
+            "asked": ref("TripParameters"),
+            "precision": obj({
+                "precision_m": {**nullable(NUMBER), "description": "the coarsest grid the "
+                                "range's points were snapped to; null: none"},
+                "policies": array(obj({
+                    "policy": nullable(STRING), "version": nullable(INTEGER),
+                    "points": COUNT, "precision_m": nullable(NUMBER),
+                    "known": {**BOOLEAN, "description": "false: that version's body is "
+                              "no longer stored; precision_m is then the largest "
+                              "accuracy its points state"}}),
+                    description="the policy versions stamped on the points read")}),
+            "suppressed": obj({"points": COUNT, "days": array({"type": "string",
+                                                               "format": "date"})},
+                              description="points the policy kept out of storage on the "
+                                          "range's UTC days"),
+            "places": array(obj({"name": ID, "version": INTEGER,
+                                 "smaller_than_precision": BOOLEAN}),
+                            description="the places in force, as used"),
+            "notes": LINES, "points": COUNT,
+            "trips": array(ref("Trip")), "stops": array(ref("Stop")),
+            "gaps": array(ref("DataGap")), "events": array(ref("PlaceEvent")),
+            "days": array(ref("TripDay"))}),
+        "PlaceVersion": obj(
+            {"name": ID, "version": {"type": "integer", "minimum": 1}, "deleted": BOOLEAN,
+             "pruned": BOOLEAN, "bytes": COUNT, "created_at": TIME, "created_by": STRING},
+            {"place": ref("Zone"), "area_m2": NUMBER},
+            description="One version of a place; `place` and `area_m2` where it has a "
+                        "body and one is asked for (not in lists, not a deletion, not "
+                        "pruned)."),
+        "PlaceList": obj({
+            "places": array(ref("PlaceVersion"), description="the newest version of "
+                            "each place in force, without bodies"),
+            "next": NEXT,
+            "storage": obj({"bytes": COUNT, "cap_bytes": COUNT},
+                           description="what the tenant's stored place versions take, "
+                                       "and the cap (MDM_PLACE_STORE_MB)")}),
+    },
     "DeadLetter": obj({
         "id": INTEGER,
         "hour": {**TIME, "description": "the UTC hour counted (its start)"},
@@ -415,7 +486,8 @@ SCHEMAS: dict[str, Schema] = {
                                                   "collects beyond the floor")}),
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
-                                    "description": "`device` (its detail) or `data:<kind>`"},
+                                    "description": "`device` (its detail), `data:<kind>` "
+                                                   "or `trips` (the trips analysis)"},
                            "integrity": enum(("verified", "legacy"), description=(
                                "`verified`: signed by the server; `legacy`: recorded "
                                "before entries were signed. Entries that fail the check "
@@ -462,6 +534,18 @@ PARAMETERS: dict[str, Schema] = {
     "Kind": _param("kind", "query", enum(KINDS), "telemetry kind", required=True),
     "From": _param("from", "query", TIME, "records with ts >= from (RFC 3339, with offset)"),
     "To": _param("to", "query", TIME, "records with ts < to (RFC 3339, with offset)"),
+    "Place": _param("place", "path", ID, "place name"),
+    "TripsFrom": _param("from", "query", TIME, "start of the range (RFC 3339, with offset)",
+                        required=True),
+    "TripsTo": _param("to", "query", TIME, f"end of the range, after `from`, at most "
+                      f"{MAX_RANGE.days} days later", required=True),
+    "Tz": _param("tz", "query", {"type": "string", "default": "UTC",
+                                 "pattern": "^[A-Za-z][A-Za-z0-9_+\\-/]{0,63}$"},
+                 "IANA time zone of the days (e.g. Europe/Amsterdam)"),
+    **{f"Trip_{k}": _param(k, "query", {"type": "number", "minimum": lo, "maximum": hi,
+                                        "default": getattr(Params(), k)},
+                           "see docs/api.md, \"Trips\"")
+       for k, (lo, hi) in BOUNDS.items()},
     "IdempotencyKey": _param(
         "Idempotency-Key", "header",
         {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX,
@@ -497,7 +581,8 @@ ERRORS: dict[int, tuple[str, Schema]] = {
     409: ("Conflict", _error("the state does not allow it (`code` says why)")),
     413: ("PayloadTooLarge", _error(
         f"the body is over the route's limit: {POLICY_BODY_LIMIT // 2**20} MiB for a policy "
-        f"or a preview, {BODY_LIMIT // 1024} KiB for other JSON bodies, "
+        f"or a preview, {PLACE_BODY_LIMIT // 2**20} MiB for a place, "
+        f"{BODY_LIMIT // 1024} KiB for other JSON bodies, "
         f"{NO_BODY_LIMIT // 1024} KiB where the route takes none; counted as it is read, "
         "with or without Content-Length")),
     415: ("UnsupportedMediaType", _error(
@@ -637,6 +722,18 @@ def _paths() -> dict[str, dict[str, Schema]]:
             description="`from <= ts < to`, oldest first, exactly as stored. A read of "
                         "personal data: written to the device user's access log.",
             ok={200: _json(page("records", ref("Record")), "a page of records")})},
+        f"{dev}/trips": {"get": op(
+            "getDeviceTrips", "Trips, stops, place events and days of a device",
+            tag="devices", roles=READER,
+            params=("Device", "TripsFrom", "TripsTo", "Tz", *(f"Trip_{k}" for k in BOUNDS)),
+            errors=(400, 404, 422),
+            description="Computed from the stored locations `from <= ts < to` (at most "
+                        f"{MAX_RANGE.days} days; more than {MAX_POINTS} points is 422 "
+                        "`too_many_points`). Says the precision in force and the points "
+                        "the policy suppressed, and never reports movement finer than the "
+                        "precision. A read of personal data: written to the device user's "
+                        "access log (`trips`).",
+            ok={200: _json(ref("Trips"), "the analysis")})},
         f"{v1}/dead-letters": {"get": op(
             "listDeadLetters", "Refused input, counted per device, reason and hour; "
             "newest first", tag="devices", roles=READER,
@@ -706,6 +803,37 @@ def _paths() -> dict[str, dict[str, Schema]]:
             description="Nothing is written but an audit entry. Hashes use a throwaway "
                         "key; previews are rate-limited per tenant (429).",
             ok={200: _json(ref("Preview"), "what would be stored")})},
+        # Named places
+        f"{v1}/places": {"get": op(
+            "listPlaces", "The places in force, by name", tag="places", roles=READER,
+            params=("Limit", "Cursor"), errors=(400,),
+            ok={200: _json(ref("PlaceList"), "a page of places")})},
+        f"{v1}/places/{{place}}": {
+            "get": op("getPlace", "A place's newest version", tag="places", roles=READER,
+                      params=("Place",), errors=(404,),
+                      ok={200: _json(ref("PlaceVersion"), "with its area")}),
+            "put": op("putPlace", "Create or change a place (a new version)", tag="places",
+                      roles=ADMIN, params=("Place",), errors=(409, 422), body=ref("Zone"),
+                      description="A GeoJSON Polygon or MultiPolygon, or a Feature of one, "
+                                  "validated as policy zones are. Old versions' bodies are "
+                                  "pruned to keep the tenant under its cap; 409 "
+                                  "`place_storage_full` when even so it does not fit.",
+                      ok={200: _json(ref("PlaceVersion"), "a new version"),
+                          201: _json(ref("PlaceVersion"), "the first version")}),
+            "delete": op("deletePlace", "Delete a place (a deletion version)", tag="places",
+                         roles=ADMIN, params=("Place",), errors=(404,),
+                         ok={204: {"description": "deleted"}}),
+        },
+        f"{v1}/places/{{place}}/versions": {"get": op(
+            "listPlaceVersions", "A place's versions, oldest first, without bodies",
+            tag="places", roles=READER, params=("Place", "Limit", "Cursor"),
+            errors=(400, 404),
+            ok={200: _json(page("versions", ref("PlaceVersion")), "a page of versions")})},
+        f"{v1}/places/{{place}}/versions/{{version}}": {"get": op(
+            "getPlaceVersion", "One version of a place, with its body", tag="places",
+            roles=READER, params=("Place", "PolicyVersionNumber"), errors=(404,),
+            ok={200: _json(ref("PlaceVersion"), "with its area (none for a deletion or a "
+                           "pruned version)")})},
         # Commands (docs/commands.md)
         cmds: {
             "post": op("createCommand", "Send a command to a device", tag="commands",
@@ -840,7 +968,8 @@ def document() -> dict[str, Any]:
                 "nosniff`. Contract: docs/api.md, docs/commands.md, docs/policies.md."),
         },
         "tags": [{"name": n} for n in
-                 ("devices", "erasure", "audit", "policies", "commands", "me", "meta")],
+                 ("devices", "erasure", "audit", "policies", "places", "commands", "me",
+                  "meta")],
         "security": [{"bearerAuth": []}],
         "paths": _limited(_paths()),
         "components": {

@@ -395,6 +395,7 @@ def _routes() -> list[tuple[str, str]]:
 
 ROUTES = _routes()
 VALUES = {"device": "d1", "name": "default", "kind": "lock", "group": "grp", "version": "1",
+          "place": "depot",
           "command_id": "00000000-0000-0000-0000-000000000000",
           "batch_id": "00000000-0000-0000-0000-000000000000",
           "request_id": "00000000-0000-0000-0000-000000000000",

@@ -53,7 +53,13 @@ BODIES: dict[tuple[str, str], Any] = {
     ("PUT", "/api/v1/notice-templates/{kind}"): {"text": "Your device is locked.",
                                                  "lang": "en"},
     ("POST", "/api/v1/erasure-requests/{request_id}:refuse"): {"reason": "authz"},
+    ("PUT", "/api/v1/places/{place}"): {
+        "type": "Polygon", "coordinates": [[[5.0, 52.0], [5.01, 52.0], [5.01, 52.01],
+                                            [5.0, 52.01], [5.0, 52.0]]]},
 }
+#: A place of each tenant, by that name (a DELETE may remove it: made again before
+#: each place route's case).
+PLACE = "depot"
 
 
 @dataclass
@@ -186,7 +192,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def _url(template: str, which: str, world: World) -> str:
     device = {"own": OWN, "sibling": SIBLING, "foreign": FOREIGN}[which]
     fixed = {"device": device, "name": "default", "kind": "lock", "group": "grp",
-             "version": "1"}
+             "version": "1", "place": PLACE}
 
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
@@ -197,7 +203,19 @@ def _url(template: str, which: str, world: World) -> str:
     url = PARAM.sub(sub, template)
     if template.endswith("/data"):
         url += "?kind=location"
+    if template.endswith("/trips"):
+        url += "?from=2026-11-20T00:00:00Z&to=2026-11-21T00:00:00Z"
     return url
+
+
+def _ensure_places(world: World) -> None:
+    """Each tenant has its place ``depot`` (a DELETE case may have removed it)."""
+    body = BODIES[("PUT", "/api/v1/places/{place}")]
+    for admin in ("admin", "other_admin"):
+        token = world.tokens[admin]
+        if world.server.request("GET", f"/api/v1/places/{PLACE}", token)[0] == 404:
+            status, _ = world.server.request("PUT", f"/api/v1/places/{PLACE}", token, body)
+            assert status in (200, 201)
 
 
 # Routes every valid token may call, about the token itself.
@@ -211,7 +229,7 @@ def _expected(method: str, template: str, caller: str, which: str) -> set[int] |
     if template in EVERY_ROLE:
         return "ok"
     scoped = "{" in template and not template.startswith("/api/v1/groups/") and \
-        "{name" not in template and "{kind" not in template
+        "{name" not in template and "{kind" not in template and "{place" not in template
     if template.startswith("/api/v1/me/"):
         if caller != "user":
             return {403}
@@ -240,6 +258,8 @@ CASES = [(m, t, c, w) for m, t in ROUTES
                          ids=[f"{m} {t} {c} {w}" for m, t, c, w in CASES])
 def test_authorization(world: World, method: str, template: str, caller: str,
                        which: str) -> None:
+    if "{place" in template:
+        _ensure_places(world)
     url = _url(template, which, world)
     body = BODIES.get((method, template))
     status, answer = world.server.request(method, url, world.tokens.get(caller), body)
@@ -282,5 +302,6 @@ def test_the_matrix_covers_every_route() -> None:
     templates = {t for _, t in ROUTES}
     for expected in ("/api/v1/me/devices/{device}/export", "/api/v1/devices/{device}/data",
                      "/api/v1/devices/{device}/commands/{command_id}:approve",
-                     "/api/v1/me/devices", "/api/v1/token", "/api/v1/tokens/{token_id}"):
+                     "/api/v1/me/devices", "/api/v1/token", "/api/v1/tokens/{token_id}",
+                     "/api/v1/devices/{device}/trips", "/api/v1/places/{place}"):
         assert expected in templates, sorted(templates)

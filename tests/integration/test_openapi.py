@@ -160,6 +160,10 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         asyncio.run(drop_database(database))
 
 
+_DEPOT = {"type": "Polygon", "coordinates": [[[4.88, 52.36], [4.9, 52.36], [4.9, 52.38],
+                                              [4.88, 52.38], [4.88, 52.36]]]}
+
+
 def _make_state(api: Api) -> None:
     """Commands, a batch, a policy, an erasure request: things for the fuzzer to find."""
     admin = api.tokens["admin"]
@@ -181,6 +185,8 @@ def _make_state(api: Api) -> None:
         "applies_to": {"groups": ["field"]},
         "fields": {"identity.imei": {"action": "mask", "keep_last": 4}}})
     assert resp.status_code in (200, 201), resp.text
+    resp = api.call("PUT", "/api/v1/places/depot", admin, _DEPOT)
+    assert resp.status_code in (200, 201), resp.text
     known: dict[str, list[dict[str, str]]] = {
         "device": [{"device": d} for d in ("corp1", "pers1", "gone1", "g1")],
         "name": [{"name": n} for n in ("default", "field")],
@@ -189,6 +195,8 @@ def _make_state(api: Api) -> None:
         "command_id": [{"device": c["device"], "command_id": c["command_id"]}
                        for c in (lock, reset, wipe)],
         "batch_id": [{"batch_id": batch["batch_id"]}],
+        "place": [{"place": "depot"}],
+        "place_version": [{"place": "depot", "version": "1"}],
     }
     # A token nobody uses, for DELETE /api/v1/tokens/{token_id}.
     api.server.cli("admin", "create", "--tenant", TENANT, "--name", "spare")
@@ -338,6 +346,24 @@ def _happy_paths(api: Api) -> list[tuple[str, str, dict[str, Any], int]]:
         ("admin", "GET /api/v1/policies/{name}/versions",
          {"path_parameters": {"name": "happy"}}, 200),
         ("admin", "DELETE /api/v1/policies/{name}", {"path_parameters": {"name": "happy"}},
+         204),
+        ("admin", "GET /api/v1/devices/{device}/trips", {
+            "path_parameters": {"device": "corp1"},
+            "query": {"from": (datetime.now(UTC) - timedelta(hours=6)).isoformat(),
+                      "to": datetime.now(UTC).isoformat(), "tz": "Europe/Amsterdam",
+                      "stop_radius_m": 300, "min_trip_s": 60}}, 200),
+        ("admin", "PUT /api/v1/places/{place}",
+         {"path_parameters": {"place": "happy"}, "body": _DEPOT}, 201),
+        ("admin", "PUT /api/v1/places/{place}", {"path_parameters": {"place": "happy"},
+                                                 "body": {"type": "Feature", "properties": {},
+                                                          "geometry": _DEPOT}}, 200),
+        ("admin", "GET /api/v1/places", {"query": {"limit": 1}}, 200),
+        ("admin", "GET /api/v1/places/{place}", {"path_parameters": {"place": "happy"}}, 200),
+        ("admin", "GET /api/v1/places/{place}/versions",
+         {"path_parameters": {"place": "happy"}}, 200),
+        ("admin", "GET /api/v1/places/{place}/versions/{version}",
+         {"path_parameters": {"place": "happy", "version": "2"}}, 200),
+        ("admin", "DELETE /api/v1/places/{place}", {"path_parameters": {"place": "happy"}},
          204),
         ("admin", f"POST {cmds}", {"path_parameters": {"device": "corp1"}, "body": locate,
                                    "headers": {"Idempotency-Key": "happy-1"}}, 201),

@@ -9,7 +9,9 @@ import {
 import { approvalsView, commandsTable, commandsView } from "./commands.js";
 import { erasureView } from "./erasure.js";
 import { locationMap } from "./map.js";
+import { placesView } from "./places.js";
 import { FLOOR_WORDS, policiesView } from "./policies.js";
+import { loadTrips, tripsSummary } from "./trips.js";
 
 const MAP_MAX_POINTS = 5000;
 const KIND_NAMES = {
@@ -65,6 +67,9 @@ function deviceView(view, device) {
   const mapStatus = h("div", { class: "status", role: "status", "aria-live": "polite" });
   const mapBox = h("div", { id: "map-box" });
   const mapSummary = h("p", { id: "map-summary" });
+  const tripsStatus = h("div", { class: "status", role: "status", "aria-live": "polite",
+                                 id: "trips-status" });
+  const tripsBox = h("div", { id: "trips-box" });
   const show = h("button", { type: "submit", id: "map-show" }, "Show");
   const mapForm = h("form", { id: "map-form" }, range.el, h("div", { class: "actions" }, show));
   const cmdStatus = h("div", { class: "status", role: "status", "aria-live": "polite" });
@@ -83,7 +88,9 @@ function deviceView(view, device) {
         "access log."),
       mapForm, mapStatus, mapSummary, mapBox,
       h("p", { class: "legend" }, h("span", {}, "● green: first point"),
-        h("span", {}, "● red: last point"))),
+        h("span", {}, "● red: last point"), h("span", {}, "◆ a stop"),
+        h("span", {}, "coloured: trips (see the table)")),
+      tripsStatus, tripsBox),
     h("section", { "aria-labelledby": "dcmd-h" },
       h("h3", { id: "dcmd-h" }, "Commands"),
       h("p", { class: "write" }, h("a", { href: `#commands=${device}`, id: "send-command" },
@@ -132,6 +139,7 @@ function deviceView(view, device) {
         : `the policy in force, ${d.policy.policy}, does not collect location`;
       showInfo(mapStatus);
       clear(mapBox);
+      clear(tripsBox);
       clear(mapSummary).append(h("span", { id: "location-not-collected" },
         `Location is not collected for this device: ${why}.`));
       return;
@@ -139,14 +147,21 @@ function deviceView(view, device) {
     const { from, to } = range.value();
     showInfo(mapStatus, "Loading locations…");
     try {
-      const { items, truncated } = await allPages(`/devices/${enc}/data`,
-        { kind: "location", from, to, limit: 500 }, "records", MAP_MAX_POINTS);
+      const [{ items, truncated }, trips] = await Promise.all([
+        allPages(`/devices/${enc}/data`, { kind: "location", from, to, limit: 500 },
+                 "records", MAP_MAX_POINTS),
+        loadTrips(enc, { from, to })]);
       showInfo(mapStatus);
       const n = items.length;
       const label = n
         ? `${n} location point${n === 1 ? "" : "s"} of ${device}`
         : `No location of ${device} in this time range`;
-      clear(mapBox).append(locationMap(items, { label }));
+      clear(mapBox).append(locationMap(items, { label, analysis: trips.analysis,
+                                                places: trips.places }));
+      clear(tripsBox);
+      if (trips.error) showError(tripsStatus, trips.error, "Trips");
+      else showInfo(tripsStatus);
+      if (trips.analysis && n) tripsBox.append(...tripsSummary(trips.analysis));
       clear(mapSummary);
       if (n) {
         mapSummary.append(`${n} point${n === 1 ? "" : "s"} from `, time(items[0].ts), " to ",
@@ -199,6 +214,7 @@ const VIEWS = {
   commands: (view, arg) => commandsView(view, arg),
   approvals: (view) => approvalsView(view),
   policies: (view, arg) => policiesView(view, arg),
+  places: (view) => placesView(view),
   erasure: (view) => erasureView(view),
 };
 

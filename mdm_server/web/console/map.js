@@ -2,7 +2,9 @@
 // No tiles, no external map: the points are projected into the SVG box
 // (equirectangular, longitudes scaled by the cosine of the middle latitude so a
 // kilometre is as long east-west as north-south), joined by a polyline in time
-// order, with a light grid of latitude/longitude lines and a scale bar.
+// order, with a light grid of latitude/longitude lines and a scale bar. With the
+// trips analysis (GET /devices/{device}/trips): named places drawn under it, each
+// trip as a track of its own colour, each stop as a marker.
 
 import { fmtTime, s } from "./common/ui.js";
 
@@ -61,8 +63,29 @@ function fmtDistance(m) {
   return m >= 1000 ? `${m / 1000} km` : `${m} m`;
 }
 
-/** The SVG element for the records (oldest first), with an accessible title. */
-export function locationMap(records, { width = 800, height = 500, label = "" } = {}) {
+/** Trips get these colours in turn (CSS classes trip-c0 ... trip-c7). */
+export const TRIP_COLOURS = 8;
+
+/** The outer and inner rings of a GeoJSON Polygon, MultiPolygon or Feature of one. */
+function rings(geo) {
+  const g = geo && geo.type === "Feature" ? geo.geometry : geo;
+  if (!g) return [];
+  if (g.type === "Polygon") return g.coordinates;
+  if (g.type === "MultiPolygon") return g.coordinates.flat();
+  return [];
+}
+
+function fmtMinutes(s) {
+  const m = Math.round(s / 60);
+  return m >= 60 ? `${Math.floor(m / 60)} h ${String(m % 60).padStart(2, "0")} min`
+    : `${m} min`;
+}
+
+/** The SVG element for the records (oldest first), with an accessible title; with
+ * `analysis` (the trips answer) and `places` ([{name, place}]) also trips, stops and
+ * places. */
+export function locationMap(records, { width = 800, height = 500, label = "", analysis = null,
+                                       places = [] } = {}) {
   const pts = records
     .filter((r) => r.data && Number.isFinite(r.data.lat) && Number.isFinite(r.data.lon))
     .map((r) => ({ lat: r.data.lat, lon: r.data.lon, ts: r.ts, acc: r.data.accuracy_m }));
@@ -97,18 +120,63 @@ export function locationMap(records, { width = 800, height = 500, label = "" } =
                     `${lon.toFixed(4)}°`));
     }
   }
+  const at = (lon, lat) => `${round(toX(lon))},${round(toY(lat))}`;
+  // Places under everything, each a path of its rings (holes cut out).
+  if (places.length) {
+    const layer = s("g", { class: "places" });
+    for (const { name, place } of places) {
+      const d = rings(place).map((ring) => "M" + ring.map(([lon, lat]) => at(lon, lat))
+        .join("L") + "Z").join(" ");
+      if (!d) continue;
+      const first = rings(place)[0][0];
+      layer.append(s("path", { class: "place", d, "data-name": name, "fill-rule": "evenodd" },
+                     s("title", {}, `Place ${name}`)),
+                   s("text", { class: "place-label", x: round(toX(first[0])) + 4,
+                               y: round(toY(first[1])) - 4 }, name));
+    }
+    svg.append(layer);
+  }
   svg.append(grid);
-  svg.append(s("polyline", { class: "track", id: "location-track",
+  const trips = analysis ? analysis.trips : [];
+  svg.append(s("polyline", { class: trips.length ? "track faint" : "track",
+                             id: "location-track",
                              points: xy.map(([x, y]) => `${x},${y}`).join(" ") }));
+  if (trips.length) {
+    const layer = s("g", { class: "trips" });
+    trips.forEach((t, k) => {
+      layer.append(s("polyline", {
+        class: `trip trip-c${k % TRIP_COLOURS}`, "data-trip": k + 1,
+        points: t.path.map(([lon, lat]) => at(lon, lat)).join(" "),
+      }, s("title", {}, `Trip ${k + 1}: ${fmtTime(t.start.at)} to ${fmtTime(t.end.at)}, ` +
+        `${(t.distance_m / 1000).toFixed(1)} km in ${fmtMinutes(t.duration_s)}`)));
+    });
+    svg.append(layer);
+  }
   const fixes = s("g", { class: "fixes" });
+  const small = trips.length ? 2 : 3.5;
   pts.forEach((p, i) => {
-    const cls = i === 0 ? "fix start" : i === pts.length - 1 ? "fix end" : "fix";
+    const cls = i === 0 ? "fix start" : i === pts.length - 1 ? "fix end"
+      : trips.length ? "fix faint" : "fix";
     fixes.append(s("circle", { class: cls, cx: xy[i][0], cy: xy[i][1],
-                               r: i === 0 || i === pts.length - 1 ? 6 : 3.5 },
+                               r: i === 0 || i === pts.length - 1 ? 6 : small },
       s("title", {}, `${fmtTime(p.ts)}: ${p.lat.toFixed(5)}, ${p.lon.toFixed(5)}` +
         (p.acc !== undefined ? ` (±${p.acc} m)` : ""))));
   });
   svg.append(fixes);
+  if (analysis && analysis.stops.length) {
+    const layer = s("g", { class: "stops" });
+    analysis.stops.forEach((st, k) => {
+      const x = round(toX(st.lon));
+      const y = round(toY(st.lat));
+      const where = st.places.length ? ` at ${st.places.join(", ")}` : "";
+      layer.append(s("rect", {
+        class: "stop", "data-stop": k + 1, x: x - 7, y: y - 7, width: 14, height: 14,
+        transform: `rotate(45 ${x} ${y})`,
+      }, s("title", {}, `Stop ${k + 1}${where}: ${fmtTime(st.arrival)} to ` +
+        `${fmtTime(st.departure)} (${fmtMinutes(st.duration_s)})`)));
+    });
+    svg.append(layer);
+  }
   // Scale bar: a round distance about a fifth of the width.
   const metres = niceStep((width / 5) * metresPerPx);
   const px = round(metres / metresPerPx);
