@@ -5,7 +5,8 @@ The apps publish JSON objects with a ``_type`` on ``owntracks/{user}/{device}[/{
 onto the contract's kinds (docs/agents.md, "OwnTracks: message mapping", has the full
 table): a ``location`` becomes a ``location`` record and, when the app said how it is
 connected, a ``network`` record; ``lwt`` says the device went offline; a ``transition``
-is a region enter/leave event; everything else the apps send (cards, waypoints,
+is a region enter/leave event and, where it has a position, a ``location`` record;
+everything else the apps send (cards, waypoints,
 commands, steps, beacons, configuration dumps, tour requests, types we do not know)
 is returned flagged ``ignored``, never an error.
 
@@ -40,6 +41,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "OWNTRACKS_FILTER",
     "SUBTOPICS",
+    "TRIGGERS",
     "OwnTracksMessage",
     "OwnTracksTopic",
     "OwnTracksTransition",
@@ -67,6 +69,9 @@ MESSAGE_TYPES: Final = ("location", "lwt", "transition", "status", *sorted(IGNOR
 """Every value of :attr:`OwnTracksMessage.type` (a ``_type`` we do not know, or none,
 is ``"unknown"``: the value sent is never passed on, so it cannot flood a metric)."""
 
+TRIGGERS: Final = frozenset("pcCbrutvme")
+"""A location's ``t`` values the apps document (FORMAT.md of the corpus, section 4)."""
+
 MAX_LEVEL_LEN: Final = 129  # "{tenant}.{device}" as a user name: 64 + 1 + 64
 _level = re.compile(rf"[A-Za-z0-9_.@-]{{1,{MAX_LEVEL_LEN}}}").fullmatch
 _LEVEL_DETAIL = f"must be 1-{MAX_LEVEL_LEN} characters of [A-Za-z0-9_.@-]"
@@ -89,6 +94,7 @@ _LOCATION_FIELDS: Final = {
     "speed_mps": "vel", "heading_deg": "cog", "source": "source",
 }  # fmt: skip
 _NETWORK_FIELDS: Final = {"wifi_ssid": "SSID", "network_type": "conn"}
+_TRANSITION_FIELDS: Final = {"lat": "lat", "lon": "lon", "accuracy_m": "acc"}
 _ID_PREFIX: Final = "ot-"
 _LABEL_MAX: Final = 256
 _SSID_MAX: Final = 64
@@ -140,6 +146,8 @@ class OwnTracksMessage:
       subtopic (messages *to* the device): count them, store nothing.
     - ``topic``: the ``topic`` field HTTP-mode bodies carry
       (``owntracks/{user}/{device}``), as sent, or None.
+    - ``trigger``: a location's ``t`` (what made the app send it) when it is one of
+      :data:`TRIGGERS`, else None; ``"r"`` answers the server's ``reportLocation``.
     """
 
     type: str
@@ -148,6 +156,7 @@ class OwnTracksMessage:
     transition: OwnTracksTransition | None = None
     ignored: bool = False
     topic: str | None = None
+    trigger: str | None = None
 
 
 def _bad_topic(detail: str) -> RemoteProtocolError:
@@ -284,12 +293,16 @@ class _Decoder:
             return [OwnTracksMessage(kind, ignored=True, topic=topic)]
         if kind == "location":
             records = self.location(obj, path)
-            return [OwnTracksMessage(kind, records=records, topic=topic)]
+            t = obj.get("t")
+            return [OwnTracksMessage(kind, records=records, topic=topic,
+                                     trigger=t if type(t) is str and t in TRIGGERS else None)]
         if kind == "lwt":
             _tst(obj, path)  # required (the time the app connected); not bounded
             return [OwnTracksMessage(kind, online=False, topic=topic)]
         if kind == "transition":
-            return [OwnTracksMessage(kind, transition=self.transition(obj, path), topic=topic)]
+            tr = self.transition(obj, path)
+            return [OwnTracksMessage(kind, records=self.where(tr, path), transition=tr,
+                                     topic=topic)]
         return [OwnTracksMessage(kind, topic=topic)]  # status
 
     def open(self, obj: dict[str, Any], path: str) -> bytes:
@@ -369,6 +382,19 @@ class _Decoder:
                              now_ms=now_ms, id_prefix=_ID_PREFIX)
             )  # fmt: skip
         return tuple(records)
+
+    def where(self, tr: OwnTracksTransition, path: str) -> tuple[tuple[str, Record], ...]:
+        """Where the device was when it crossed a region's edge, as a location
+        record (none for iBeacon transitions, which have no position): the
+        analysis finds the enter and leave of the tenant's places in it like in
+        any point. The app's region name and id are not kept."""
+        if tr.lat is None or tr.lon is None:
+            return ()
+        loc: dict[str, Any] = {"lat": tr.lat, "lon": tr.lon}
+        if tr.accuracy_m is not None:
+            loc["accuracy_m"] = tr.accuracy_m
+        return (build_record("location", tr.ts_ms, loc, sources=_TRANSITION_FIELDS,
+                             path=path, now_ms=self.now_ms, id_prefix=_ID_PREFIX),)
 
     def transition(self, obj: dict[str, Any], path: str) -> OwnTracksTransition:
         event = obj.get("event")

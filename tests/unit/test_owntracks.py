@@ -167,6 +167,9 @@ def test_device_and_valid_records_decode(rec: dict[str, Any] | None) -> None:
             assert msg.online is False and not msg.records and not msg.ignored
         elif msg.type == "transition":
             assert msg.transition is not None and msg.transition.event == obj["event"]
+            # Where it crossed the edge, as a point (none without a position).
+            has_position = msg.transition.lat is not None
+            assert [k for k, _ in msg.records] == (["location"] if has_position else [])
         elif msg.type == "status":
             assert not msg.ignored and msg.online is None and not msg.records
         else:
@@ -370,12 +373,29 @@ def records_of_msg(msgs: list[OwnTracksMessage]) -> tuple[tuple[str, Any], ...]:
 def test_transitions() -> None:
     [msg] = decode_record(by_source("json-schema:test/transition.json"))
     t = msg.transition
-    assert t is not None and not msg.records
+    assert t is not None
     assert (t.event, t.ts_ms, t.lat, t.lon, t.accuracy_m, t.desc, t.rid, t.tid) == (
         "enter", 1_701_264_368_000, 61.195709, 9.688233, 6.0, "blukii", "c00b92", "SG")
+    # The point where it crossed is a location record; the region's name is not in it.
+    [(kind, point)] = msg.records
+    assert kind == "location" and point.ts_ms == t.ts_ms
+    assert point.data == {"lat": 61.195709, "lon": 9.688233, "accuracy_m": 6.0}
+    assert point.id.startswith("ot-")
     [beacon] = decode_record(by_source("test_device_tracker.py", 1))  # iBeacon: 0.0, 0.0
     assert beacon.transition is not None and beacon.transition.event == "enter"
     assert beacon.transition.lat is None and beacon.transition.lon is None
+    assert beacon.records == ()
+
+
+def test_a_locations_trigger_is_passed_on_when_the_apps_document_it() -> None:
+    def trigger(t: object) -> str | None:
+        body = {"_type": "location", "lat": 1.0, "lon": 2.0, "tst": 1_795_521_600, "t": t}
+        [msg] = decode_owntracks(orjson.dumps(body), subtopic=None,
+                                 now_ms=1_795_521_600_000)
+        return msg.trigger
+
+    assert trigger("r") == "r" and trigger("p") == "p"
+    assert trigger("rr") is None and trigger("z") is None and trigger(1) is None
 
 
 def test_status_and_lwt() -> None:
