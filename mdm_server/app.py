@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mdm_server.api import auth, commands, devices, me, openapi, pages, policies, tokens
+from mdm_server.api import auth, commands, devices, me, openapi, pages, policies, reports, tokens
 from mdm_server.api.context import CONFIG, KEYRING, POOL
 from mdm_server.api.errors import error_middleware
 from mdm_server.api.limits import (
@@ -183,6 +183,7 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app.router.add_routes(me.routes())
     app[me.EXPORTS] = set()
     app.router.add_routes(policies.routes())
+    app.router.add_routes(reports.routes())  # /api/v1/reports/shifts, .../me/.../shifts
     app.router.add_routes(openapi.routes())  # GET /api/v1/openapi.json, no token
     app.router.add_routes(pages.routes())  # /portal/ and /console/ (mdm_server/web)
     return app
