@@ -10,6 +10,7 @@ import { approvalsView, commandsTable, commandsView } from "./commands.js";
 import { erasureView } from "./erasure.js";
 import { locationMap } from "./map.js";
 import { FLOOR_WORDS, policiesView } from "./policies.js";
+import { shiftsView } from "./shifts.js";
 
 const MAP_MAX_POINTS = 5000;
 const KIND_NAMES = {
@@ -200,6 +201,7 @@ const VIEWS = {
   approvals: (view) => approvalsView(view),
   policies: (view, arg) => policiesView(view, arg),
   erasure: (view) => erasureView(view),
+  shifts: (view) => shiftsView(view),
 };
 
 function route() {
