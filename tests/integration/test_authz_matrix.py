@@ -53,6 +53,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("PUT", "/api/v1/notice-templates/{kind}"): {"text": "Your device is locked.",
                                                  "lang": "en"},
     ("POST", "/api/v1/erasure-requests/{request_id}:refuse"): {"reason": "authz"},
+    ("PUT", "/api/v1/reports/shifts/settings"): {"overdue_after_s": 3600},
 }
 
 
