@@ -224,6 +224,9 @@ def test_every_status_and_the_overdue_devices_under_the_default_limit(world: Wor
     assert [s["device"] for s in body["overdue"]] == ["van2"] and body["overdue_total"] == 1
     late = world.report(**{"from": (world.now - timedelta(hours=2)).isoformat()})
     assert [s["device"] for s in late["overdue"]] == ["van2"]
+    # A shift under way when the range begins overlaps it: van2 (out 20 hours) is
+    # listed; the van3 shift that ended yesterday is not.
+    assert {s["device"] for s in late["shifts"]} == {"van2", "van4"}
     # A range that ends before van4 went out does not list it; status filters.
     early = world.report(to=(world.now - timedelta(hours=2)).isoformat())
     assert "van4" not in _by_device(early["shifts"])
