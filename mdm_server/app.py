@@ -184,6 +184,7 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app[me.EXPORTS] = set()
     app.router.add_routes(policies.routes())
     app.router.add_routes(reports.routes())  # /api/v1/reports/shifts, .../me/.../shifts
+    app[reports.LONGEST_CACHE] = {}
     app.router.add_routes(openapi.routes())  # GET /api/v1/openapi.json, no token
     app.router.add_routes(pages.routes())  # /portal/ and /console/ (mdm_server/web)
     return app

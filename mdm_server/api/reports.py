@@ -20,9 +20,11 @@ listed (``overdue_total`` counts them all).
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -49,7 +51,9 @@ from mdm_server.reports.shifts import (
 from mdm_server.storage.shifts import (
     OVERDUE_MAX_S,
     OVERDUE_MIN_S,
+    OverdueLimit,
     ShiftFilter,
+    longest_shift_s,
     overdue_limit,
     overdue_shifts,
     set_overdue_limit,
@@ -61,6 +65,7 @@ __all__ = [
     "CSV_TYPE",
     "JSON_LIMIT_MAX",
     "LIMIT_DEFAULT",
+    "LONGEST_CACHE",
     "OVERDUE_MAX",
     "RANGE_DEFAULT_DAYS",
     "RANGE_MAX_DAYS",
@@ -81,6 +86,21 @@ USER_MAX = 128
 #: What the user's access log says was read (``personal_data.read``, ``what``).
 ACCESS_WHAT = "shifts"
 CSV_TYPE = "text/csv"
+#: The default overdue limit's basis (the longest shift of the last 30 days: a scan of
+#: a month of a tenant's check-ins/outs) is recomputed at most this often per tenant.
+LONGEST_TTL_S = 300.0
+#: Per tenant: (when computed, monotonic; the longest shift in seconds or None).
+LONGEST_CACHE: web.AppKey[dict[str, tuple[float, int | None]]] = web.AppKey(
+    "shift_longest", dict)
+
+
+async def _limit_in_force(request: web.Request, conn: asyncpg.Connection, tenant: str,
+                          now: datetime) -> OverdueLimit:
+    cache = request.app[LONGEST_CACHE]
+    hit = cache.get(tenant)
+    if hit is None or time.monotonic() - hit[0] > LONGEST_TTL_S:
+        hit = cache[tenant] = (time.monotonic(), await longest_shift_s(conn, tenant, now))
+    return await overdue_limit(conn, tenant, hit[1])
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
@@ -182,7 +202,7 @@ async def shift_report(request: web.Request) -> web.StreamResponse:
     start, end = _range(request, now)
     ring = keyring(request)
     async with request.app[POOL].acquire() as conn, conn.transaction():
-        limit_in_force = await overdue_limit(conn, who.tenant, now)
+        limit_in_force = await _limit_in_force(request, conn, who.tenant, now)
         overdue_before = now - timedelta(seconds=limit_in_force.seconds)
         page = await shift_page(conn, ring, who.tenant,
                                 ShiftFilter(start, end, device, user, status),
@@ -217,7 +237,7 @@ async def shift_report(request: web.Request) -> web.StreamResponse:
 async def get_settings(request: web.Request) -> web.Response:
     who = await require_reader(request, request.app[POOL])
     async with request.app[POOL].acquire() as conn:
-        found = await overdue_limit(conn, who.tenant, datetime.now(UTC))
+        found = await _limit_in_force(request, conn, who.tenant, datetime.now(UTC))
     return web.json_response(found.to_json())
 
 
@@ -245,7 +265,7 @@ async def put_settings(request: web.Request) -> web.Response:
         await audit.append(conn, audit_keys(request), tenant=who.tenant, actor=who.name,
                            action="shift_settings.update", target=f"tenant:{who.tenant}",
                            details={"overdue_after_s": seconds})
-        found = await overdue_limit(conn, who.tenant, datetime.now(UTC))
+        found = await _limit_in_force(request, conn, who.tenant, datetime.now(UTC))
     return web.json_response(found.to_json())
 
 
@@ -269,7 +289,7 @@ async def my_shifts(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
     start, end = _range(request, now)
     async with request.app[POOL].acquire() as conn:
-        limit_in_force = await overdue_limit(conn, who.tenant, now)
+        limit_in_force = await _limit_in_force(request, conn, who.tenant, now)
         page = await shift_page(
             conn, keyring(request), who.tenant,
             ShiftFilter(start, end, device=device, since=since),

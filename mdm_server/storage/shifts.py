@@ -37,6 +37,7 @@ __all__ = [
     "OverdueLimit",
     "ShiftFilter",
     "ShiftPage",
+    "longest_shift_s",
     "overdue_limit",
     "overdue_shifts",
     "set_overdue_limit",
@@ -51,49 +52,77 @@ DEFAULT_WITHOUT_SHIFTS = timedelta(hours=24)
 #: Bounds of a tenant's own limit (migration 018 checks them too): 5 minutes, 90 days.
 OVERDUE_MIN_S = 300
 OVERDUE_MAX_S = 90 * 86_400
-#: With a user filter, at most this many check-outs are examined per request (their
-#: records opened and compared); a page may then hold fewer shifts and a ``next``.
+#: With a user filter (records opened and compared) or a closed/no_check_in status,
+#: at most this many check-outs are examined per request; a page may then hold fewer
+#: shifts and a ``next``.
 SCAN_MAX = 20_000
 
-# $1 tenant, $2 start, $3 end, $4 device|NULL, $5 since|NULL, $6-$8 cursor|NULL,
-# $9 status|NULL, $10 overdue_before (a check-out at or before it is overdue), $11 limit.
-_PAGE = """
-WITH outs AS (
-    SELECT c.device_id, c.ts, c.record_id
-    FROM checkout_events c
-    WHERE c.tenant_id = $1 AND c.event = 'check_out' AND c.ts >= $2 AND c.ts < $3
-      AND ($4::text IS NULL OR c.device_id = $4)
-      AND ($5::timestamptz IS NULL OR c.received_at >= $5)
-      AND ($6::timestamptz IS NULL OR (c.ts, c.device_id, c.record_id) > ($6, $7, $8))
-    UNION ALL
-    SELECT d.device_id, p.ts, p.record_id
-    FROM devices d
-    CROSS JOIN LATERAL (
-        SELECT e.ts, e.record_id, e.event, e.received_at FROM checkout_events e
-        WHERE e.tenant_id = d.tenant_id AND e.device_id = d.device_id AND e.ts < $2
-        ORDER BY e.ts DESC, e.record_id DESC LIMIT 1) p
-    WHERE d.tenant_id = $1 AND ($4::text IS NULL OR d.device_id = $4)
-      AND p.event = 'check_out'
-      AND ($5::timestamptz IS NULL OR p.received_at >= $5)
-      AND ($6::timestamptz IS NULL OR (p.ts, d.device_id, p.record_id) > ($6, $7, $8))
-)
-SELECT * FROM (
-    SELECT o.device_id, o.ts, o.record_id, n.ts AS next_ts, n.record_id AS next_record_id,
-           n.event AS next_event,
-           CASE WHEN n.event = 'check_in' THEN 'closed'
-                WHEN n.event = 'check_out' THEN 'no_check_in'
-                WHEN o.ts <= $10 THEN 'overdue'
-                ELSE 'open' END AS status
-    FROM outs o
-    LEFT JOIN LATERAL (
+# The status of a check-out ({c}) whose next event is {n}.
+_STATUS = """CASE WHEN {n}.event = 'check_in' THEN 'closed'
+                  WHEN {n}.event = 'check_out' THEN 'no_check_in'
+                  WHEN {c}.ts <= $9 THEN 'overdue' ELSE 'open' END"""
+# The device's next event after a check-out.
+_NEXT = """LEFT JOIN LATERAL (
         SELECT e.ts, e.record_id, e.event FROM checkout_events e
-        WHERE e.tenant_id = $1 AND e.device_id = o.device_id
-          AND (e.ts, e.record_id) > (o.ts, o.record_id)
-        ORDER BY e.ts, e.record_id LIMIT 1) n ON true
+        WHERE e.tenant_id = $1 AND e.device_id = {c}.device_id
+          AND (e.ts, e.record_id) > ({c}.ts, {c}.record_id)
+        ORDER BY e.ts, e.record_id LIMIT 1) n ON true"""
+# $1 tenant, $2 start, $3 end, $4 device|NULL, $5 since|NULL, $6-$8 cursor|NULL,
+# $9 overdue_before (a check-out at or before it is overdue), $10 limit.
+# Two branches, each ordered and limited on its own (the first walks the index
+# checkout_events_tenant_outs in order and stops at the limit), then merged: the
+# check-outs in the range, and each device's last event before the range when it is
+# a check-out (a shift under way at its start).
+_PAGE = f"""
+SELECT * FROM (
+    (SELECT c.device_id, c.ts, c.record_id, n.ts AS next_ts,
+            n.record_id AS next_record_id, n.event AS next_event,
+            {_STATUS.format(n="n", c="c")} AS status
+     FROM checkout_events c
+     {_NEXT.format(c="c")}
+     WHERE c.tenant_id = $1 AND c.event = 'check_out' AND c.ts >= $2 AND c.ts < $3
+       AND ($4::text IS NULL OR c.device_id = $4)
+       AND ($5::timestamptz IS NULL OR c.received_at >= $5)
+       AND ($6::timestamptz IS NULL OR (c.ts, c.device_id, c.record_id) > ($6, $7, $8))
+     ORDER BY c.ts, c.device_id, c.record_id LIMIT $10)
+    UNION ALL
+    (SELECT p.device_id, p.ts, p.record_id, n.ts, n.record_id, n.event,
+            {_STATUS.format(n="n", c="p")}
+     FROM devices d
+     CROSS JOIN LATERAL (
+         SELECT e.device_id, e.ts, e.record_id, e.event, e.received_at FROM checkout_events e
+         WHERE e.tenant_id = d.tenant_id AND e.device_id = d.device_id AND e.ts < $2
+         ORDER BY e.ts DESC, e.record_id DESC LIMIT 1) p
+     {_NEXT.format(c="p")}
+     WHERE d.tenant_id = $1 AND ($4::text IS NULL OR d.device_id = $4)
+       AND ($6::timestamptz IS NULL OR $6 < $2)  -- a cursor past start: none left here
+       AND p.event = 'check_out'
+       AND ($5::timestamptz IS NULL OR p.received_at >= $5)
+       AND ($6::timestamptz IS NULL OR (p.ts, p.device_id, p.record_id) > ($6, $7, $8))
+     ORDER BY p.ts, p.device_id, p.record_id LIMIT $10)
 ) s
-WHERE $9::text IS NULL OR s.status = $9
 ORDER BY s.ts, s.device_id, s.record_id
-LIMIT $11"""
+LIMIT $10"""  # noqa: S608 (fixed fragments, no value)
+
+# Status open or overdue ($11): a shift with no event after its check-out is its
+# device's last event, so one probe per device finds them all (_PAGE would walk
+# every check-out of the range to find the few at its end). Otherwise as _PAGE.
+_OPEN = """
+SELECT p.device_id, p.ts, p.record_id, NULL::timestamptz AS next_ts,
+       NULL::text AS next_record_id, NULL::text AS next_event,
+       CASE WHEN p.ts <= $9 THEN 'overdue' ELSE 'open' END AS status
+FROM devices d
+CROSS JOIN LATERAL (
+    SELECT e.device_id, e.ts, e.record_id, e.event, e.received_at FROM checkout_events e
+    WHERE e.tenant_id = d.tenant_id AND e.device_id = d.device_id
+    ORDER BY e.ts DESC, e.record_id DESC LIMIT 1) p
+WHERE d.tenant_id = $1 AND ($4::text IS NULL OR d.device_id = $4)
+  AND p.event = 'check_out' AND p.ts < $3 AND $2::timestamptz IS NOT NULL
+  AND ($5::timestamptz IS NULL OR p.received_at >= $5)
+  AND ($6::timestamptz IS NULL OR (p.ts, p.device_id, p.record_id) > ($6, $7, $8))
+  AND $11 = CASE WHEN p.ts <= $9 THEN 'overdue' ELSE 'open' END
+ORDER BY p.ts, p.device_id, p.record_id
+LIMIT $10"""
 
 # Devices whose last event is a check-out at or before $3: out past the limit.
 _OVERDUE = """
@@ -158,18 +187,28 @@ class OverdueLimit:
         return self.longest_shift_s + int(DEFAULT_MARGIN.total_seconds())
 
 
-async def overdue_limit(conn: asyncpg.Connection, tenant: str, now: datetime) -> OverdueLimit:
+async def longest_shift_s(conn: asyncpg.Connection, tenant: str, now: datetime
+                          ) -> int | None:
+    """The longest shift (check-out to check-in) that began in the DEFAULT_WINDOW
+    before ``now``, in seconds; None without one. A scan of that window's events:
+    callers cache it (mdm_server/api/reports.py)."""
+    longest = await conn.fetchval(_LONGEST, tenant, now - DEFAULT_WINDOW)
+    return None if longest is None else int(longest)
+
+
+async def overdue_limit(conn: asyncpg.Connection, tenant: str, longest_s: int | None
+                        ) -> OverdueLimit:
+    """The limit in force: the tenant's setting, else the default from ``longest_s``
+    (:func:`longest_shift_s`)."""
     row = await conn.fetchrow("SELECT overdue_after_s, updated_at, updated_by "
                               "FROM shift_settings WHERE tenant_id = $1", tenant)
     setting = None if row is None else row["overdue_after_s"]
-    longest = await conn.fetchval(_LONGEST, tenant, now - DEFAULT_WINDOW)
-    longest_s = None if longest is None else int(longest)
-    limit = OverdueLimit(0, "default", setting, longest_s,
-                         None if row is None else row["updated_at"],
-                         None if row is None else row["updated_by"])
-    seconds = setting if setting is not None else limit.default_s
-    return OverdueLimit(seconds, "tenant" if setting is not None else "default", setting,
-                        longest_s, limit.updated_at, limit.updated_by)
+    updated_at = None if row is None else row["updated_at"]
+    updated_by = None if row is None else row["updated_by"]
+    default = OverdueLimit(0, "default", None, longest_s, None, None).default_s
+    return OverdueLimit(setting if setting is not None else default,
+                        "tenant" if setting is not None else "default", setting, longest_s,
+                        updated_at, updated_by)
 
 
 async def set_overdue_limit(conn: asyncpg.Connection, tenant: str, seconds: int | None,
@@ -246,23 +285,35 @@ async def _shifts(conn: asyncpg.Connection, keyring: Keyring, tenant: str,
 async def shift_page(conn: asyncpg.Connection, keyring: Keyring, tenant: str,
                      f: ShiftFilter, *, overdue_before: datetime, limit: int,
                      after: ShiftCursor | None = None) -> ShiftPage:
-    """Up to ``limit`` shifts after ``after``, oldest check-out first. With a user
-    filter, check-outs are examined (opened and compared) in batches until the page
-    is full or SCAN_MAX were examined; ``next`` then continues the scan."""
+    """Up to ``limit`` shifts after ``after``, oldest check-out first.
+
+    Open and overdue shifts are found per device (their device's last event). Any
+    other filter (a ``closed`` or ``no_check_in`` status, a user, whose records must
+    be opened to compare) examines the range's check-outs in order, in batches, until
+    the page is full or SCAN_MAX were examined; ``next`` then continues the scan, so
+    one request's work is bounded however rare the matches."""
     out: list[Shift] = []
     scanned = 0
+    by_device = f.status in ("open", "overdue")
+    scanning = f.user is not None or (f.status is not None and not by_device)
     while True:
         want = limit - len(out)
-        n = want if f.user is None else max(1, min(max(want, 500), SCAN_MAX - scanned))
-        rows = await conn.fetch(
-            _PAGE, tenant, f.start, f.end, f.device, f.since,
-            None if after is None else after.ts, None if after is None else after.device,
-            None if after is None else after.record_id, f.status, overdue_before, n + 1)
+        n = max(1, min(max(want, 2000), SCAN_MAX - scanned)) if scanning else want
+        args = [tenant, f.start, f.end, f.device, f.since,
+                None if after is None else after.ts, None if after is None else after.device,
+                None if after is None else after.record_id, overdue_before, n + 1]
+        rows = await conn.fetch(_OPEN, *args, f.status) if by_device else \
+            await conn.fetch(_PAGE, *args)
         more = len(rows) > n
         rows = rows[:n]
-        for i, s in enumerate(await _shifts(conn, keyring, tenant, rows, f.since)):
+        kept = [r for r in rows if f.status is None or r["status"] == f.status]
+        opened = iter(await _shifts(conn, keyring, tenant, kept, f.since))
+        for i, r in enumerate(rows):
             scanned += 1
-            after = ShiftCursor(s.checked_out_at, s.device, s.out_record_id)
+            after = ShiftCursor(r["ts"], r["device_id"], r["record_id"])
+            if f.status is not None and r["status"] != f.status:
+                continue
+            s = next(opened)
             if f.user is None or s.user == f.user:
                 out.append(s)
                 if len(out) == limit:
