@@ -684,9 +684,11 @@ def _shift_paths(v1: str, me: str) -> dict[str, dict[str, Schema]]:
                         "[from, to), oldest check-out first, as stored: user ids and "
                         "condition as the device's policy left them. CSV with `Accept: "
                         "text/csv` or `format=csv` (RFC 4180, a header row; a cell starting "
-                        "with = + - @ is prefixed with '). With `user`, at most "
-                        f"{SCAN_MAX} check-outs are examined per request: a page may hold "
-                        "fewer shifts and a `next`. A read of personal data: one entry per "
+                        "with = + - @ is prefixed with '). With `user`, or `status` closed "
+                        f"or no_check_in, at most {SCAN_MAX} check-outs are examined per "
+                        "request: a page may hold fewer shifts (even none) and a `next`. "
+                        "The first page also lists the devices out past the overdue "
+                        "limit. A read of personal data: one entry per "
                         "listed device in its user's access log (`shifts`).",
             ok={200: report})},
         f"{v1}/reports/shifts/settings": {
