@@ -285,6 +285,12 @@ def test_a_policy_that_hashes_or_drops_shows_what_is_stored(world: World) -> Non
     # The user filter matches the id as stored: by its hash, never by the raw id.
     assert world.report(user=shift["user"])["shifts"] == [shift]
     assert world.report(user=MASKED_USER)["shifts"] == []
+    # The server's access log names the filter, never its value.
+    world.report(user=EVIL_USER, **{"u-4711-as-a-name": "x"})
+    log = world.server.log_text()
+    assert '"GET /api/v1/reports/shifts?user&from HTTP/1.1" 200' in log
+    assert '"GET /api/v1/reports/shifts?user&?&from HTTP/1.1" 200' in log
+    assert MASKED_USER not in log and "SUM(A1" not in log and "4711" not in log
     # Not collected at all: the times are kept (checkout_events), nothing else.
     [nocol] = world.report(device="nocol1")["shifts"]
     assert nocol["status"] == "closed" and nocol["duration_s"] == 2 * 3600
