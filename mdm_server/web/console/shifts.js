@@ -104,7 +104,9 @@ export function shiftsView(view) {
   const render = (body) => {
     clear(box).append(shiftTable(`${shown.length} shift${shown.length === 1 ? "" : "s"}` +
       (next ? " (more below)" : ""), shown, { id: "shifts-table",
-      empty: "No shift in this time range." }));
+      empty: next ? "No matching shift in the part examined so far: \u201cMore shifts\u201d " +
+                    "looks further."
+                  : "No shift in this time range." }));
     clear(summary).append("Shifts that overlap ", time(body.from), " to ", time(body.to),
       ", oldest first.");
     more.hidden = !next;
