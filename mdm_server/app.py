@@ -22,6 +22,7 @@ from mdm_server.api import (
     pages,
     places,
     policies,
+    reports,
     tokens,
     trips,
 )
@@ -196,6 +197,8 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app.router.add_routes(policies.routes())
     app.router.add_routes(places.routes())  # /api/v1/places (issue 11)
     app.router.add_routes(trips.routes())  # /api/v1/devices/{device}/trips (issue 11)
+    app.router.add_routes(reports.routes())  # /api/v1/reports/shifts, .../me/.../shifts
+    app[reports.LONGEST_CACHE] = {}
     app.router.add_routes(openapi.routes())  # GET /api/v1/openapi.json, no token
     app.router.add_routes(pages.routes())  # /portal/ and /console/ (mdm_server/web)
     return app

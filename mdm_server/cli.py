@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from mdm_server import audit
+from mdm_server.api.access_log import AccessLog
 from mdm_server.commands.service import lock_unfinished, withdraw_unfinished
 from mdm_server.config import (
     Config,
@@ -702,6 +703,7 @@ def _serve(cfg: Config, workers: int) -> None:
     app.cleanup_ctx.append(broker_identity_ctx)
     try:
         web.run_app(app, host=cfg.http_host, port=cfg.http_port, ssl_context=https,
+                    access_log_class=AccessLog,  # no query values: they may be personal
                     print=lambda msg: print(msg, file=sys.stderr))
     finally:
         for proc in extra:

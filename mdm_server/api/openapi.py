@@ -33,9 +33,21 @@ from mdm_server.api.commands import (
 )
 from mdm_server.api.limits import BODY_LIMIT, NO_BODY_LIMIT, POLICY_BODY_LIMIT, public
 from mdm_server.api.places import PLACE_BODY_LIMIT
+from mdm_server.api.reports import (
+    CSV_LIMIT_MAX,
+    CSV_TYPE,
+    JSON_LIMIT_MAX,
+    LIMIT_DEFAULT,
+    OVERDUE_MAX,
+    RANGE_DEFAULT_DAYS,
+    RANGE_MAX_DAYS,
+    USER_MAX,
+)
 from mdm_server.api.trips import MAX_POINTS, MAX_RANGE
 from mdm_server.commands.service import NOTICE_KINDS, NOTICE_TYPES
 from mdm_server.commands.states import STATES
+from mdm_server.reports.shifts import CONDITION_FIELDS, SIDE_FIELDS, STATUSES
+from mdm_server.storage.shifts import OVERDUE_MAX_S, OVERDUE_MIN_S, SCAN_MAX
 from mdm_server.storage.tokens import TOKEN_STATES
 from privacy_filters import ACTIONS, DEFAULT_RETENTION_DAYS, OWNERSHIPS, FloorUse
 from privacy_filters.policy import (
@@ -486,8 +498,9 @@ SCHEMAS: dict[str, Schema] = {
                                                   "collects beyond the floor")}),
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
-                                    "description": "`device` (its detail), `data:<kind>` "
-                                                   "or `trips` (the trips analysis)"},
+                                    "description": "`device` (its detail), `data:<kind>`, "
+                                                   "`trips` (the trips analysis) or `shifts` "
+                                                   "(the shift report)"},
                            "integrity": enum(("verified", "legacy"), description=(
                                "`verified`: signed by the server; `legacy`: recorded "
                                "before entries were signed. Entries that fail the check "
@@ -675,6 +688,135 @@ def _limited(paths: dict[str, dict[str, Schema]]) -> dict[str, dict[str, Schema]
     return paths
 
 
+# --- the shift report (mdm_server/api/reports.py) ----------------------------------------
+
+_MAYBE_TEXT = {"type": ["string", "null"]}
+SCHEMAS.update({
+    "ShiftSide": obj({
+        "at": TIME,
+        "stored": {**BOOLEAN, "description": "false: no record is stored for this event "
+                                             "(its policy does not collect check-ins/outs, or "
+                                             "it was removed); only the time is known"},
+        "user_id": {**_MAYBE_TEXT, "description": "as stored: masked or hashed if the "
+                                                  "policy says so"},
+        "shift_id": _MAYBE_TEXT,
+        "condition": obj({"battery_pct": {"type": ["number", "null"]},
+                          "screen": _MAYBE_TEXT, "case": _MAYBE_TEXT, "notes": _MAYBE_TEXT}),
+        "not_stored": array(enum(SIDE_FIELDS), description="fields the stored record does "
+                            "not hold (the device did not send them, or the policy dropped "
+                            "them)"),
+        "policy": nullable(STRING), "policy_version": nullable(INTEGER)},
+        description="A check-out or check-in as stored."),
+    "ShiftChange": obj({"field": enum(CONDITION_FIELDS),
+                        "from": {"description": "at check-out, as stored"},
+                        "to": {"description": "at check-in, as stored"}},
+                       {"delta": {"type": "number", "description": "to - from (battery)"}},
+                       description="A condition field stored on both sides that differs."),
+    "Shift": obj({
+        "device": ID,
+        "status": enum(STATUSES, description="closed: checked in; no_check_in: checked out "
+                       "again without a check-in; open: out, within the overdue limit; "
+                       "overdue: out for longer than it"),
+        "user": {**_MAYBE_TEXT, "description": "the check-out's user id as stored"},
+        "shift_id": _MAYBE_TEXT,
+        "checked_out_at": TIME, "checked_in_at": nullable(TIME),
+        "next_check_out_at": {**nullable(TIME), "description": "no_check_in: when the device "
+                                                               "was checked out again"},
+        "duration_s": {**nullable(COUNT), "description": "closed: out to in; open, overdue: "
+                                                         "so far (to `now`); no_check_in: null"},
+        "check_out": ref("ShiftSide"), "check_in": nullable(ref("ShiftSide")),
+        "changes": array(ref("ShiftChange"))}),
+    "ShiftReport": obj({
+        "from": TIME, "to": TIME, "now": TIME,
+        "overdue_after_s": {**COUNT, "description": "the overdue limit in force"},
+        "overdue_source": enum(("tenant", "default")),
+        "overdue": nullable(array(ref("Shift"), description=(
+            f"devices out past the limit now, longest out first, at most {OVERDUE_MAX}, "
+            "whatever the range; on the first page only (null on later pages)"))),
+        "overdue_total": nullable(COUNT),
+        "shifts": array(ref("Shift"), description="shifts overlapping [from, to), oldest "
+                                                  "check-out first"),
+        "next": NEXT}),
+    "MyShifts": obj({"from": TIME, "to": TIME, "now": TIME, "overdue_after_s": COUNT,
+                     "shifts": array(ref("Shift")), "next": NEXT}),
+    "ShiftSettings": obj({
+        "overdue_after_s": {**COUNT, "description": "the limit in force"},
+        "source": enum(("tenant", "default")),
+        "setting_s": {**nullable(COUNT), "description": "the tenant's own; null: the default"},
+        "longest_shift_s": {**nullable(COUNT), "description": "the longest shift that began "
+                                                              "in the last 30 days"},
+        "default_s": {**COUNT, "description": "longest_shift_s + 3600 (86400 without one)"},
+        "updated_at": nullable(TIME), "updated_by": nullable(STRING)}),
+    "ShiftSettingsRequest": obj({"overdue_after_s": {
+        "type": ["integer", "null"], "minimum": OVERDUE_MIN_S, "maximum": OVERDUE_MAX_S,
+        "description": "seconds; null: back to the default"}}),
+})
+PARAMETERS.update({
+    "ShiftFrom": _param("from", "query", TIME, "shifts that had not ended by then (RFC 3339, "
+                        f"with offset; default: `to` - {RANGE_DEFAULT_DAYS} days)"),
+    "ShiftTo": _param("to", "query", TIME, "shifts checked out before then (default: now); "
+                      f"at most {RANGE_MAX_DAYS} days after `from` (else 400)"),
+    "ShiftDevice": _param("device", "query", ID, "only this device"),
+    "ShiftUser": _param("user", "query", {"type": "string", "minLength": 1,
+                                          "maxLength": USER_MAX, "pattern": "^[^\\u0000]*$"},
+                        "only shifts whose check-out stored this user id, exactly as stored "
+                        "(a hashed one by its hash)"),
+    "ShiftStatus": _param("status", "query", enum(STATUSES), "only shifts in this status"),
+    "ShiftFormat": _param("format", "query", enum(("json", "csv")),
+                          "csv: the same shifts as CSV (as `Accept: text/csv`)"),
+    "ShiftLimit": _param("limit", "query", {"type": "integer", "minimum": 1,
+                                            "maximum": CSV_LIMIT_MAX},
+                         f"shifts per page: JSON at most {JSON_LIMIT_MAX} (default "
+                         f"{LIMIT_DEFAULT}), CSV at most {CSV_LIMIT_MAX} (default "
+                         f"{CSV_LIMIT_MAX}); more is 400"),
+})
+
+
+def _shift_paths(v1: str, me: str) -> dict[str, dict[str, Schema]]:
+    csv_headers = {
+        "X-Next-Cursor": {"required": False, "schema": STRING,
+                          "description": "CSV: the `cursor` of the next page (absent on "
+                                         "the last)"},
+        "X-Shift-Rows": {"required": False, "schema": {"type": "string",
+                                                       "pattern": "^[0-9]+$"},
+                         "description": "CSV: shifts in this file"},
+    }
+    report = _json(ref("ShiftReport"), "the report", csv_headers)
+    report["content"][CSV_TYPE] = {"schema": {"type": "string",
+                                              "contentMediaType": CSV_TYPE}}
+    return {
+        f"{v1}/reports/shifts": {"get": op(
+            "getShiftReport", "Shifts: who had which device, its condition out and back",
+            tag="reports", roles=READER,
+            params=("ShiftFrom", "ShiftTo", "ShiftDevice", "ShiftUser", "ShiftStatus",
+                    "ShiftFormat", "ShiftLimit", "Cursor"), errors=(400,),
+            description="Shifts (a check-out and the device's next check-in) overlapping "
+                        "[from, to), oldest check-out first, as stored: user ids and "
+                        "condition as the device's policy left them. CSV with `Accept: "
+                        "text/csv` or `format=csv` (RFC 4180, a header row; a cell starting "
+                        "with = + - @ is prefixed with '). With `user`, or `status` closed "
+                        f"or no_check_in, at most {SCAN_MAX} check-outs are examined per "
+                        "request: a page may hold fewer shifts (even none) and a `next`. "
+                        "The first page also lists the devices out past the overdue "
+                        "limit. A read of personal data: one entry per "
+                        "listed device in its user's access log (`shifts`).",
+            ok={200: report})},
+        f"{v1}/reports/shifts/settings": {
+            "get": op("getShiftSettings", "The tenant's overdue limit", tag="reports",
+                      roles=READER, ok={200: _json(ref("ShiftSettings"), "the limit")}),
+            "put": op("putShiftSettings", "Set the tenant's overdue limit", tag="reports",
+                      roles=ADMIN, errors=(422,), body=ref("ShiftSettingsRequest"),
+                      description="Audited (`shift_settings.update`).",
+                      ok={200: _json(ref("ShiftSettings"), "the limit now")}),
+        },
+        f"{me}/shifts": {"get": op(
+            "listMyShifts", "My device's shifts", tag="me", roles=USER,
+            params=("Device", "ShiftFrom", "ShiftTo", "Limit", "Cursor"), errors=(400, 404),
+            description="As the shift report, for this device and its current enrollment.",
+            ok={200: _json(ref("MyShifts"), "the shifts")})},
+    }
+
+
 def _paths() -> dict[str, dict[str, Schema]]:
     v1 = "/api/v1"
     dev = f"{v1}/devices/{{device}}"
@@ -682,6 +824,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
     me = f"{v1}/me/devices/{{device}}"
     data_params = ("Device", "Kind", "From", "To", "Limit", "Cursor")
     return {
+        **_shift_paths(v1, me),
         "/healthz": {"get": op(
             "health", "Is the server up (and its ingest)?", tag="meta", roles=None,
             ok={200: _json(ref("Health"), "the database answers")})},
@@ -968,7 +1111,7 @@ def document() -> dict[str, Any]:
                 "nosniff`. Contract: docs/api.md, docs/commands.md, docs/policies.md."),
         },
         "tags": [{"name": n} for n in
-                 ("devices", "erasure", "audit", "policies", "places", "commands", "me",
+                 ("devices", "erasure", "audit", "policies", "places", "commands", "reports", "me",
                   "meta")],
         "security": [{"bearerAuth": []}],
         "paths": _limited(_paths()),

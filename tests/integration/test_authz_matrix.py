@@ -56,6 +56,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("PUT", "/api/v1/places/{place}"): {
         "type": "Polygon", "coordinates": [[[5.0, 52.0], [5.01, 52.0], [5.01, 52.01],
                                             [5.0, 52.01], [5.0, 52.0]]]},
+    ("PUT", "/api/v1/reports/shifts/settings"): {"overdue_after_s": 3600},
 }
 #: A place of each tenant, by that name (a DELETE may remove it: made again before
 #: each place route's case).

@@ -106,6 +106,14 @@ def _telemetry() -> list[tuple[str, bytes]]:
             out.append((f"{base}/identity", json.dumps({
                 "v": 1, "id": f"id-{i}", "ts": ts,
                 "data": {"imei": "356938035643809", "serial": f"SN{i}"}}).encode()))
+    # A shift of corp1 (the shift report), its user id one a spreadsheet would run.
+    base = f"mdm/v1/{TENANT}/devices/corp1/telemetry/checkinout"
+    for i, event in enumerate(("check_out", "check_in")):
+        ts = (now - timedelta(hours=3 - i)).isoformat().replace("+00:00", "Z")
+        out.append((base, json.dumps({
+            "v": 1, "id": f"cio-{i}", "ts": ts,
+            "data": {"event": event, "user_id": "=u-17", "condition": {
+                "battery_pct": 90 - 50 * i, "case": ("ok", "damaged")[i]}}}).encode()))
     out.append((f"mdm/v1/{TENANT}/devices/corp1/telemetry/location", b"not json"))
     return out
 
@@ -150,7 +158,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
                 publish_as_devices(broker.port, messages)
                 wait_for_count(database, "SELECT count(*) FROM dead_letters", 1, timeout=60)
                 # pers1 is personal: the strict built-in policy keeps no location.
-                wait_for_count(database, "SELECT count(*) FROM telemetry", 15, timeout=60)
+                wait_for_count(database, "SELECT count(*) FROM telemetry", 17, timeout=60)
                 api = Api(srv, tokens, bob)
                 _make_state(api)
                 yield api
@@ -379,6 +387,13 @@ def _happy_paths(api: Api) -> list[tuple[str, str, dict[str, Any], int]]:
             "body": {"text": "Alles wird gelöscht.", "lang": "de"}}, 200),
         ("admin", "GET /api/v1/notice-templates/{kind}",
          {"path_parameters": {"kind": "wipe-full"}}, 200),
+        ("admin", "GET /api/v1/reports/shifts", {"query": {"device": "corp1"}}, 200),
+        ("admin", "GET /api/v1/reports/shifts", {"query": {"format": "csv"}}, 200),
+        ("admin", "PUT /api/v1/reports/shifts/settings", {"body": {"overdue_after_s": 7200}},
+         200),
+        ("admin", "GET /api/v1/reports/shifts/settings", {}, 200),
+        ("user", "GET /api/v1/me/devices/{device}/shifts",
+         {"path_parameters": {"device": "pers1"}}, 200),
         ("user", "GET /api/v1/me/devices/{device}/data",
          {"path_parameters": {"device": "pers1"}, "query": {"kind": "identity"}}, 200),
         ("user", "GET /api/v1/me/devices/{device}/access-log",

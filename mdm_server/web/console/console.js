@@ -12,6 +12,7 @@ import { locationMap } from "./map.js";
 import { placesView } from "./places.js";
 import { FLOOR_WORDS, policiesView } from "./policies.js";
 import { loadTrips, tripsSummary } from "./trips.js";
+import { shiftsView } from "./shifts.js";
 
 const MAP_MAX_POINTS = 5000;
 const KIND_NAMES = {
@@ -216,6 +217,7 @@ const VIEWS = {
   policies: (view, arg) => policiesView(view, arg),
   places: (view) => placesView(view),
   erasure: (view) => erasureView(view),
+  shifts: (view) => shiftsView(view),
 };
 
 function route() {

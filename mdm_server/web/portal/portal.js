@@ -7,6 +7,7 @@ import {
   time, timeRange,
 } from "./common/ui.js";
 import { ZipScan } from "./common/zipscan.js";
+import { loadShifts } from "./shifts.js";
 
 const KIND_NAMES = {
   location: "Location", identity: "Device and account details", sim: "SIM card",
@@ -65,7 +66,7 @@ async function selectDevice(device) {
   $("#device").hidden = false;
   $("#data-h").textContent = `Data held about ${device}`;
   await Promise.all([loadData(true), loadNotices(), loadPolicy(), loadAccessLog(),
-                     loadErasure()]);
+                     loadErasure(), loadShifts(device)]);
 }
 
 // --- data --------------------------------------------------------------------------
@@ -170,7 +171,8 @@ async function loadAccessLog() {
   try {
     const { entries } = await api(me("/access-log"));
     showInfo(status);
-    const what = (e) => e.action || e.what || "";
+    const what = (e) => (e.what === "shifts" ? "shifts (who had the device, its condition)"
+                                              : e.action || e.what || "");
     clear($("#access")).append(table("Reads of this device's personal data, newest first", [
       { title: "When", cell: (e) => time(e.at) },
       { title: "Who", cell: (e) => e.actor + (e.role ? ` (${e.role})` : "") },

@@ -1,0 +1,1 @@
+"""Reports computed from the data as stored (already shaped by each device's policy)."""
