@@ -126,12 +126,15 @@ mdm_ensure_apt() {
     ((${#missing[@]})) || return 0
     command -v apt-get >/dev/null 2>&1 || mdm_die "missing packages and no apt-get: ${missing[*]}"
     mdm_log "installing Debian packages: ${missing[*]}"
+    # Another apt run (a second checkout setting itself up, unattended upgrades)
+    # holds the dpkg lock for a while: wait for it rather than fail.
     if [[ -z "$_mdm_apt_updated" ]]; then
-        _mdm_as_root apt-get update -qq >&2
+        _mdm_as_root apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
         _mdm_apt_updated=1
     fi
     _mdm_as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+        "${missing[@]}" >&2
 }
 
 # --- Python virtualenv -----------------------------------------------------------

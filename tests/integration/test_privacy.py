@@ -106,15 +106,23 @@ network = st.fixed_dictionaries({
     "wifi_ssid": word.map(lambda w: f"home-{w}"), "network_type": st.just("wifi")})
 
 
-def _raw_values(device: str, kind: str, data: dict[str, Any]) -> list[str]:
+def _raw_values(device: str, kind: str, data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The values of a record that must never be stored raw, and those its device's
+    policy keeps raw."""
     masked = {f.split(".", 1)[1] for f in DEVICES[device][2] if f.startswith(kind + ".")}
-    return [str(v) for k, v in data.items() if k in masked]
+    return ([str(v) for k, v in data.items() if k in masked],
+            [str(v) for k, v in data.items() if k not in masked])
 
 
 class Env:
     def __init__(self, database: str, port: int, ingest: IngestProcess) -> None:
         self.database, self.port, self.ingest = database, port, ingest
         self.ids = itertools.count()
+        # Values some device's policy keeps raw (p-explicit keeps first names, say).
+        # Hypothesis readily draws one value for two records, so a value forbidden
+        # for one device may be stored, rightly, for another: the opened records
+        # are searched only for forbidden values no record was allowed to keep.
+        self.kept: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +172,9 @@ def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
         rec = Record(f"r{next(env.ids)}", int(time.time() * 1000), data)
         messages.append((telemetry_topic("acme", device, kind),
                          encode_telemetry([rec], device=device, kind=kind)))
-        raw += _raw_values(device, kind, data)
+        forbidden, kept = _raw_values(device, kind, data)
+        raw += forbidden
+        env.kept.update(kept)
     publish_as_devices(env.port, messages)
     stored = wait_for_count(env.database, "SELECT count(*) FROM telemetry",
                             before + len(records), timeout=30, proc=env.ingest)
@@ -178,7 +188,8 @@ def test_masked_hashed_and_dropped_values_never_reach_the_database_or_logs(
     assert "hmac-sha256:" not in dump  # ... and sealed at rest
     for value in raw:
         assert value not in dump, "a raw value reached the database"
-        assert value not in opened, "a raw value reached the database (opened)"
+        if value not in env.kept:
+            assert value not in opened, "a raw value reached the database (opened)"
         assert value not in logs, "a raw value reached the logs"
     # Each device's records were shaped by the policy in force for it.
     stamped = {(r["device_id"], r["policy_id"]) for r in asyncio.run(fetch_telemetry(
