@@ -499,8 +499,12 @@ SCHEMAS: dict[str, Schema] = {
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
                                     "description": "`device` (its detail), `data:<kind>`, "
-                                                   "`trips` (the trips analysis) or `shifts` "
-                                                   "(the shift report)"},
+                                                   "`trips` (the trips analysis), `shifts` "
+                                                   "(the shift report) or `live` (its live "
+                                                   "location watched: `watch` says start or "
+                                                   "end)"},
+                           "watch": nullable(enum(("start", "end"), description=(
+                               "for `what: live`: the watch's start or end; else null"))),
                            "integrity": enum(("verified", "legacy"), description=(
                                "`verified`: signed by the server; `legacy`: recorded "
                                "before entries were signed. Entries that fail the check "
