@@ -223,6 +223,10 @@ def _ensure_places(world: World) -> None:
 # Server-Sent Event streams: a 200 is open until the client closes it.
 STREAMS = {"/api/v1/live", "/api/v1/me/devices/{device}/live"}
 
+# GETs an auditor may not make: watching live locations is no review of stored data
+# (docs/api.md, "Live").
+ADMIN_ONLY_GETS = {"/api/v1/live"}
+
 # Routes every valid token may call, about the token itself.
 EVERY_ROLE = {"/api/v1/token"}
 
@@ -243,7 +247,7 @@ def _expected(method: str, template: str, caller: str, which: str) -> set[int] |
         return {404}
     if caller == "user":
         return {403}
-    if method != "GET" and caller == "auditor":
+    if (method != "GET" or template in ADMIN_ONLY_GETS) and caller == "auditor":
         return {403}
     if caller == "other_admin":
         # Everything of acme is invisible to globex's admin; unscoped routes show
