@@ -3,6 +3,7 @@
     python -m load_tests.bench_ingest [--messages 100000] [--naive-messages 20000]
         [--live-seconds 60] [--live-rate 10000] [--live-mix] [--skip-live] [--profile]
         [--policy-mix] [--pair-runs 2] [--skip-policy] [--tls] [--tls-runs 2]
+        [--live-watchers N] [--watcher-runs 2]
 
 Phases, each on a fresh private broker (scripts/broker, the project's config) and the
 run's throwaway database (created, migrated, dropped at the end):
@@ -32,6 +33,10 @@ tls        (--tls) the drain with the ingest connected to the broker's TLS liste
            plain text to the loopback listener, alternating plain tls tls plain
            (--tls-runs each), each on a fresh broker: the cost of TLS on the ingest
            as a ratio measured in one run.
+watchers   (--live-watchers N) the drain with N SSE streams of GET /api/v1/live open on
+           a running ``serve`` (its own idle broker: the bench's ingest drains, serve
+           fans out each committed batch) and with none, alternating none N N none
+           (--watcher-runs each); every watcher must receive every point.
 baseline   (--baseline REF) the drain again with the code of another commit (a git
            worktree of REF, its own throwaway database migrated by REF's code, devices
            enrolled and the backlog published by REF's simulator, REF's ingest) and
@@ -107,6 +112,7 @@ TARGET_VS_C = 0.3
 TARGET_P99_S = 0.5
 TARGET_POLICY_RATIO = 0.85
 TARGET_VS_BASELINE = 0.9  # a change's drain rate against the code before it (--baseline)
+TARGET_WATCHERS = 0.95  # the drain with 20 live watchers against none (issue 11)
 
 
 class BenchError(Exception):
@@ -421,6 +427,75 @@ class Bench:
         log(f"{name}: {res['rate_wall']:,.0f} rec/s from start, {res['rate_commits']:,.0f} "
             f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record")
         return res
+
+    def live_server(self) -> tuple[Proc, str, str]:
+        """``serve`` for the live watchers: on the run's database, its own broker's
+        ingest idle (the bench's ingest process drains), so it only fans out what the
+        drain commits. Returns it, its base URL and an admin token."""
+        n = self.args.live_watchers
+        broker = self.broker("live-serve")
+        env = services.server_env(self.db_url, broker.url, MDM_LIVE_STREAMS_PER_TOKEN=str(n),
+                                  MDM_LIVE_STREAMS_PER_TENANT=str(n))
+        out = subprocess.run([PY, "-m", "mdm_server", "admin", "create", "--tenant", TENANT,
+                              "--name", "bench-live"], env=env, cwd=REPO, check=True,
+                             capture_output=True, text=True, timeout=60)
+        token = out.stdout.strip()
+        srv = self.proc("live-serve", [PY, "-m", "mdm_server", "serve"], env)
+        srv.wait_log("live feed listening", timeout=60)
+        return srv, "http://" + env["MDM_HTTP_ADDR"], token
+
+    def phase_watchers(self) -> dict[str, Any]:
+        """Drains with N live watchers connected and with none, alternating
+        none N N none (--watcher-runs each): the cost of the live feed on the drain
+        as a ratio measured in one run."""
+        n, runs = self.args.live_watchers, self.args.watcher_runs
+        srv, base, token = self.live_server()
+        mon = Monitor(srv.pid)
+        order = [w for _ in range(runs) for w in ((0, n) if _ % 2 == 0 else (n, 0))]
+        done: list[dict[str, Any]] = []
+        for i, watchers in enumerate(order):
+            name = f"watch{i}-{watchers}"
+            stats = self.tmp / f"{name}.json"
+            w: Proc | None = None
+            if watchers:
+                w = self.proc(name + "-clients", [
+                    PY, "-m", "load_tests.live_watchers", "--url", base, "--streams",
+                    str(watchers), "--stats", str(stats)],
+                    {**os.environ, "MDM_BENCH_TOKEN": token, "PYTHONPATH": str(REPO)})
+                w.wait_log(f"connected {watchers}", timeout=60)
+            cpu0 = mon.cpu_s
+            res = self.phase_drain(name)
+            res["watchers"] = watchers
+            res["serve_cpu_s"] = mon.cpu_s - cpu0
+            if w is not None:
+                # Every watcher gets every point (serve's fan-out lags the commit by
+                # well under a second); give it a moment, then count.
+                want = self.args.messages
+                deadline = time.monotonic() + 30
+                got: list[int] = []
+                while time.monotonic() < deadline:
+                    if stats.exists():
+                        got = [s["points"] for s in orjson.loads(stats.read_bytes())]
+                        if got and min(got) >= want:
+                            break
+                    time.sleep(0.2)
+                w.stop()
+                got = [s["points"] for s in orjson.loads(stats.read_bytes())]
+                res["points_min"], res["points_max"] = min(got), max(got)
+                log(f"{name}: each of {watchers} watchers got {min(got):,}-{max(got):,} "
+                    f"of {want:,} points")
+                if min(got) < want:
+                    raise BenchError(f"a watcher got {min(got)} of {want} points")
+            done.append(res)
+        mon.stop()
+        srv.stop()
+        with_ = [r["rate_wall"] for r in done if r["watchers"]]
+        without = [r["rate_wall"] for r in done if not r["watchers"]]
+        ratio = _mean(with_) / _mean(without)
+        log(f"live watchers: {_mean(with_):,.0f} rec/s with {n}, {_mean(without):,.0f} "
+            f"without: ratio {ratio:.3f}")
+        return {"runs": done, "watchers": n, "ratio": ratio, "with": _mean(with_),
+                "without": _mean(without)}
 
     def publish_checkouts(self, broker: Any, tenant: str, ts_ms: int) -> None:
         """One ``check_out`` event per device at ``ts_ms`` (QoS 1, all PUBACKed), each
@@ -841,6 +916,39 @@ def render_tls(b: Bench, add: Any) -> list[str]:
     return [f"TLS/plain {ratio:.2f}"]
 
 
+def render_watchers(b: Bench, add: Any) -> list[str]:
+    """The section of --live-watchers: the drain with N live watchers against none."""
+    w = b.results.get("watchers")
+    if not w:
+        return []
+    n = w["watchers"]
+    add(f"### The drain with {n} live watchers against none, in this run")
+    add("")
+    add(f"The drain above, with {n} Server-Sent Event streams of `GET /api/v1/live` (the "
+        "whole tenant, an admin token) held open against a running `serve` "
+        "(load_tests/live_watchers.py, one process) and with none, alternating "
+        "none · N · N · none, each on a fresh broker. `serve` runs on the same database "
+        "with its own idle broker: the bench's ingest process drains, and `serve` LISTENs "
+        "to its NOTIFY per committed batch, reads each batch's rows back, opens them and "
+        f"sends every point to each of the {n} streams. Every watcher is checked to have "
+        "received every point.")
+    add("")
+    add("| Drain | watchers | rec/s from start | rec/s first→last commit | ingest CPU µs/rec "
+        "| serve CPU s | points per watcher |")
+    add("|---|---:|---:|---:|---:|---:|---:|")
+    for i, d in enumerate(w["runs"], 1):
+        pts = f"{d['points_min']:,}" if d["watchers"] else "-"
+        add(f"| #{i} | {d['watchers']} | {d['rate_wall']:,.0f} | {d['rate_commits']:,.0f} | "
+            f"{d['cpu_us_per_record']:.1f} | {d['serve_cpu_s']:.1f} | {pts} |")
+    add("")
+    ok = w["ratio"] >= TARGET_WATCHERS
+    add(f"- Mean from start: none {w['without']:,.0f} rec/s, {n} watchers {w['with']:,.0f} "
+        f"rec/s: **with/without = {w['ratio']:.3f}** (target ≥ {TARGET_WATCHERS}: "
+        f"**{_pf(ok)}**).")
+    add("")
+    return [f"live watchers {w['ratio']:.3f} {_pf(ok)}"]
+
+
 def render_policy(b: Bench, add: Any) -> list[str]:
     """The policy A/B section; returns the verdicts."""
     a, r = b.args, b.results
@@ -1064,6 +1172,7 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     add("")
     verdicts += render_baseline(b, add)
     verdicts += render_tls(b, add)
+    verdicts += render_watchers(b, add)
     verdicts += render_policy(b, add)
     for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
         summary = r.get(key)
@@ -1121,6 +1230,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also drains with the ingest over TLS and in plain text, alternating")
     p.add_argument("--tls-runs", type=int, default=2,
                    help="drains of each, alternating plain tls tls plain (default 2)")
+    p.add_argument("--live-watchers", type=int, default=0, metavar="N",
+                   help="also drains with N SSE watchers of GET /api/v1/live connected to "
+                        "a running serve, against none, alternating")
+    p.add_argument("--watcher-runs", type=int, default=2,
+                   help="drains with and without the watchers, each (alternating)")
     p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     return p.parse_args(argv)
 
@@ -1229,6 +1343,8 @@ def phases(b: Bench, tmp: Path) -> None:
         b.results["baseline"] = b.phase_baseline(args.baseline)
     if args.tls:
         b.results["tls"] = b.phase_tls()
+    if args.live_watchers:
+        b.results["watchers"] = b.phase_watchers()
     if not args.skip_policy:
         b.results["pair_location"] = b.phase_policy_pair("pair-loc", "location")
         if args.policy_mix:

@@ -181,6 +181,10 @@ class Config:
     place_store_bytes: int = 16 * 1024 * 1024
     # Policy previews per tenant and minute (and their burst): apart from the above.
     preview_per_min: int = 20
+    # Server-Sent Event streams (GET /api/v1/live, .../me/devices/{device}/live) open
+    # at once per token and per tenant; past either, 429 (mdm_server/api/live.py).
+    live_streams_per_token: int = 4
+    live_streams_per_tenant: int = 32
     # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
     # per-tenant hashing keys. Never stored in the database, so a database dump
     # alone cannot reverse a hashed phone number by trying every number.
@@ -431,6 +435,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         policy_store_bytes=_int(env, "MDM_POLICY_STORE_MB", 64, 1, 65536) * 1024 * 1024,
         preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),
         place_store_bytes=_int(env, "MDM_PLACE_STORE_MB", 16, 1, 65536) * 1024 * 1024,
+        live_streams_per_token=_int(env, "MDM_LIVE_STREAMS_PER_TOKEN", 4, 1, 1000),
+        live_streams_per_tenant=_int(env, "MDM_LIVE_STREAMS_PER_TENANT", 32, 1, 10_000),
         unsafe_ack_before_commit=unsafe,
         allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",
         server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,

@@ -499,8 +499,12 @@ SCHEMAS: dict[str, Schema] = {
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
                                     "description": "`device` (its detail), `data:<kind>`, "
-                                                   "`trips` (the trips analysis) or `shifts` "
-                                                   "(the shift report)"},
+                                                   "`trips` (the trips analysis), `shifts` "
+                                                   "(the shift report) or `live` (its live "
+                                                   "location watched: `watch` says start or "
+                                                   "end)"},
+                           "watch": nullable(enum(("start", "end"), description=(
+                               "for `what: live`: the watch's start or end; else null"))),
                            "integrity": enum(("verified", "legacy"), description=(
                                "`verified`: signed by the server; `legacy`: recorded "
                                "before entries were signed. Entries that fail the check "
@@ -817,6 +821,55 @@ def _shift_paths(v1: str, me: str) -> dict[str, dict[str, Schema]]:
     }
 
 
+# --- live streams (mdm_server/api/live.py) --------------------------------------------------
+
+PARAMETERS.update({
+    "LiveDevice": _param("device", "query", ID, "only this device (not with `group`)"),
+    "LiveGroup": _param("group", "query", ID, "only the group's devices as of the stream's "
+                        "start (not with `device`)"),
+})
+LIVE_EVENTS = ("ready", "location", "gap", "end")
+MY_LIVE_EVENTS = ("ready", "stored", "watching", "read", "command", "gap", "end")
+
+
+def _sse(events: tuple[str, ...]) -> Schema:
+    """A stream of events (OpenAPI 3.1: ``schema`` describes each event)."""
+    return {"description": "a Server-Sent Events stream (`text/event-stream`), open until "
+                           "the client closes it; each event's `data` is JSON: docs/api.md, "
+                           "\"Live\"",
+            "content": {"text/event-stream": {"schema": {
+                "type": "object", "required": ["event", "data"],
+                "properties": {"event": enum(events),
+                               "data": {"type": "string",
+                                        "contentMediaType": "application/json"}}}}}}
+
+
+def _live_paths(v1: str, me: str) -> dict[str, dict[str, Schema]]:
+    """``x-stream: sse``: an answer that does not end (the OpenAPI test does not fuzz
+    its 200; tests/integration/test_live.py tests it)."""
+    return {
+        f"{v1}/live": {"get": {**op(
+            "watchLive", "Stored locations of the tenant's devices, as they are committed",
+            tag="live", roles=ADMIN, params=("LiveDevice", "LiveGroup"),
+            errors=(400, 404, 429),
+            description="Server-Sent Events: `ready`, then `location` with the last known "
+                        "position of each device in scope, then a `location` per committed "
+                        "batch with its points exactly as stored (after the policy). Each "
+                        "watched device's user sees the watch in their access log (`live`, "
+                        "start and end). 404: a device or group that is not the tenant's; "
+                        "429: too many streams open for the token or the tenant.",
+            ok={200: _sse(LIVE_EVENTS)}), "x-stream": "sse"}},
+        f"{me}/live": {"get": {**op(
+            "watchMyDevice", "What is happening to my device now", tag="me", roles=USER,
+            params=("Device",), errors=(404, 429),
+            description="Server-Sent Events: `ready` (who is watching now), `stored` (its "
+                        "location was stored), `watching` (an admin started or stopped "
+                        "watching its live location), `read` (an admin read its data), "
+                        "`command` (a command's progress: lock, wipe, remote view ...).",
+            ok={200: _sse(MY_LIVE_EVENTS)}), "x-stream": "sse"}},
+    }
+
+
 def _paths() -> dict[str, dict[str, Schema]]:
     v1 = "/api/v1"
     dev = f"{v1}/devices/{{device}}"
@@ -825,6 +878,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
     data_params = ("Device", "Kind", "From", "To", "Limit", "Cursor")
     return {
         **_shift_paths(v1, me),
+        **_live_paths(v1, me),
         "/healthz": {"get": op(
             "health", "Is the server up (and its ingest)?", tag="meta", roles=None,
             ok={200: _json(ref("Health"), "the database answers")})},
@@ -1111,8 +1165,8 @@ def document() -> dict[str, Any]:
                 "nosniff`. Contract: docs/api.md, docs/commands.md, docs/policies.md."),
         },
         "tags": [{"name": n} for n in
-                 ("devices", "erasure", "audit", "policies", "places", "commands", "reports", "me",
-                  "meta")],
+                 ("devices", "erasure", "audit", "policies", "places", "commands", "reports",
+                  "live", "me", "meta")],
         "security": [{"bearerAuth": []}],
         "paths": _limited(_paths()),
         "components": {
