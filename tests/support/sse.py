@@ -49,9 +49,11 @@ class SseClient:
 
     def _read(self) -> None:
         name, data = "message", []
+        # Held here: close() (on the test's thread) sets the response's fp to None.
+        fp = self._resp.fp
         try:
             while True:
-                line = self._resp.fp.readline()
+                line = fp.readline()
                 if not line:
                     break
                 text = line.decode().rstrip("\n")
