@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mdm_server import audit
+from mdm_server.agents.secrets import rewrap_agent_secrets
 from mdm_server.commands.keys import reencrypt_signing_keys
 from mdm_server.storage.keyring import Keyring
 
@@ -89,6 +90,7 @@ async def check_master_key(conn: asyncpg.Connection, master_key: bytes) -> None:
 @dataclass
 class RotationReport:
     signing_keys: int = 0
+    agent_secrets: int = 0  # foreign agents' secrets sealed again (mdm_server/agents)
     device_keys: int = 0
     epoch: int = 0
     epochs_retired: list[int] = field(default_factory=list)
@@ -139,6 +141,7 @@ async def rotate_master_key(conn: asyncpg.Connection, keyring_dir: Path, old: by
     async with ring.locked_for_rotation(conn):
         async with conn.transaction():
             report.signing_keys = await reencrypt_signing_keys(conn, old, new)
+            report.agent_secrets = await rewrap_agent_secrets(conn, old, new)
             report.epoch, report.device_keys, report.epochs_retired = \
                 await ring.rewrap_under_master(conn, new)
             report.audit_entries = await audit.rekey(conn, audit.AuditKeys.derive(old),
