@@ -148,7 +148,8 @@ async def rotate_master_key(conn: asyncpg.Connection, keyring_dir: Path, old: by
                                                      audit.AuditKeys.derive(new))
             status = await conn.execute(
                 "UPDATE devices SET mqtt_stale = true WHERE mqtt_generation >= 1 "
-                "AND status = 'enrolled'")
+                "AND status = 'enrolled' "
+                "AND agent NOT IN ('osmand', 'traccar')")  # no broker password
             report.devices_to_reenroll = int(status.rsplit(" ", 1)[-1])
             await conn.execute("UPDATE master_key SET fingerprint = $1, since = now()",
                                fingerprint(new))
