@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mdm_server.api import (
+    agents,
     auth,
     commands,
     devices,
@@ -224,4 +225,5 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app[reports.LONGEST_CACHE] = {}
     app.router.add_routes(openapi.routes())  # GET /api/v1/openapi.json, no token
     app.router.add_routes(pages.routes())  # /portal/ and /console/ (mdm_server/web)
+    app.router.add_routes(agents.routes())  # /owntracks, /osmand/{key} (issue 12)
     return app

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from mdm_server import audit
+from mdm_server.agents import AGENTS
 from mdm_server.api.access_log import AccessLog
 from mdm_server.commands.service import lock_unfinished, withdraw_unfinished
 from mdm_server.config import (
@@ -175,6 +176,10 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--user-email", help="the e-mail address of the device's user")
     de.add_argument("--group", action="append", default=[], dest="groups",
                     help="a group the device belongs to (repeatable); policies select by it")
+    de.add_argument("--agent", default="native", choices=AGENTS,
+                    help="the app that reports for it: native (our agent, the default), "
+                         "owntracks, osmand or traccar (docs/agents.md); prints that "
+                         "app's settings")
     dl = device.add_parser("list", help="the tenant's devices (JSON lines: device, ownership, "
                                         "groups, status, enrolled_at)")
     dl.add_argument("--tenant", required=True)
@@ -418,22 +423,36 @@ def _device_broker(cfg: Config) -> DeviceBroker:
     return broker
 
 
+def _public_url(cfg: Config) -> str:
+    """The public base URL enrollment prints for foreign agents; says on stderr when
+    it is serve's own address because MDM_PUBLIC_URL is not set."""
+    url, fallback = cfg.public_base()
+    if fallback:
+        print(f"mdm-server: note: MDM_PUBLIC_URL is not set, so the enrollment gives the "
+              f"address serve listens on, {url}. Phones elsewhere may not reach it: set "
+              "MDM_PUBLIC_URL to the server's public https:// address.", file=sys.stderr)
+    return url
+
+
 async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
     broker = _device_broker(cfg)
+    public_url = _public_url(cfg) if args.agent != "native" else None
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
             enrollment = await enroll_device(
                 conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
                 user_email=args.user_email, mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
-                master_key=cfg.master_key, groups=tuple(args.groups),
+                master_key=cfg.master_key, groups=tuple(args.groups), agent=args.agent,
+                public_url=public_url,
             )
             # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
             await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
                                action="device.enroll",
                                target=f"device:{args.device}",
                                details={"ownership": args.ownership,
-                                        "groups": sorted(set(args.groups))})
+                                        "groups": sorted(set(args.groups)),
+                                        "agent": args.agent})
         print(json.dumps(enrollment, indent=2))
         await _sync_broker(cfg, conn, args.tenant, args.device, "is enrolled")
     finally:
@@ -490,7 +509,8 @@ async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
             await lock_unfinished(conn, args.tenant, args.device)
             enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
                                                mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
-                                               master_key=cfg.master_key)
+                                               master_key=cfg.master_key,
+                                               public_url=cfg.public_base()[0])
             number = await start_enrollment(conn, tenant=args.tenant, device=args.device,
                                             user_email=args.user_email)
             ended = await _end_enrollment(cfg, conn, args.tenant, args.device,

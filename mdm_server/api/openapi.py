@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from agent_protocol import CONSENT_TYPES, KINDS, REMOTE_VIEW_MODES, WIPE_SCOPES
+from mdm_server.agents import AGENTS
 from mdm_server.analysis.trips import BOUNDS, PATH_MAX, Params
 from mdm_server.api.commands import (
     ADMIN_COMMAND_TYPES,
@@ -208,7 +209,11 @@ SCHEMAS: dict[str, Schema] = {
          # POST /policies/{name}:preview, a sample payload that is not valid telemetry:
          "reason": {"type": "string", "description": "the wire-protocol reason (preview)"},
          "detail": {"type": "string"},
-         "path": {"type": ["string", "null"]}}),
+         "path": {"type": ["string", "null"]},
+         # 409 unsupported_by_agent: the devices whose agent cannot carry it out.
+         "devices": array(obj({"device": STRING, "agent": enum(AGENTS)}),
+                          description="devices whose agent cannot carry out the command "
+                                      "(code unsupported_by_agent)")}),
     "Issue": obj({"path": STRING, "message": STRING}),
     "Notice": NOTICE,
     "CommandReason": _REASON,
@@ -239,7 +244,9 @@ SCHEMAS: dict[str, Schema] = {
         "params": ANY_OBJECT, "reason": STRING, "requested_by": STRING, "created_at": TIME,
         "commands": {**COUNT, "description": "commands created"},
         "refused": array(obj({"device": STRING, "code": STRING}),
-                         description="devices the guards skipped (personal_device)"),
+                         description="devices the guards skipped (personal_device; "
+                                     "unsupported_by_agent: their agent cannot carry it "
+                                     "out)"),
         "states": {"type": "object", "propertyNames": enum(STATES),
                    "additionalProperties": COUNT,
                    "description": "how many of the batch's commands are in each state"},
@@ -252,7 +259,11 @@ SCHEMAS: dict[str, Schema] = {
         "consent": {"enum": ["given", "refused", None],
                     "description": "the user's answer, where they were asked (remote_view)"},
         "consent_at": nullable(TIME), "finished_at": nullable(TIME),
-        "outcome_detail": nullable(STRING)},
+        "outcome_detail": nullable(STRING),
+        "agent_form": {**nullable(ANY_OBJECT),
+                       "description": "what was sent to a foreign agent, in its own form "
+                                      "(OwnTracks: {\"_type\": \"cmd\", \"action\": "
+                                      "\"reportLocation\"}); null for our own agent"}},
         description="A command that affected the device's user, with the notice as sent."),
     "NoticeTemplate": obj({"kind": enum(NOTICE_KINDS), "text": STRING, "lang": STRING,
                            "source": enum(("tenant", "built_in"))}),
@@ -350,10 +361,18 @@ SCHEMAS: dict[str, Schema] = {
     "DeviceSummary": obj({
         "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
         "status": enum(("enrolled", "revoked")), "enrolled_at": TIME,
-        "last_seen_at": nullable(TIME)}),
+        "last_seen_at": nullable(TIME), "agent": ref("Agent")}),
+    "Agent": enum(AGENTS, description="the app that reports for the device: native (our "
+                                      "agent) or a foreign one (docs/agents.md)"),
+    "Presence": nullable(obj(
+        {"online": BOOLEAN, "changed_at": TIME,
+         "source": enum(("lwt", "status", "message"))},
+        description="as its agent says: lwt (the broker published its will: offline), "
+                    "any other message (a sign of life: online); null: not known")),
     "Device": obj({
         "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
         "status": enum(("enrolled", "revoked")), "enrolled_at": TIME,
+        "agent": ref("Agent"), "presence": ref("Presence"),
         "user_email": nullable(STRING), "last_seen_at": nullable(TIME),
         "last": {"type": "object", "propertyNames": enum(KINDS),
                  "additionalProperties": obj({"id": STRING, "ts": TIME, "received_at": TIME,

@@ -26,6 +26,7 @@ from typing import TypeVar
 import asyncpg
 
 from agent_protocol import KINDS
+from mdm_server.agents.events import store_agent_events
 from mdm_server.ingest.batch import DeadLetter, WriteSet
 from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
 from mdm_server.ingest.limits import DeviceBucket
@@ -312,6 +313,8 @@ class TelemetrySink:
                     for payload in location_notices(rows, done["at"]):
                         await conn.execute(NOTIFY, LIVE_CHANNEL, payload)
             await store_dead_letters(conn, dead)
+            if ws.agent_events:  # foreign agents: presence, locate answers
+                await store_agent_events(conn, [e for _, e in ws.agent_events])
             if checkouts:
                 await conn.execute(_INSERT_CHECKOUTS, *_columns(checkouts))
             if suppressed:
