@@ -85,6 +85,8 @@ environment (README.md, "Environment", says more of each):
                             the address and CA devices are given at enrollment
   MDM_MQTT_SERVER_PASSWORD  the server's MQTT password (docker-compose)
   MDM_HTTP_ADDR             host:port of the API, console and portal (127.0.0.1:8080)
+  MDM_PUBLIC_URL            the server's address as devices' apps reach it (printed by
+                            device enroll --agent owntracks|osmand|traccar)
   MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
   MDM_INGEST_BATCH, MDM_INGEST_BATCH_DELAY_MS, MDM_INGEST_MAX_PENDING_MB
@@ -94,6 +96,8 @@ environment (README.md, "Environment", says more of each):
   MDM_API_RATE_PER_S, MDM_API_BURST, MDM_API_RATE_KEYS
                             API rate limits
   MDM_PREVIEW_PER_MIN       policy previews a minute per tenant
+  MDM_LIVE_STREAMS_PER_TOKEN, MDM_LIVE_STREAMS_PER_TENANT
+                            live streams open at once
   MDM_POLICY_STORE_MB, MDM_PLACE_STORE_MB
                             what a tenant's stored policy and place versions may take
   MDM_RETENTION_INTERVAL_S  how often serve applies retention
