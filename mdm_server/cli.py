@@ -645,6 +645,7 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
 
 async def _ingest(cfg: Config, index: int) -> None:
     from mdm_server.ingest.worker import IngestWorker, live_line
+    from mdm_server.ops.workers import RUN_DIR_ENV, report_status
 
     await _open_keyring(cfg, wait=True)
     worker = IngestWorker(cfg, index=index)
@@ -657,6 +658,9 @@ async def _ingest(cfg: Config, index: int) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(worker.run(), name=f"ingest-{index}")
             tg.create_task(live_line(worker.stats, f"ingest-{index}"), name="live")
+            run_dir = os.environ.get(RUN_DIR_ENV)
+            if run_dir:  # a worker of serve: /readyz and /metrics read its status
+                tg.create_task(report_status(worker, index, run_dir), name="status")
     except* KeyringError as group:  # said plainly by main(), not as a traceback
         raise group.exceptions[0] from None
 
@@ -684,21 +688,35 @@ async def _check_db_role(cfg: Config) -> None:
 
 
 def _serve(cfg: Config, workers: int) -> None:
+    from mdm_server.ops.workers import prepare_run_dir, remove_run_dir
+
+    if workers < 1:
+        raise ConfigError("--ingest-workers must be at least 1")
+    # Before anything imports prometheus_client: its multiprocess mode is chosen then.
+    run_dir, own_run_dir = prepare_run_dir()
+    try:
+        _serve_in(cfg, workers)
+    finally:
+        remove_run_dir(run_dir, own_run_dir)
+
+
+def _serve_in(cfg: Config, workers: int) -> None:
     from aiohttp import web
 
     from mdm_server.app import create_app
     from mdm_server.broker.service import broker_identity_ctx
+    from mdm_server.ops.http import CHILDREN, metrics_addr
 
-    if workers < 1:
-        raise ConfigError("--ingest-workers must be at least 1")
     https = cfg.https_context()  # a bad certificate or key: said before anything starts
+    metrics_addr()  # a malformed MDM_METRICS_ADDR: said before anything starts
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
-        subprocess.Popen([sys.executable, "-m", "mdm_server", "ingest", "--index", str(i)])  # noqa: S603
+        (i, subprocess.Popen([sys.executable, "-m", "mdm_server", "ingest", "--index", str(i)]))  # noqa: S603
         for i in range(1, workers)
     ]
     app = create_app(cfg)
+    app[CHILDREN] = extra  # /readyz: each must be running and connected
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
     try:
@@ -706,9 +724,9 @@ def _serve(cfg: Config, workers: int) -> None:
                     access_log_class=AccessLog,  # no query values: they may be personal
                     print=lambda msg: print(msg, file=sys.stderr))
     finally:
-        for proc in extra:
+        for _, proc in extra:
             proc.terminate()
-        for proc in extra:
+        for _, proc in extra:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
 

@@ -21,6 +21,7 @@ import gc
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import asyncpg
@@ -32,6 +33,7 @@ from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
 from mdm_server.ingest.record_ids import RecordIds, digest_groups
 from mdm_server.ingest.shaping import Plan, ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, retry_while_away
+from mdm_server.ops import metrics
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
 from mdm_server.storage.checkouts import checkout_history
 from mdm_server.storage.devices import lookup_devices
@@ -147,6 +149,7 @@ class IngestWorker:
         self._pending: list[InboundMessage] = []
         self._held_bytes = 0  # pending plus the batch being written
         self._first_at = 0.0
+        self._batch_first_at: deque[float] = deque()  # of batches not yet written (metrics)
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         # A batch ready to write: (messages, what to write, shaping counts).
@@ -165,6 +168,14 @@ class IngestWorker:
             subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER)],
             on_message=self._on_message,
         )
+
+    @property
+    def broker_connected(self) -> bool:
+        return self.consumer.connected.is_set()
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._held_bytes
 
     def _on_message(self, msg: InboundMessage) -> None:
         limit = self._limit
@@ -223,6 +234,7 @@ class IngestWorker:
                 await asyncio.wait_for(self._full.wait(), remaining)
             except TimeoutError:
                 break
+        self._batch_first_at.append(self._first_at)
         n = cfg.batch_max_records
         batch, self._pending = self._pending[:n], self._pending[n:]
         if self._pending:
@@ -267,9 +279,14 @@ class IngestWorker:
             batch, ws, shaped = await to_write.get()
             if self._config.unsafe_ack_before_commit:
                 self.consumer.ack(batch)  # test-only: the crash test must catch this
+            started = time.monotonic()
             result = await self._sink.write(ws)
             if not self._config.unsafe_ack_before_commit:
                 self.consumer.ack(batch)
+            done = time.monotonic()
+            metrics.batch_committed(len(batch), ws, result, shaped, done - started,
+                                    done - (self._batch_first_at.popleft()
+                                           if self._batch_first_at else started))
             s = self.stats
             s.messages += len(batch)
             s.records_stored += result.inserted

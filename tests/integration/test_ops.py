@@ -1,0 +1,182 @@
+"""What an operator watches, on real processes: /livez and /readyz, /metrics
+(MDM_METRICS_ADDR), and the logs."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent_protocol import Record, encode_telemetry, telemetry_topic
+from tests.support.mqtt import publish_as_devices
+from tests.support.services import (
+    REPO,
+    Broker,
+    Server,
+    free_port,
+    server_env,
+    wait_for_count,
+)
+from tests.support.telemetry import location
+
+pytestmark = pytest.mark.integration
+
+TENANT = "opsacme"
+DEVICES = ("phone-7f3a9c", "tablet-2b8e41")
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "mdm_server", *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics text, parsed by prometheus-client's own parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def setup(database: str, broker: Broker) -> dict[str, str]:
+    env = server_env(database, broker.url, MDM_METRICS_ADDR=f"127.0.0.1:{free_port()}")
+    cli(env, "tenant", "create", TENANT)
+    for d in DEVICES:
+        cli(env, "device", "enroll", "--tenant", TENANT, "--device", d, "--ownership",
+            "corporate")
+    return env
+
+
+def compose_healthcheck(base: str) -> int:
+    """docker-compose.yml's health check of the server, run against ``base``."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    check = compose["services"]["server"]["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "python"]
+    args = [a.replace("http://127.0.0.1:8080", base) for a in check[2:]]
+    return subprocess.run([sys.executable, *args], capture_output=True, timeout=30).returncode
+
+
+def test_readyz_follows_the_broker_livez_stays(setup: dict[str, str], broker: Broker,
+                                               tmp_path: Path) -> None:
+    server = Server(setup, tmp_path / "serve.log")
+    server.start(ingest_workers=2)
+    try:
+        # Ready within a moment of the workers' subscriptions (a worker process
+        # reports its state twice a second).
+        wait_until(lambda: get(server.base + "/readyz")[0] == 200, timeout=10,
+                   what="never ready")
+        status, body = get(server.base + "/readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        assert get(server.base + "/livez")[0] == 200
+        assert compose_healthcheck(server.base) == 0
+        broker.stop()
+
+        def not_ready() -> bool:
+            status, body = get(server.base + "/readyz")
+            return status == 503 and json.loads(body) == {"status": "not ready",
+                                                          "reason": "broker"}
+        wait_until(not_ready, what="/readyz still ready with the broker stopped")
+        assert get(server.base + "/livez")[0] == 200
+        assert compose_healthcheck(server.base) != 0
+        # /healthz keeps its old meaning and shape (nothing more for anonymous callers).
+        status, body = get(server.base + "/healthz")
+        assert status == 200
+        assert json.loads(body) == {"status": "ok", "ingest": {"broker_connected": False}}
+        broker.start()
+        wait_until(lambda: get(server.base + "/readyz")[0] == 200, timeout=60,
+                   what="/readyz not ready again after the broker came back")
+        assert get(server.base + "/livez")[0] == 200
+    finally:
+        server.stop()
+
+
+def _identity(device: str, imei: str) -> tuple[str, bytes]:
+    rec = Record(id=f"r-{uuid.uuid4().hex[:8]}", ts_ms=int(time.time() * 1000),
+                 data={"imei": imei, "model": "test"})
+    return (telemetry_topic(TENANT, device, "identity"),
+            encode_telemetry([rec], device=device, kind="identity"))
+
+
+def test_metrics_count_every_worker_and_name_nobody(setup: dict[str, str], database: str,
+                                                    broker: Broker, tmp_path: Path) -> None:
+    token = cli(setup, "admin", "create", "--tenant", TENANT, "--name", "opsalice").strip()
+    server = Server(setup, tmp_path / "serve.log")
+    server.start(ingest_workers=2)
+    metrics_url = f"http://{setup['MDM_METRICS_ADDR']}/metrics"
+    imei = f"35{secrets.randbelow(10**13):013d}"
+    n = 3000
+    try:
+        # Not on the API's port.
+        assert get(server.base + "/metrics")[0] == 404
+        messages = [location(TENANT, DEVICES[i % 2], i) for i in range(n - 1)]
+        messages.append(_identity(DEVICES[0], imei))
+        messages.append((telemetry_topic(TENANT, DEVICES[1], "location"), b"not json"))
+        publish_as_devices(broker.port, messages)
+        wait_for_count(database, "SELECT count(*) FROM telemetry", n)
+        status, _ = server.request("GET", f"/api/v1/devices/{DEVICES[0]}/commands", token)
+        assert status == 200
+        assert server.request("GET", f"/api/v1/devices/{DEVICES[1]}/commands")[0] == 401
+
+        def scraped() -> str:
+            status, body = get(metrics_url)
+            assert status == 200
+            return body.decode()
+
+        wait_until(lambda: value(scraped(), "mdm_ingest_records_stored_total") >= n,
+                   what="records stored never reached n")
+        wait_until(lambda: value(scraped(), "mdm_ingest_dead_letters_total",
+                                 reason="not_json") >= 1, what="no dead letter counted")
+        text = scraped()
+        assert value(text, "mdm_ingest_records_stored_total") == n
+        assert value(text, "mdm_ingest_messages_total") == n + 1
+        assert value(text, "mdm_ingest_dead_letters_total", reason="not_json") == 1
+        assert value(text, "mdm_ingest_workers") == 2
+        wait_until(lambda: value(scraped(), "mdm_ingest_workers_connected") == 2,
+                   what="not every worker reported connected")
+        route = "/api/v1/devices/{device}/commands"
+        assert value(text, "mdm_http_requests_total", route=route, method="GET",
+                     status="200") == 1
+        assert value(text, "mdm_http_requests_total", route=route, method="GET",
+                     status="401") == 1
+        assert value(text, "mdm_http_request_seconds_count", route=route, method="GET") == 2
+        assert value(text, "mdm_ingest_batch_messages_count") >= 2  # two workers' batches
+        # Nothing personal, no tenant, no device, no value from telemetry.
+        for secret in (*DEVICES, TENANT, imei, token, "opsalice"):
+            assert secret not in text
+    finally:
+        server.stop()
