@@ -722,7 +722,8 @@ def _serve_in(cfg: Config, workers: int) -> None:
     try:
         web.run_app(app, host=cfg.http_host, port=cfg.http_port, ssl_context=https,
                     access_log_class=AccessLog,  # no query values: they may be personal
-                    print=lambda msg: print(msg, file=sys.stderr))
+                    print=lambda msg: logging.getLogger("mdm_server").info(
+                        "%s", " ".join(msg.split())))  # a log line, in either format
     finally:
         for _, proc in extra:
             proc.terminate()
@@ -751,12 +752,15 @@ def _refuse_published_master_key(cfg: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mdm_server.ops.logs import setup_logging
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("MDM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    worker = f"ingest-{args.index}" if args.command == "ingest" else args.command
+    try:
+        setup_logging(worker)  # MDM_LOG_FORMAT: text (default) or json
+    except ValueError as exc:
+        print(f"mdm-server: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config()
         if args.command in ("serve", "ingest") and cfg.master_key is None:

@@ -6,7 +6,8 @@ a user id as stored. This log (``aiohttp.access``, INFO) names the query's
 parameters, never their values: the client address, method, path and ``?from&user``,
 status, size and time taken; no header, no body. A parameter name that is not
 spelled like the API's (lower case and ``_``) is logged as ``?``: a value may be
-sent as a name.
+sent as a name. A health probe that succeeds (``/livez``, ``/readyz``, ``/healthz``,
+asked every few seconds by orchestrators) is not logged; one that fails is.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ __all__ = ["AccessLog"]
 # A parameter's name as the API's are spelled; any other (which could be a value
 # sent as a name) is logged as "?".
 _NAME = re.compile(r"[a-z][a-z_]{0,31}")
+_PROBES = frozenset({"/livez", "/readyz", "/healthz"})
 
 
 class AccessLog(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if response.status < 400 and request.path in _PROBES:
+            return
         names = "&".join(dict.fromkeys(n if _NAME.fullmatch(n) else "?" for n in request.query))
         target = request.path + (f"?{names}" if names else "")
         self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.3fs', request.remote, request.method,

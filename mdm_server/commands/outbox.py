@@ -194,7 +194,10 @@ class CommandDispatcher:
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        rc: ReasonCode, props: object) -> None:
-        log.warning("command dispatch disconnected from the broker: %s", rc)
+        if rc.is_failure:
+            log.warning("command dispatch disconnected from the broker: %s", rc)
+        else:  # our own DISCONNECT: a normal stop
+            log.info("command dispatch disconnected from the broker")
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int,
                     rc: ReasonCode, props: object) -> None:

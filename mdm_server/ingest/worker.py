@@ -19,7 +19,6 @@ import asyncio
 import functools
 import gc
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -331,14 +330,19 @@ class IngestWorker:
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
-    """Print a line a second: records stored per second, and the totals."""
+    """Log a line of live numbers (records stored per second, and the totals) every
+    second while messages arrive; an idle worker logs nothing."""
     last_stored, last_t = stats.records_stored, time.monotonic()
+    last_messages = stats.messages
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()
+        if stats.messages == last_messages:  # nothing since the last line
+            last_stored, last_t = stats.records_stored, now
+            continue
         rate = (stats.records_stored - last_stored) / (now - last_t)
-        last_stored, last_t = stats.records_stored, now
-        print(f"{label}: {rate:,.0f} records/s  stored={stats.records_stored:,} "
-              f"duplicates={stats.duplicates:,} dead_letters={stats.dead_letters:,} "
-              f"rate_limited={stats.rate_limited:,} messages={stats.messages:,}",
-              file=sys.stderr, flush=True)
+        last_stored, last_t, last_messages = stats.records_stored, now, stats.messages
+        log.info("%s: %s records/s  stored=%s duplicates=%s dead_letters=%s rate_limited=%s "
+                 "messages=%s", label, f"{rate:,.0f}", f"{stats.records_stored:,}",
+                 f"{stats.duplicates:,}", f"{stats.dead_letters:,}",
+                 f"{stats.rate_limited:,}", f"{stats.messages:,}")

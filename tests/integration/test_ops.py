@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -180,3 +181,61 @@ def test_metrics_count_every_worker_and_name_nobody(setup: dict[str, str], datab
             assert secret not in text
     finally:
         server.stop()
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    entries = []
+    for line in text.splitlines():
+        entry = json.loads(line)  # every line: one JSON object
+        assert isinstance(entry, dict), line
+        entries.append(entry)
+    return entries
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_json_logs_name_no_value_idle_is_quiet_and_shutdown_warns_nothing(
+        setup: dict[str, str], database: str, broker: Broker, tmp_path: Path,
+        stop: signal.Signals) -> None:
+    env = {**setup, "MDM_LOG_FORMAT": "json"}
+    server = Server(env, tmp_path / "serve.log")
+    server.start(ingest_workers=2)
+    imei = f"35{secrets.randbelow(10**13):013d}"
+    lat = 48.8566135
+    try:
+        # A raw value in a stored record and in one the database refuses: neither
+        # may reach the log.
+        rec = Record(id="r-1", ts_ms=int(time.time() * 1000),
+                     data={"lat": lat, "lon": 2.3522, "accuracy_m": 3.0, "source": "gps"})
+        publish_as_devices(broker.port, [
+            _identity(DEVICES[0], imei),
+            (telemetry_topic(TENANT, DEVICES[1], "location"),
+             encode_telemetry([rec], device=DEVICES[1], kind="location")),
+            (telemetry_topic(TENANT, DEVICES[0], "identity"),
+             b'{"v": 1, "imei": "' + imei.encode() + b'", "broken": '),
+        ])
+        wait_for_count(database, "SELECT count(*) FROM telemetry", 2)
+        wait_until(lambda: get(server.base + "/readyz")[0] == 200, what="never ready")
+        time.sleep(2.5)  # the last live lines of the publishing above
+        before = len(server.log_text().splitlines())
+        time.sleep(6)  # idle
+        idle = server.log_text().splitlines()[before:]
+        assert len(idle) <= 2, idle
+        before = len(server.log_text().splitlines())
+        assert server.proc is not None
+        server.proc.send_signal(stop)
+        server.proc.wait(timeout=30)
+        server.proc = None
+    finally:
+        server.stop()
+    text = server.log_text()
+    entries = _json_lines(text)
+    assert entries, "nothing logged"
+    for e in entries:
+        assert {"time", "level", "logger", "message", "worker"} <= e.keys(), e
+    assert {e["worker"] for e in entries} >= {"serve", "ingest-1"}
+    assert any("records/s" in str(e["message"]) for e in entries)  # the live line
+    for value in (imei, str(lat), "48.856"):
+        assert value not in text
+    shutdown = entries[before:]
+    assert shutdown, "the shutdown logged nothing at all"
+    assert not [e for e in shutdown if e["level"] in ("WARNING", "ERROR", "CRITICAL")], shutdown
