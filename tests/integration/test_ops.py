@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 import subprocess
@@ -67,6 +68,24 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every name a PromQL query may use: samples' names, and each family's (a family
+    without samples yet, e.g. commands when there are none, has its HELP and TYPE)."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+    return names
+
+
+def dashboard_metric_names() -> set[str]:
+    """The metric names deploy/grafana/mdm.json's queries use."""
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "mdm.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    return {m for e in exprs for m in re.findall(r"\bmdm_[a-z_]+\b", e)}
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -176,6 +195,9 @@ def test_metrics_count_every_worker_and_name_nobody(setup: dict[str, str], datab
                      status="401") == 1
         assert value(text, "mdm_http_request_seconds_count", route=route, method="GET") == 2
         assert value(text, "mdm_ingest_batch_messages_count") >= 2  # two workers' batches
+        # The Grafana dashboard in deploy/ asks for nothing /metrics lacks.
+        missing = dashboard_metric_names() - exposed_names(text)
+        assert not missing, missing
         # Nothing personal, no tenant, no device, no value from telemetry.
         for secret in (*DEVICES, TENANT, imei, token, "opsalice"):
             assert secret not in text
