@@ -261,3 +261,18 @@ def test_json_logs_name_no_value_idle_is_quiet_and_shutdown_warns_nothing(
     shutdown = entries[before:]
     assert shutdown, "the shutdown logged nothing at all"
     assert not [e for e in shutdown if e["level"] in ("WARNING", "ERROR", "CRITICAL")], shutdown
+
+
+def test_a_metrics_address_in_use_is_said_plainly(setup: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**setup, "MDM_METRICS_ADDR": f"127.0.0.1:{port}"}
+        out = subprocess.run([sys.executable, "-m", "mdm_server", "serve"], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for MDM_METRICS_ADDR" in out.stderr
+    assert "Traceback" not in out.stderr
