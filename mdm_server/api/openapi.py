@@ -515,7 +515,8 @@ SCHEMAS: dict[str, Schema] = {
     "Live": obj({"status": enum(("alive",))}),
     "Ready": obj({"status": enum(("ready",))}),
     "NotReady": obj({"status": enum(("not ready",)),
-                     "reason": enum(("database", "broker", "ingest_worker_exited"))},
+                     "reason": enum(("database", "broker", "ingest_worker_exited",
+                                     "ingest_worker_stalled"))},
                     description="why, in one word; nothing about any tenant"),
 }
 

@@ -73,6 +73,8 @@ async def readyz(request: web.Request) -> web.Response:
     states = _states(request.app)
     if not all(s.running for s in states):
         return _not_ready("ingest_worker_exited")
+    if any(s.stalled for s in states):
+        return _not_ready("ingest_worker_stalled")
     if not all(s.connected for s in states):
         return _not_ready("broker")
     return web.json_response({"status": "ready"})
@@ -89,6 +91,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away first (nginx's code for it)
         raise
     finally:
         resource = request.match_info.route.resource

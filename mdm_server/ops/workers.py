@@ -32,6 +32,8 @@ RUN_DIR_ENV = "MDM_RUN_DIR"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _INTERVAL_S = 0.5
 _HEARTBEAT_S = 5.0
+#: A status file older than this: the worker's event loop is stuck (or stopped).
+STALE_S = 3 * _HEARTBEAT_S
 
 
 class _Worker(Protocol):
@@ -48,6 +50,7 @@ class WorkerState:
     running: bool  # the process is alive (always, for the in-process worker)
     connected: bool
     pending_bytes: int
+    stalled: bool = False  # running, but its status is older than STALE_S
 
 
 def status_path(run_dir: str | os.PathLike[str], index: int) -> Path:
@@ -89,17 +92,19 @@ def read_states(local: _Worker | None, run_dir: str | None,
     if local is not None:
         states.append(WorkerState(0, True, local.broker_connected, local.pending_bytes))
     for index, proc in children:
-        connected, pending = False, 0
+        connected, pending, stalled = False, 0, False
         if run_dir is not None:
+            path = status_path(run_dir, index)
             try:
-                data = json.loads(status_path(run_dir, index).read_bytes())
+                data = json.loads(path.read_bytes())
                 connected = data.get("connected") is True
                 pending = int(data.get("pending_bytes", 0))
+                stalled = time.time() - path.stat().st_mtime > STALE_S
             except (OSError, ValueError, TypeError, AttributeError):
                 pass  # not written yet: not connected
         running = proc.poll() is None
-        states.append(WorkerState(index, running, connected and running,
-                                  pending if running else 0))
+        states.append(WorkerState(index, running, connected and running and not stalled,
+                                  pending if running else 0, stalled and running))
     return states
 
 

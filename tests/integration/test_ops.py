@@ -276,3 +276,34 @@ def test_a_metrics_address_in_use_is_said_plainly(setup: dict[str, str]) -> None
     assert out.returncode == 2, out.stderr
     assert f"cannot listen on 127.0.0.1:{port} for MDM_METRICS_ADDR" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_readyz_sees_a_stuck_or_dead_worker_process(setup: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    import psutil
+
+    server = Server(setup, tmp_path / "serve.log")
+    server.start(ingest_workers=2)
+    try:
+        wait_until(lambda: get(server.base + "/readyz")[0] == 200, timeout=10,
+                   what="never ready")
+        assert server.proc is not None
+        (child,) = psutil.Process(server.proc.pid).children()
+
+        def reason() -> str | None:
+            status, body = get(server.base + "/readyz")
+            return None if status == 200 else str(json.loads(body)["reason"])
+
+        child.suspend()  # its event loop stops: it reports nothing any more
+        try:
+            wait_until(lambda: reason() == "ingest_worker_stalled", timeout=40,
+                       what="a stopped worker still counted as ready")
+        finally:
+            child.resume()
+        wait_until(lambda: reason() is None, timeout=20, what="not ready after SIGCONT")
+        child.kill()
+        wait_until(lambda: reason() == "ingest_worker_exited", timeout=20,
+                   what="a killed worker still counted as ready")
+        assert get(server.base + "/livez")[0] == 200
+    finally:
+        server.stop()
