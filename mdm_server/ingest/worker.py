@@ -331,18 +331,28 @@ class IngestWorker:
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
     """Log a line of live numbers (records stored per second, and the totals) every
-    second while messages arrive; an idle worker logs nothing."""
+    second while messages arrive, and the totals at a stop if they changed since the
+    last line; an idle worker logs nothing."""
     last_stored, last_t = stats.records_stored, time.monotonic()
     last_messages = stats.messages
-    while True:
-        await asyncio.sleep(interval_s)
+
+    def line() -> None:
+        nonlocal last_stored, last_t, last_messages
         now = time.monotonic()
-        if stats.messages == last_messages:  # nothing since the last line
-            last_stored, last_t = stats.records_stored, now
-            continue
-        rate = (stats.records_stored - last_stored) / (now - last_t)
+        rate = (stats.records_stored - last_stored) / max(now - last_t, 1e-3)
         last_stored, last_t, last_messages = stats.records_stored, now, stats.messages
         log.info("%s: %s records/s  stored=%s duplicates=%s dead_letters=%s rate_limited=%s "
                  "messages=%s", label, f"{rate:,.0f}", f"{stats.records_stored:,}",
                  f"{stats.duplicates:,}", f"{stats.dead_letters:,}",
                  f"{stats.rate_limited:,}", f"{stats.messages:,}")
+
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            if stats.messages == last_messages:  # nothing since the last line
+                last_stored, last_t = stats.records_stored, time.monotonic()
+                continue
+            line()
+    finally:
+        if stats.messages != last_messages:
+            line()

@@ -55,6 +55,7 @@ _REGISTRY = CollectorRegistry(auto_describe=True)
 _SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0)
+_RUN_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
 _ACK_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
 # --- ingest (every worker process) ---------------------------------------------
@@ -104,7 +105,7 @@ RETENTION_RUNS = Counter(
     "mdm_retention_runs", "Retention runs, by result (ok, failed)", ["result"],
     registry=_REGISTRY)
 RETENTION_SECONDS = Histogram(
-    "mdm_retention_run_seconds", "Duration of a retention run", buckets=_SECONDS_BUCKETS,
+    "mdm_retention_run_seconds", "Duration of a retention run", buckets=_RUN_BUCKETS,
     registry=_REGISTRY)
 RETENTION_LAST_OK = Gauge(
     "mdm_retention_last_success_timestamp_seconds", "When a retention run last succeeded "

@@ -203,6 +203,12 @@ def test_metrics_count_every_worker_and_name_nobody(setup: dict[str, str], datab
             assert secret not in text
     finally:
         server.stop()
+    # The total is both processes' own: each stored some (their live lines, the
+    # last one at the stop, say).
+    stored = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(
+        r"(ingest-\d+): .*? stored=([\d,]+)", server.log_text())}
+    assert stored.get("ingest-0", 0) > 0, stored
+    assert stored.get("ingest-1", 0) > 0, stored
 
 
 def _json_lines(text: str) -> list[dict[str, object]]:
@@ -307,3 +313,27 @@ def test_readyz_sees_a_stuck_or_dead_worker_process(setup: dict[str, str],
         assert get(server.base + "/livez")[0] == 200
     finally:
         server.stop()
+
+
+def test_readyz_follows_the_database(broker: Broker, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.support.services import private_postgres
+
+    with private_postgres() as pg:
+        database = asyncio.run(pg.create_database())
+        server = Server(server_env(database, broker.url), tmp_path / "serve.log")
+        server.start()
+        try:
+            wait_until(lambda: get(server.base + "/readyz")[0] == 200, timeout=10,
+                       what="never ready")
+            pg.stop()
+            wait_until(lambda: get(server.base + "/readyz") == (
+                503, b'{"status": "not ready", "reason": "database"}'),
+                what="ready without its database")
+            assert get(server.base + "/livez")[0] == 200
+            pg.start()
+            wait_until(lambda: get(server.base + "/readyz")[0] == 200, timeout=60,
+                       what="not ready again after the database came back")
+        finally:
+            server.stop()
