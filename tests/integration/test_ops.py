@@ -337,3 +337,39 @@ def test_readyz_follows_the_database(broker: Broker, tmp_path: Path) -> None:
                        what="not ready again after the database came back")
         finally:
             server.stop()
+
+
+def test_commands_are_counted_by_type_and_state_with_their_ack_latency(
+        database: str, broker: Broker, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.support.agents import DeviceAgent
+    from tests.support.services import enroll_devices
+
+    [enrolled] = asyncio.run(enroll_devices(database, broker.url, TENANT, [DEVICES[0]]))
+    env = server_env(database, broker.url, MDM_METRICS_ADDR=f"127.0.0.1:{free_port()}")
+    admin = cli(env, "admin", "create", "--tenant", TENANT, "--name", "opsalice").strip()
+    server = Server(env, tmp_path / "serve.log")
+    agent = DeviceAgent(enrolled)
+    server.start()
+    server.wait_log("acks subscribed")
+    agent.start()
+    metrics_url = f"http://{env['MDM_METRICS_ADDR']}/metrics"
+    try:
+        status, cmd = server.request("POST", f"/api/v1/devices/{DEVICES[0]}/commands", admin,
+                                     {"type": "lock", "reason": "left on a train"})
+        assert status == 201, cmd
+
+        def completed() -> bool:
+            text = get(metrics_url)[1].decode()
+            return (value(text, "mdm_commands", type="lock", state="completed") == 1
+                    and value(text, "mdm_command_ack_seconds_count") >= 1)
+        # The command table is read at most every 10 s.
+        wait_until(completed, timeout=40, what="the completed lock was never counted")
+        text = get(metrics_url)[1].decode()
+        assert value(text, "mdm_command_outbox_depth") == 0
+        assert DEVICES[0] not in text and TENANT not in text
+        assert "left on a train" not in text
+    finally:
+        agent.stop()
+        server.stop()
