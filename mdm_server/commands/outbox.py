@@ -184,6 +184,11 @@ class CommandDispatcher:
             with contextlib.suppress(RuntimeError):  # loop closing during shutdown
                 loop.call_soon_threadsafe(fn, *args)
 
+    @property
+    def broker_connected(self) -> bool:
+        client = self._client
+        return client is not None and client.is_connected()
+
     def _on_connect(self, client: paho.Client, userdata: object, flags: object,
                     rc: ReasonCode, props: object) -> None:
         if rc.is_failure:

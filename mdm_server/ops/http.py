@@ -129,11 +129,23 @@ class _CommandsCollector(Collector):
         self._at = time.monotonic()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        from mdm_server.app import ACKS, DISPATCHER  # app.py imports this module
+
         by = GaugeMetricFamily("mdm_commands", "Commands by type and state",
                                labels=["type", "state"])
         for (type_, state), n in sorted(self._counts.items()):
             by.add_metric([type_, state], n)
         yield by
+        connected = GaugeMetricFamily(
+            "mdm_command_broker_connected", "The command dispatcher (dispatch) and the "
+            "ack consumer (acks) connected to the broker (1) or not (0)", labels=["client"])
+        dispatcher, acks = self._app.get(DISPATCHER), self._app.get(ACKS)
+        if dispatcher is not None:
+            connected.add_metric(["dispatch"], int(dispatcher.broker_connected))
+        if acks is not None:
+            connected.add_metric(["acks"], int(acks.consumer is not None
+                                               and acks.consumer.connected.is_set()))
+        yield connected
         yield GaugeMetricFamily(
             "mdm_command_outbox_depth", "Commands queued, not yet published",
             value=sum(n for (_, s), n in self._counts.items() if s == "queued"))

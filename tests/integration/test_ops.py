@@ -368,6 +368,8 @@ def test_commands_are_counted_by_type_and_state_with_their_ack_latency(
         wait_until(completed, timeout=40, what="the completed lock was never counted")
         text = get(metrics_url)[1].decode()
         assert value(text, "mdm_command_outbox_depth") == 0
+        assert value(text, "mdm_command_broker_connected", client="dispatch") == 1
+        assert value(text, "mdm_command_broker_connected", client="acks") == 1
         assert DEVICES[0] not in text and TENANT not in text
         assert "left on a train" not in text
     finally:
