@@ -18,6 +18,7 @@ import sys
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 
 __all__ = ["FORMATS", "JsonFormatter", "setup_logging"]
 
@@ -76,4 +77,15 @@ def setup_logging(worker: str, fmt: str | None = None, level: str | None = None)
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level or os.environ.get("MDM_LOG_LEVEL", "INFO"))
+    if fmt == "json":
+        # What would reach stderr past logging becomes a JSON line too: an uncaught
+        # exception (by its type and place only) and Python's warnings.
+        sys.excepthook = _log_uncaught
+        logging.captureWarnings(True)
     return fmt
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException,
+                  tb: TracebackType | None) -> None:
+    logging.getLogger("mdm_server").critical("stopped by an uncaught %s", kind.__name__,
+                                             exc_info=(kind, exc, tb))

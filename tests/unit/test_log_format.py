@@ -38,3 +38,22 @@ def test_an_error_is_named_by_type_and_place_never_by_its_message() -> None:
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="MDM_LOG_FORMAT"):
         setup_logging("serve", fmt="xml")
+
+
+def test_json_mode_makes_an_uncaught_exception_a_json_line_without_its_message() -> None:
+    import subprocess
+    import sys
+
+    from tests.support.services import REPO
+
+    code = ("from mdm_server.ops.logs import setup_logging\n"
+            "setup_logging('serve', fmt='json')\n"
+            "raise RuntimeError('imei=356938035643809')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["error"]) == ("CRITICAL", "RuntimeError")
+    assert entry["where"] == "<string>:3"
+    assert "356938035643809" not in out.stderr
