@@ -3,6 +3,7 @@
     python -m load_tests.bench_ingest [--messages 100000] [--naive-messages 20000]
         [--live-seconds 60] [--live-rate 10000] [--live-mix] [--skip-live] [--profile]
         [--policy-mix] [--pair-runs 2] [--skip-policy] [--tls] [--tls-runs 2]
+        [--live-watchers N] [--watcher-runs 2]
 
 Phases, each on a fresh private broker (scripts/broker, the project's config) and the
 run's throwaway database (created, migrated, dropped at the end):
@@ -32,6 +33,17 @@ tls        (--tls) the drain with the ingest connected to the broker's TLS liste
            plain text to the loopback listener, alternating plain tls tls plain
            (--tls-runs each), each on a fresh broker: the cost of TLS on the ingest
            as a ratio measured in one run.
+watchers   (--live-watchers N) the drain with N SSE streams of GET /api/v1/live open on
+           a running ``serve`` (its own idle broker: the bench's ingest drains, serve
+           fans out each committed batch) and with none, alternating none N N none
+           (--watcher-runs each); every watcher must receive every point.
+owntracks  (--owntracks) OwnTracks drains beside native ones in the same run,
+           alternating native owntracks owntracks native (--owntracks-runs each), then
+           one drain of encrypted OwnTracks payloads: ``--messages`` location messages
+           from 20 devices enrolled with ``--agent owntracks`` (JSON published on
+           owntracks/{username}/{device} with their own credentials over TLS, the
+           ingest's shared subscription to owntracks/+/+/#), timed like the drain.
+           Reports OwnTracks/native (and encrypted/native) from the same run.
 baseline   (--baseline REF) the drain again with the code of another commit (a git
            worktree of REF, its own throwaway database migrated by REF's code, devices
            enrolled and the backlog published by REF's simulator, REF's ingest) and
@@ -107,6 +119,7 @@ TARGET_VS_C = 0.3
 TARGET_P99_S = 0.5
 TARGET_POLICY_RATIO = 0.85
 TARGET_VS_BASELINE = 0.9  # a change's drain rate against the code before it (--baseline)
+TARGET_WATCHERS = 0.95  # the drain with 20 live watchers against none (issue 11)
 
 
 class BenchError(Exception):
@@ -265,6 +278,8 @@ class Bench:
     # Whose code the ingest, the simulator and reconcile run: this tree, or the
     # worktree of --baseline (see :meth:`on`).
     tree: Path = REPO
+    # The OwnTracks devices' settings (--owntracks), enrolled on first use.
+    ot_fleet: list[dict[str, Any]] = field(default_factory=list)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -422,6 +437,75 @@ class Bench:
             f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record")
         return res
 
+    def live_server(self) -> tuple[Proc, str, str]:
+        """``serve`` for the live watchers: on the run's database, its own broker's
+        ingest idle (the bench's ingest process drains), so it only fans out what the
+        drain commits. Returns it, its base URL and an admin token."""
+        n = self.args.live_watchers
+        broker = self.broker("live-serve")
+        env = services.server_env(self.db_url, broker.url, MDM_LIVE_STREAMS_PER_TOKEN=str(n),
+                                  MDM_LIVE_STREAMS_PER_TENANT=str(n))
+        out = subprocess.run([PY, "-m", "mdm_server", "admin", "create", "--tenant", TENANT,
+                              "--name", "bench-live"], env=env, cwd=REPO, check=True,
+                             capture_output=True, text=True, timeout=60)
+        token = out.stdout.strip()
+        srv = self.proc("live-serve", [PY, "-m", "mdm_server", "serve"], env)
+        srv.wait_log("live feed listening", timeout=60)
+        return srv, "http://" + env["MDM_HTTP_ADDR"], token
+
+    def phase_watchers(self) -> dict[str, Any]:
+        """Drains with N live watchers connected and with none, alternating
+        none N N none (--watcher-runs each): the cost of the live feed on the drain
+        as a ratio measured in one run."""
+        n, runs = self.args.live_watchers, self.args.watcher_runs
+        srv, base, token = self.live_server()
+        mon = Monitor(srv.pid)
+        order = [w for _ in range(runs) for w in ((0, n) if _ % 2 == 0 else (n, 0))]
+        done: list[dict[str, Any]] = []
+        for i, watchers in enumerate(order):
+            name = f"watch{i}-{watchers}"
+            stats = self.tmp / f"{name}.json"
+            w: Proc | None = None
+            if watchers:
+                w = self.proc(name + "-clients", [
+                    PY, "-m", "load_tests.live_watchers", "--url", base, "--streams",
+                    str(watchers), "--stats", str(stats)],
+                    {**os.environ, "MDM_BENCH_TOKEN": token, "PYTHONPATH": str(REPO)})
+                w.wait_log(f"connected {watchers}", timeout=60)
+            cpu0 = mon.cpu_s
+            res = self.phase_drain(name)
+            res["watchers"] = watchers
+            res["serve_cpu_s"] = mon.cpu_s - cpu0
+            if w is not None:
+                # Every watcher gets every point (serve's fan-out lags the commit by
+                # well under a second); give it a moment, then count.
+                want = self.args.messages
+                deadline = time.monotonic() + 30
+                got: list[int] = []
+                while time.monotonic() < deadline:
+                    if stats.exists():
+                        got = [s["points"] for s in orjson.loads(stats.read_bytes())]
+                        if got and min(got) >= want:
+                            break
+                    time.sleep(0.2)
+                w.stop()
+                got = [s["points"] for s in orjson.loads(stats.read_bytes())]
+                res["points_min"], res["points_max"] = min(got), max(got)
+                log(f"{name}: each of {watchers} watchers got {min(got):,}-{max(got):,} "
+                    f"of {want:,} points")
+                if min(got) < want:
+                    raise BenchError(f"a watcher got {min(got)} of {want} points")
+            done.append(res)
+        mon.stop()
+        srv.stop()
+        with_ = [r["rate_wall"] for r in done if r["watchers"]]
+        without = [r["rate_wall"] for r in done if not r["watchers"]]
+        ratio = _mean(with_) / _mean(without)
+        log(f"live watchers: {_mean(with_):,.0f} rec/s with {n}, {_mean(without):,.0f} "
+            f"without: ratio {ratio:.3f}")
+        return {"runs": done, "watchers": n, "ratio": ratio, "with": _mean(with_),
+                "without": _mean(without)}
+
     def publish_checkouts(self, broker: Any, tenant: str, ts_ms: int) -> None:
         """One ``check_out`` event per device at ``ts_ms`` (QoS 1, all PUBACKed), each
         published by its device with its own credentials."""
@@ -547,6 +631,104 @@ class Bench:
             else:
                 runs[which].append(self.phase_drain(name))
         return {"ref": ref, "commit": commit, **runs}
+
+    def _owntracks_fleet(self) -> list[dict[str, Any]]:
+        """DEVICES devices enrolled for OwnTracks in TENANT (once): their settings."""
+        if not self.ot_fleet:
+            self.ot_fleet = asyncio.run(_enroll_owntracks(self.db_url, DEVICES))
+        return self.ot_fleet
+
+    def publish_owntracks(self, broker: Any, n: int, encrypted: bool) -> float:
+        """``n`` OwnTracks location messages, spread over the fleet, each device's
+        published on one TLS connection with its own credentials, devices in
+        parallel; returns messages/s of the publishing."""
+        import base64
+        import ssl
+
+        import nacl.secret
+
+        fleet = self._owntracks_fleet()
+        now = int(time.time()) - 3600
+        per: list[list[tuple[str, bytes]]] = [[] for _ in fleet]
+        for i in range(n):
+            d = i % len(fleet)
+            ot = fleet[d]
+            body = orjson.dumps({"_type": "location", "lat": 52.0 + (i % 1000) * 1e-4,
+                                 "lon": 5.0 + (i // 1000) * 1e-4, "acc": 8, "alt": 4,
+                                 "vel": 30, "cog": 90, "batt": 80, "tid": "bt",
+                                 "tst": now + i // len(fleet), "_id": f"{i:08x}"})
+            if encrypted:
+                box = nacl.secret.SecretBox(ot["encryption_key"].encode().ljust(32, b"\0"))
+                body = orjson.dumps({"_type": "encrypted",
+                                     "data": base64.b64encode(bytes(box.encrypt(body))).decode()})
+            per[d].append((ot["mqtt"]["topic"], body))
+        ctx = ssl.create_default_context(cadata=broker.ca_pem)
+        t0 = time.monotonic()
+        errors: list[BaseException] = []
+
+        def one(d: int) -> None:
+            ot = fleet[d]
+            try:
+                test_mqtt.publish_all("127.0.0.1", broker.tls_port, per[d],
+                                      client_id=ot["username"], username=ot["username"],
+                                      password=ot["password"], tls=ctx)
+            except BaseException as exc:  # reported below, on the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(d,)) for d in range(len(fleet))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise BenchError(f"publishing OwnTracks messages failed: {errors[0]!r}")
+        return n / (time.monotonic() - t0)
+
+    def phase_owntracks_drain(self, name: str, encrypted: bool = False) -> dict[str, Any]:
+        """phase_drain with a backlog of OwnTracks location messages."""
+        n = self.args.messages
+        self._owntracks_fleet()
+        self.note_load(name)
+        self.reset_tables()
+        broker = self.broker(name)
+        prime = self.ingest(f"{name}-prime", broker)
+        prime.wait_log("ingest subscribed")
+        prime.stop()
+        log(f"{name}: ingest primed; publishing {n:,} OwnTracks messages"
+            + (" (encrypted)" if encrypted else ""))
+        rate = self.publish_owntracks(broker, n, encrypted)
+        ing = self.ingest(name, broker)
+        t0 = ing.started_at
+        mon = Monitor(ing.pid)
+        t1 = self.wait_count(n, ing, timeout=600)
+        mon.stop()
+        rc = ing.stop()
+        wall = t1 - t0
+        count, span, commits = self.commit_span()
+        assert self.db is not None
+        res = {
+            "messages": n, "stored": count, "dead_letters": self.db.dead_letters(),
+            "commits": commits, "wall_s": wall, "rate_wall": n / wall, "span_s": span,
+            "rate_commits": n / span if span else float("nan"),
+            "cpu_s": mon.cpu_s, "cpu_us_per_record": mon.cpu_s / n * 1e6,
+            "peak_rss_mb": mon.peak_rss / 2**20, "publish_rate": rate,
+            "exit_code": rc, "load": load_line(), "encrypted": encrypted,
+        }
+        log(f"{name}: {res['rate_wall']:,.0f} rec/s from start, {res['rate_commits']:,.0f} "
+            f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record")
+        return res
+
+    def phase_owntracks(self) -> dict[str, Any]:
+        """Native and OwnTracks drains alternating native ot ot native (--owntracks-runs
+        each), then one encrypted OwnTracks drain."""
+        runs: dict[str, list[dict[str, Any]]] = {"native": [], "owntracks": []}
+        order = (["native", "owntracks", "owntracks", "native"]
+                 * self.args.owntracks_runs)[: 2 * self.args.owntracks_runs]
+        for i, which in enumerate(order):
+            name = f"ot-{which}{i // 2 + 1}"
+            runs[which].append(self.phase_drain(name) if which == "native"
+                               else self.phase_owntracks_drain(name))
+        return {**runs, "encrypted": [self.phase_owntracks_drain("ot-encrypted", True)]}
 
     def phase_tls(self) -> dict[str, Any]:
         """Drains with the ingest over TLS and in plain text, alternating plain tls tls
@@ -805,6 +987,35 @@ def render_baseline(b: Bench, add: Any) -> list[str]:
     return [f"vs {base['commit']} {_pf(ok)}"]
 
 
+def render_owntracks(b: Bench, add: Any) -> list[str]:
+    ot = b.results.get("owntracks")
+    if not ot:
+        return []
+    mean = {k: _mean([r["rate_wall"] for r in ot[k]])
+            for k in ("native", "owntracks", "encrypted")}
+    cpu = {k: _mean([r["cpu_us_per_record"] for r in ot[k]])
+           for k in ("native", "owntracks", "encrypted")}
+    ratio = mean["owntracks"] / mean["native"]
+    add(f"### OwnTracks beside native ({b.args.messages:,} messages a drain, same run)")
+    add("")
+    add("Drains alternating native, OwnTracks, OwnTracks, native "
+        f"(--owntracks-runs {b.args.owntracks_runs}), then one of encrypted OwnTracks "
+        "payloads (libsodium secretbox, opened with the device's sealed passphrase). "
+        "Each message one location record; 20 devices.")
+    add("")
+    add("| drain | runs (rec/s from start) | mean rec/s | CPU µs/record | dead letters |")
+    add("|---|---|---:|---:|---:|")
+    for k in ("native", "owntracks", "encrypted"):
+        rates = ", ".join(f"{r['rate_wall']:,.0f}" for r in ot[k])
+        dead = sum(r["dead_letters"] for r in ot[k])
+        add(f"| {k} | {rates} | {mean[k]:,.0f} | {cpu[k]:.1f} | {dead} |")
+    add("")
+    add(f"**OwnTracks/native = {ratio:.2f}**; encrypted/native = "
+        f"{mean['encrypted'] / mean['native']:.2f}.")
+    add("")
+    return [f"OwnTracks/native {ratio:.2f}"]
+
+
 def render_tls(b: Bench, add: Any) -> list[str]:
     """The section of --tls: the drain with the ingest over TLS against plain text."""
     runs = b.results.get("tls")
@@ -839,6 +1050,39 @@ def render_tls(b: Bench, add: Any) -> list[str]:
         "TLS in the ingest process: decryption, a `recv` per record).")
     add("")
     return [f"TLS/plain {ratio:.2f}"]
+
+
+def render_watchers(b: Bench, add: Any) -> list[str]:
+    """The section of --live-watchers: the drain with N live watchers against none."""
+    w = b.results.get("watchers")
+    if not w:
+        return []
+    n = w["watchers"]
+    add(f"### The drain with {n} live watchers against none, in this run")
+    add("")
+    add(f"The drain above, with {n} Server-Sent Event streams of `GET /api/v1/live` (the "
+        "whole tenant, an admin token) held open against a running `serve` "
+        "(load_tests/live_watchers.py, one process) and with none, alternating "
+        "none · N · N · none, each on a fresh broker. `serve` runs on the same database "
+        "with its own idle broker: the bench's ingest process drains, and `serve` LISTENs "
+        "to its NOTIFY per committed batch, reads each batch's rows back, opens them and "
+        f"sends every point to each of the {n} streams. Every watcher is checked to have "
+        "received every point.")
+    add("")
+    add("| Drain | watchers | rec/s from start | rec/s first→last commit | ingest CPU µs/rec "
+        "| serve CPU s | points per watcher |")
+    add("|---|---:|---:|---:|---:|---:|---:|")
+    for i, d in enumerate(w["runs"], 1):
+        pts = f"{d['points_min']:,}" if d["watchers"] else "-"
+        add(f"| #{i} | {d['watchers']} | {d['rate_wall']:,.0f} | {d['rate_commits']:,.0f} | "
+            f"{d['cpu_us_per_record']:.1f} | {d['serve_cpu_s']:.1f} | {pts} |")
+    add("")
+    ok = w["ratio"] >= TARGET_WATCHERS
+    add(f"- Mean from start: none {w['without']:,.0f} rec/s, {n} watchers {w['with']:,.0f} "
+        f"rec/s: **with/without = {w['ratio']:.3f}** (target ≥ {TARGET_WATCHERS}: "
+        f"**{_pf(ok)}**).")
+    add("")
+    return [f"live watchers {w['ratio']:.3f} {_pf(ok)}"]
 
 
 def render_policy(b: Bench, add: Any) -> list[str]:
@@ -1064,6 +1308,8 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     add("")
     verdicts += render_baseline(b, add)
     verdicts += render_tls(b, add)
+    verdicts += render_watchers(b, add)
+    verdicts += render_owntracks(b, add)
     verdicts += render_policy(b, add)
     for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
         summary = r.get(key)
@@ -1121,6 +1367,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also drains with the ingest over TLS and in plain text, alternating")
     p.add_argument("--tls-runs", type=int, default=2,
                    help="drains of each, alternating plain tls tls plain (default 2)")
+    p.add_argument("--live-watchers", type=int, default=0, metavar="N",
+                   help="also drains with N SSE watchers of GET /api/v1/live connected to "
+                        "a running serve, against none, alternating")
+    p.add_argument("--watcher-runs", type=int, default=2,
+                   help="drains with and without the watchers, each (alternating)")
+    p.add_argument("--owntracks", action="store_true",
+                   help="also OwnTracks drains beside native ones, alternating, and one "
+                        "of encrypted OwnTracks payloads: the ratio OwnTracks/native")
+    p.add_argument("--owntracks-runs", type=int, default=2,
+                   help="drains of each, alternating native ot ot native (default 2)")
     p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     return p.parse_args(argv)
 
@@ -1158,6 +1414,27 @@ async def _reconcile(db_url: str, mqtt_url: str) -> None:
     try:
         async with Dynsec(MqttSettings.from_url(mqtt_url)) as dynsec:
             await reconcile(dynsec, conn, base64.b64decode(services.TEST_MASTER_KEY))
+    finally:
+        await conn.close()
+
+
+async def _enroll_owntracks(db_url: str, devices: int) -> list[dict[str, Any]]:
+    """``devices`` devices of TENANT enrolled for OwnTracks: their settings."""
+    import base64
+
+    from mdm_server.storage.devices import enroll_device
+
+    conn = await connect(db_url)
+    try:
+        out = []
+        for i in range(devices):
+            e = await enroll_device(
+                conn, tenant=TENANT, device=f"ot-{i:04d}", ownership="corporate",
+                user_email=None, mqtt_url="mqtts://127.0.0.1:8883",
+                master_key=base64.b64decode(services.TEST_MASTER_KEY), agent="owntracks",
+                public_url="https://127.0.0.1:8080")
+            out.append(e["owntracks"])
+        return out
     finally:
         await conn.close()
 
@@ -1229,6 +1506,10 @@ def phases(b: Bench, tmp: Path) -> None:
         b.results["baseline"] = b.phase_baseline(args.baseline)
     if args.tls:
         b.results["tls"] = b.phase_tls()
+    if args.live_watchers:
+        b.results["watchers"] = b.phase_watchers()
+    if args.owntracks:
+        b.results["owntracks"] = b.phase_owntracks()
     if not args.skip_policy:
         b.results["pair_location"] = b.phase_policy_pair("pair-loc", "location")
         if args.policy_mix:

@@ -143,10 +143,12 @@ async def enroll_fleet(
     master_key: bytes | None = None,
     device_url: str | None = None,
     ca_pem: str | None = None,
+    groups: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Enroll devices ``sim-0000``.. in ``tenant`` (created if missing).
 
-    Devices that are enrolled already get new credentials (``reenroll_device``).
+    ``groups``: device i joins ``groups[i % len(groups)]`` (none if empty). Devices
+    that are enrolled already get new credentials (``reenroll_device``).
     Personal devices carry their user's e-mail. If ``mqtt_url`` names the server's
     MQTT user, the broker gets the devices' identities (SimulatorError if it cannot
     be told). The enrollments send the devices to ``device_url`` (trusting
@@ -184,6 +186,7 @@ async def enroll_fleet(
                     ownership="personal" if personal[i] else "corporate",
                     user_email=email, mqtt_url=device_url or mqtt_url, mqtt_ca_pem=ca_pem,
                     master_key=master_key,
+                    groups=(groups[i % len(groups)],) if groups else (),
                 )
             except EnrollmentError:
                 enrollment = await reenroll_device(
@@ -543,7 +546,8 @@ class _Connection:
         self.port = port
         self.max_inflight = max_inflight
         self.inflight = 0
-        self.acked = 0
+        self.acked = 0  # PUBACKs of telemetry (the agent's own publishes are not counted)
+        self.agent_mids: set[int] = set()  # the agent's acks and status, awaiting PUBACK
         self.connected = False
         self.subscribed = False
         self.reconnects = 0
@@ -577,7 +581,10 @@ class _Connection:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
                     ) -> None:
         self.inflight -= 1
-        self.acked += 1
+        if self.agent_mids and mid in self.agent_mids:
+            self.agent_mids.discard(mid)
+        else:
+            self.acked += 1
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
                     ) -> None:
@@ -604,14 +611,18 @@ class _Connection:
             self.agent.stats.acks_published += 1
 
     def _send(self, topic: str, payload: bytes) -> None:
-        # Counted like telemetry: on_publish decrements when the broker PUBACKs.
-        if self.client.publish(topic, payload, qos=1).rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        # In flight like telemetry (on_publish decrements when the broker PUBACKs), but
+        # not counted as telemetry acknowledged.
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.inflight += 1
+            self.agent_mids.add(info.mid)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                        props: Any) -> None:
         self.connected = False
         self.subscribed = False
+        self.agent_mids.clear()  # a clean session: those will never be acknowledged
         self.last_error = f"disconnected: {rc}"
 
     def connect(self) -> None:
@@ -1161,7 +1172,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to wait for PUBACKs at shutdown (default 30)")
     p.add_argument("--quiet", action="store_true", help="no live line")
+    p.add_argument("--groups", default="",
+                   help="comma-separated groups; device i joins the (i mod n)-th at enrollment")
+    p.add_argument("--agents", action="store_true",
+                   help="each device also runs its agent: verifies the server's signed "
+                        "commands, shows their notices, acts and acks (one connection per "
+                        "device)")
+    p.add_argument("--agent-state", default=None, metavar="DIR",
+                   help="with --agents: where agents keep accepted nonces and executed "
+                        "commands across restarts")
+    p.add_argument("--enroll-only", action="store_true",
+                   help="enroll the fleet, then exit (with --save-enrollments)")
+    p.add_argument("--save-enrollments", default=None, metavar="FILE",
+                   help="write the enrollments (device credentials: kept private, mode "
+                        "0600) to FILE")
+    p.add_argument("--enrollments", default=None, metavar="FILE",
+                   help="use the enrollments saved in FILE instead of enrolling (enrolling "
+                        "again would give the devices new credentials and end their "
+                        "users' tokens)")
     return p.parse_args(argv)
+
+
+def _save_enrollments(path: str, enrollments: Sequence[Mapping[str, Any]]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(list(enrollments)))
+
+
+def _load_enrollments(path: str) -> list[dict[str, Any]]:
+    with open(path, "rb") as f:
+        doc = orjson.loads(f.read())
+    if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
+        raise SimulatorError(f"{path}: not a list of enrollments (--save-enrollments writes one)")
+    return doc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1189,7 +1232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sim: {e}", file=err)
         return 2
-    if args.no_enroll:
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if args.enrollments:
+        try:
+            enrollments = _load_enrollments(args.enrollments)
+        except (OSError, ValueError, SimulatorError) as e:
+            print(f"sim: cannot read the enrollments: {e}", file=err)
+            return 2
+    elif args.no_enroll:
         enrollments = synthetic_enrollments(
             args.tenant, args.devices, mqtt_url, args.personal_share, seed=args.seed,
             device_url=device.url, ca_pem=device.ca_pem)
@@ -1207,10 +1257,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sim: enrolling {args.devices} devices in tenant {args.tenant!r}...", file=err)
         enrollments = asyncio.run(enroll_fleet(
             dsn, mqtt_url, args.tenant, args.devices, args.personal_share, seed=args.seed,
-            device_url=device.url, ca_pem=device.ca_pem))
+            device_url=device.url, ca_pem=device.ca_pem, groups=groups))
+    if args.save_enrollments:
+        _save_enrollments(args.save_enrollments, enrollments)
+    if args.enroll_only:
+        print(f"sim: enrolled {len(enrollments)} devices", file=err)
+        return 0
 
-    fleet = Fleet(enrollments, mqtt_url, connections=args.connections,
-                  max_inflight=args.max_inflight, seed=args.seed, run_id=args.run_id)
+    try:
+        fleet = Fleet(enrollments, mqtt_url, connections=args.connections,
+                      max_inflight=args.max_inflight, seed=args.seed, run_id=args.run_id,
+                      agents=args.agents,
+                      agent_state=Path(args.agent_state) if args.agent_state else None)
+    except SimulatorError as e:
+        print(f"sim: {e}", file=err)
+        return 2
     signals = [0]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -1246,6 +1307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   if k != "unique_by_kind"), file=err)
     print("sim: unique records by kind " + " ".join(
         f"{k}={v}" for k, v in summary["unique_by_kind"].items()), file=err)
+    if args.agents:
+        a = fleet.agent_stats
+        print(f"sim: agents received {a.received} commands, executed {a.executed} "
+              f"({' '.join(f'{k}={v}' for k, v in sorted(a.by_type.items())) or 'none'}), "
+              f"showed {a.notices_shown} notices, published {a.acks_published} acks, "
+              f"rejected {sum(a.rejected.values())}", file=err)
     if args.json_stats:
         with open(args.json_stats, "wb") as f:
             f.write(stats.to_json())

@@ -10,14 +10,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from mdm_server.api import (
+    agents,
     auth,
     commands,
     devices,
+    live,
     me,
     openapi,
     pages,
@@ -75,6 +78,22 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     yield
     await pool.close()
+
+
+async def _live_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The live feed (mdm_server/live/hub.py): LISTEN on mdm_live, fan out to the SSE
+    streams. Stopped before the pool closes, after the streams' ends are logged."""
+    from mdm_server.audit import AuditKeys
+    from mdm_server.live.hub import LiveHub
+
+    config = app[CONFIG]
+    assert config.master_key is not None
+    hub = LiveHub(config.database_url, app[POOL], app[KEYRING],
+                  AuditKeys.derive(config.master_key))
+    app[live.HUB] = hub
+    await hub.start()
+    yield
+    await hub.stop()
 
 
 async def _retention_loop(app: web.Application, interval_s: float) -> None:
@@ -191,6 +210,8 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     if config.keyring_dir is not None and config.master_key is not None:
         app[KEYRING] = Keyring.from_config(config)
     app.cleanup_ctx.append(_pool_ctx)
+    if KEYRING in app:
+        app.cleanup_ctx.append(_live_ctx)
     if ingest:
         app.cleanup_ctx.append(_ingest_ctx)
         app.cleanup_ctx.append(_retention_ctx)
@@ -203,6 +224,9 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app.router.add_routes(commands.routes())
     app.router.add_routes(me.routes())
     app[me.EXPORTS] = set()
+    app.router.add_routes(live.routes())  # /api/v1/live, .../me/devices/{device}/live
+    app[live.STREAMS] = Counter()
+    app.on_shutdown.append(live.on_shutdown)  # streams end (and log it) before the pool goes
     app.router.add_routes(policies.routes())
     app.router.add_routes(places.routes())  # /api/v1/places (issue 11)
     app.router.add_routes(trips.routes())  # /api/v1/devices/{device}/trips (issue 11)
@@ -210,4 +234,5 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
     app[reports.LONGEST_CACHE] = {}
     app.router.add_routes(openapi.routes())  # GET /api/v1/openapi.json, no token
     app.router.add_routes(pages.routes())  # /portal/ and /console/ (mdm_server/web)
+    app.router.add_routes(agents.routes())  # /owntracks, /osmand/{key} (issue 12)
     return app

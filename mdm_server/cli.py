@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from mdm_server import audit
+from mdm_server.agents import AGENTS
 from mdm_server.api.access_log import AccessLog
 from mdm_server.commands.service import lock_unfinished, withdraw_unfinished
 from mdm_server.config import (
@@ -38,7 +40,12 @@ from mdm_server.storage.master import MasterKeyError
 from mdm_server.storage.migrate import apply_migrations
 from mdm_server.storage.pool import connect
 from mdm_server.storage.roles import RoleError, privileged_because
-from mdm_server.storage.tenants import TenantError, create_tenant
+from mdm_server.storage.tenants import (
+    TenantError,
+    create_tenant,
+    list_tenants,
+    require_tenant,
+)
 from mdm_server.storage.tokens import (
     ADMIN_DEFAULT_DAYS,
     EXPIRES_MAX_DAYS,
@@ -62,8 +69,50 @@ _MASTER_CHECKED = frozenset({"serve", "ingest", "tenant", "admin", "user", "devi
                              "audit", "keys", "broker"})
 
 
+#: What ``mdm-server --help`` says of the environment (README "Environment" has it all).
+ENVIRONMENT = """\
+environment (README.md, "Environment", says more of each):
+  MDM_DATABASE_URL          postgresql://... : a superuser for migrate, else the
+                            server's role (migrate --server-role)
+  MDM_SERVER_DB_PASSWORD    the password migrate --server-role gives that role
+  MDM_MASTER_KEY, MDM_MASTER_KEY_FILE
+                            32 random bytes, base64: hashing keys, device passwords,
+                            audit MACs and key wrapping derive from it
+  MDM_KEYRING_DIR           the key ring device data keys are wrapped under
+  MDM_MQTT_URL              the broker and the server's MQTT user (mqtt:// on
+                            loopback, or mqtts://); MDM_MQTT_CA_FILE for mqtts
+  MDM_MQTT_PUBLIC_URL, MDM_MQTT_PUBLIC_CA_FILE
+                            the address and CA devices are given at enrollment
+  MDM_MQTT_SERVER_PASSWORD  the server's MQTT password (docker-compose)
+  MDM_HTTP_ADDR             host:port of the API, console and portal (127.0.0.1:8080)
+  MDM_PUBLIC_URL            the server's address as devices' apps reach it (printed by
+                            device enroll --agent owntracks|osmand|traccar)
+  MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files
+  MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
+  MDM_INGEST_BATCH, MDM_INGEST_BATCH_DELAY_MS, MDM_INGEST_MAX_PENDING_MB
+                            ingest batching and memory
+  MDM_INGEST_DEVICE_RATE, MDM_INGEST_DEVICE_BURST
+                            one device's messages/s before they are dropped, counted
+  MDM_API_RATE_PER_S, MDM_API_BURST, MDM_API_RATE_KEYS
+                            API rate limits
+  MDM_PREVIEW_PER_MIN       policy previews a minute per tenant
+  MDM_LIVE_STREAMS_PER_TOKEN, MDM_LIVE_STREAMS_PER_TENANT
+                            live streams open at once
+  MDM_POLICY_STORE_MB, MDM_PLACE_STORE_MB
+                            what a tenant's stored policy and place versions may take
+  MDM_RETENTION_INTERVAL_S  how often serve applies retention
+  MDM_ALLOW_PRIVILEGED_DB_ROLE, MDM_ALLOW_PUBLISHED_MASTER_KEY
+                            =1 for development only
+
+exit status: 0 done; 1 a check failed or a key operation was refused (audit
+verify, keys); 2 refused: bad settings or arguments, the reason in one line; 3 a
+service (database, broker) cannot be used; 4 done, but the broker could not be
+told yet (device revoke)."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-server", description=__doc__)
+    p = argparse.ArgumentParser(prog="mdm-server", description=__doc__, epilog=ENVIRONMENT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     mig = sub.add_parser("migrate", help="apply database migrations (as a superuser)")
     mig.add_argument("--server-role", metavar="NAME",
@@ -79,11 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     retention.add_subparsers(dest="action", required=True).add_parser(
         "run", help="apply every policy's retention now (serve also does it hourly)")
     tenant = sub.add_parser("tenant", help="tenants").add_subparsers(dest="action", required=True)
-    tenant.add_parser("create").add_argument("name")
+    tenant.add_parser("create", help="create a tenant (with its open default policy)"
+                      ).add_argument("name", help="1-64 characters of A-Z a-z 0-9 _ -")
+    tenant.add_parser("list", help="every tenant (JSON lines: tenant, created_at, devices, "
+                                   "revoked_devices, admins: working admin and auditor "
+                                   "tokens)")
     admin = sub.add_parser("admin", help="admins").add_subparsers(dest="action", required=True)
     ac = admin.add_parser("create", help="create an admin; prints its API token")
-    ac.add_argument("--tenant", required=True)
-    ac.add_argument("--name", required=True)
+    ac.add_argument("--tenant", required=True, help="the tenant the admin works for")
+    ac.add_argument("--name", required=True, help="who holds the token (in the audit log)")
     ac.add_argument("--role", choices=["admin", "auditor"], default="admin",
                     help="auditor: reads everything an admin reads, changes nothing")
     ac.add_argument("--expires-in", type=int, metavar="DAYS", dest="expires_in",
@@ -92,13 +145,17 @@ def _parser() -> argparse.ArgumentParser:
     ac.add_argument("--rotate", action="store_true",
                     help="the name has a working token already: revoke it and issue a new "
                          "one (without --rotate that is refused)")
+    al = admin.add_parser("list", help="the tenant's admins and auditors, newest first (JSON "
+                                       "lines as `token list` prints them; never the token)")
+    al.add_argument("--tenant", required=True)
+    al.add_argument("--state", choices=TOKEN_STATES, help="only tokens in this state")
     user = sub.add_parser("user", help="device users").add_subparsers(dest="action",
                                                                       required=True)
     ut = user.add_parser("token", help="a token for a device's user (the /api/v1/me API "
                                        "and the portal), bound to the device's current "
                                        "enrollment; prints it")
     ut.add_argument("--tenant", required=True)
-    ut.add_argument("--device", required=True)
+    ut.add_argument("--device", required=True, help="the device whose user gets the token")
     ut.add_argument("--expires-in", type=int, metavar="DAYS", dest="expires_in",
                     help=f"the token works this many days ({EXPIRES_MIN_DAYS}-"
                          f"{EXPIRES_MAX_DAYS}; default {USER_DEFAULT_DAYS})")
@@ -116,11 +173,20 @@ def _parser() -> argparse.ArgumentParser:
     device = sub.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
     de = device.add_parser("enroll", help="enroll a device; prints what its agent needs (JSON)")
     de.add_argument("--tenant", required=True)
-    de.add_argument("--device", required=True)
-    de.add_argument("--ownership", required=True, choices=["corporate", "personal"])
-    de.add_argument("--user-email")
+    de.add_argument("--device", required=True,
+                    help="the device's id: 1-64 characters of A-Z a-z 0-9 _ -")
+    de.add_argument("--ownership", required=True, choices=["corporate", "personal"],
+                    help="personal: held to the personal-device floor (docs/policies.md)")
+    de.add_argument("--user-email", help="the e-mail address of the device's user")
     de.add_argument("--group", action="append", default=[], dest="groups",
                     help="a group the device belongs to (repeatable); policies select by it")
+    de.add_argument("--agent", default="native", choices=AGENTS,
+                    help="the app that reports for it: native (our agent, the default), "
+                         "owntracks, osmand or traccar (docs/agents.md); prints that "
+                         "app's settings")
+    dl = device.add_parser("list", help="the tenant's devices (JSON lines: device, ownership, "
+                                        "groups, status, enrolled_at)")
+    dl.add_argument("--tenant", required=True)
     ds = device.add_parser("stale", help="devices whose MQTT password comes from a master key "
                                          "since rotated away: re-enroll them (JSON lines)")
     ds.add_argument("--tenant")
@@ -235,6 +301,34 @@ async def _tenant_create(cfg: Config, name: str) -> None:
     print(json.dumps({"tenant": name}))
 
 
+async def _list(cfg: Config, args: argparse.Namespace) -> None:
+    """``tenant list``, ``admin list``, ``device list``: JSON lines, never a token."""
+    conn = await connect(cfg.database_url)
+    try:
+        if args.command == "tenant":
+            for t in await list_tenants(conn):
+                print(json.dumps({"tenant": t["tenant_id"],
+                                  "created_at": t["created_at"].isoformat(),
+                                  "devices": t["devices"],
+                                  "revoked_devices": t["revoked_devices"],
+                                  "admins": t["admins"]}))
+            return
+        await require_tenant(conn, args.tenant)
+        if args.command == "admin":
+            for row in await list_tokens(conn, args.tenant, state=args.state) or []:
+                if row["role"] in ("admin", "auditor"):
+                    print(json.dumps(token_json(row)))
+            return
+        for d in await conn.fetch(
+                "SELECT device_id, ownership, groups, status, enrolled_at FROM devices "
+                "WHERE tenant_id = $1 ORDER BY device_id", args.tenant):
+            print(json.dumps({"device": d["device_id"], "ownership": d["ownership"],
+                              "groups": list(d["groups"]), "status": d["status"],
+                              "enrolled_at": d["enrolled_at"].isoformat()}))
+    finally:
+        await conn.close()
+
+
 async def _admin_create(cfg: Config, args: argparse.Namespace) -> None:
     conn = await connect(cfg.database_url)
     try:
@@ -281,9 +375,7 @@ async def _token(cfg: Config, args: argparse.Namespace) -> int:
     conn = await connect(cfg.database_url)
     try:
         if args.action == "list":
-            if not await conn.fetchval("SELECT true FROM tenants WHERE tenant_id = $1",
-                                       args.tenant):
-                raise TenantError(f"no tenant {args.tenant!r}")
+            await require_tenant(conn, args.tenant)
             for row in await list_tokens(conn, args.tenant, state=args.state) or []:
                 print(json.dumps(token_json(row)))
             return 0
@@ -335,22 +427,36 @@ def _device_broker(cfg: Config) -> DeviceBroker:
     return broker
 
 
+def _public_url(cfg: Config) -> str:
+    """The public base URL enrollment prints for foreign agents; says on stderr when
+    it is serve's own address because MDM_PUBLIC_URL is not set."""
+    url, fallback = cfg.public_base()
+    if fallback:
+        print(f"mdm-server: note: MDM_PUBLIC_URL is not set, so the enrollment gives the "
+              f"address serve listens on, {url}. Phones elsewhere may not reach it: set "
+              "MDM_PUBLIC_URL to the server's public https:// address.", file=sys.stderr)
+    return url
+
+
 async def _device_enroll(cfg: Config, args: argparse.Namespace) -> None:
     broker = _device_broker(cfg)
+    public_url = _public_url(cfg) if args.agent != "native" else None
     conn = await connect(cfg.database_url)
     try:
         async with conn.transaction():
             enrollment = await enroll_device(
                 conn, tenant=args.tenant, device=args.device, ownership=args.ownership,
                 user_email=args.user_email, mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
-                master_key=cfg.master_key, groups=tuple(args.groups),
+                master_key=cfg.master_key, groups=tuple(args.groups), agent=args.agent,
+                public_url=public_url,
             )
             # Ids and codes only: never the user's e-mail (mdm_server/audit.py).
             await audit.append(conn, cfg.audit_keys(), tenant=args.tenant, actor="cli",
                                action="device.enroll",
                                target=f"device:{args.device}",
                                details={"ownership": args.ownership,
-                                        "groups": sorted(set(args.groups))})
+                                        "groups": sorted(set(args.groups)),
+                                        "agent": args.agent})
         print(json.dumps(enrollment, indent=2))
         await _sync_broker(cfg, conn, args.tenant, args.device, "is enrolled")
     finally:
@@ -407,7 +513,8 @@ async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
             await lock_unfinished(conn, args.tenant, args.device)
             enrollment = await reenroll_device(conn, tenant=args.tenant, device=args.device,
                                                mqtt_url=broker.url, mqtt_ca_pem=broker.ca_pem,
-                                               master_key=cfg.master_key)
+                                               master_key=cfg.master_key,
+                                               public_url=cfg.public_base()[0])
             number = await start_enrollment(conn, tenant=args.tenant, device=args.device,
                                             user_email=args.user_email)
             ended = await _end_enrollment(cfg, conn, args.tenant, args.device,
@@ -522,6 +629,8 @@ async def _check_master(cfg: Config) -> None:
 async def _device_stale(cfg: Config, tenant: str | None) -> None:
     conn = await connect(cfg.database_url)
     try:
+        if tenant is not None:
+            await require_tenant(conn, tenant)
         for r in await conn.fetch(
                 "SELECT tenant_id, device_id FROM devices WHERE mqtt_stale AND status = "
                 "'enrolled' AND ($1::text IS NULL OR tenant_id = $1) "
@@ -636,6 +745,7 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
             print(f"checkpoint: {result.count} entries in {len(made.heads)} chain(s)"
                   + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
             return 0
+        await require_tenant(conn, args.tenant)
         for entry in await audit.read(conn, keys, args.tenant, limit=args.limit):
             print(json.dumps(entry.to_json()))
         return 0
@@ -709,6 +819,7 @@ def _serve_in(cfg: Config, workers: int) -> None:
 
     https = cfg.https_context()  # a bad certificate or key: said before anything starts
     metrics_addr()  # a malformed MDM_METRICS_ADDR: said before anything starts
+    sock = _listen(cfg)  # a port in use: said before anything starts
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
@@ -720,7 +831,7 @@ def _serve_in(cfg: Config, workers: int) -> None:
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
     try:
-        web.run_app(app, host=cfg.http_host, port=cfg.http_port, ssl_context=https,
+        web.run_app(app, sock=sock, ssl_context=https,
                     access_log_class=AccessLog,  # no query values: they may be personal
                     print=lambda msg: logging.getLogger("mdm_server").info(
                         "%s", " ".join(msg.split())))  # a log line, in either format
@@ -730,6 +841,21 @@ def _serve_in(cfg: Config, workers: int) -> None:
         for _, proc in extra:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+
+
+def _listen(cfg: Config) -> socket.socket:
+    """The API's listening socket, bound before any worker or connection starts, so
+    that an address in use is one clear line (it used to surface, after start-up, as
+    "cannot reach a service")."""
+    where = f"{cfg.http_host}:{cfg.http_port}"
+    try:
+        family = socket.getaddrinfo(cfg.http_host or None, cfg.http_port,
+                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((cfg.http_host, cfg.http_port), family=family,
+                                    backlog=128)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
+        raise ConfigError(f"cannot listen on {where} (MDM_HTTP_ADDR): {why}") from None
 
 
 def _refuse_published_master_key(cfg: Config) -> None:
@@ -773,7 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.command == "keys" and args.action in ("compact", "rotate-master")):
             cfg.require_master_key()
             cfg.require_keyring_dir()  # stored telemetry is sealed under keys it wraps
-        if args.command in ("serve", "ingest", "broker", "device"):
+        if args.command in ("serve", "ingest", "broker") or (
+                args.command == "device" and args.action not in ("list", "stale")):
             # Where the broker is, and a CA file that loads, before anything starts.
             cfg.require_mqtt().ssl_context()
         if args.command in ("serve", "ingest"):
@@ -792,6 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(_ingest(cfg, args.index))
         elif args.command == "retention":
             asyncio.run(_retention_run(cfg))
+        elif args.command in ("tenant", "admin", "device") and args.action == "list":
+            asyncio.run(_list(cfg, args))
         elif args.command == "tenant":
             asyncio.run(_tenant_create(cfg, args.name))
         elif args.command == "admin":
@@ -820,6 +949,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             MasterKeyError) as exc:
         print(f"mdm-server: {exc}", file=sys.stderr)
         return 2
+    except asyncpg.InvalidCatalogNameError:
+        print("mdm-server: the database named in MDM_DATABASE_URL does not exist: create it "
+              "(createdb NAME, as a superuser), then run `mdm-server migrate`", file=sys.stderr)
+        return 3
+    except (asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidPasswordError) as exc:
+        # The server's own words name the role, never the password.
+        print(f"mdm-server: the database refused the login in MDM_DATABASE_URL: "
+              f"{exc.args[0] if exc.args else type(exc).__name__}", file=sys.stderr)
+        return 3
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError,
+            asyncpg.UndefinedFunctionError):
+        print("mdm-server: the database is not migrated to this version of mdm-server: run "
+              "`mdm-server migrate` first (as a superuser)", file=sys.stderr)
+        return 3
     except OSError as exc:
         print(f"mdm-server: cannot reach a service ({type(exc).__name__}: {exc.strerror})",
               file=sys.stderr)

@@ -181,6 +181,10 @@ class Config:
     place_store_bytes: int = 16 * 1024 * 1024
     # Policy previews per tenant and minute (and their burst): apart from the above.
     preview_per_min: int = 20
+    # Server-Sent Event streams (GET /api/v1/live, .../me/devices/{device}/live) open
+    # at once per token and per tenant; past either, 429 (mdm_server/api/live.py).
+    live_streams_per_token: int = 4
+    live_streams_per_tenant: int = 32
     # 32 bytes from MDM_MASTER_KEY (base64) or MDM_MASTER_KEY_FILE: the root of
     # per-tenant hashing keys. Never stored in the database, so a database dump
     # alone cannot reverse a hashed phone number by trying every number.
@@ -208,6 +212,19 @@ class Config:
     # Development and tests only: let serve start with a master key that is
     # published (mdm_server/published_keys.py).
     allow_published_master_key: bool = False
+    # MDM_PUBLIC_URL: the server's public HTTP base URL, as the apps of foreign
+    # agents reach it (OwnTracks HTTP mode, OsmAnd / Traccar Client): enrollment
+    # prints URLs under it (mdm_server/agents/setup.py).
+    public_url: str | None = None
+
+    def public_base(self) -> tuple[str, bool]:
+        """The public base URL devices post to, and whether it is a fallback (no
+        MDM_PUBLIC_URL: the address serve listens on, which devices may not reach)."""
+        if self.public_url is not None:
+            return self.public_url, False
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        scheme = "https" if self.tls_cert is not None else "http"
+        return f"{scheme}://{host}:{self.http_port}", True
 
     def require_mqtt(self) -> MqttSettings:
         if self.mqtt is None:
@@ -382,6 +399,21 @@ def _mqtt(env: Mapping[str, str]) -> tuple[MqttSettings | None, MqttSettings | N
     return mqtt, public, public_ca
 
 
+def _public_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("MDM_PUBLIC_URL", "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username or parts.password:
+        raise ConfigError("MDM_PUBLIC_URL must be the server's public base URL, "
+                          "https://HOST[:PORT][/PATH], without credentials, query or fragment")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ConfigError("MDM_PUBLIC_URL is http:// to another host: devices' passwords "
+                          "and locations would cross the network readable; use https://")
+    return raw.rstrip("/")
+
+
 def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
     raw = env.get(var)
     if raw is None or raw == "":
@@ -431,6 +463,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         policy_store_bytes=_int(env, "MDM_POLICY_STORE_MB", 64, 1, 65536) * 1024 * 1024,
         preview_per_min=_int(env, "MDM_PREVIEW_PER_MIN", 20, 1, 100_000),
         place_store_bytes=_int(env, "MDM_PLACE_STORE_MB", 16, 1, 65536) * 1024 * 1024,
+        live_streams_per_token=_int(env, "MDM_LIVE_STREAMS_PER_TOKEN", 4, 1, 1000),
+        live_streams_per_tenant=_int(env, "MDM_LIVE_STREAMS_PER_TENANT", 32, 1, 10_000),
         unsafe_ack_before_commit=unsafe,
         allow_privileged_db_role=env.get("MDM_ALLOW_PRIVILEGED_DB_ROLE", "") == "1",
         server_db_password=env.get("MDM_SERVER_DB_PASSWORD") or None,
@@ -439,4 +473,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         tls_cert=tls_cert,
         tls_key=tls_key,
         allow_published_master_key=env.get("MDM_ALLOW_PUBLISHED_MASTER_KEY", "") == "1",
+        public_url=_public_url(env),
     )

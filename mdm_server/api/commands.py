@@ -57,7 +57,7 @@ def _valid_key(key: str) -> bool:
 
 
 def _refused(exc: CommandRefused) -> web.Response:
-    return json_error(exc.status, str(exc), code=exc.code)
+    return json_error(exc.status, str(exc), code=exc.code, **exc.extra)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

@@ -54,11 +54,21 @@ async def log_personal_read(conn: asyncpg.Connection, keys: audit.AuditKeys, who
 
 async def _device_row(conn: asyncpg.Connection, tenant: str, device: str) -> asyncpg.Record:
     row = await conn.fetchrow(
-        "SELECT device_id, ownership, groups, status, enrolled_at, user_email FROM devices "
-        "WHERE tenant_id = $1 AND device_id = $2", tenant, device)
+        "SELECT d.device_id, d.ownership, d.groups, d.status, d.enrolled_at, d.user_email, "
+        "d.agent, p.online, p.changed_at AS presence_at, p.source AS presence_source "
+        "FROM devices d LEFT JOIN device_presence p USING (tenant_id, device_id) "
+        "WHERE d.tenant_id = $1 AND d.device_id = $2", tenant, device)
     if row is None:
         raise web.HTTPNotFound(reason="no such device")
     return row
+
+
+def presence_json(row: asyncpg.Record) -> dict[str, Any] | None:
+    """Online or not, as the device's agent said last (device_presence); None: not known."""
+    if row["online"] is None:
+        return None
+    return {"online": row["online"], "changed_at": row["presence_at"].isoformat(),
+            "source": row["presence_source"]}
 
 
 async def list_devices(request: web.Request) -> web.Response:
@@ -68,7 +78,7 @@ async def list_devices(request: web.Request) -> web.Response:
     if after is not None and not is_valid_id(after):
         raise web.HTTPBadRequest(reason="cursor is not valid")
     rows = await request.app[POOL].fetch(
-        """SELECT d.device_id, d.ownership, d.groups, d.status, d.enrolled_at,
+        """SELECT d.device_id, d.ownership, d.groups, d.status, d.enrolled_at, d.agent,
                   (SELECT max(t.received_at) FROM telemetry t
                    WHERE t.tenant_id = d.tenant_id AND t.device_id = d.device_id
                      AND t.received_at > now() - interval '30 days') AS last_seen_at
@@ -80,7 +90,8 @@ async def list_devices(request: web.Request) -> web.Response:
         "devices": [{"device": r["device_id"], "ownership": r["ownership"],
                      "groups": list(r["groups"]), "status": r["status"],
                      "enrolled_at": r["enrolled_at"].isoformat(),
-                     "last_seen_at": _iso(r["last_seen_at"])} for r in rows],
+                     "last_seen_at": _iso(r["last_seen_at"]), "agent": r["agent"]}
+                    for r in rows],
         "next": rows[-1]["device_id"] if more and rows else None})
 
 
@@ -110,6 +121,7 @@ async def get_device(request: web.Request) -> web.Response:
         "device": row["device_id"], "ownership": row["ownership"],
         "groups": list(row["groups"]), "status": row["status"],
         "enrolled_at": row["enrolled_at"].isoformat(), "user_email": row["user_email"],
+        "agent": row["agent"], "presence": presence_json(row),
         "last_seen_at": max(seen) if seen else None, "last": last,
         "policy": policy.to_json()})
 

@@ -120,8 +120,11 @@ async def _access_log(conn: asyncpg.Connection, keys: audit.AuditKeys, tenant: s
     left out."""
     entries = await audit.read_genuine(conn, keys, tenant, limit=limit,
                                        action="personal_data.read", target=f"device:{device}")
+    # ``watch``: for a watch of the live location (``what: live``), its ``start`` or
+    # ``end``; null for any other read.
     return [{"at": e.at.isoformat(), "actor": e.actor, "role": e.details.get("role"),
-             "what": e.details.get("what"), "integrity": e.integrity}
+             "what": e.details.get("what"), "watch": e.details.get("watch"),
+             "integrity": e.integrity}
             for e in entries if e.at >= since]
 
 

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from agent_protocol import CONSENT_TYPES, KINDS, REMOTE_VIEW_MODES, WIPE_SCOPES
+from mdm_server.agents import AGENTS
 from mdm_server.analysis.trips import BOUNDS, PATH_MAX, Params
 from mdm_server.api.commands import (
     ADMIN_COMMAND_TYPES,
@@ -208,7 +209,11 @@ SCHEMAS: dict[str, Schema] = {
          # POST /policies/{name}:preview, a sample payload that is not valid telemetry:
          "reason": {"type": "string", "description": "the wire-protocol reason (preview)"},
          "detail": {"type": "string"},
-         "path": {"type": ["string", "null"]}}),
+         "path": {"type": ["string", "null"]},
+         # 409 unsupported_by_agent: the devices whose agent cannot carry it out.
+         "devices": array(obj({"device": STRING, "agent": enum(AGENTS)}),
+                          description="devices whose agent cannot carry out the command "
+                                      "(code unsupported_by_agent)")}),
     "Issue": obj({"path": STRING, "message": STRING}),
     "Notice": NOTICE,
     "CommandReason": _REASON,
@@ -239,7 +244,9 @@ SCHEMAS: dict[str, Schema] = {
         "params": ANY_OBJECT, "reason": STRING, "requested_by": STRING, "created_at": TIME,
         "commands": {**COUNT, "description": "commands created"},
         "refused": array(obj({"device": STRING, "code": STRING}),
-                         description="devices the guards skipped (personal_device)"),
+                         description="devices the guards skipped (personal_device; "
+                                     "unsupported_by_agent: their agent cannot carry it "
+                                     "out)"),
         "states": {"type": "object", "propertyNames": enum(STATES),
                    "additionalProperties": COUNT,
                    "description": "how many of the batch's commands are in each state"},
@@ -252,7 +259,11 @@ SCHEMAS: dict[str, Schema] = {
         "consent": {"enum": ["given", "refused", None],
                     "description": "the user's answer, where they were asked (remote_view)"},
         "consent_at": nullable(TIME), "finished_at": nullable(TIME),
-        "outcome_detail": nullable(STRING)},
+        "outcome_detail": nullable(STRING),
+        "agent_form": {**nullable(ANY_OBJECT),
+                       "description": "what was sent to a foreign agent, in its own form "
+                                      "(OwnTracks: {\"_type\": \"cmd\", \"action\": "
+                                      "\"reportLocation\"}); null for our own agent"}},
         description="A command that affected the device's user, with the notice as sent."),
     "NoticeTemplate": obj({"kind": enum(NOTICE_KINDS), "text": STRING, "lang": STRING,
                            "source": enum(("tenant", "built_in"))}),
@@ -350,10 +361,18 @@ SCHEMAS: dict[str, Schema] = {
     "DeviceSummary": obj({
         "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
         "status": enum(("enrolled", "revoked")), "enrolled_at": TIME,
-        "last_seen_at": nullable(TIME)}),
+        "last_seen_at": nullable(TIME), "agent": ref("Agent")}),
+    "Agent": enum(AGENTS, description="the app that reports for the device: native (our "
+                                      "agent) or a foreign one (docs/agents.md)"),
+    "Presence": nullable(obj(
+        {"online": BOOLEAN, "changed_at": TIME,
+         "source": enum(("lwt", "status", "message"))},
+        description="as its agent says: lwt (the broker published its will: offline), "
+                    "any other message (a sign of life: online); null: not known")),
     "Device": obj({
         "device": ID, "ownership": enum(OWNERSHIPS), "groups": array(ID),
         "status": enum(("enrolled", "revoked")), "enrolled_at": TIME,
+        "agent": ref("Agent"), "presence": ref("Presence"),
         "user_email": nullable(STRING), "last_seen_at": nullable(TIME),
         "last": {"type": "object", "propertyNames": enum(KINDS),
                  "additionalProperties": obj({"id": STRING, "ts": TIME, "received_at": TIME,
@@ -499,8 +518,12 @@ SCHEMAS: dict[str, Schema] = {
     "AccessLogEntry": obj({"at": TIME, "actor": STRING, "role": enum(("admin", "auditor")),
                            "what": {"type": "string",
                                     "description": "`device` (its detail), `data:<kind>`, "
-                                                   "`trips` (the trips analysis) or `shifts` "
-                                                   "(the shift report)"},
+                                                   "`trips` (the trips analysis), `shifts` "
+                                                   "(the shift report) or `live` (its live "
+                                                   "location watched: `watch` says start or "
+                                                   "end)"},
+                           "watch": nullable(enum(("start", "end"), description=(
+                               "for `what: live`: the watch's start or end; else null"))),
                            "integrity": enum(("verified", "legacy"), description=(
                                "`verified`: signed by the server; `legacy`: recorded "
                                "before entries were signed. Entries that fail the check "
@@ -823,6 +846,55 @@ def _shift_paths(v1: str, me: str) -> dict[str, dict[str, Schema]]:
     }
 
 
+# --- live streams (mdm_server/api/live.py) --------------------------------------------------
+
+PARAMETERS.update({
+    "LiveDevice": _param("device", "query", ID, "only this device (not with `group`)"),
+    "LiveGroup": _param("group", "query", ID, "only the group's devices as of the stream's "
+                        "start (not with `device`)"),
+})
+LIVE_EVENTS = ("ready", "location", "gap", "end")
+MY_LIVE_EVENTS = ("ready", "stored", "watching", "read", "command", "gap", "end")
+
+
+def _sse(events: tuple[str, ...]) -> Schema:
+    """A stream of events (OpenAPI 3.1: ``schema`` describes each event)."""
+    return {"description": "a Server-Sent Events stream (`text/event-stream`), open until "
+                           "the client closes it; each event's `data` is JSON: docs/api.md, "
+                           "\"Live\"",
+            "content": {"text/event-stream": {"schema": {
+                "type": "object", "required": ["event", "data"],
+                "properties": {"event": enum(events),
+                               "data": {"type": "string",
+                                        "contentMediaType": "application/json"}}}}}}
+
+
+def _live_paths(v1: str, me: str) -> dict[str, dict[str, Schema]]:
+    """``x-stream: sse``: an answer that does not end (the OpenAPI test does not fuzz
+    its 200; tests/integration/test_live.py tests it)."""
+    return {
+        f"{v1}/live": {"get": {**op(
+            "watchLive", "Stored locations of the tenant's devices, as they are committed",
+            tag="live", roles=ADMIN, params=("LiveDevice", "LiveGroup"),
+            errors=(400, 404, 429),
+            description="Server-Sent Events: `ready`, then `location` with the last known "
+                        "position of each device in scope, then a `location` per committed "
+                        "batch with its points exactly as stored (after the policy). Each "
+                        "watched device's user sees the watch in their access log (`live`, "
+                        "start and end). 404: a device or group that is not the tenant's; "
+                        "429: too many streams open for the token or the tenant.",
+            ok={200: _sse(LIVE_EVENTS)}), "x-stream": "sse"}},
+        f"{me}/live": {"get": {**op(
+            "watchMyDevice", "What is happening to my device now", tag="me", roles=USER,
+            params=("Device",), errors=(404, 429),
+            description="Server-Sent Events: `ready` (who is watching now), `stored` (its "
+                        "location was stored), `watching` (an admin started or stopped "
+                        "watching its live location), `read` (an admin read its data), "
+                        "`command` (a command's progress: lock, wipe, remote view ...).",
+            ok={200: _sse(MY_LIVE_EVENTS)}), "x-stream": "sse"}},
+    }
+
+
 def _paths() -> dict[str, dict[str, Schema]]:
     v1 = "/api/v1"
     dev = f"{v1}/devices/{{device}}"
@@ -831,6 +903,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
     data_params = ("Device", "Kind", "From", "To", "Limit", "Cursor")
     return {
         **_shift_paths(v1, me),
+        **_live_paths(v1, me),
         "/healthz": {"get": op(
             "health", "Is the server up (and its ingest)?", tag="meta", roles=None,
             ok={200: _json(ref("Health"), "the database answers")})},
@@ -1126,8 +1199,8 @@ def document() -> dict[str, Any]:
                 "nosniff`. Contract: docs/api.md, docs/commands.md, docs/policies.md."),
         },
         "tags": [{"name": n} for n in
-                 ("devices", "erasure", "audit", "policies", "places", "commands", "reports", "me",
-                  "meta")],
+                 ("devices", "erasure", "audit", "policies", "places", "commands", "reports",
+                  "live", "me", "meta")],
         "security": [{"bearerAuth": []}],
         "paths": _limited(_paths()),
         "components": {

@@ -109,9 +109,14 @@ async def _to_slash(request: web.Request) -> web.StreamResponse:
     raise web.HTTPPermanentRedirect(request.path + "/", headers=SECURITY_HEADERS)
 
 
+async def _to_console(request: web.Request) -> web.StreamResponse:
+    """``/``: the server's front door is the console (its sign-in asks for a token)."""
+    raise web.HTTPFound("/console/", headers=SECURITY_HEADERS)
+
+
 def routes(root: Path = WEB_ROOT) -> list[web.RouteDef]:
     serve = _handler(load_files(root))
-    out: list[web.RouteDef] = []
+    out: list[web.RouteDef] = [web.get("/", _to_console)]
     for page in _PAGES:
         out += [web.get(f"/{page}", _to_slash),
                 web.get(f"/{page}/{{path:.*}}", serve)]

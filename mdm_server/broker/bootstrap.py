@@ -68,6 +68,12 @@ SERVER_ACLS: tuple[tuple[str, str], ...] = (
     ("subscribePattern", "$share/+/mdm/v1/+/devices/+/#"),
     ("publishClientReceive", "mdm/v1/+/devices/+/#"),
     ("publishClientSend", "mdm/v1/+/devices/+/commands"),
+    # OwnTracks devices (issue 12): the ingest reads them, the dispatcher sends
+    # their commands.
+    ("subscribePattern", "owntracks/+/+/#"),
+    ("subscribePattern", "$share/+/owntracks/+/+/#"),
+    ("publishClientReceive", "owntracks/+/+/#"),
+    ("publishClientSend", "owntracks/+/+/cmd"),
     ("subscribePattern", "$SYS/#"),
     ("publishClientReceive", "$SYS/#"),
 )

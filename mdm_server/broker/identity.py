@@ -47,6 +47,8 @@ from typing import Any
 import asyncpg
 
 from agent_protocol import KINDS
+from mdm_server.agents import URL_KEY_AGENTS
+from mdm_server.broker.bootstrap import SERVER_ACLS, SERVER_ROLE
 from mdm_server.broker.credentials import device_password
 from mdm_server.broker.dynsec import Dynsec, DynsecError
 from mdm_server.config import Config, MqttSettings
@@ -82,7 +84,28 @@ def device_rolename(tenant: str, device: str) -> str:
     return ROLE_PREFIX + mqtt_username(tenant, device)
 
 
-def device_acls(tenant: str, device: str) -> list[dict[str, Any]]:
+#: OwnTracks' subtopics a device may publish on below its base topic (the base
+#: topic itself carries its locations and, published by the broker, its will).
+OWNTRACKS_PUBLISH: tuple[str, ...] = ("event", "info", "status", "waypoint", "waypoints",
+                                      "step")
+
+
+def owntracks_acls(tenant: str, device: str) -> list[dict[str, Any]]:
+    """An OwnTracks device's role: publish on ``owntracks/{username}/{device}`` and
+    :data:`OWNTRACKS_PUBLISH` below it, subscribe to (literally) and receive its own
+    ``.../cmd``; nothing else: no other device's topics (the apps' default
+    subscriptions to ``owntracks/+/+`` are refused), no wildcard. The username is
+    ``{tenant}.{device}`` ([A-Za-z0-9_.-]), so the topic holds no wildcard."""
+    base = f"owntracks/{mqtt_username(tenant, device)}/{device}"
+    return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
+        ("publishClientSend", base),
+        *(("publishClientSend", f"{base}/{sub}") for sub in OWNTRACKS_PUBLISH),
+        ("subscribeLiteral", f"{base}/cmd"),
+        ("publishClientReceive", f"{base}/cmd"),
+    )]
+
+
+def device_acls(tenant: str, device: str, agent: str = "native") -> list[dict[str, Any]]:
     """The device's role: its own topics, nothing else (literal ids, no patterns:
     the ids are [A-Za-z0-9_-], so they hold no wildcard). Telemetry only on the
     six kinds' own topics: roles made before issue 10 allowed ``telemetry/+``, any
@@ -90,7 +113,10 @@ def device_acls(tenant: str, device: str) -> list[dict[str, Any]]:
 
     A role cannot refuse the retain flag (the plugin's ACL check in Mosquitto 2.0
     ignores it): the broker's config refuses retained messages, retained wills and
-    QoS 2 for every client (deploy/mosquitto/mosquitto.conf)."""
+    QoS 2 for every client (deploy/mosquitto/mosquitto.conf). An OwnTracks device
+    gets :func:`owntracks_acls` instead."""
+    if agent == "owntracks":
+        return owntracks_acls(tenant, device)
     base = f"mdm/v1/{tenant}/devices/{device}"
     return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
         *(("publishClientSend", f"{base}/telemetry/{kind}") for kind in KINDS),
@@ -118,14 +144,16 @@ class SyncReport:
     # key since rotated away whose broker account is gone: re-enroll them.
     not_derivable: int = 0
     stale_kept: int = 0  # credentials from an earlier master key, account kept as is
+    server_acls_added: int = 0  # ACLs the server's own role lacked (an older broker)
 
     @property
     def changed(self) -> int:
-        return self.created + self.updated + self.deleted
+        return self.created + self.updated + self.deleted + self.server_acls_added
 
     def __str__(self) -> str:
         return (f"created={self.created} updated={self.updated} deleted={self.deleted}"
-                f" not_derivable={self.not_derivable} stale_kept={self.stale_kept}")
+                f" not_derivable={self.not_derivable} stale_kept={self.stale_kept}"
+                f" server_acls_added={self.server_acls_added}")
 
 
 # --- reading the broker --------------------------------------------------------------
@@ -186,7 +214,7 @@ def _plan(master_key: bytes, want: Sequence[DeviceIdentity],
     keep_clients: set[str] = set()
     keep_roles: set[str] = set()
     for dev in want:
-        if not dev.enrolled:
+        if not dev.enrolled or dev.agent in URL_KEY_AGENTS:  # HTTP only: no account
             continue
         if dev.generation < 1:
             report.not_derivable += 1
@@ -195,7 +223,7 @@ def _plan(master_key: bytes, want: Sequence[DeviceIdentity],
         rolename = device_rolename(dev.tenant, dev.device)
         keep_clients.add(user)
         keep_roles.add(rolename)
-        acls = device_acls(dev.tenant, dev.device)
+        acls = device_acls(dev.tenant, dev.device, dev.agent)
         role = roles.get(rolename)
         if role is None:
             yield {"command": "createRole", "rolename": rolename, "acls": acls}
@@ -299,11 +327,32 @@ async def sync_devices(dynsec: Dynsec, conn: asyncpg.Connection, master_key: byt
     return report
 
 
+async def upgrade_server_role(dynsec: Dynsec) -> int:
+    """Add to the server's own role the ACLs this version needs that it lacks (a
+    broker set up by an older version: OwnTracks' topics, issue 12); returns how
+    many. Only adds: adding an ACL applies to connected clients at once without
+    disconnecting them, whereas changing the role otherwise would disconnect the
+    server (the broker's bootstrap sets the whole role at the broker's next start)."""
+    (resp,) = await dynsec.call([{"command": "getRole", "rolename": SERVER_ROLE}])
+    role = resp.get("data", {}).get("role")
+    if not isinstance(role, dict):
+        return 0  # not ours to make: the bootstrap does (an anonymous broker has none)
+    have = {(str(a.get("acltype")), str(a.get("topic"))) for a in role.get("acls", [])}
+    missing = [{"command": "addRoleACL", "rolename": SERVER_ROLE, "acltype": t,
+                "topic": topic, "priority": 0, "allow": True}
+               for t, topic in SERVER_ACLS if (t, topic) not in have]
+    if missing:
+        await _apply(dynsec, missing)
+    return len(missing)
+
+
 async def reconcile(dynsec: Dynsec, conn: asyncpg.Connection, master_key: bytes
                     ) -> SyncReport:
     """Make the broker match the database for every device; delete managed
-    clients and roles of devices the database does not hold as enrolled."""
+    clients and roles of devices the database does not hold as enrolled. First,
+    the server's own role gets what it lacks (:func:`upgrade_server_role`)."""
     report = SyncReport()
+    report.server_acls_added = await upgrade_server_role(dynsec)
     async with _locked(conn):
         # The broker's state first, then the database's: under the lock nothing
         # changes between the two, and the plan goes from the older to the newer.

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from mdm_server.agents import URL_KEY_AGENTS
 from mdm_server.broker.bootstrap import _hash, _write
 from mdm_server.broker.credentials import device_password
 from mdm_server.broker.identity import (
@@ -54,7 +55,7 @@ async def provision_offline(conn: asyncpg.Connection, master_key: bytes, path: P
              if not str(r.get("rolename", "")).startswith(ROLE_PREFIX)]
     written = skipped = 0
     for dev in await device_identities(conn):
-        if not dev.enrolled:
+        if not dev.enrolled or dev.agent in URL_KEY_AGENTS:  # HTTP only: no account
             continue
         if dev.generation < 1:
             skipped += 1
@@ -69,7 +70,8 @@ async def provision_offline(conn: asyncpg.Connection, master_key: bytes, path: P
                 skipped += 1
                 continue
             clients.append(kept)
-            roles.append({"rolename": rolename, "acls": device_acls(dev.tenant, dev.device)})
+            roles.append({"rolename": rolename,
+                          "acls": device_acls(dev.tenant, dev.device, dev.agent)})
             written += 1
             continue
         salt = secrets.token_bytes(12)
@@ -81,7 +83,7 @@ async def provision_offline(conn: asyncpg.Connection, master_key: bytes, path: P
             "salt": base64.b64encode(salt).decode(), "iterations": _ITERATIONS,
             "roles": [{"rolename": rolename}],
         })
-        roles.append({"rolename": rolename, "acls": device_acls(dev.tenant, dev.device)})
+        roles.append({"rolename": rolename, "acls": device_acls(dev.tenant, dev.device, dev.agent)})
         written += 1
     doc["clients"], doc["roles"] = clients, roles
     doc.setdefault("groups", [])

@@ -137,7 +137,7 @@ async def rotate_key(conn: asyncpg.Connection, master_key: bytes, *, actor: str,
                                      requested_by, expires_at)
                SELECT tenant_id, device_id, 'trust_key', $1::jsonb, 'queued',
                       'signing key rotation', $2::text, now() + make_interval(secs => $3)
-               FROM devices WHERE status = 'enrolled'
+               FROM devices WHERE status = 'enrolled' AND agent = 'native'
                RETURNING 1)
            SELECT count(*) FROM ins""", params, actor, float(ttl_s))
     await audit.append(conn, audit.AuditKeys.derive(master_key), tenant=None, actor=actor,
@@ -166,7 +166,7 @@ async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
         raise SigningKeyError("the key is retired already")
     stranded: int = await conn.fetchval(
         """SELECT count(*) FROM devices d
-           WHERE d.status = 'enrolled' AND NOT EXISTS (
+           WHERE d.status = 'enrolled' AND d.agent = 'native' AND NOT EXISTS (
                SELECT 1 FROM signing_keys k
                WHERE k.key_id = ANY(d.trusted_key_ids) AND k.key_id <> $1
                  AND k.retired_at IS NULL)""", key_id)
@@ -185,7 +185,8 @@ async def retire_key(conn: asyncpg.Connection, key_id: str, *, actor: str,
                                      requested_by, expires_at)
                SELECT tenant_id, device_id, 'distrust_key', $1::jsonb, 'queued',
                       'signing key retired', $2::text, now() + make_interval(secs => $3)
-               FROM devices WHERE status = 'enrolled' AND $4 = ANY(trusted_key_ids)
+               FROM devices WHERE status = 'enrolled' AND agent = 'native'
+                 AND $4 = ANY(trusted_key_ids)
                RETURNING 1)
            SELECT count(*) FROM ins""", {"key_id": key_id}, actor, float(ttl_s), key_id)
     await audit.append(conn, audit_keys, tenant=None, actor=actor, action="signing_key.retire",

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
@@ -41,6 +42,7 @@ from agent_protocol import (
     encode_command,
     sign_command,
 )
+from mdm_server.agents.commands import owntracks_cmd_topic, owntracks_form
 from mdm_server.commands import states
 from mdm_server.commands.keys import KeyRing
 from mdm_server.config import Config
@@ -112,6 +114,7 @@ async def enqueue_sync_policy(conn: asyncpg.Connection, tenant: str, actor: str,
                SELECT tenant_id, device_id, 'sync_policy', $2::jsonb, 'queued',
                       'policy changed', $3::text, now() + make_interval(secs => $4::float8)
                FROM devices WHERE tenant_id = $1 AND status = 'enrolled'
+                 AND agent = 'native'  -- other agents take no policy (mdm_server/agents)
                RETURNING 1)
            SELECT count(*) FROM ins""",
         tenant, {"reason": "policy changed"}, actor, float(ttl_s))
@@ -281,7 +284,44 @@ class CommandDispatcher:
             if client is None or not client.is_connected():
                 return False  # nothing is claimed while the broker is away
             await self._sign_queued(conn)
-            return await self._publish_signed(conn, client)
+            more = await self._publish_signed(conn, client)
+            return await self._publish_foreign(conn, client) or more
+
+    async def _publish_foreign(self, conn: asyncpg.Connection, client: paho.Client) -> bool:
+        """OwnTracks devices' commands in the app's own form (unsigned: the app
+        verifies nothing; only ``locate`` is ever queued for it, the API refuses
+        the rest), on ``owntracks/{username}/{device}/cmd``, QoS 1, not retained;
+        ``sent`` with what was sent (``agent_form``) once the broker has it. One
+        taken meanwhile by the device's HTTP post (``fetched_at``) is not sent."""
+        async with conn.transaction():
+            rows = await conn.fetch(
+                """SELECT c.command_id, c.tenant_id, c.device_id, c.type
+                   FROM commands c JOIN devices d USING (tenant_id, device_id)
+                   WHERE c.state = 'queued' AND d.status = 'enrolled'
+                     AND d.agent = 'owntracks' AND c.fetched_at IS NULL
+                   ORDER BY c.created_at LIMIT $1 FOR UPDATE OF c SKIP LOCKED""",
+                self._batch)
+            if not rows:
+                return False
+            forms = [owntracks_form(r["type"]) for r in rows]
+            acked = await self._publish(client, [
+                (owntracks_cmd_topic(f"{r['tenant_id']}.{r['device_id']}", r["device_id"]),
+                 orjson.dumps(f)) for r, f in zip(rows, forms, strict=True)])
+            if acked:
+                await conn.execute(
+                    """WITH upd AS (
+                           UPDATE commands c SET state = 'sent', sent_at = now(),
+                                  send_count = send_count + 1, agent_form = s.form
+                           FROM unnest($1::uuid[], $2::jsonb[]) AS s(command_id, form)
+                           WHERE c.command_id = s.command_id
+                           RETURNING c.command_id)
+                       INSERT INTO command_events (command_id, event, from_state, to_state,
+                                                   accepted, detail)
+                       SELECT command_id, 'published', 'queued', 'sent', true,
+                              'in the OwnTracks app''s form' FROM upd""",
+                    [rows[i]["command_id"] for i in acked], [forms[i] for i in acked])
+                self.sent += len(acked)
+            return len(acked) == len(rows) == self._batch
 
     async def _sign_queued(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():
@@ -290,6 +330,7 @@ class CommandDispatcher:
                           c.expires_at, d.trusted_key_ids
                    FROM commands c JOIN devices d USING (tenant_id, device_id)
                    WHERE c.state = 'queued' AND c.payload IS NULL AND d.status = 'enrolled'
+                     AND d.agent = 'native'
                    ORDER BY c.created_at LIMIT $1 FOR UPDATE OF c SKIP LOCKED""", self._batch)
             if not rows:
                 return

@@ -45,6 +45,7 @@ import asyncpg
 
 from agent_protocol import CONSENT_TYPES, canonical_json
 from mdm_server import audit
+from mdm_server.agents import agent_supports, unsupported_text
 from mdm_server.commands import states
 from mdm_server.commands.outbox import NOTIFY_CHANNEL, check_command
 
@@ -98,10 +99,11 @@ class CommandRefused(Exception):
     with, ``code`` a machine-readable reason, the message is for people (it never
     quotes a value from the request)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **extra: object) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.extra = extra  # more of the answer (e.g. which devices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,13 +209,18 @@ async def issue(conn: asyncpg.Connection, *, tenant: str, device: str, actor: st
     # FOR SHARE: a revocation waits for this command (and withdraws it), or this
     # waits for the revocation and is refused.
     dev = await conn.fetchrow(
-        "SELECT ownership, status FROM devices WHERE tenant_id = $1 AND device_id = $2 "
+        "SELECT ownership, status, agent FROM devices WHERE tenant_id = $1 AND device_id = $2 "
         "FOR SHARE", tenant, device)
     if dev is None:
         raise CommandRefused(404, "no_such_device", "no such device")
     if dev["status"] != "enrolled":
         raise CommandRefused(409, "device_revoked",
                              "the device is revoked: it cannot receive commands")
+    if not agent_supports(dev["agent"], type_):
+        # Refused, not queued: it would wait until it expired (mdm_server/agents).
+        raise CommandRefused(409, "unsupported_by_agent",
+                             unsupported_text(dev["agent"], type_),
+                             devices=[{"device": device, "agent": dev["agent"]}])
     if type_ in CONSENT_TYPES and notice is None:
         raise CommandRefused(422, "notice_required",
                              f"a {type_} needs a notice: the device's user is asked with it")
@@ -293,13 +300,25 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
     except ValueError as exc:
         raise CommandRefused(422, "invalid_command", str(exc)) from None
     members = await conn.fetch(
-        "SELECT device_id, ownership FROM devices WHERE tenant_id = $1 AND $2 = ANY(groups) "
-        "AND status = 'enrolled' ORDER BY device_id FOR SHARE", tenant, group)
+        "SELECT device_id, ownership, agent FROM devices WHERE tenant_id = $1 "
+        "AND $2 = ANY(groups) AND status = 'enrolled' ORDER BY device_id FOR SHARE",
+        tenant, group)
     if not members:
         raise CommandRefused(404, "empty_group", "no enrolled device is in this group")
+    # Devices whose agent cannot carry it out are refused, by name; none able: 409.
+    unable = [{"device": m["device_id"], "agent": m["agent"]} for m in members
+              if not agent_supports(m["agent"], type_)]
+    if len(unable) == len(members):
+        raise CommandRefused(409, "unsupported_by_agent",
+                             f"no device of the group can carry out a {type_} command: "
+                             "their agents cannot", devices=unable)
+    unable_ids = [u["device"] for u in unable]
     personal_refused = type_ == "wipe" and params.get("scope") == "full"
     refused = [{"device": m["device_id"], "code": "personal_device"}
-               for m in members if personal_refused and m["ownership"] == "personal"]
+               for m in members if personal_refused and m["ownership"] == "personal"
+               and m["device_id"] not in unable_ids]
+    refused += [{"device": u["device"], "code": "unsupported_by_agent"} for u in unable]
+    refused.sort(key=lambda r: str(r["device"]))
     if notice is None and type_ in NOTICE_TYPES:
         notice = await _notice_for(conn, tenant, notice_kind(type_, params))
     try:
@@ -325,6 +344,7 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
                FROM devices
                WHERE tenant_id = $1 AND $2 = ANY(groups) AND status = 'enrolled'
                  AND NOT ($10 AND ownership = 'personal')
+                 AND device_id <> ALL($11::text[])
                RETURNING command_id),
            ev AS (
                INSERT INTO command_events (command_id, event, from_state, to_state, accepted,
@@ -332,7 +352,7 @@ async def issue_group(conn: asyncpg.Connection, *, tenant: str, group: str, acto
                SELECT command_id, 'created', NULL, 'queued', true, $7 FROM ins)
            SELECT count(*) FROM ins""",
         tenant, group, type_, dict(params), None if notice is None else dict(notice), reason,
-        actor, float(ttl_s), batch_id, personal_refused)
+        actor, float(ttl_s), batch_id, personal_refused, unable_ids)
     await conn.execute("UPDATE command_batches SET commands = $2 WHERE batch_id = $1",
                        batch_id, count)
     await audit.append(conn, audit_keys, tenant=tenant, actor=actor,
@@ -510,7 +530,7 @@ async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
     only commands requested since then (the user's enrollment)."""
     rows = await conn.fetch(
         """SELECT command_id, type, params, notice, state, created_at, sent_at, received_at,
-                  notice_shown_at, consent_at, finished_at, outcome_detail
+                  notice_shown_at, consent_at, finished_at, outcome_detail, agent_form
            FROM commands WHERE tenant_id = $1 AND device_id = $2 AND type = ANY($3::text[])
              AND ($5::timestamptz IS NULL OR created_at >= $5)
            ORDER BY created_at DESC, command_id LIMIT $4""",
@@ -522,7 +542,8 @@ async def notice_log(conn: asyncpg.Connection, tenant: str, device: str, *,
              "notice_shown_at": _iso(r["notice_shown_at"]),
              "consent": consent_of(r["state"], r["consent_at"]),
              "consent_at": _iso(r["consent_at"]),
-             "finished_at": _iso(r["finished_at"]), "outcome_detail": r["outcome_detail"]}
+             "finished_at": _iso(r["finished_at"]), "outcome_detail": r["outcome_detail"],
+             "agent_form": r["agent_form"]}
             for r in rows]
 
 

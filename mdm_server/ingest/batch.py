@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_protocol import (
     ProtocolError,
@@ -28,7 +28,11 @@ from agent_protocol import (
     parse_topic,
 )
 from agent_protocol.envelope import decode_records
+from mdm_server.agents.events import AgentEvent
 from mdm_server.ingest.mqtt import InboundMessage
+
+if TYPE_CHECKING:
+    from mdm_server.agents.ingest import ForeignDecoder
 
 __all__ = [
     "CheckoutRow",
@@ -104,6 +108,14 @@ class DecodedBatch:
     # By id(Topic), cheaper to hash than the name: _topic returns one object per
     # name while cached (a group keeps its Topic alive, so an id is never reused).
     _groups: dict[int, TopicGroup] = field(default_factory=dict)
+    # Foreign agents' messages (OwnTracks over MQTT; HTTP posts): decoded by this,
+    # into the groups above, or a dead letter of its own making
+    # (mdm_server/agents/ingest.py); their presence and locate answers; how many
+    # were of types the server ignores.
+    foreign: ForeignDecoder | None = None
+    foreign_dead: list[tuple[int, DeadLetter]] = field(default_factory=list)
+    agent_events: list[tuple[int, AgentEvent]] = field(default_factory=list)
+    foreign_ignored: int = 0
 
     @property
     def groups(self) -> list[TopicGroup]:
@@ -121,6 +133,10 @@ class DecodedBatch:
             msg = messages[i]
             if msg.limited is not None:
                 limited.append(i)
+                continue
+            if self.foreign is not None and (msg.http is not None
+                                             or msg.topic.startswith("owntracks/")):
+                self.foreign.decode(self, i, msg)  # a foreign agent's
                 continue
             topic: Topic | None = None
             try:
@@ -148,6 +164,17 @@ class DecodedBatch:
                     g.ts.append(ts)
                     g.datas.append(data)
 
+    def add_record(self, topic: Topic, i: int, rid: str, ts: int, data: dict[str, Any]
+                   ) -> None:
+        """One record of message ``i`` under ``topic`` (a foreign agent's)."""
+        g = self._groups.get(id(topic))
+        if g is None:
+            g = self._groups[id(topic)] = TopicGroup(topic)
+        g.msgs.append(i)
+        g.ids.append(rid)
+        g.ts.append(ts)
+        g.datas.append(data)
+
 
 @dataclass(slots=True)
 class WriteSet:
@@ -167,6 +194,8 @@ class WriteSet:
     # The messages [lo, hi) of ``messages`` this set covers.
     lo: int = 0
     hi: int = -1
+    # Foreign agents' presence and locate answers (mdm_server/agents/events.py).
+    agent_events: list[tuple[int, AgentEvent]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.hi < 0:
@@ -191,6 +220,7 @@ class WriteSet:
             [e for e in self.enforce_checkins if lo <= e[0] < hi],
             [i for i in self.limited if lo <= i < hi],
             lo, hi,
+            [e for e in self.agent_events if lo <= e[0] < hi],
         )
 
 
@@ -224,6 +254,10 @@ def admit(decoded: DecodedBatch, is_enrolled: Callable[[str, str], bool]
     for i, t, err in decoded.errors:
         detail = f"{err.path}: {err.detail}" if err.path else err.detail
         dead.append((i, _dead(msgs[i], t, str(err.reason), detail)))
+    if decoded.foreign_dead:
+        dead += decoded.foreign_dead
+    if decoded.agent_events:
+        out.agent_events = decoded.agent_events
     admitted = []
     for g in decoded.groups:
         t = g.topic

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from agent_protocol import outline_topic
+from mdm_server.agents.topics import foreign_device
 
 __all__ = ["RATE_LIMITED", "DeviceBucket", "DeviceLimiter"]
 
@@ -87,17 +88,25 @@ class DeviceLimiter:
         return bucket
 
     def _bucket(self, topic: str) -> DeviceBucket:
-        o = outline_topic(topic)
-        if o.device is not None:
-            name = f"mdm/v1/{o.tenant}/devices/{o.device}/#"
-        else:  # shared by every topic that parses as far as this one
-            name = o.text
-        key = (o.tenant, o.device, name)
+        tenant: str | None
+        device: str | None
+        foreign = foreign_device(topic) if not topic.startswith("mdm/") else None
+        if foreign is not None:  # a foreign agent's: the same device, the same bucket
+            tenant, device = foreign
+            name = f"mdm/v1/{tenant}/devices/{device}/#"
+        else:
+            o = outline_topic(topic)
+            tenant, device = o.tenant, o.device
+            if o.device is not None:
+                name = f"mdm/v1/{o.tenant}/devices/{o.device}/#"
+            else:  # shared by every topic that parses as far as this one
+                name = o.text
+        key = (tenant, device, name)
         bucket = self._by_device.get(key)
         if bucket is None:
             if len(self._by_device) >= self._device_cap:
                 self._forget_full()
-            bucket = DeviceBucket(o.tenant, o.device, name, self._detail, self.burst,
+            bucket = DeviceBucket(tenant, device, name, self._detail, self.burst,
                                   self._clock())
             self._by_device[key] = bucket
         if len(self._by_topic) >= self._max:

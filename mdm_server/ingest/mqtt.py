@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -41,6 +41,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from mdm_server.config import MqttSettings
 from mdm_server.ingest.limits import DeviceBucket
 from mdm_server.mqtt_client import configure
+
+if TYPE_CHECKING:
+    from mdm_server.agents.events import HttpSubmission
 
 __all__ = ["InboundMessage", "MqttConsumer"]
 
@@ -60,6 +63,9 @@ class InboundMessage:
     # Set by a consumer's rate limit (ingest/limits.py): the bucket of the device
     # that was over its limit; such a message is acknowledged but not decoded.
     limited: DeviceBucket | None = None
+    # An HTTP post of a foreign agent (mdm_server/agents/events.py), answered after
+    # the commit; such a message has no broker to be acknowledged to.
+    http: HttpSubmission | None = None
 
 
 class _BufferedClient(paho.Client):

@@ -26,9 +26,11 @@ from typing import TypeVar
 import asyncpg
 
 from agent_protocol import KINDS
+from mdm_server.agents.events import store_agent_events
 from mdm_server.ingest.batch import DeadLetter, WriteSet
 from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
 from mdm_server.ingest.limits import DeviceBucket
+from mdm_server.live.feed import LIVE_CHANNEL, NOTIFY, location_notices
 from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone, SealError
@@ -59,14 +61,21 @@ CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
     tenant_id text, device_id text, kind text, record_id text, ts_ms bigint,
     policy_id text, policy_version integer, key_id bigint, sealed bytea
 ) ON COMMIT DELETE ROWS"""
+# One statement, so that the time it returns is the rows' received_at: the live
+# feed's NOTIFY names the batch by it (mdm_server/live/feed.py).
 _INSERT = """
-INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, received_at,
-                       policy_id, policy_version, key_id, sealed)
-SELECT tenant_id, device_id, kind, record_id,
-       timestamptz 'epoch' + ts_ms * interval '1 millisecond', statement_timestamp(),
-       policy_id, policy_version, key_id, sealed
-FROM ingest_stage
-ON CONFLICT DO NOTHING"""
+WITH stored AS (
+    INSERT INTO telemetry (tenant_id, device_id, kind, record_id, ts, received_at,
+                           policy_id, policy_version, key_id, sealed)
+    SELECT tenant_id, device_id, kind, record_id,
+           timestamptz 'epoch' + ts_ms * interval '1 millisecond', statement_timestamp(),
+           policy_id, policy_version, key_id, sealed
+    FROM ingest_stage
+    ON CONFLICT DO NOTHING
+    RETURNING kind)
+SELECT count(*) AS n, count(*) FILTER (WHERE kind = 'location') AS locations,
+       statement_timestamp() AS at
+FROM stored"""
 _INSERT_CHECKOUTS = """
 INSERT INTO checkout_events (tenant_id, device_id, ts, record_id, event)
 SELECT t, d, timestamptz 'epoch' + ms * interval '1 millisecond', r, e
@@ -295,9 +304,17 @@ class TelemetrySink:
                 await conn.copy_records_to_table(
                     "ingest_stage", records=sealed, columns=_STAGE_COLUMNS
                 )
-                status = await conn.execute(_INSERT)
-                inserted = int(status.rsplit(" ", 1)[1])
+                done = await conn.fetchrow(_INSERT)
+                assert done is not None
+                inserted = done["n"]
+                if done["locations"]:
+                    # Announced at commit, once per batch (split only past
+                    # NOTIFY's payload limit): serve's live streams read the rows.
+                    for payload in location_notices(rows, done["at"]):
+                        await conn.execute(NOTIFY, LIVE_CHANNEL, payload)
             await store_dead_letters(conn, dead)
+            if ws.agent_events:  # foreign agents: presence, locate answers
+                await store_agent_events(conn, [e for _, e in ws.agent_events])
             if checkouts:
                 await conn.execute(_INSERT_CHECKOUTS, *_columns(checkouts))
             if suppressed:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from agent_protocol import TELEMETRY_FILTER, shared_subscription
+from mdm_server.agents.events import HttpOutcome, HttpSubmission
+from mdm_server.agents.ingest import ForeignDecoder, owntracks_filter
 from mdm_server.config import Config
 from mdm_server.ingest.batch import DecodedBatch, WriteSet, admit
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
@@ -63,6 +65,7 @@ class IngestStats:
     not_collected: int = 0  # records of kinds the policy does not collect
     suppressed: int = 0  # location points the policy kept out of storage
     batches: int = 0
+    ignored: int = 0  # foreign agents' messages of types the server has no use for
 
 
 class _DeviceRegistry:
@@ -156,6 +159,7 @@ class IngestWorker:
             asyncio.Queue(maxsize=1))
         self._sink = TelemetrySink(config.database_url, Keyring.from_config(config))
         self._record_ids = RecordIds(config.require_master_key())
+        self._foreign = ForeignDecoder(config.require_master_key())
         self._devices = _DeviceRegistry()
         self._lookup = _LookupConnection(config.database_url)
         self.policies = PolicyEngine(config)
@@ -164,9 +168,20 @@ class IngestWorker:
         self.consumer = MqttConsumer(
             config.require_mqtt(),
             client_id=self.client_id,
-            subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER)],
+            # Our agents' telemetry, and OwnTracks' topics (mdm_server/agents/ingest.py).
+            subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER),
+                           shared_subscription(config.share_group, owntracks_filter())],
             on_message=self._on_message,
         )
+
+    async def submit(self, msg: InboundMessage, submission: HttpSubmission) -> HttpOutcome:
+        """An HTTP post of a foreign agent through this worker's core: rate limit,
+        decode, policy, sealing, one transaction with the batch it joins. Returns
+        once that transaction has committed (the HTTP answer follows only then)."""
+        submission.done = asyncio.get_running_loop().create_future()
+        msg.http = submission
+        self._on_message(msg)
+        return await submission.done
 
     @property
     def broker_connected(self) -> bool:
@@ -249,7 +264,11 @@ class IngestWorker:
         to_write = self._to_write
         while True:
             batch = await self._next_batch()
-            decoded = DecodedBatch(batch, int(time.time() * 1000))
+            foreign = self._foreign.devices_of(batch)
+            if foreign:  # their agent and secret before they are decoded
+                await retry_while_away(functools.partial(self._load_foreign, foreign),
+                                       self._lookup.reset)
+            decoded = DecodedBatch(batch, int(time.time() * 1000), foreign=self._foreign)
             for start in range(0, len(batch), _DECODE_CHUNK):
                 # Yield first: the writer task has not started the previous batch's
                 # write until this task lets it run, and then each of its round
@@ -259,6 +278,7 @@ class IngestWorker:
             keys = decoded.devices()
             await retry_while_away(functools.partial(self._load, keys), self._lookup.reset)
             groups, ws = admit(decoded, self._devices.is_enrolled)
+            self.stats.ignored += decoded.foreign_ignored
             del decoded
             # The agent's record ids go no further than here (record_ids.py).
             digest_groups(groups, self._record_ids)
@@ -295,11 +315,16 @@ class IngestWorker:
             s.not_collected += shaped.not_collected
             s.suppressed += shaped.suppressed
             s.batches += 1
+            if any(m.http is not None for m in batch):
+                _answer_posts(batch, ws)
             self._held_bytes -= sum(len(m.payload) for m in batch)
             if self._held_bytes <= self._config.max_pending_bytes // 2:
                 self.consumer.resume_reading()
             del batch, ws
             to_write.task_done()
+
+    async def _load_foreign(self, keys: set[tuple[str, str]]) -> None:
+        await self._foreign.load(await self._lookup.get(), keys)
 
     async def _load(self, keys: set[tuple[str, str]]) -> None:
         """Devices and the policies of their tenants, from the database if needed."""
@@ -327,6 +352,20 @@ class IngestWorker:
                 per_tenant.setdefault(key[0], {})[key[1]] = events
             views = {t: checked_out_view(ev) for t, ev in per_tenant.items()}
         return apply(p, ws, views)
+
+
+def _answer_posts(batch: list[InboundMessage], ws: WriteSet) -> None:
+    """The batch is committed: tell each HTTP post what became of it."""
+    dead = {i: d for i, d in ws.dead}
+    for i, m in enumerate(batch):
+        if m.http is None:
+            continue
+        if m.limited is not None:
+            m.http.resolve(HttpOutcome("limited"))
+        elif i in dead:
+            m.http.resolve(HttpOutcome("dead", dead[i].reason, dead[i].detail))
+        else:
+            m.http.resolve(HttpOutcome("stored"))
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:

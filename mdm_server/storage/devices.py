@@ -8,6 +8,9 @@ from typing import Any, Literal
 import asyncpg
 
 from agent_protocol import acks_topic, commands_topic, is_valid_id, telemetry_topic
+from mdm_server.agents import AGENTS, URL_KEY_AGENTS
+from mdm_server.agents.secrets import new_secret, seal_secret, url_key_digest
+from mdm_server.agents.setup import osmand_setup, owntracks_setup
 from mdm_server.broker.credentials import device_password
 from mdm_server.commands.keys import SigningKeyError, public_keys, signing_key
 from mdm_server.config import MqttSettings
@@ -39,6 +42,7 @@ class DeviceInfo:
     ownership: str
     groups: tuple[str, ...]
     enrolled: bool
+    agent: str = "native"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,7 @@ class DeviceIdentity:
     generation: int
     enrolled: bool
     stale: bool = False
+    agent: str = "native"
 
 
 def mqtt_username(tenant: str, device: str) -> str:
@@ -116,6 +121,47 @@ def _enrollment(tenant: str, device: str, ownership: str, password: str, mqtt: M
     }
 
 
+def _agent_enrollment(tenant: str, device: str, ownership: str, agent: str, secret: str,
+                      password: str | None, mqtt: MqttSettings, ca_pem: str | None,
+                      public_url: str) -> dict[str, Any]:
+    """What a foreign agent's app needs (mdm_server/agents/setup.py)."""
+    out: dict[str, Any] = {"tenant": tenant, "device": device, "ownership": ownership,
+                           "agent": agent}
+    if agent == "owntracks":
+        assert password is not None
+        out["owntracks"] = owntracks_setup(
+            device=device, username=mqtt_username(tenant, device), password=password,
+            secret=secret, broker=mqtt, ca_pem=ca_pem, public_url=public_url)
+    else:
+        out[agent] = osmand_setup(agent=agent, device=device, key=secret,
+                                  public_url=public_url)
+    return out
+
+
+def _check_agent(agent: str, master_key: bytes | None, public_url: str | None) -> None:
+    if agent not in AGENTS:
+        raise EnrollmentError(f"agent must be one of {', '.join(AGENTS)}")
+    if agent != "native" and master_key is None:
+        raise EnrollmentError("MDM_MASTER_KEY (or MDM_MASTER_KEY_FILE) is not set: agent "
+                              "secrets are sealed under it")
+    if agent != "native" and public_url is None:
+        raise EnrollmentError("the server's public URL (MDM_PUBLIC_URL) is needed to "
+                              "enroll a device for this agent")
+
+
+async def _set_agent_secret(conn: asyncpg.Connection, master_key: bytes, tenant: str,
+                            device: str, agent: str) -> str:
+    """A fresh secret for the device's agent, stored sealed (its URL key's digest
+    too); returned once, for the enrollment's output."""
+    secret = new_secret(agent)
+    await conn.execute(
+        "UPDATE devices SET agent = $3, agent_secret = $4, http_key_digest = $5 "
+        "WHERE tenant_id = $1 AND device_id = $2",
+        tenant, device, agent, seal_secret(master_key, tenant, device, agent, secret),
+        url_key_digest(master_key, secret) if agent in URL_KEY_AGENTS else None)
+    return secret
+
+
 async def enroll_device(
     conn: asyncpg.Connection,
     *,
@@ -127,6 +173,8 @@ async def enroll_device(
     master_key: bytes | None,
     groups: tuple[str, ...] = (),
     mqtt_ca_pem: str | None = None,
+    agent: str = "native",
+    public_url: str | None = None,
 ) -> dict[str, Any]:
     """Register a device; return what its agent needs (credentials shown only here).
 
@@ -146,6 +194,7 @@ async def enroll_device(
     if ownership not in ("corporate", "personal"):
         raise EnrollmentError("ownership must be corporate or personal")
     check_user_email(user_email)
+    _check_agent(agent, master_key, public_url)
     mqtt = MqttSettings.from_url(mqtt_url)
     password = _password(master_key, tenant, device, 1)
     server_keys = await _server_keys(conn, master_key)
@@ -161,16 +210,24 @@ async def enroll_device(
         raise EnrollmentError(f"device {device!r} is enrolled already") from None
     except asyncpg.ForeignKeyViolationError:
         raise EnrollmentError(f"no tenant {tenant!r}") from None
+    if agent != "native":
+        assert master_key is not None and public_url is not None  # _check_agent
+        secret = await _set_agent_secret(conn, master_key, tenant, device, agent)
+        return _agent_enrollment(tenant, device, ownership, agent, secret, password, mqtt,
+                                 mqtt_ca_pem, public_url)
     return _enrollment(tenant, device, ownership, password, mqtt, mqtt_ca_pem, server_keys)
 
 
 async def reenroll_device(
     conn: asyncpg.Connection, *, tenant: str, device: str, mqtt_url: str,
     master_key: bytes | None, mqtt_ca_pem: str | None = None,
+    public_url: str | None = None,
 ) -> dict[str, Any]:
     """Issue new credentials to a device, revoked or not: the next credential
     generation. The old password stops working once the broker is synced
-    (:func:`mdm_server.broker.identity.sync_devices`, after the commit)."""
+    (:func:`mdm_server.broker.identity.sync_devices`, after the commit). A foreign
+    agent's secret (encryption passphrase, URL key) is made afresh too: the next
+    holder gets none of the previous one's."""
     _password(master_key, tenant, device, 1)  # refuses early without a master key
     server_keys = await _server_keys(conn, master_key)
     async with conn.transaction():
@@ -178,12 +235,20 @@ async def reenroll_device(
             """UPDATE devices SET mqtt_generation = mqtt_generation + 1,
                                   status = 'enrolled', revoked_at = NULL, mqtt_stale = false
                WHERE tenant_id = $1 AND device_id = $2
-               RETURNING ownership, mqtt_generation""",
+               RETURNING ownership, mqtt_generation, agent""",
             tenant, device,
         )
         if row is None:
             raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
         password = _password(master_key, tenant, device, row["mqtt_generation"])
+        agent = row["agent"]
+        if agent != "native":
+            _check_agent(agent, master_key, public_url)
+            assert master_key is not None and public_url is not None
+            secret = await _set_agent_secret(conn, master_key, tenant, device, agent)
+            return _agent_enrollment(tenant, device, row["ownership"], agent, secret,
+                                     password, MqttSettings.from_url(mqtt_url), mqtt_ca_pem,
+                                     public_url)
         # The new enrollment hands out every current public key: trusted from now.
         await conn.execute(
             "UPDATE devices SET trusted_key_ids = $3 WHERE tenant_id = $1 AND device_id = $2",
@@ -240,17 +305,20 @@ async def device_identities(
     """Every device (``keys`` None) or those among ``keys`` (tenant, device)."""
     if keys is None:
         rows = await conn.fetch(
-            "SELECT tenant_id, device_id, mqtt_generation, status, mqtt_stale FROM devices")
+            "SELECT tenant_id, device_id, mqtt_generation, status, mqtt_stale, agent "
+            "FROM devices")
     else:
         rows = await conn.fetch(
-            """SELECT d.tenant_id, d.device_id, d.mqtt_generation, d.status, d.mqtt_stale
+            """SELECT d.tenant_id, d.device_id, d.mqtt_generation, d.status, d.mqtt_stale,
+                      d.agent
                FROM devices d
                JOIN unnest($1::text[], $2::text[]) AS k(t, dev)
                  ON d.tenant_id = k.t AND d.device_id = k.dev""",
             [k[0] for k in keys], [k[1] for k in keys],
         )
     return [DeviceIdentity(r["tenant_id"], r["device_id"], r["mqtt_generation"],
-                           r["status"] == "enrolled", r["mqtt_stale"]) for r in rows]
+                           r["status"] == "enrolled", r["mqtt_stale"], r["agent"])
+            for r in rows]
 
 
 async def lookup_devices(
@@ -260,7 +328,7 @@ async def lookup_devices(
     if not keys:
         return {}
     rows = await conn.fetch(
-        """SELECT d.tenant_id, d.device_id, d.ownership, d.groups, d.status
+        """SELECT d.tenant_id, d.device_id, d.ownership, d.groups, d.status, d.agent
            FROM devices d
            JOIN unnest($1::text[], $2::text[]) AS k(t, dev)
              ON d.tenant_id = k.t AND d.device_id = k.dev""",
@@ -269,7 +337,7 @@ async def lookup_devices(
     return {
         (r["tenant_id"], r["device_id"]): DeviceInfo(
             r["tenant_id"], r["device_id"], r["ownership"], tuple(r["groups"]),
-            r["status"] == "enrolled",
+            r["status"] == "enrolled", r["agent"],
         )
         for r in rows
     }

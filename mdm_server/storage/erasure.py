@@ -123,6 +123,8 @@ async def erase_device_data(conn: asyncpg.Connection, tenant: str, device: str
             "DELETE FROM suppressed_locations WHERE tenant_id = $1 AND device_id = $2"),
         "dead_letters": await count(
             "DELETE FROM dead_letters WHERE tenant_id = $1 AND device_id = $2"),
+        "device_presence": await count(
+            "DELETE FROM device_presence WHERE tenant_id = $1 AND device_id = $2"),
         "data_keys_destroyed": keys,
     }
     await conn.execute("UPDATE devices SET user_email = NULL "

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mdm_server import audit
+from mdm_server.agents.secrets import rewrap_agent_secrets
 from mdm_server.commands.keys import reencrypt_signing_keys
 from mdm_server.storage.keyring import Keyring
 
@@ -89,6 +90,7 @@ async def check_master_key(conn: asyncpg.Connection, master_key: bytes) -> None:
 @dataclass
 class RotationReport:
     signing_keys: int = 0
+    agent_secrets: int = 0  # foreign agents' secrets sealed again (mdm_server/agents)
     device_keys: int = 0
     epoch: int = 0
     epochs_retired: list[int] = field(default_factory=list)
@@ -139,13 +141,15 @@ async def rotate_master_key(conn: asyncpg.Connection, keyring_dir: Path, old: by
     async with ring.locked_for_rotation(conn):
         async with conn.transaction():
             report.signing_keys = await reencrypt_signing_keys(conn, old, new)
+            report.agent_secrets = await rewrap_agent_secrets(conn, old, new)
             report.epoch, report.device_keys, report.epochs_retired = \
                 await ring.rewrap_under_master(conn, new)
             report.audit_entries = await audit.rekey(conn, audit.AuditKeys.derive(old),
                                                      audit.AuditKeys.derive(new))
             status = await conn.execute(
                 "UPDATE devices SET mqtt_stale = true WHERE mqtt_generation >= 1 "
-                "AND status = 'enrolled'")
+                "AND status = 'enrolled' "
+                "AND agent NOT IN ('osmand', 'traccar')")  # no broker password
             report.devices_to_reenroll = int(status.rsplit(" ", 1)[-1])
             await conn.execute("UPDATE master_key SET fingerprint = $1, since = now()",
                                fingerprint(new))

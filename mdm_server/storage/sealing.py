@@ -49,6 +49,7 @@ __all__ = [
     "KeysGone",
     "SealError",
     "destroy_device_keys",
+    "load_readers",
     "open_value",
     "seal_value",
 ]
@@ -242,3 +243,18 @@ async def destroy_device_keys(conn: asyncpg.Connection, tenant: str, device: str
                WHERE epoch IN (SELECT epoch FROM gone) RETURNING 1)
            SELECT count(*) FROM gone""", tenant, device)
     return n
+
+
+async def load_readers(conn: asyncpg.Connection, keyring: Keyring, tenant: str,
+                       devices: Sequence[str]) -> dict[str, DeviceReader]:
+    """A reader for each of the tenant's ``devices``, with one keystore query (the
+    live feed's last known positions of a fleet)."""
+    rows = await conn.fetch(
+        "SELECT key_id, tenant_id, device_id, epoch, wrapped FROM keystore.device_keys "
+        "WHERE tenant_id = $1 AND device_id = ANY($2::text[])", tenant, list(devices))
+    raw = await keyring.unwrap(conn, rows)
+    keys: dict[str, dict[int, AESGCM]] = {d: {} for d in devices}
+    for r in rows:
+        if r["key_id"] in raw:
+            keys[r["device_id"]][r["key_id"]] = AESGCM(raw[r["key_id"]])
+    return {d: DeviceReader(tenant, d, k) for d, k in keys.items()}

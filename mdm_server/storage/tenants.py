@@ -13,6 +13,8 @@ __all__ = [
     "create_tenant",
     "ensure_tenant",
     "hash_token",
+    "list_tenants",
+    "require_tenant",
 ]
 
 
@@ -52,3 +54,24 @@ async def ensure_tenant(conn: asyncpg.Connection, name: str) -> None:
             "RETURNING true", name)
         if created:
             await _create_default_policy(conn, name)
+
+
+async def require_tenant(conn: asyncpg.Connection, name: str) -> None:
+    """TenantError unless the tenant exists (commands that read a tenant say so
+    instead of printing nothing)."""
+    if not await conn.fetchval("SELECT true FROM tenants WHERE tenant_id = $1", name):
+        raise TenantError(f"no tenant {name!r}")
+
+
+async def list_tenants(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every tenant with its devices (enrolled, revoked) and working admin tokens."""
+    return list(await conn.fetch(
+        """SELECT t.tenant_id, t.created_at,
+                  (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id
+                     AND d.status = 'enrolled') AS devices,
+                  (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id
+                     AND d.status <> 'enrolled') AS revoked_devices,
+                  (SELECT count(*) FROM api_tokens a WHERE a.tenant_id = t.tenant_id
+                     AND a.role IN ('admin', 'auditor') AND a.revoked_at IS NULL
+                     AND a.expires_at > now()) AS admins
+           FROM tenants t ORDER BY t.tenant_id"""))

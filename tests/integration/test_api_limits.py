@@ -79,6 +79,9 @@ class Api:
                 sent["Authorization"] = auth
             conn.request(method, path, body=body, headers=sent)
             resp = conn.getresponse()
+            if resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                # A live stream does not end: its headers are the answer.
+                return Answer(resp.status, resp.headers, b"")
             return Answer(resp.status, resp.headers, resp.read())
         finally:
             conn.close()

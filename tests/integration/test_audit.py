@@ -713,7 +713,7 @@ def test_admin_actions_are_logged_when_committed(database: str, broker: Broker,
     assert [tuple(r.values()) for r in rows] == [
         (1, "acme", "cli", "tenant.create", "tenant:acme", {}),
         (2, "acme", "cli", "device.enroll", "device:phone-1",
-         {"ownership": "personal", "groups": ["field"]}),
+         {"ownership": "personal", "groups": ["field"], "agent": "native"}),
         (3, "acme", "cli", "admin.create", "admin:alice",
          {"token_id": alice["id"], "expires_at": alice["expires_at"].isoformat()}),
         (4, "acme", "alice", "policy.put", "policy:field", {"version": 1}),

@@ -33,6 +33,7 @@ from tests.support.services import (
     running_broker,
     server_env,
 )
+from tests.support.sse import SseClient
 
 pytestmark = pytest.mark.integration
 
@@ -219,6 +220,13 @@ def _ensure_places(world: World) -> None:
             assert status in (200, 201)
 
 
+# Server-Sent Event streams: a 200 is open until the client closes it.
+STREAMS = {"/api/v1/live", "/api/v1/me/devices/{device}/live"}
+
+# GETs an auditor may not make: watching live locations is no review of stored data
+# (docs/api.md, "Live").
+ADMIN_ONLY_GETS = {"/api/v1/live"}
+
 # Routes every valid token may call, about the token itself.
 EVERY_ROLE = {"/api/v1/token"}
 
@@ -239,7 +247,7 @@ def _expected(method: str, template: str, caller: str, which: str) -> set[int] |
         return {404}
     if caller == "user":
         return {403}
-    if method != "GET" and caller == "auditor":
+    if (method != "GET" or template in ADMIN_ONLY_GETS) and caller == "auditor":
         return {403}
     if caller == "other_admin":
         # Everything of acme is invisible to globex's admin; unscoped routes show
@@ -263,7 +271,14 @@ def test_authorization(world: World, method: str, template: str, caller: str,
         _ensure_places(world)
     url = _url(template, which, world)
     body = BODIES.get((method, template))
-    status, answer = world.server.request(method, url, world.tokens.get(caller), body)
+    if template in STREAMS:  # its 200 never ends: the status and the first event
+        stream = SseClient(world.server.base, url, world.tokens.get(caller))
+        status, answer = stream.status, stream.body
+        if status == 200:
+            assert stream.next().name == "ready"
+            stream.close()
+    else:
+        status, answer = world.server.request(method, url, world.tokens.get(caller), body)
     assert status < 500, (status, answer)
     expected = _expected(method, template, caller, which)
     if expected == "ok":

@@ -333,3 +333,23 @@ def test_clean_restart_keeps_the_queued_backlog(brokers: list[Broker], tmp_path:
     assert subscriber.session_present is True
     assert len(received) == backlog, f"{backlog - len(received)} of {backlog} lost"
     assert received == set(range(backlog))
+
+
+@pytest.mark.parametrize("busy", ["plain", "tls"])
+def test_a_port_in_use_is_one_line_and_no_url(tmp_path: Path, busy: str) -> None:
+    """scripts/broker with a listener's port taken: the reason, and no URL that would
+    send the server or devices to whoever holds that port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1" if busy == "plain" else "0.0.0.0", 0))
+        taken.listen()
+        held = taken.getsockname()[1]
+        args = ["--port", str(held)] if busy == "plain" else [
+            "--port", str(_free_port()), "--tls-port", str(held)]
+        out = subprocess.run([str(BROKER_SCRIPT), *args, "--dir", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    assert "MDM_MQTT_URL" not in out.stdout + out.stderr
+    where = "127.0.0.1" if busy == "plain" else "0.0.0.0"
+    assert f"cannot listen on {where}:{held}: Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr

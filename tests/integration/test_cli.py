@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import pytest
 
 from tests.support.mqtt import publish_as_devices
-from tests.support.services import REPO, Broker, Server, server_env, wait_for_count
+from tests.support.services import (
+    REPO,
+    Broker,
+    Server,
+    create_database,
+    drop_database,
+    pg_admin_url,
+    server_env,
+    wait_for_count,
+    with_database,
+)
 from tests.support.telemetry import location
 
 pytestmark = pytest.mark.integration
@@ -69,6 +84,91 @@ def test_refusals_are_clear(database: str, broker: Broker, args: tuple[str, ...]
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_listing_tenants_admins_and_devices(database: str, broker: Broker) -> None:
+    env = server_env(database, broker.url)
+    assert cli(env, "tenant", "create", "acme").returncode == 0
+    assert cli(env, "tenant", "create", "globex").returncode == 0
+    token = cli(env, "admin", "create", "--tenant", "acme", "--name", "alice").stdout.strip()
+    cli(env, "admin", "create", "--tenant", "acme", "--name", "eve", "--role", "auditor")
+    cli(env, "user", "token", "--tenant", "acme", "--device", "nope")  # refused: no device
+    for device, ownership in (("phone-2", "corporate"), ("phone-1", "personal")):
+        assert cli(env, "device", "enroll", "--tenant", "acme", "--device", device,
+                   "--ownership", ownership, "--group", "field").returncode == 0
+    tenants = [json.loads(line) for line in cli(env, "tenant", "list").stdout.splitlines()]
+    assert [(t["tenant"], t["devices"], t["admins"]) for t in tenants] == [
+        ("acme", 2, 2), ("globex", 0, 0)]
+    admins = cli(env, "admin", "list", "--tenant", "acme")
+    assert admins.returncode == 0
+    listed = [json.loads(line) for line in admins.stdout.splitlines()]
+    assert sorted((a["name"], a["role"], a["state"]) for a in listed) == [
+        ("alice", "admin", "active"), ("eve", "auditor", "active")]
+    assert token not in admins.stdout
+    devices = cli(env, "device", "list", "--tenant", "acme")
+    assert devices.returncode == 0
+    assert [(d["device"], d["ownership"], d["groups"], d["status"]) for d in
+            map(json.loads, devices.stdout.splitlines())] == [
+        ("phone-1", "personal", ["field"], "enrolled"),
+        ("phone-2", "corporate", ["field"], "enrolled")]
+    assert cli(env, "device", "list", "--tenant", "globex").stdout == ""
+    for args in (("admin", "list"), ("device", "list"), ("audit", "list"), ("token", "list")):
+        nope = cli(env, *args, "--tenant", "nope")
+        assert (nope.returncode, nope.stderr.strip()) == (2, "mdm-server: no tenant 'nope'")
+
+
+def test_a_database_that_is_missing_unknown_or_not_migrated_is_one_clear_line(
+        broker: Broker) -> None:
+    missing = server_env(with_database(pg_admin_url(), "mdm_no_such_db"), broker.url)
+    result = cli(missing, "tenant", "list")
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines() == [
+        "mdm-server: the database named in MDM_DATABASE_URL does not exist: create it "
+        "(createdb NAME, as a superuser), then run `mdm-server migrate`"]
+    admin = urlsplit(pg_admin_url())
+    nobody = server_env(urlunsplit(admin._replace(
+        netloc="mdm_no_such_role@" + admin.netloc.rsplit("@", 1)[-1])), broker.url)
+    result = cli(nobody, "tenant", "list")
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "refused the login" in result.stderr
+    assert 'role "mdm_no_such_role" does not exist' in result.stderr
+    bare = asyncio.run(create_database("mdm_bare", migrate=False))
+    try:
+        for args in (("tenant", "list"), ("tenant", "create", "acme")):
+            result = cli(server_env(bare, broker.url, superuser=True), *args)
+            assert result.returncode == 3, result.stderr
+            assert result.stderr.strip().splitlines() == [
+                "mdm-server: the database is not migrated to this version of mdm-server: "
+                "run `mdm-server migrate` first (as a superuser)"]
+    finally:
+        asyncio.run(drop_database(bare))
+
+
+def test_a_port_in_use_is_named_before_anything_starts(database: str, broker: Broker) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = server_env(database, broker.url, MDM_HTTP_ADDR=f"127.0.0.1:{port}")
+        result = cli(env, "serve")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mdm-server: cannot listen on 127.0.0.1:{port} (MDM_HTTP_ADDR): "
+        "Address already in use")
+    assert "Traceback" not in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+def test_help_names_the_environment_and_exit_statuses() -> None:
+    text = cli({**{k: v for k, v in os.environ.items() if not k.startswith("MDM_")},
+                "PYTHONPATH": str(REPO)}, "--help").stdout
+    used = set(re.findall(r'"(MDM_[A-Z_]+)"', "\n".join(
+        p.read_text() for p in (REPO / "mdm_server").rglob("*.py"))))
+    used.discard("MDM_TEST_UNSAFE_ACK_BEFORE_COMMIT")  # the tests' own switch
+    assert used and all(name in text for name in used), sorted(n for n in used if n not in text)
+    assert "exit status:" in text
 
 
 def test_bad_configuration_is_named(broker: Broker) -> None:

@@ -11,23 +11,28 @@ import asyncio
 import base64
 import json
 import secrets
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlencode
 
+import nacl.secret
 import pytest
 
 from agent_protocol import Record, encode_telemetry, telemetry_topic
 from mdm_server import audit
 from mdm_server.storage.pool import connect
 from tests.support.agents import DeviceAgent
-from tests.support.mqtt import publish_as_devices
+from tests.support.mqtt import publish_all, publish_as_devices
 from tests.support.services import (
     REPO,
     TEST_MASTER_KEY,
     Broker,
     Server,
+    fetchval,
     keyring_dir_for,
     server_env,
     wait_for_count,
@@ -61,6 +66,20 @@ def _lock(server: Server, admin: str) -> str:
     return str(cmd["command_id"])
 
 
+def _owntracks_encrypted(broker: Broker, ot: dict[str, object]) -> None:
+    key = str(ot["encryption_key"]).encode().ljust(32, b"\0")[:32]
+    plain = json.dumps({"_type": "location", "lat": 52.1, "lon": 5.1,
+                        "tst": int(time.time())}).encode()
+    data = base64.b64encode(bytes(nacl.secret.SecretBox(key).encrypt(plain))).decode()
+    mqtt = ot["mqtt"]
+    assert isinstance(mqtt, dict)
+    publish_all("127.0.0.1", broker.tls_port,
+                [(str(mqtt["topic"]), json.dumps({"_type": "encrypted", "data": data}).encode())],
+                client_id=str(ot["username"]), username=str(ot["username"]),
+                password=str(ot["password"]),
+                tls=ssl.create_default_context(cadata=str(mqtt["ca_pem"])))
+
+
 async def _verify(database: str, master: bytes) -> audit.VerifyResult:
     conn = await connect(database)
     try:
@@ -79,6 +98,11 @@ def test_rotating_the_master_key(database: str, broker: Broker, tmp_path: Path) 
     admin = server.cli("admin", "create", "--tenant", "acme", "--name", "alice").strip()
     enrollment = json.loads(server.cli("device", "enroll", "--tenant", "acme", "--device",
                                        "d1", "--ownership", "corporate"))
+    # Foreign agents (issue 12): their sealed secrets must open after the rotation.
+    ot = json.loads(server.cli("device", "enroll", "--tenant", "acme", "--device", "ot1",
+                               "--ownership", "corporate", "--agent", "owntracks"))["owntracks"]
+    osm = json.loads(server.cli("device", "enroll", "--tenant", "acme", "--device", "os1",
+                                "--ownership", "corporate", "--agent", "osmand"))["osmand"]
     agent = DeviceAgent(enrollment, port=broker.port)
     server.start()
     server.wait_log("acks subscribed")
@@ -103,7 +127,8 @@ def test_rotating_the_master_key(database: str, broker: Broker, tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["signing_keys"] >= 1 and report["device_keys"] == 1
-    assert report["devices_to_reenroll"] == 1 and report["audit_entries"] >= 3
+    assert report["devices_to_reenroll"] == 2 and report["audit_entries"] >= 3
+    assert report["agent_secrets"] == 2
     # The old epochs' files are destroyed; the new epoch's is there.
     after = sorted(p.name for p in ring.glob("epoch-*.key"))
     assert after == [f"epoch-{report['epoch']:06d}.key"]
@@ -130,17 +155,28 @@ def test_rotating_the_master_key(database: str, broker: Broker, tmp_path: Path) 
         status, body = server.request("GET", "/api/v1/devices/d1/data?kind=identity", admin)
         assert status == 200
         assert [r["data"]["imei"] for r in body["records"]] == [IMEI, IMEI]
+        # An OwnTracks device's encrypted payload still opens (its secret was sealed
+        # again), over MQTT with its old password; the OsmAnd URL still finds its device.
+        _owntracks_encrypted(broker, ot)
+        wait_for_count(database, "SELECT count(*) FROM telemetry WHERE device_id = 'ot1'",
+                       1, timeout=30)
+        with urllib.request.urlopen(osm["tracking_url"].split("?")[0] + "?" + urlencode(
+                {"id": "os1", "lat": 52.1, "lon": 5.1}), timeout=30) as resp:
+            assert resp.status == 200
+        assert asyncio.run(fetchval(database, "SELECT count(*) FROM dead_letters")) == 0
         # The signing key was re-encrypted, not replaced: the agent still verifies.
         _lock(server, admin)
         assert len(agent.actions) == 2
         # The device's password cannot be derived any more: listed until re-enrolled.
-        assert json.loads(server.cli("device", "stale", "--tenant", "acme")) == {
-            "tenant": "acme", "device": "d1"}
+        assert [json.loads(line) for line in server.cli(
+            "device", "stale", "--tenant", "acme").splitlines()] == [
+            {"tenant": "acme", "device": "d1"}, {"tenant": "acme", "device": "ot1"}]
         agent.stop()
         fresh = json.loads(server.cli("device", "reenroll", "--tenant", "acme", "--device",
                                       "d1"))
         assert fresh["mqtt"]["password"] != enrollment["mqtt"]["password"]
-        assert server.cli("device", "stale", "--tenant", "acme").strip() == ""
+        assert json.loads(server.cli("device", "stale", "--tenant", "acme")) == {
+            "tenant": "acme", "device": "ot1"}
         agent = DeviceAgent(fresh, port=broker.port)
         agent.start()
         _lock(server, admin)

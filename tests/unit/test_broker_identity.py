@@ -52,9 +52,10 @@ def test_bootstrap_writes_the_server_user_and_denies_by_default(tmp_path: Path) 
     (role,) = doc["roles"]
     assert {(a["acltype"], a["topic"]) for a in role["acls"]} == set(bootstrap.SERVER_ACLS)
     assert all(a["allow"] for a in role["acls"])
-    # The server may publish commands only, never a device's telemetry.
+    # The server may publish commands only (OwnTracks' too), never a device's telemetry.
     sends = {a["topic"] for a in role["acls"] if a["acltype"] == "publishClientSend"}
-    assert sends == {"$CONTROL/dynamic-security/v1", "mdm/v1/+/devices/+/commands"}
+    assert sends == {"$CONTROL/dynamic-security/v1", "mdm/v1/+/devices/+/commands",
+                     "owntracks/+/+/cmd"}
     assert doc["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
                                        "subscribe": False, "unsubscribe": True}
 

@@ -8,6 +8,7 @@ import {
 } from "./common/ui.js";
 import { approvalsView, commandsTable, commandsView } from "./commands.js";
 import { erasureView } from "./erasure.js";
+import { liveView } from "./live.js";
 import { locationMap } from "./map.js";
 import { placesView } from "./places.js";
 import { FLOOR_WORDS, policiesView } from "./policies.js";
@@ -218,6 +219,7 @@ const VIEWS = {
   places: (view) => placesView(view),
   erasure: (view) => erasureView(view),
   shifts: (view) => shiftsView(view),
+  live: (view) => liveView(view),
 };
 
 function route() {
@@ -226,7 +228,9 @@ function route() {
   let name = eq < 0 ? raw : raw.slice(0, eq);
   const arg = eq < 0 ? null : raw.slice(eq + 1);
   if (!VIEWS[name]) name = "devices";
-  if (name === "commands" && document.body.dataset.role === "auditor") name = "devices";
+  if ((name === "commands" || name === "live") && document.body.dataset.role === "auditor") {
+    name = "devices"; // the live map is for admins
+  }
   if (stopView) stopView();
   stopView = null;
   const view = clear($("#view"));

@@ -6,6 +6,7 @@ import {
   $, busy, clear, dataList, fmtBytes, h, showError, showInfo, showOk, signInGate, table,
   time, timeRange,
 } from "./common/ui.js";
+import { openStream } from "./common/live.js";
 import { ZipScan } from "./common/zipscan.js";
 import { loadShifts } from "./shifts.js";
 
@@ -20,6 +21,7 @@ const state = {
   cursors: [],     // cursors of the pages shown so far (null: the first page)
   next: null,
   exporting: false,
+  now: null,       // the "now" panel's stream
 };
 
 const me = (path = "") => `/me/devices/${encodeURIComponent(state.device)}${path}`;
@@ -65,8 +67,87 @@ async function selectDevice(device) {
   }
   $("#device").hidden = false;
   $("#data-h").textContent = `Data held about ${device}`;
+  watchNow(device);
   await Promise.all([loadData(true), loadNotices(), loadPolicy(), loadAccessLog(),
                      loadErasure(), loadShifts(device)]);
+}
+
+// --- now ---------------------------------------------------------------------------
+
+const COMMAND_WORDS = {
+  lock: "a lock", locate: "a locate", wipe: "a wipe", factory_reset: "a factory reset",
+  remote_view: "a remote view request",
+};
+const STATE_WORDS = {
+  pending_approval: "requested, waiting for a second administrator's approval",
+  queued: "requested", sent: "sent to your device", received: "received by your device",
+  notice_shown: "shown to you", consent_given: "accepted by you",
+  consent_refused: "refused by you", completed: "carried out", failed: "failed",
+  rejected: "refused by your device", expired: "expired", cancelled: "cancelled",
+};
+
+function hhmm(iso) {
+  const d = new Date(iso);
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+}
+
+function nowLine(name, d) {
+  if (name === "stored") {
+    return `Your location is being stored (${d.points} point${d.points === 1 ? "" : "s"}).`;
+  }
+  if (name === "watching") {
+    return d.watch === "start"
+      ? `An administrator (${d.actor}) is watching your device's live location ` +
+        `(since ${hhmm(d.at)}).`
+      : `${d.actor} stopped watching your device's live location.`;
+  }
+  if (name === "read") {
+    return `An administrator (${d.actor}) read your device's data (${d.what}).`;
+  }
+  if (name === "command") {
+    const what = COMMAND_WORDS[d.type] || `a ${d.type}`;
+    return `${what.charAt(0).toUpperCase()}${what.slice(1)} command: ` +
+      `${STATE_WORDS[d.state] || d.state}.`;
+  }
+  return null;
+}
+
+function watchNow(device) {
+  if (state.now) state.now.stop();
+  const status = $("#now-status");
+  const list = clear($("#now-events"));
+  const watching = new Map();
+  const showWatching = () => {
+    const names = [...watching.values()];
+    $("#now-watching").textContent = names.length
+      ? names.map((w) => `An administrator (${w.actor}) is watching your device's live ` +
+          `location (since ${hhmm(w.since)}).`).join(" ")
+      : "Nobody is watching your device's live location.";
+  };
+  showInfo(status);
+  state.now = openStream(`/me/devices/${encodeURIComponent(device)}/live`, (name, d) => {
+    if (name === "ready") {
+      for (const w of d.watching) watching.set(w.watch_id, w);
+      showWatching();
+      return;
+    }
+    if (name === "gap" || name === "end") {
+      showError(status, new Error(d.error));
+      return;
+    }
+    if (name === "watching") {
+      if (d.watch === "start") watching.set(d.watch_id, { actor: d.actor, since: d.at });
+      else watching.delete(d.watch_id);
+      showWatching();
+    }
+    const text = nowLine(name, d);
+    if (text) {
+      list.prepend(h("li", { class: `now-${name}` }, h("time", { datetime: d.at }, hhmm(d.at)),
+                     " ", text));
+      while (list.children.length > 50) list.lastChild.remove();
+    }
+  });
+  state.now.done.catch((err) => showError(status, err));
 }
 
 // --- data --------------------------------------------------------------------------
@@ -172,7 +253,8 @@ async function loadAccessLog() {
     const { entries } = await api(me("/access-log"));
     showInfo(status);
     const what = (e) => (e.what === "shifts" ? "shifts (who had the device, its condition)"
-                                              : e.action || e.what || "");
+      : e.what === "live" ? `live location: ${e.watch === "end" ? "stopped" : "started"} watching`
+        : e.action || e.what || "");
     clear($("#access")).append(table("Reads of this device's personal data, newest first", [
       { title: "When", cell: (e) => time(e.at) },
       { title: "Who", cell: (e) => e.actor + (e.role ? ` (${e.role})` : "") },
