@@ -89,6 +89,12 @@ environment (README.md, "Environment", says more of each):
                             device enroll --agent owntracks|osmand|traccar)
   MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
+  MDM_LOG_FORMAT            text (default) or json: one JSON object a line
+  MDM_METRICS_ADDR          host:port of serve's GET /metrics (Prometheus), a second
+                            listener without a token: keep it private (unset: none)
+  PROMETHEUS_MULTIPROC_DIR  where serve's processes keep their metrics (default: a
+                            private temporary directory); MDM_RUN_DIR is serve's own
+                            note to its ingest workers, never set it
   MDM_INGEST_BATCH, MDM_INGEST_BATCH_DELAY_MS, MDM_INGEST_MAX_PENDING_MB
                             ingest batching and memory
   MDM_INGEST_DEVICE_RATE, MDM_INGEST_DEVICE_BURST

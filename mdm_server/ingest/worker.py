@@ -185,7 +185,9 @@ class IngestWorker:
 
     @property
     def broker_connected(self) -> bool:
-        return self.consumer.connected.is_set()
+        """Connected, and the broker has acknowledged a subscription (so messages
+        are routed to this worker; the session keeps it across reconnections)."""
+        return self.consumer.connected.is_set() and self.consumer.subscribed.is_set()
 
     @property
     def pending_bytes(self) -> int:

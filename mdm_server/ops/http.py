@@ -178,8 +178,9 @@ async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot listen on {addr[0]}:{addr[1]} for {METRICS_ADDR_ENV} "
-                          f"({exc.strerror})") from None
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise ConfigError(f"cannot listen on {addr[0]}:{addr[1]} ({METRICS_ADDR_ENV}): "
+                          f"{why}") from None
     log.info("metrics on http://%s:%d/metrics", addr[0], addr[1])
     try:
         yield

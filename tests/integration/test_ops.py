@@ -280,7 +280,9 @@ def test_a_metrics_address_in_use_is_said_plainly(setup: dict[str, str]) -> None
         out = subprocess.run([sys.executable, "-m", "mdm_server", "serve"], env=env,
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
-    assert f"cannot listen on 127.0.0.1:{port} for MDM_METRICS_ADDR" in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"mdm-server: cannot listen on 127.0.0.1:{port} (MDM_METRICS_ADDR): "
+        "Address already in use")
     assert "Traceback" not in out.stderr
 
 
