@@ -617,11 +617,25 @@ class Server(MdmProcess):
         self.spawn("serve", "--ingest-workers", str(ingest_workers))
         wait_port(int(self.env["MDM_HTTP_ADDR"].rsplit(":", 1)[1]), timeout=30)
         self.wait_subscribed(ingest_workers)
-        if "MDM_TLS_CERT" not in self.env:
+        if "MDM_TLS_CERT" not in self.env and self._broker_up():
             # Every worker subscribed, not just some subscription acknowledged (a
-            # worker subscribes to more than one filter): messages published from
-            # now on are shared among all of them.
+            # worker subscribes to more than one filter, and a restarted server's
+            # log holds its earlier lines): messages published from now on are
+            # shared among all of them. (A test may start serve with the broker
+            # stopped: then there is nothing to wait for.)
             self.wait_ready()
+
+    def _broker_up(self) -> bool:
+        import socket
+
+        from mdm_server.config import MqttSettings
+
+        m = MqttSettings.from_url(self.env["MDM_MQTT_URL"])
+        try:
+            with socket.create_connection((m.host, m.port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until GET /readyz is 200: the database answers and every ingest
