@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -45,6 +46,8 @@ from mdm_server.commands.outbox import CommandDispatcher
 from mdm_server.config import Config
 from mdm_server.ingest.worker import IngestWorker, live_line
 from mdm_server.logsafe import describe
+from mdm_server.ops import http as ops_http
+from mdm_server.ops import metrics
 from mdm_server.storage.keyring import Keyring, KeyringError
 from mdm_server.storage.pool import create_pool
 
@@ -98,6 +101,7 @@ async def _retention_loop(app: web.Application, interval_s: float) -> None:
     from mdm_server.storage.erasure import fulfil_due
 
     while True:
+        started = time.monotonic()
         try:
             async with app[POOL].acquire() as conn:
                 await run_retention(conn)
@@ -105,15 +109,19 @@ async def _retention_loop(app: web.Application, interval_s: float) -> None:
                 # the key ring compacted at once).
                 erased = await fulfil_due(conn, app[KEYRING], app[CONFIG].audit_keys())
                 if erased:
+                    metrics.ERASURES.inc(erased)
                     log.info("fulfilled %d erasure request(s) that were due", erased)
                 # Catch up on a compaction an erasure did not finish (a crash, a
                 # failure): at the latest one interval (at most a day) later.
                 caught = await app[KEYRING].compact(conn, only_if_due=True)
                 if caught.epoch is not None or caught.files_destroyed:
                     log.info("key ring caught up: %s", caught.to_json())
+            metrics.retention_done(time.monotonic() - started)
         except KeyringError as exc:  # names files, never secrets or personal values
+            metrics.retention_failed()
             log.error("retention run failed: key ring: %s", exc)
         except Exception as exc:  # a failed run is retried next time; serving goes on
+            metrics.retention_failed()
             log.error("retention run failed (%s)", type(exc).__name__)
         await asyncio.sleep(interval_s)
 
@@ -209,6 +217,7 @@ def create_app(config: Config, *, ingest: bool = True) -> web.Application:
         app.cleanup_ctx.append(_retention_ctx)
         app.cleanup_ctx.append(_dispatch_ctx)
     app.router.add_get("/healthz", healthz)
+    ops_http.install(app)  # /livez, /readyz, request metrics, MDM_METRICS_ADDR's /metrics
     app.router.add_routes(auth.routes())  # GET /api/v1/token
     app.router.add_routes(tokens.routes())  # GET /api/v1/tokens, DELETE .../{token_id}
     app.router.add_routes(devices.routes())

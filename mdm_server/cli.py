@@ -89,6 +89,12 @@ environment (README.md, "Environment", says more of each):
                             device enroll --agent owntracks|osmand|traccar)
   MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
+  MDM_LOG_FORMAT            text (default) or json: one JSON object a line
+  MDM_METRICS_ADDR          host:port of serve's GET /metrics (Prometheus), a second
+                            listener without a token: keep it private (unset: none)
+  PROMETHEUS_MULTIPROC_DIR  where serve's processes keep their metrics (default: a
+                            private temporary directory); MDM_RUN_DIR is serve's own
+                            note to its ingest workers, never set it
   MDM_INGEST_BATCH, MDM_INGEST_BATCH_DELAY_MS, MDM_INGEST_MAX_PENDING_MB
                             ingest batching and memory
   MDM_INGEST_DEVICE_RATE, MDM_INGEST_DEVICE_BURST
@@ -755,6 +761,7 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
 
 async def _ingest(cfg: Config, index: int) -> None:
     from mdm_server.ingest.worker import IngestWorker, live_line
+    from mdm_server.ops.workers import RUN_DIR_ENV, report_status
 
     await _open_keyring(cfg, wait=True)
     worker = IngestWorker(cfg, index=index)
@@ -767,6 +774,9 @@ async def _ingest(cfg: Config, index: int) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(worker.run(), name=f"ingest-{index}")
             tg.create_task(live_line(worker.stats, f"ingest-{index}"), name="live")
+            run_dir = os.environ.get(RUN_DIR_ENV)
+            if run_dir:  # a worker of serve: /readyz and /metrics read its status
+                tg.create_task(report_status(worker, index, run_dir), name="status")
     except* KeyringError as group:  # said plainly by main(), not as a traceback
         raise group.exceptions[0] from None
 
@@ -794,32 +804,47 @@ async def _check_db_role(cfg: Config) -> None:
 
 
 def _serve(cfg: Config, workers: int) -> None:
+    from mdm_server.ops.workers import prepare_run_dir, remove_run_dir
+
+    if workers < 1:
+        raise ConfigError("--ingest-workers must be at least 1")
+    # Before anything imports prometheus_client: its multiprocess mode is chosen then.
+    run_dir, own_run_dir = prepare_run_dir()
+    try:
+        _serve_in(cfg, workers)
+    finally:
+        remove_run_dir(run_dir, own_run_dir)
+
+
+def _serve_in(cfg: Config, workers: int) -> None:
     from aiohttp import web
 
     from mdm_server.app import create_app
     from mdm_server.broker.service import broker_identity_ctx
+    from mdm_server.ops.http import CHILDREN, metrics_addr
 
-    if workers < 1:
-        raise ConfigError("--ingest-workers must be at least 1")
     https = cfg.https_context()  # a bad certificate or key: said before anything starts
+    metrics_addr()  # a malformed MDM_METRICS_ADDR: said before anything starts
     sock = _listen(cfg)  # a port in use: said before anything starts
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
-        subprocess.Popen([sys.executable, "-m", "mdm_server", "ingest", "--index", str(i)])  # noqa: S603
+        (i, subprocess.Popen([sys.executable, "-m", "mdm_server", "ingest", "--index", str(i)]))  # noqa: S603
         for i in range(1, workers)
     ]
     app = create_app(cfg)
+    app[CHILDREN] = extra  # /readyz: each must be running and connected
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
     try:
         web.run_app(app, sock=sock, ssl_context=https,
                     access_log_class=AccessLog,  # no query values: they may be personal
-                    print=lambda msg: print(msg, file=sys.stderr))
+                    print=lambda msg: logging.getLogger("mdm_server").info(
+                        "%s", " ".join(msg.split())))  # a log line, in either format
     finally:
-        for proc in extra:
+        for _, proc in extra:
             proc.terminate()
-        for proc in extra:
+        for _, proc in extra:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
 
@@ -859,12 +884,15 @@ def _refuse_published_master_key(cfg: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mdm_server.ops.logs import setup_logging
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("MDM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    worker = f"ingest-{args.index}" if args.command == "ingest" else args.command
+    try:
+        setup_logging(worker)  # MDM_LOG_FORMAT: text (default) or json
+    except ValueError as exc:
+        print(f"mdm-server: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config()
         if args.command in ("serve", "ingest") and cfg.master_key is None:

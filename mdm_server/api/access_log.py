@@ -12,6 +12,9 @@ The path is the matched route's template, never the path as sent
 (``/api/v1/devices/{device}/trips``, ``/osmand/{key}``): a path can carry a secret
 (the OsmAnd / Traccar Client URL key, which authenticates the device) or an id.
 A request that matched no route is logged as ``(no route)``.
+
+A health probe that succeeds (``/livez``, ``/readyz``, ``/healthz``, asked every
+few seconds by orchestrators) is not logged; one that fails is.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = ["AccessLog"]
 # A parameter's name as the API's are spelled; any other (which could be a value
 # sent as a name) is logged as "?".
 _NAME = re.compile(r"[a-z][a-z_]{0,31}")
+_PROBES = frozenset({"/livez", "/readyz", "/healthz"})
 
 
 def _template(request: BaseRequest) -> str:
@@ -40,6 +44,8 @@ def _template(request: BaseRequest) -> str:
 
 class AccessLog(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if response.status < 400 and request.path in _PROBES:
+            return
         names = "&".join(dict.fromkeys(n if _NAME.fullmatch(n) else "?" for n in request.query))
         target = _template(request) + (f"?{names}" if names else "")
         self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.3fs', request.remote, request.method,

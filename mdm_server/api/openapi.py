@@ -535,6 +535,12 @@ SCHEMAS: dict[str, Schema] = {
                           "total": COUNT}),
     "Health": obj({"status": enum(("ok",))}, {"ingest": obj({"broker_connected": BOOLEAN})},
                   description="no counters: the route is open to anyone"),
+    "Live": obj({"status": enum(("alive",))}),
+    "Ready": obj({"status": enum(("ready",))}),
+    "NotReady": obj({"status": enum(("not ready",)),
+                     "reason": enum(("database", "broker", "ingest_worker_exited",
+                                     "ingest_worker_stalled"))},
+                    description="why, in one word; nothing about any tenant"),
 }
 
 # --- components: parameters and responses --------------------------------------------
@@ -901,6 +907,15 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "/healthz": {"get": op(
             "health", "Is the server up (and its ingest)?", tag="meta", roles=None,
             ok={200: _json(ref("Health"), "the database answers")})},
+        "/livez": {"get": op(
+            "live", "Is the process alive?", tag="meta", roles=None,
+            ok={200: _json(ref("Live"), "it answers")})},
+        "/readyz": {"get": op(
+            "ready", "Ready to serve: database up, every ingest worker on the broker?",
+            tag="meta", roles=None, description="docs/operations.md, \"Health probes\".",
+            ok={200: _json(ref("Ready"), "the database answers and every ingest worker "
+                                         "is connected to the broker"),
+                503: _json(ref("NotReady"), "not ready, and why")})},
         PATH: {"get": op(
             "openapi", "This document", tag="meta", roles=None,
             ok={200: _json(ANY_OBJECT, "OpenAPI 3.1")})},

@@ -58,6 +58,7 @@ from mdm_server.ingest.batch import DeadLetter
 from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
 from mdm_server.ingest.sink import retry_while_away
+from mdm_server.ops import metrics
 
 __all__ = ["AckConsumer", "AckStats"]
 
@@ -187,7 +188,8 @@ class AckConsumer:
     async def _apply_acks(self, conn: asyncpg.Connection, acks: list[_Ack]) -> None:
         ids = list({a.command_id for a in acks if a.command_id is not None})
         rows = await conn.fetch(
-            "SELECT command_id, tenant_id, device_id, state, type, params FROM commands "
+            "SELECT command_id, tenant_id, device_id, state, type, params, sent_at "
+            "FROM commands "
             "WHERE command_id = ANY($1::uuid[]) ORDER BY command_id FOR UPDATE", ids)
         current = {r["command_id"]: r for r in rows}
         state_of = {r["command_id"]: r["state"] for r in rows}
@@ -215,6 +217,8 @@ class AckConsumer:
                                f"{a.state}: ignored ({t.reason})"))
                 continue
             self.stats.acks_applied += 1
+            if before == "sent" and row["sent_at"] is not None:  # its first ack
+                metrics.ack_latency([(datetime.now(UTC) - row["sent_at"]).total_seconds()])
             state_of[cid] = t.to_state
             upd = changed.setdefault(cid, {})
             upd["state"] = t.to_state

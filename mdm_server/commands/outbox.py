@@ -187,6 +187,11 @@ class CommandDispatcher:
             with contextlib.suppress(RuntimeError):  # loop closing during shutdown
                 loop.call_soon_threadsafe(fn, *args)
 
+    @property
+    def broker_connected(self) -> bool:
+        client = self._client
+        return client is not None and client.is_connected()
+
     def _on_connect(self, client: paho.Client, userdata: object, flags: object,
                     rc: ReasonCode, props: object) -> None:
         if rc.is_failure:
@@ -197,7 +202,10 @@ class CommandDispatcher:
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        rc: ReasonCode, props: object) -> None:
-        log.warning("command dispatch disconnected from the broker: %s", rc)
+        if rc.is_failure:
+            log.warning("command dispatch disconnected from the broker: %s", rc)
+        else:  # our own DISCONNECT: a normal stop
+            log.info("command dispatch disconnected from the broker")
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int,
                     rc: ReasonCode, props: object) -> None:

@@ -217,6 +217,7 @@ class MqttConsumer:
         self._reader_fd: int | None = None
         self._writer_fd: int | None = None
         self._busy_connecting = False
+        self._closing = False
         self._loop = asyncio.get_running_loop()
         c = _BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -254,7 +255,10 @@ class MqttConsumer:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
                        props: Any = None) -> None:
         self.connected.clear()
-        log.warning("disconnected from the broker: %s", rc)
+        if self._closing:  # our own DISCONNECT: a normal stop
+            log.info("%s disconnected from the broker", self._label)
+        else:
+            log.warning("disconnected from the broker: %s", rc)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, rcs: Any,
                       props: Any = None) -> None:
@@ -410,6 +414,7 @@ class MqttConsumer:
         sock = c.socket()
         if sock is not None:
             fd = sock.fileno()
+            self._closing = True
             c.disconnect()
             self.flush()  # writes DISCONNECT; paho then closes the socket
             self._unwatch(fd)

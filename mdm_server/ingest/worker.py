@@ -19,8 +19,8 @@ import asyncio
 import functools
 import gc
 import logging
-import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,6 +34,7 @@ from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
 from mdm_server.ingest.record_ids import RecordIds, digest_groups
 from mdm_server.ingest.shaping import Plan, ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, retry_while_away
+from mdm_server.ops import metrics
 from mdm_server.policy.engine import DeviceProfile, PolicyEngine, checked_out_view
 from mdm_server.storage.checkouts import checkout_history
 from mdm_server.storage.devices import lookup_devices
@@ -150,6 +151,7 @@ class IngestWorker:
         self._pending: list[InboundMessage] = []
         self._held_bytes = 0  # pending plus the batch being written
         self._first_at = 0.0
+        self._batch_first_at: deque[float] = deque()  # of batches not yet written (metrics)
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         # A batch ready to write: (messages, what to write, shaping counts).
@@ -180,6 +182,16 @@ class IngestWorker:
         msg.http = submission
         self._on_message(msg)
         return await submission.done
+
+    @property
+    def broker_connected(self) -> bool:
+        """Connected, and the broker has acknowledged a subscription (so messages
+        are routed to this worker; the session keeps it across reconnections)."""
+        return self.consumer.connected.is_set() and self.consumer.subscribed.is_set()
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._held_bytes
 
     def _on_message(self, msg: InboundMessage) -> None:
         limit = self._limit
@@ -238,6 +250,7 @@ class IngestWorker:
                 await asyncio.wait_for(self._full.wait(), remaining)
             except TimeoutError:
                 break
+        self._batch_first_at.append(self._first_at)
         n = cfg.batch_max_records
         batch, self._pending = self._pending[:n], self._pending[n:]
         if self._pending:
@@ -287,9 +300,14 @@ class IngestWorker:
             batch, ws, shaped = await to_write.get()
             if self._config.unsafe_ack_before_commit:
                 self.consumer.ack(batch)  # test-only: the crash test must catch this
+            started = time.monotonic()
             result = await self._sink.write(ws)
             if not self._config.unsafe_ack_before_commit:
                 self.consumer.ack(batch)
+            done = time.monotonic()
+            metrics.batch_committed(len(batch), ws, result, shaped, done - started,
+                                    done - (self._batch_first_at.popleft()
+                                           if self._batch_first_at else started))
             s = self.stats
             s.messages += len(batch)
             s.records_stored += result.inserted
@@ -353,14 +371,29 @@ def _answer_posts(batch: list[InboundMessage], ws: WriteSet) -> None:
 
 
 async def live_line(stats: IngestStats, label: str, interval_s: float = 1.0) -> None:
-    """Print a line a second: records stored per second, and the totals."""
+    """Log a line of live numbers (records stored per second, and the totals) every
+    second while messages arrive, and the totals at a stop if they changed since the
+    last line; an idle worker logs nothing."""
     last_stored, last_t = stats.records_stored, time.monotonic()
-    while True:
-        await asyncio.sleep(interval_s)
+    last_messages = stats.messages
+
+    def line() -> None:
+        nonlocal last_stored, last_t, last_messages
         now = time.monotonic()
-        rate = (stats.records_stored - last_stored) / (now - last_t)
-        last_stored, last_t = stats.records_stored, now
-        print(f"{label}: {rate:,.0f} records/s  stored={stats.records_stored:,} "
-              f"duplicates={stats.duplicates:,} dead_letters={stats.dead_letters:,} "
-              f"rate_limited={stats.rate_limited:,} messages={stats.messages:,}",
-              file=sys.stderr, flush=True)
+        rate = (stats.records_stored - last_stored) / max(now - last_t, 1e-3)
+        last_stored, last_t, last_messages = stats.records_stored, now, stats.messages
+        log.info("%s: %s records/s  stored=%s duplicates=%s dead_letters=%s rate_limited=%s "
+                 "messages=%s", label, f"{rate:,.0f}", f"{stats.records_stored:,}",
+                 f"{stats.duplicates:,}", f"{stats.dead_letters:,}",
+                 f"{stats.rate_limited:,}", f"{stats.messages:,}")
+
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            if stats.messages == last_messages:  # nothing since the last line
+                last_stored, last_t = stats.records_stored, time.monotonic()
+                continue
+            line()
+    finally:
+        if stats.messages != last_messages:
+            line()

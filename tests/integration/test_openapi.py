@@ -236,7 +236,8 @@ def _documented() -> dict[str, str]:
 
 
 def _registered() -> set[str]:
-    """What the app's router serves under /api/v1 (and /healthz), read from app.router."""
+    """What the app's router serves under /api/v1 (and the health probes), read from
+    app.router."""
     from mdm_server.app import create_app
     from mdm_server.config import Config, MqttSettings
 
@@ -244,8 +245,8 @@ def _registered() -> set[str]:
                             mqtt=MqttSettings("127.0.0.1", 1)), ingest=False)
     return {f"{r.method} {_norm(r.resource.canonical)}" for r in app.router.routes()
             if r.method != "HEAD" and r.resource is not None
-            and (r.resource.canonical.startswith("/api/v1/") or r.resource.canonical ==
-                 "/healthz")}
+            and (r.resource.canonical.startswith("/api/v1/") or r.resource.canonical in
+                 ("/healthz", "/livez", "/readyz"))}
 
 
 def _served() -> list[str]:

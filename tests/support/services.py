@@ -617,6 +617,45 @@ class Server(MdmProcess):
         self.spawn("serve", "--ingest-workers", str(ingest_workers))
         wait_port(int(self.env["MDM_HTTP_ADDR"].rsplit(":", 1)[1]), timeout=30)
         self.wait_subscribed(ingest_workers)
+        if "MDM_TLS_CERT" not in self.env and self._broker_up():
+            # Every worker subscribed, not just some subscription acknowledged (a
+            # worker subscribes to more than one filter, and a restarted server's
+            # log holds its earlier lines): messages published from now on are
+            # shared among all of them. (A test may start serve with the broker
+            # stopped: then there is nothing to wait for.)
+            self.wait_ready()
+
+    def _broker_up(self) -> bool:
+        import socket
+
+        from mdm_server.config import MqttSettings
+
+        m = MqttSettings.from_url(self.env["MDM_MQTT_URL"])
+        try:
+            with socket.create_connection((m.host, m.port), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until GET /readyz is 200: the database answers and every ingest
+        worker is connected to the broker and subscribed."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + "/readyz", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("process died:\n" + self.log_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError("never ready:\n" + self.log_text()[-3000:])
+            time.sleep(0.1)
 
     def cli(self, *args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "mdm_server", *args], env=self.env,

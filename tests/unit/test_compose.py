@@ -169,3 +169,13 @@ def test_a_new_public_host_recreates_the_broker() -> None:
     # broker-init issues a certificate for the new name; Mosquitto reads it at start.
     services = _config()["services"]
     assert services["mosquitto"]["environment"]["MDM_MQTT_PUBLIC_HOST"] == "mdm.example.org"
+
+
+def test_the_server_is_healthy_when_ready_and_its_metrics_stay_inside() -> None:
+    server = _config()["services"]["server"]
+    check = server["healthcheck"]["test"]
+    assert check[0] == "CMD"
+    assert "http://127.0.0.1:8080/readyz" in " ".join(check)
+    # /metrics has no token: its listener is on the compose network, never published.
+    assert server["environment"]["MDM_METRICS_ADDR"] == "0.0.0.0:9464"
+    assert [p["target"] for p in server["ports"]] == [8080]
