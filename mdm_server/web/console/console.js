@@ -122,7 +122,7 @@ function deviceView(view, device) {
         const rec = d.last[kind];
         last.append(h("div", { class: "card", "data-kind": kind },
           h("h4", {}, KIND_NAMES[kind] || kind), h("p", { class: "muted" }, time(rec.ts)),
-          dataList(rec.data)));
+          dataList(rec.data, kind)));
       }
       return d;
     } catch (err) {

@@ -169,7 +169,7 @@ async function loadData(fromStart, cursor = null) {
       [
         { title: "Time", cell: (r) => time(r.ts) },
         { title: "Received", cell: (r) => time(r.received_at) },
-        { title: "Data", cell: (r) => dataList(r.data) },
+        { title: "Data", cell: (r) => dataList(r.data, kind) },
         { title: "Policy", cell: (r) => `${r.policy} v${r.policy_version}` },
       ],
       rows,
