@@ -111,14 +111,16 @@ export function appsTable(apps) {
     h("tbody", {}, apps.map((a) => h("tr", {}, cols.map((f) => h("td", {}, cell(a, f))))))));
 }
 
-/** A table: columns = [{title, cell(row) -> Node|string}], rows = [...]. */
+/** A table: columns = [{title, cell(row) -> Node|string, th: {attributes of its th}}],
+ * rows = [...]. */
 export function table(caption, columns, rows, { empty = "Nothing to show.", id } = {}) {
   if (!rows.length) return h("p", { class: "empty", id }, empty);
   // In a box of its own that scrolls sideways: a wide table never widens the page
   // (a phone's screen).
   return h("div", { class: "table-wrap" }, h("table", { id },
     h("caption", {}, caption),
-    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c.title)))),
+    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", ...(c.th || {}) },
+                                                     c.title)))),
     h("tbody", {}, rows.map((r) => h("tr", {}, columns.map((c) => h("td", {}, c.cell(r))))))));
 }
 
