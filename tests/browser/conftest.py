@@ -214,9 +214,16 @@ class Browser:
                              f"{expected!r} in {css}", timeout))
 
     def click(self, css: str) -> None:
-        self.wait(lambda: (el := self.find(css)).is_displayed() and el.is_enabled(),
-                  f"{css} clickable")
-        self.find(css).click()
+        """Click the element once it is shown and enabled; one that a page redraws
+        between finding and clicking (a list reloaded after a save) is found again."""
+        def clicked() -> bool:
+            el = self.find(css)
+            if not (el.is_displayed() and el.is_enabled()):
+                return False
+            el.click()
+            return True
+
+        self.wait(clicked, f"{css} clickable")
 
     def fill(self, css: str, value: str) -> None:
         el = self.wait_css(css)
