@@ -83,6 +83,9 @@ export function fmtBytes(n) {
  * common/fields.js), an apps inventory as a table, a check-out's condition as text. */
 export function dataList(data, kind = null) {
   if (data === null || typeof data !== "object") return h("span", {}, String(data));
+  if (kind === "apps" && Array.isArray(data.apps) && Object.keys(data).length === 1) {
+    return appsTable(data.apps); // the whole record is the list: the table alone
+  }
   const dl = h("dl", { class: "data" });
   for (const [k, v] of Object.entries(data)) {
     let value;

@@ -53,8 +53,9 @@ async function loadDevices() {
     list.append(h("li", {},
       h("button", { type: "button", class: "secondary", "data-device": d.device,
                     onclick: () => selectDevice(d.device) }, d.device),
-      ` ${d.ownership === "personal" ? "personally owned" : "company owned"}, ${d.status}, ` +
-      "enrolled ", time(d.enrolled_at)));
+      ` ${d.ownership === "personal" ? "personally owned" : "company owned"}, ` +
+      (d.status === "enrolled" ? "enrolled since " : `${d.status}; enrolled `),
+      time(d.enrolled_at)));
   }
   box.append(list);
   await selectDevice(devices[0].device);
