@@ -252,6 +252,8 @@ class Browser:
             self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
                 "width": size[0], "height": size[1], "deviceScaleFactor": 1,
                 "mobile": True})
+        if not self.driver.current_url.startswith("http"):
+            self.open("/portal/")  # the blank start page does not take the override
         self.wait(lambda: self.driver.execute_script("return window.innerWidth") == size[0],
                   f"a viewport {size[0]} px wide")
 
