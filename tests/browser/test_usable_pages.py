@@ -249,23 +249,24 @@ def test_map_legend_shows_the_map_colours(more: Fleet, browser: Browser) -> None
     b.driver.execute_script("document.querySelector('#map-legend').scrollIntoView()")
 
 
-def test_map_axis_labels_never_overlap(more: Fleet, browser: Browser) -> None:
+@pytest.mark.parametrize("scale", [1, 2.2], ids=["desktop", "phone"])
+def test_map_axis_labels_never_overlap(more: Fleet, browser: Browser, scale: float) -> None:
     """Maps of many extents, each drawn by the console's own code: no two axis labels
     (latitudes on the left, longitudes along the bottom, the scale) overlap, and none
-    sticks out of the drawing."""
+    sticks out of the drawing; also with the text drawn larger for a phone."""
     b = browser
     b.open("/console/")
     boxes = [(52.0 + i * 0.0137, 4.0 + i * 0.0291, 0.002 * (1 + i % 7) ** 2,
               0.003 * (1 + (i * 3) % 11) ** 2) for i in range(60)]
     got = b.driver.execute_async_script("""
-        const [boxes, done] = arguments;
+        const [boxes, scale, done] = arguments;
         import("/console/map.js").then(({ locationMap }) => {
           const out = [];
           for (const [lat, lon, dlat, dlon] of boxes) {
             const recs = [[lat, lon], [lat + dlat, lon + dlon], [lat + dlat / 3, lon]]
               .map(([a, o], i) => ({ ts: new Date(i * 60000).toISOString(),
                                      data: { lat: a, lon: o } }));
-            const svg = locationMap(recs);
+            const svg = locationMap(recs, { scale });
             document.body.append(svg);
             const r = [...svg.querySelectorAll(".grid-label, .scale-label")].map((t) => {
               const bb = t.getBBox();
@@ -275,7 +276,7 @@ def test_map_axis_labels_never_overlap(more: Fleet, browser: Browser) -> None:
             out.push(r);
           }
           done(out);
-        }).catch((e) => done(String(e)));""", boxes)
+        }).catch((e) => done(String(e)));""", boxes, scale)
     assert isinstance(got, list), got
     for labels in got:
         assert sum(1 for t in labels if t[0].endswith("°")) >= 2, labels
@@ -359,6 +360,12 @@ def test_main_pages_fit_the_screen(more: Fleet, browser: Browser, name: str, pat
             "return [...document.querySelectorAll('main *')].filter((e) => e.offsetParent)"
             ".map((e) => e.getBoundingClientRect().left).filter((x) => x < -1)")
         assert not lefts
+    if name == "console-device":
+        # The map's labels read at about 11 px whatever the width it is shown at.
+        heights = b.driver.execute_script(
+            "return [...document.querySelectorAll('#location-map .grid-label')]"
+            ".map((t) => t.getBoundingClientRect().height)")
+        assert heights and min(heights) >= 10, heights
     shot = b.screenshot(f"{name}-{'phone' if size == PHONE else 'desktop'}")
     assert shot.stat().st_size > 1000
 

@@ -9,7 +9,7 @@ import {
 import { approvalsView, commandsTable, commandsView } from "./commands.js";
 import { erasureView } from "./erasure.js";
 import { liveView } from "./live.js";
-import { locationMap, mapLegend } from "./map.js";
+import { locationMap, mapLegend, textScale } from "./map.js";
 import { placesView } from "./places.js";
 import { FLOOR_WORDS, policiesView } from "./policies.js";
 import { loadTrips, tripsSummary } from "./trips.js";
@@ -222,8 +222,10 @@ function deviceView(view, device) {
       const label = n
         ? `${n} location point${n === 1 ? "" : "s"} of ${device}`
         : `No location of ${device} in this time range`;
+      // Drawn 800 units wide: shown narrower (a phone), its text is drawn larger.
+      const scale = textScale(Math.min(mapBox.clientWidth, 896));
       clear(mapBox).append(locationMap(items, { label, analysis: trips.analysis,
-                                                places: trips.places }));
+                                                places: trips.places, scale }));
       const a = trips.analysis;
       clear(legendBox);
       if (n) {

@@ -9,10 +9,18 @@
 import { fmtTime, h, s } from "./common/ui.js";
 
 const EARTH_M_PER_DEG = 111_320;
-// Room taken by the axis labels (11 px text, "-179.0000°"), in the drawing's units.
+// Room taken by the axis labels (11 px text, "-179.0000°"), in the drawing's units,
+// at a text scale of 1 (labels drawn larger take proportionally more).
 const LABEL_H = 14;
 const LAT_LABEL_W = 66;
 const LON_LABEL_W = 66;
+
+/** How much larger the map's text must be drawn for it to read at about 11 px when
+ * the drawing (`width` units wide) is shown `shownPx` pixels wide (a phone). */
+export function textScale(shownPx, width = 800) {
+  if (!(shownPx > 0)) return 1;
+  return Math.min(Math.max(width / shownPx, 1), 3);
+}
 
 /** Points [{lat, lon}] -> {xy: [[x, y]], metresPerPx, bounds} inside width x height. */
 export function project(points, width, height, pad = 24) {
@@ -111,7 +119,9 @@ function fmtMinutes(s) {
  * `analysis` (the trips answer) and `places` ([{name, place}]) also trips, stops and
  * places. */
 export function locationMap(records, { width = 800, height = 500, label = "", analysis = null,
-                                       places = [] } = {}) {
+                                       places = [], scale = 1 } = {}) {
+  const k = scale;
+  const fs = (px) => round(px * k);
   const pts = records
     .filter((r) => r.data && Number.isFinite(r.data.lat) && Number.isFinite(r.data.lon))
     .map((r) => ({ lat: r.data.lat, lon: r.data.lon, ts: r.ts, acc: r.data.accuracy_m }));
@@ -124,7 +134,8 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
   s("rect", { class: "frame", x: 0, y: 0, width, height }));
   if (!pts.length) {
     svg.append(s("text", { x: width / 2, y: height / 2, "text-anchor": "middle",
-                           class: "grid-label" }, "No location in this time range"));
+                           class: "grid-label", "font-size": fs(11) },
+                 "No location in this time range"));
     return svg;
   }
   // Grid: about six lines each way, at round degree values.
@@ -137,9 +148,9 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
     lat += latStep) {
     const y = round(toY(lat));
     grid.append(s("line", { class: "grid", x1: 0, x2: width, y1: y, y2: y }));
-    if (y > LABEL_H + 3 && y < height - 2 * LABEL_H) {
-      grid.append(s("text", { class: "grid-label lat-label", x: 4, y: y - 3 },
-                    `${lat.toFixed(4)}°`));
+    if (y > LABEL_H * k + 3 && y < height - 2 * LABEL_H * k) {
+      grid.append(s("text", { class: "grid-label lat-label", x: 4, y: y - 3,
+                              "font-size": fs(11) }, `${lat.toFixed(4)}°`));
     }
   }
   const lonStep = niceStep((bounds.east - bounds.west) / 6);
@@ -147,9 +158,9 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
     lon += lonStep) {
     const x = round(toX(lon));
     grid.append(s("line", { class: "grid", x1: x, x2: x, y1: 0, y2: height }));
-    if (x > LAT_LABEL_W && x < width - LON_LABEL_W) {
-      grid.append(s("text", { class: "grid-label lon-label", x: x + 3, y: height - 4 },
-                    `${lon.toFixed(4)}°`));
+    if (x > LAT_LABEL_W * k && x < width - LON_LABEL_W * k) {
+      grid.append(s("text", { class: "grid-label lon-label", x: x + 3, y: height - fs(4),
+                              "font-size": fs(11) }, `${lon.toFixed(4)}°`));
     }
   }
   const at = (lon, lat) => `${round(toX(lon))},${round(toY(lat))}`;
@@ -164,7 +175,7 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
       layer.append(s("path", { class: "place", d, "data-name": name, "fill-rule": "evenodd" },
                      s("title", {}, `Place ${name}`)),
                    s("text", { class: "place-label", x: round(toX(first[0])) + 4,
-                               y: round(toY(first[1])) - 4 }, name));
+                               y: round(toY(first[1])) - 4, "font-size": fs(12) }, name));
     }
     svg.append(layer);
   }
@@ -212,9 +223,10 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
   // Scale bar: a round distance about a fifth of the width.
   const metres = niceStep((width / 5) * metresPerPx);
   const px = round(metres / metresPerPx);
+  const barY = fs(14) + 6;
   svg.append(s("g", { "aria-hidden": "true" },
-    s("line", { class: "scale", x1: width - px - 16, x2: width - 16, y1: 20, y2: 20 }),
-    s("text", { class: "scale-label", x: width - 16, y: 14, "text-anchor": "end" },
-      fmtDistance(metres))));
+    s("line", { class: "scale", x1: width - px - 16, x2: width - 16, y1: barY, y2: barY }),
+    s("text", { class: "scale-label", x: width - 16, y: fs(14), "text-anchor": "end",
+                "font-size": fs(12) }, fmtDistance(metres))));
   return svg;
 }
