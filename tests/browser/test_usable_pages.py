@@ -336,6 +336,11 @@ PAGES = [
     ("console-policies", "/console/#policies=field-staff", "alice", "#policy-explanation li"),
     ("console-shifts", "/console/#shifts", "alice", "#shifts-table, #shifts p.empty"),
     ("console-live", "/console/#live", "alice", "#live-map"),
+    ("console-places", "/console/#places", "alice", "#places-table, #places p.empty"),
+    ("console-approvals", "/console/#approvals", "alice", "#approvals-table, "
+                                                          "#approvals p.empty"),
+    ("console-erasure", "/console/#erasure", "alice", "#erasure-table, "
+                                                      "#erasure-requests p.empty"),
 ]
 
 
