@@ -149,9 +149,13 @@ const STATE_WORDS = {
   rejected: "refused by your device", expired: "expired", cancelled: "cancelled",
 };
 
+/** "14:05 UTC": the hour and minute with the reader's time zone. */
 function hhmm(iso) {
   const d = new Date(iso);
-  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+  const zone = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" }).formatToParts(d)
+    .find((p) => p.type === "timeZoneName");
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}` +
+    (zone ? ` ${zone.value}` : "");
 }
 
 function nowLine(name, d) {
