@@ -176,6 +176,26 @@ def test_device_list_can_be_searched_filtered_and_sorted(more: Fleet, browser: B
     b.click("#devices-table button[data-sort=seen]")
     b.wait(lambda: devices()[0] == "corp1", "the device seen last first")
 
+    # More devices than one page of GET /devices: every page is read before the list
+    # is searched (here pages of 2, by asking the page's own requests for that).
+    b.driver.execute_script("""
+        const real = window.fetch;
+        window.devicePages = 0;
+        window.fetch = (url, opts) => {
+          if (String(url).startsWith("/api/v1/devices?")) {
+            window.devicePages += 1;
+            url = String(url).replace("limit=500", "limit=2");
+          }
+          return real(url, opts);
+        };""")
+    b.click("#nav button[data-view=policies]")
+    b.wait_css("#policies-table")
+    b.click("#nav button[data-view=devices]")
+    b.wait(lambda: len(devices()) == 5, "all five devices")
+    assert b.driver.execute_script("return window.devicePages") == 3
+    b.fill("#devices-search", "van")
+    b.wait(lambda: devices() == ["van-7"], "a device of the last page found")
+
 
 def test_policy_editor_status_follows_each_save_and_no_stale_preview(
         more: Fleet, browser: Browser) -> None:
