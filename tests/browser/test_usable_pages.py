@@ -215,6 +215,12 @@ def test_policy_editor_status_follows_each_save_and_no_stale_preview(
     b.wait_text("#policy-status", "Saved night-shift as version 2")
     assert b.wait_text("#policy-version", "Version 2").startswith("Version 2, saved by alice")
     assert "UTC" in b.text("#policy-version")
+    # Edited again, the status no longer says it is saved.
+    b.set_value("#policy-doc", json.dumps({**doc, "retention_days": {"default": 20}}))
+    assert b.wait_text("#policy-status", "Edited since version 2 was saved") == \
+        "Edited since version 2 was saved: Save to keep the changes."
+    assert "ok" not in (b.find("#policy-status").get_attribute("class") or "").split()
+    b.set_value("#policy-doc", json.dumps({**doc, "retention_days": {"default": 30}}))
 
     # A preview belongs to the document it ran on.
     b.click("#preview-run")

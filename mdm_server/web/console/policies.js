@@ -146,6 +146,15 @@ export function policiesView(view, selected) {
         "sample changed since the last preview: press Preview to see what would be stored."));
     };
     for (const el of [docArea, payload]) el.addEventListener("input", stalePreview);
+    // "Saved as version N" is true of the document as it was saved: once it is edited
+    // again, the status says the edits are not saved.
+    let savedVersion = saved ? saved.version : null;
+    docArea.addEventListener("input", () => {
+      if (!edStatus.classList.contains("ok")) return;
+      showInfo(edStatus, savedVersion === null ? "Not saved yet."
+        : `Edited since version ${savedVersion} was saved: Save to keep the changes.`);
+      edStatus.firstChild.id = "policy-unsaved";
+    });
     for (const el of [kind, checkedOut]) el.addEventListener("change", stalePreview);
 
     clear(editor).append(
@@ -208,6 +217,7 @@ export function policiesView(view, selected) {
       const v = await api(`/policies/${encodeURIComponent(name)}`, { method: "PUT", body: doc2 });
       showOk(edStatus, `Saved ${v.name} as version ${v.version}.`);
       showVersion(v);
+      savedVersion = v.version;
       if (v.warnings && v.warnings.length) edStatus.append(warningsList("save-warnings",
                                                                         v.warnings));
       clear(explain).append(...v.explanation.map((l) => h("li", {}, l)));
