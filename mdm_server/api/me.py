@@ -73,6 +73,36 @@ async def my_devices(request: web.Request) -> web.Response:
          "enrolled_at": r["enrollment_started_at"].isoformat()} for r in rows]})
 
 
+async def my_device(request: web.Request) -> web.Response:
+    """What is held about the device, at a glance (the portal's summary): how many
+    records of each kind and the newest of each, received since the enrollment the
+    token covers began."""
+    who, device, since = await _mine(request)
+    async with request.app[POOL].acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT ownership, status FROM devices WHERE tenant_id = $1 AND device_id = $2",
+            who.tenant, device)
+        assert row is not None  # _mine found it
+        counts = await _counts(conn, who.tenant, device, since)
+        reader = await DeviceReader.load(conn, keyring(request), who.tenant, device)
+        last: dict[str, Any] = {}
+        for kind in KINDS:
+            if not counts[kind]:
+                continue
+            rec = await conn.fetchrow(
+                "SELECT kind, record_id, ts, received_at, key_id, sealed, data FROM telemetry "
+                "WHERE tenant_id = $1 AND device_id = $2 AND kind = $3 AND received_at >= $4 "
+                "ORDER BY ts DESC, record_id DESC LIMIT 1", who.tenant, device, kind, since)
+            data = None if rec is None else reader.data(rec)
+            if rec is not None and data is not None:
+                last[kind] = {"id": rec["record_id"], "ts": rec["ts"].isoformat(),
+                              "received_at": rec["received_at"].isoformat(), "data": data}
+    return web.json_response({"device": device, "ownership": row["ownership"],
+                              "status": row["status"], "enrolled_at": since.isoformat(),
+                              "records": counts, "total": sum(counts.values()),
+                              "last": last})
+
+
 async def my_data(request: web.Request) -> web.Response:
     who, device, since = await _mine(request)
     q = parse_data_query(request)
@@ -315,6 +345,7 @@ def routes() -> list[web.RouteDef]:
     base = f"/api/v1/me/devices/{_DEVICE}"
     return [
         web.get("/api/v1/me/devices", my_devices),
+        web.get(base, my_device),
         web.get(f"{base}/data", my_data),
         web.get(f"{base}/policy", my_policy),
         web.get(f"{base}/notices", my_notices),

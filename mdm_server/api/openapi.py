@@ -510,6 +510,17 @@ SCHEMAS: dict[str, Schema] = {
                      "status": enum(("enrolled", "revoked")),
                      "enrolled_at": {**TIME, "description": "when the enrollment the token "
                                      "covers began: what the user reads starts there"}}),
+    "MyDeviceSummary": obj({
+        "device": ID, "ownership": enum(OWNERSHIPS), "status": enum(("enrolled", "revoked")),
+        "enrolled_at": {**TIME, "description": "when the enrollment the token covers began"},
+        "records": {"type": "object", "propertyNames": enum(KINDS),
+                    "additionalProperties": COUNT,
+                    "description": "records held per kind (every kind, 0 included)"},
+        "total": COUNT,
+        "last": {"type": "object", "propertyNames": enum(KINDS),
+                 "additionalProperties": obj({"id": STRING, "ts": TIME, "received_at": TIME,
+                                              "data": ANY_OBJECT}),
+                 "description": "the newest record of each kind held, exactly as stored"}}),
     "PolicyInForce": obj({
         "policy": STRING, "base": nullable(ID), "version": INTEGER, "floor": enum(FLOOR_USES),
         "collects": obj({k: BOOLEAN for k in KINDS}), "explanation": LINES,
@@ -1126,6 +1137,13 @@ def _paths() -> dict[str, dict[str, Schema]]:
             "listMyDevices", "My devices", tag="me", roles=USER,
             ok={200: _json(listing("devices", ref("MyDevice")), "the devices the token "
                            "covers")})},
+        me: {"get": op(
+            "getMyDevice", "What is held about my device, at a glance", tag="me",
+            roles=USER, params=("Device",), errors=(404,),
+            description="Records per kind and the newest record of each, received since "
+                        "the enrollment the token covers began. Not access-logged: it is "
+                        "the user's own read.",
+            ok={200: _json(ref("MyDeviceSummary"), "the summary")})},
         f"{me}/data": {"get": op(
             "getMyDeviceData", "My device's records of one kind", tag="me", roles=USER,
             params=data_params, errors=(400, 404),

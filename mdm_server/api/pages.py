@@ -114,9 +114,26 @@ async def _to_console(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound("/console/", headers=SECURITY_HEADERS)
 
 
+def _favicon(files: dict[str, _File]) -> Handler:
+    """``/favicon.ico``, which browsers ask for whatever the page links: the pages' own
+    icon (an SVG, as its Content-Type says), rather than a 404 in every log."""
+    icon = files.get(f"/{_PAGES[0]}/{_COMMON}/favicon.svg")
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        if icon is None:
+            raise web.HTTPNotFound(reason="no icon")
+        return web.Response(body=icon.body, headers={
+            **SECURITY_HEADERS, "ETag": icon.etag, "Cache-Control": "max-age=86400",
+            "Content-Type": icon.content_type})
+
+    return serve
+
+
 def routes(root: Path = WEB_ROOT) -> list[web.RouteDef]:
-    serve = _handler(load_files(root))
-    out: list[web.RouteDef] = [web.get("/", _to_console)]
+    files = load_files(root)
+    serve = _handler(files)
+    out: list[web.RouteDef] = [web.get("/", _to_console),
+                               web.get("/favicon.ico", _favicon(files))]
     for page in _PAGES:
         out += [web.get(f"/{page}", _to_slash),
                 web.get(f"/{page}/{{path:.*}}", serve)]

@@ -46,6 +46,10 @@ FIELD_POLICY = {
 }
 
 CHROMIUM = os.environ.get("MDM_CHROMIUM", "/usr/bin/chromium")
+#: Where the tests leave a screenshot of each main page, for a reviewer (git-ignored).
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots"
+DESKTOP = (1400, 1000)
+PHONE = (400, 860)
 CHROMEDRIVER = os.environ.get("MDM_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 
@@ -210,9 +214,16 @@ class Browser:
                              f"{expected!r} in {css}", timeout))
 
     def click(self, css: str) -> None:
-        self.wait(lambda: (el := self.find(css)).is_displayed() and el.is_enabled(),
-                  f"{css} clickable")
-        self.find(css).click()
+        """Click the element once it is shown and enabled; one that a page redraws
+        between finding and clicking (a list reloaded after a save) is found again."""
+        def clicked() -> bool:
+            el = self.find(css)
+            if not (el.is_displayed() and el.is_enabled()):
+                return False
+            el.click()
+            return True
+
+        self.wait(clicked, f"{css} clickable")
 
     def fill(self, css: str, value: str) -> None:
         el = self.wait_css(css)
@@ -232,6 +243,39 @@ class Browser:
 
         Select(self.wait_css(css)).select_by_value(value)
 
+    def resize(self, size: tuple[int, int]) -> None:
+        """Show pages at ``size``: PHONE is a phone's screen (Chrome's device
+        emulation, touch and the viewport meta tag included), DESKTOP the window."""
+        if size == DESKTOP:
+            self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        else:
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": size[0], "height": size[1], "deviceScaleFactor": 1,
+                "mobile": True})
+        if not self.driver.current_url.startswith("http"):
+            self.open("/portal/")  # the blank start page does not take the override
+        self.wait(lambda: self.driver.execute_script("return window.innerWidth") == size[0],
+                  f"a viewport {size[0]} px wide")
+
+    def page_width(self) -> int:
+        """How wide the page's content is (wider than the screen: it scrolls sideways)."""
+        return int(self.driver.execute_script("return document.documentElement.scrollWidth"))
+
+    def screenshot(self, name: str) -> Path:
+        """The whole page (not only what fits the window) as var/screenshots/NAME.png."""
+        import base64
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        metrics = self.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+        size = metrics.get("cssContentSize") or metrics["contentSize"]
+        shot = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"],
+                     "height": min(size["height"], 6000), "scale": 1}})
+        path = SCREENSHOTS / f"{name}.png"
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
     def console_errors(self) -> list[str]:
         return [e["message"] for e in self.driver.get_log("browser")
                 if e.get("level") == "SEVERE"]
@@ -250,7 +294,8 @@ def browser(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     opts.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--disable-background-networking", "--disable-dev-shm-usage",
-                "--disable-extensions", "--window-size=1400,1000", "--lang=en-GB"):
+                "--disable-extensions", f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
+                "--lang=en-GB"):
         opts.add_argument(arg)
     opts.add_experimental_option("prefs", {
         "download.default_directory": str(downloads), "download.prompt_for_download": False,

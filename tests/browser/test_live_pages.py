@@ -6,6 +6,7 @@ device user's panel as they happen."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -71,6 +72,8 @@ def test_the_portal_now_panel_shows_watching_a_stored_point_and_a_command(
         admin.wait_for("ready")
         b.wait(lambda: "(alice) is watching your device's live location (since"
                in b.text("#now-watching"), "the watching line")
+        # The time with its zone (the browser's is UTC).
+        assert re.search(r"\(since \d\d:\d\d UTC\)\.", b.text("#now-watching"))
         b.wait(lambda: "is watching your device's live location" in b.text("#now-events"),
                "the watching event")
         _publish(fleet, "corp1", "live-browser-2", 52.37, 4.90)

@@ -187,7 +187,7 @@ def test_map_draws_every_stored_location_in_the_time_range(fleet: Fleet, browser
     b.open("/console/#device=corp1")
     assert b.wait_text("#fact-ownership", "corporate") == "corporate"
     # Last known state: the newest record of each kind, as stored (IMEI masked).
-    identity = b.wait_text("#device-last [data-kind=identity]", "imei")
+    identity = b.wait_text("#device-last [data-kind=identity]", "IMEI")
     assert MASKED_IMEI in identity and IMEI not in identity
     assert "52.387" in b.text("#device-last [data-kind=location]")  # the 40th point
 
@@ -462,22 +462,25 @@ def test_portal_shows_my_data_notices_policy_and_who_read_it(fleet: Fleet, brows
     assert b.find("#devices button[data-device=corp1]").get_attribute("aria-pressed") == "true"
     assert "company owned, enrolled" in b.text("#devices li")
 
-    # My data, a page at a time with the API's cursor.
-    b.wait_css("#data-records")
+    # My data, a page at a time with the API's cursor (asked for: the page opens with
+    # a summary, not with records).
+    b.wait_css("#summary-table")
+    assert not b.find_all("#data-records")
     b.select("#data-kind", "location")
     b.select("#data-limit", "25")
     b.click("#data-show")
     b.wait_text("#data-records caption", "Location: page 1, 25 records")
     assert len(b.find_all("#data-records tbody tr")) == 25
     first_page = b.text("#data-records tbody tr")
-    assert "lat" in first_page and "52.36" in first_page and "field-staff v1" in first_page
+    assert "Latitude" in first_page and "52.36" in first_page and "field-staff v1" in first_page
+    assert "Accuracy\n6 m" in first_page
     b.click("#data-next")
     b.wait_text("#data-records caption", f"Location: page 2, {LOCATIONS - 25} records")
     assert not b.find("#data-next").is_displayed()
     assert "no more records" in b.text("#data-status")
     b.select("#data-kind", "identity")
     b.click("#data-show")
-    identity = b.wait_text("#data-records", "imei")
+    identity = b.wait_text("#data-records", "IMEI")
     assert MASKED_IMEI in identity and IMEI not in identity
 
     # My notices: the wipe's text and language as sent, when sent and shown, the outcome.
@@ -654,7 +657,7 @@ def test_a_revoked_or_expired_token_is_refused_by_both_pages(fleet: Fleet, brows
     user = fleet.server.cli("user", "token", "--tenant", TENANT, "--device", "corp1").strip()
     b.sign_in("/portal/", user)
     b.wait_css("#devices button[data-device=corp1]")
-    b.wait_css("#data-records")
+    b.wait_css("#summary-table")
     status, _ = fleet.api("DELETE", f"/tokens/{token_id(user)}", fleet.alice)
     assert status == 204
     b.select("#data-kind", "location")

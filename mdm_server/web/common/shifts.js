@@ -103,8 +103,8 @@ export function shiftTable(caption, shifts, { id, empty, device = true } = {}) {
       cells.map((c) => h("td", {}, c)));
     return tr;
   });
-  return h("table", { id, class: "shifts" },
+  return h("div", { class: "table-wrap" }, h("table", { id, class: "shifts" },
     h("caption", {}, caption),
     h("thead", {}, h("tr", {}, head.map((t) => h("th", { scope: "col" }, t)))),
-    h("tbody", {}, rows));
+    h("tbody", {}, rows)));
 }

@@ -2,6 +2,7 @@
 // (textContent), never as HTML: nothing the API returns can inject markup.
 
 import { ApiError, clearToken, getToken, setToken } from "./api.js";
+import { conditionText, fieldLabel, fieldText, fmtNumber } from "./fields.js";
 
 /** h("p", {class: "x"}, "text", child): an element. Attributes starting with "on"
  * are listeners; `false`/null attributes are left out. */
@@ -63,7 +64,7 @@ export function fmtTime(iso) {
   const d = new Date(iso);
   return d.toLocaleString(undefined, { year: "numeric", month: "short", day: "numeric",
                                        hour: "2-digit", minute: "2-digit",
-                                       second: "2-digit" });
+                                       second: "2-digit", timeZoneName: "short" });
 }
 
 export function fmtBytes(n) {
@@ -78,27 +79,52 @@ export function fmtBytes(n) {
   return `${v.toFixed(v < 10 ? 1 : 0)} ${units[u]}`;
 }
 
-/** A compact, readable rendering of a record's data: "key: value" per field. */
-export function dataList(data) {
+/** A record's data, readable: each field as words with its unit ("Accuracy: 12 m",
+ * common/fields.js), an apps inventory as a table, a check-out's condition as text. */
+export function dataList(data, kind = null) {
   if (data === null || typeof data !== "object") return h("span", {}, String(data));
+  if (kind === "apps" && Array.isArray(data.apps) && Object.keys(data).length === 1) {
+    return appsTable(data.apps); // the whole record is the list: the table alone
+  }
   const dl = h("dl", { class: "data" });
   for (const [k, v] of Object.entries(data)) {
-    // 15 significant digits: a stored 52.3873 reads 52.3873, not 52.387299999999996.
-    const text = v !== null && typeof v === "object" ? JSON.stringify(v)
-      : typeof v === "number" && !Number.isInteger(v) ? String(Number(v.toPrecision(15)))
-      : String(v);
-    dl.append(h("dt", {}, k), h("dd", {}, text));
+    let value;
+    if (kind === "apps" && k === "apps" && Array.isArray(v)) value = appsTable(v);
+    else if (kind === "checkinout" && k === "condition") value = conditionText(v);
+    else if (v !== null && typeof v === "object") value = JSON.stringify(v);
+    else value = kind ? fieldText(kind, k, v) : (typeof v === "number" ? fmtNumber(v) : String(v));
+    dl.append(h("dt", { "data-field": k }, kind ? fieldLabel(kind, k) : k),
+              h("dd", {}, value));
   }
   return dl;
 }
 
-/** A table: columns = [{title, cell(row) -> Node|string}], rows = [...]. */
+/** An apps inventory ([{package, name, version, installed_at}]) as a table. */
+export function appsTable(apps) {
+  if (!apps.length) return h("span", { class: "empty" }, "no app listed");
+  const cell = (a, f) => (f === "installed_at"
+    ? (Number.isFinite(a[f]) ? time(new Date(a[f]).toISOString())
+                             : fieldText("apps", `apps.${f}`, a[f]))
+    : fieldText("apps", `apps.${f}`, a[f]));
+  const cols = ["name", "package", "version", "installed_at"];
+  return h("div", { class: "table-wrap" }, h("table", { class: "apps" },
+    h("caption", {}, `${apps.length} app${apps.length === 1 ? "" : "s"}`),
+    h("thead", {}, h("tr", {}, cols.map((f) => h("th", { scope: "col" },
+                                                  fieldLabel("apps", `apps.${f}`))))),
+    h("tbody", {}, apps.map((a) => h("tr", {}, cols.map((f) => h("td", {}, cell(a, f))))))));
+}
+
+/** A table: columns = [{title, cell(row) -> Node|string, th: {attributes of its th}}],
+ * rows = [...]. */
 export function table(caption, columns, rows, { empty = "Nothing to show.", id } = {}) {
   if (!rows.length) return h("p", { class: "empty", id }, empty);
-  return h("table", { id },
+  // In a box of its own that scrolls sideways: a wide table never widens the page
+  // (a phone's screen).
+  return h("div", { class: "table-wrap" }, h("table", { id },
     h("caption", {}, caption),
-    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c.title)))),
-    h("tbody", {}, rows.map((r) => h("tr", {}, columns.map((c) => h("td", {}, c.cell(r)))))));
+    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", ...(c.th || {}) },
+                                                     c.title)))),
+    h("tbody", {}, rows.map((r) => h("tr", {}, columns.map((c) => h("td", {}, c.cell(r))))))));
 }
 
 /** Show what went wrong in a status region: the API's text and every listed issue. */

@@ -111,8 +111,12 @@ export function commandsView(view, presetDevice) {
   const targetGroup = h("input", { type: "radio", name: "target", id: "target-group",
                                    value: "group" });
   const device = h("select", { id: "cmd-device", name: "device" });
-  const group = h("input", { type: "text", id: "cmd-group", name: "group",
-                             pattern: "[A-Za-z0-9_\\-]{1,64}", disabled: true });
+  // Neither field is ever disabled (a disabled Group field ignored a click, with no
+  // hint why): using one of them chooses its target.
+  const groups = h("datalist", { id: "cmd-groups" });
+  const group = h("input", { type: "text", id: "cmd-group", name: "group", list: "cmd-groups",
+                             pattern: "[A-Za-z0-9_\\-]{1,64}", autocomplete: "off",
+                             placeholder: "a group's name" });
   const type = h("select", { id: "cmd-type", name: "type" },
                  TYPES.map(([v, label]) => h("option", { value: v }, label)));
   const scope = h("select", { id: "cmd-scope", name: "scope" },
@@ -144,7 +148,7 @@ export function commandsView(view, presetDevice) {
       targetDevice, h("label", { for: "target-device", class: "inline" }, "One device"),
       targetGroup, h("label", { for: "target-group", class: "inline" }, "A group"),
       h("label", { for: "cmd-device" }, "Device"), device,
-      h("label", { for: "cmd-group" }, "Group"), group),
+      h("label", { for: "cmd-group" }, "Group"), group, groups),
     h("label", { for: "cmd-type" }, "Command"), type, scopeBox, modeBox,
     h("label", { for: "cmd-reason" }, "Reason (why this command is sent; kept in the audit log)"),
     reason, noticeBox, h("div", { class: "actions" }, submit));
@@ -197,8 +201,6 @@ export function commandsView(view, presetDevice) {
     noticeText.required = view; // the user is asked with it: no template
     noticeLabel.textContent = view ? "Notice text (required: the user is asked with it)"
                                    : "Notice text (empty: the tenant's template)";
-    device.disabled = !targetDevice.checked;
-    group.disabled = !targetGroup.checked;
     group.required = targetGroup.checked;
     submit.textContent = type.value === "factory_reset" ? "Request factory reset"
                        : view ? "Ask to view the screen" : "Send command";
@@ -212,6 +214,15 @@ export function commandsView(view, presetDevice) {
     el.addEventListener("input", changed);
   }
   device.addEventListener("change", () => showList(device.value));
+  const choose = (radio) => () => {
+    if (radio.checked) return;
+    radio.checked = true;
+    sync();
+  };
+  group.addEventListener("focus", choose(targetGroup));
+  group.addEventListener("input", choose(targetGroup));
+  device.addEventListener("focus", choose(targetDevice));
+  device.addEventListener("change", choose(targetDevice));
 
   (async () => {
     try {
@@ -221,6 +232,8 @@ export function commandsView(view, presetDevice) {
           `${d.device} (${d.ownership}${d.groups.length ? ", " + d.groups.join(", ") : ""})`));
       }
       if (presetDevice) device.value = presetDevice;
+      const known = [...new Set(devices.flatMap((d) => d.groups))].sort();
+      groups.append(...known.map((g) => h("option", { value: g })));
       showList(device.value);
     } catch (err) {
       showError(status, err);

@@ -2,14 +2,14 @@
 // history, commands and their approval, policies, erasure requests. Each view is a
 // function that renders into #view and may return a function that stops its timers.
 
-import { ApiError, allPages, api, query } from "./common/api.js";
+import { ApiError, allPages, api } from "./common/api.js";
 import {
   $, busy, clear, dataList, h, poll, showError, showInfo, signInGate, table, time, timeRange,
 } from "./common/ui.js";
 import { approvalsView, commandsTable, commandsView } from "./commands.js";
 import { erasureView } from "./erasure.js";
 import { liveView } from "./live.js";
-import { locationMap } from "./map.js";
+import { locationMap, mapLegend, textScale } from "./map.js";
 import { placesView } from "./places.js";
 import { FLOOR_WORDS, policiesView } from "./policies.js";
 import { loadTrips, tripsSummary } from "./trips.js";
@@ -25,37 +25,101 @@ let stopView = null;
 
 // --- devices -----------------------------------------------------------------------
 
+const MAX_DEVICES = 5000;
+const DEVICE_SORTS = {
+  device: (d) => d.device,
+  ownership: (d) => d.ownership,
+  groups: (d) => d.groups.join(", "),
+  status: (d) => d.status,
+  enrolled: (d) => d.enrolled_at,
+  seen: (d) => d.last_seen_at || "",
+};
+
+/** The devices, searched by id, filtered by group and ownership, sorted by any column.
+ * All in the page: every page of GET /devices is read first (up to MAX_DEVICES, said
+ * so when there are more), then searching, filtering and sorting ask nothing more. */
 function devicesView(view) {
-  const status = h("div", { class: "status", role: "status", "aria-live": "polite" });
+  const status = h("div", { class: "status", role: "status", "aria-live": "polite",
+                            id: "devices-status" });
   const list = h("div", { id: "devices" });
-  const more = h("button", { type: "button", class: "secondary", hidden: true }, "More devices");
-  view.append(h("h2", {}, "Devices"), status, list, h("div", { class: "actions" }, more));
-  const rows = [];
-  let next = null;
+  const search = h("input", { type: "search", id: "devices-search", name: "q",
+                              placeholder: "part of a device id", spellcheck: "false",
+                              autocomplete: "off" });
+  const group = h("select", { id: "devices-group", name: "group" },
+                  h("option", { value: "" }, "every group"));
+  const ownership = h("select", { id: "devices-ownership", name: "ownership" },
+    h("option", { value: "" }, "company and personal"),
+    h("option", { value: "corporate" }, "company owned (corporate)"),
+    h("option", { value: "personal" }, "personally owned"));
+  const filters = h("form", { id: "devices-filter", class: "filters", role: "search" },
+    h("div", {}, h("label", { for: "devices-search" }, "Search devices"), search),
+    h("div", {}, h("label", { for: "devices-group" }, "Group"), group),
+    h("div", {}, h("label", { for: "devices-ownership" }, "Ownership"), ownership));
+  view.append(h("h2", {}, "Devices"), filters, status, list);
+  let rows = [];
+  let truncated = false;
+  const sort = { key: "device", dir: 1 };
+
+  const header = (title, key) => ({
+    title: h("button", { type: "button", class: "sort", "data-sort": key,
+                         onclick: () => {
+                           sort.dir = sort.key === key ? -sort.dir : 1;
+                           sort.key = key;
+                           render();
+                           // The header was drawn anew: keep the keyboard's place.
+                           const again = list.querySelector(`button[data-sort="${key}"]`);
+                           if (again) again.focus();
+                         } }, title),
+    th: { "aria-sort": sort.key === key ? (sort.dir > 0 ? "ascending" : "descending")
+                                        : "none" },
+  });
   const render = () => {
-    clear(list).append(table(`${rows.length} device${rows.length === 1 ? "" : "s"}`, [
-      { title: "Device", cell: (d) => h("a", { href: `#device=${d.device}` }, d.device) },
-      { title: "Ownership", cell: (d) => d.ownership },
-      { title: "Groups", cell: (d) => d.groups.join(", ") },
-      { title: "Status", cell: (d) => h("span", { class: `state state-${d.status}` }, d.status) },
-      { title: "Enrolled", cell: (d) => time(d.enrolled_at) },
-      { title: "Last seen", cell: (d) => time(d.last_seen_at) },
-    ], rows, { id: "devices-table", empty: "No device is enrolled yet." }));
+    const q = search.value.trim().toLowerCase();
+    const shown = rows.filter((d) => (!q || d.device.toLowerCase().includes(q)) &&
+      (!group.value || d.groups.includes(group.value)) &&
+      (!ownership.value || d.ownership === ownership.value));
+    const by = DEVICE_SORTS[sort.key];
+    shown.sort((a, b) => {
+      const x = by(a);
+      const y = by(b);
+      return (x < y ? -1 : x > y ? 1 : a.device < b.device ? -1 : 1) * sort.dir;
+    });
+    const all = `${rows.length} device${rows.length === 1 ? "" : "s"}`;
+    const filtered = q || group.value || ownership.value;
+    clear(list).append(table(filtered ? `${shown.length} of ${all}` : all, [
+      { ...header("Device", "device"),
+        cell: (d) => h("a", { href: `#device=${encodeURIComponent(d.device)}` }, d.device) },
+      { ...header("Ownership", "ownership"), cell: (d) => d.ownership },
+      { ...header("Groups", "groups"), cell: (d) => d.groups.join(", ") },
+      { ...header("Status", "status"),
+        cell: (d) => h("span", { class: `state state-${d.status}` }, d.status) },
+      { ...header("Enrolled", "enrolled"), cell: (d) => time(d.enrolled_at) },
+      { ...header("Last seen", "seen"), cell: (d) => time(d.last_seen_at) },
+    ], shown, { id: "devices-table", empty: rows.length
+      ? "No device matches the search and filters." : "No device is enrolled yet." }));
   };
-  const load = async () => {
+  filters.addEventListener("submit", (ev) => ev.preventDefault());
+  search.addEventListener("input", render);
+  group.addEventListener("change", render);
+  ownership.addEventListener("change", render);
+  (async () => {
     try {
-      const page = await api("/devices" + query({ limit: 100, cursor: next }));
-      rows.push(...page.devices);
-      next = page.next || null;
-      more.hidden = !next;
-      showInfo(status);
+      showInfo(status, "Loading the devices…");
+      ({ items: rows, truncated } = await allPages("/devices", { limit: 500 }, "devices",
+                                                   MAX_DEVICES));
+      const known = [...new Set(rows.flatMap((d) => d.groups))].sort();
+      group.append(...known.map((g) => h("option", { value: g }, g)));
+      if (truncated) {
+        showInfo(status, `Only the first ${rows.length} devices (by id) are listed; the `,
+                 "search and filters apply to them.");
+      } else {
+        showInfo(status);
+      }
       render();
     } catch (err) {
       showError(status, err);
     }
-  };
-  more.addEventListener("click", () => busy(more, status, load));
-  load();
+  })();
 }
 
 // --- one device --------------------------------------------------------------------
@@ -69,6 +133,7 @@ function deviceView(view, device) {
   const mapStatus = h("div", { class: "status", role: "status", "aria-live": "polite" });
   const mapBox = h("div", { id: "map-box" });
   const mapSummary = h("p", { id: "map-summary" });
+  const legendBox = h("div", { id: "map-legend-box" });
   const tripsStatus = h("div", { class: "status", role: "status", "aria-live": "polite",
                                  id: "trips-status" });
   const tripsBox = h("div", { id: "trips-box" });
@@ -89,9 +154,7 @@ function deviceView(view, device) {
         "(after the policy shaped them). Reading them is logged in the device user's ",
         "access log."),
       mapForm, mapStatus, mapSummary, mapBox,
-      h("p", { class: "legend" }, h("span", {}, "● green: first point"),
-        h("span", {}, "● red: last point"), h("span", {}, "◆ a stop"),
-        h("span", {}, "coloured: trips (see the table)")),
+      legendBox,
       tripsStatus, tripsBox),
     h("section", { "aria-labelledby": "dcmd-h" },
       h("h3", { id: "dcmd-h" }, "Commands"),
@@ -122,7 +185,7 @@ function deviceView(view, device) {
         const rec = d.last[kind];
         last.append(h("div", { class: "card", "data-kind": kind },
           h("h4", {}, KIND_NAMES[kind] || kind), h("p", { class: "muted" }, time(rec.ts)),
-          dataList(rec.data)));
+          dataList(rec.data, kind)));
       }
       return d;
     } catch (err) {
@@ -141,6 +204,7 @@ function deviceView(view, device) {
         : `the policy in force, ${d.policy.policy}, does not collect location`;
       showInfo(mapStatus);
       clear(mapBox);
+      clear(legendBox);
       clear(tripsBox);
       clear(mapSummary).append(h("span", { id: "location-not-collected" },
         `Location is not collected for this device: ${why}.`));
@@ -158,8 +222,17 @@ function deviceView(view, device) {
       const label = n
         ? `${n} location point${n === 1 ? "" : "s"} of ${device}`
         : `No location of ${device} in this time range`;
+      // Drawn 800 units wide: shown narrower (a phone), its text is drawn larger.
+      const scale = textScale(Math.min(mapBox.clientWidth, 896));
       clear(mapBox).append(locationMap(items, { label, analysis: trips.analysis,
-                                                places: trips.places }));
+                                                places: trips.places, scale }));
+      const a = trips.analysis;
+      clear(legendBox);
+      if (n) {
+        legendBox.append(mapLegend({ trips: Boolean(a && a.trips.length),
+                                     stops: Boolean(a && a.stops.length),
+                                     places: trips.places.length > 0 }));
+      }
       clear(tripsBox);
       if (trips.error) showError(tripsStatus, trips.error, "Trips");
       else showInfo(tripsStatus);

@@ -6,9 +6,21 @@
 // trips analysis (GET /devices/{device}/trips): named places drawn under it, each
 // trip as a track of its own colour, each stop as a marker.
 
-import { fmtTime, s } from "./common/ui.js";
+import { fmtTime, h, s } from "./common/ui.js";
 
 const EARTH_M_PER_DEG = 111_320;
+// Room taken by the axis labels (11 px text, "-179.0000°"), in the drawing's units,
+// at a text scale of 1 (labels drawn larger take proportionally more).
+const LABEL_H = 14;
+const LAT_LABEL_W = 66;
+const LON_LABEL_W = 66;
+
+/** How much larger the map's text must be drawn for it to read at about 11 px when
+ * the drawing (`width` units wide) is shown `shownPx` pixels wide (a phone). */
+export function textScale(shownPx, width = 800) {
+  if (!(shownPx > 0)) return 1;
+  return Math.min(Math.max(width / shownPx, 1), 3);
+}
 
 /** Points [{lat, lon}] -> {xy: [[x, y]], metresPerPx, bounds} inside width x height. */
 export function project(points, width, height, pad = 24) {
@@ -66,6 +78,28 @@ function fmtDistance(m) {
 /** Trips get these colours in turn (CSS classes trip-c0 ... trip-c7). */
 export const TRIP_COLOURS = 8;
 
+/** The legend under the map: each mark drawn with the very class the map draws it
+ * with, so its colour is the map's. */
+export function mapLegend({ trips = false, stops = false, places = false } = {}) {
+  const key = (...shapes) => s("svg", { class: "key", viewBox: "0 0 24 16", width: 24,
+                                        height: 16, "aria-hidden": "true" }, ...shapes);
+  const item = (mark, text, cls) => h("span", { class: `legend-item ${cls}` }, mark, text);
+  return h("p", { class: "legend", id: "map-legend" },
+    item(key(s("circle", { class: "fix start", cx: 12, cy: 8, r: 6 })), "first point",
+         "legend-start"),
+    item(key(s("circle", { class: "fix end", cx: 12, cy: 8, r: 6 })), "last point",
+         "legend-end"),
+    item(key(s("polyline", { class: trips ? "track faint" : "track",
+                             points: "2,12 10,4 22,10" })),
+         trips ? "the points between trips" : "the track, in time order", "legend-track"),
+    stops && item(key(s("rect", { class: "stop", x: 7, y: 3, width: 10, height: 10,
+                                  transform: "rotate(45 12 8)" })), "a stop", "legend-stop"),
+    trips && item(key(s("polyline", { class: "trip trip-c0", points: "2,8 22,8" })),
+                  "a trip (each its own colour, as in the trips table)", "legend-trip"),
+    places && item(key(s("path", { class: "place", d: "M3,3H21V13H3Z" })), "a named place",
+                   "legend-place"));
+}
+
 /** The outer and inner rings of a GeoJSON Polygon, MultiPolygon or Feature of one. */
 function rings(geo) {
   const g = geo && geo.type === "Feature" ? geo.geometry : geo;
@@ -85,7 +119,9 @@ function fmtMinutes(s) {
  * `analysis` (the trips answer) and `places` ([{name, place}]) also trips, stops and
  * places. */
 export function locationMap(records, { width = 800, height = 500, label = "", analysis = null,
-                                       places = [] } = {}) {
+                                       places = [], scale = 1 } = {}) {
+  const k = scale;
+  const fs = (px) => round(px * k);
   const pts = records
     .filter((r) => r.data && Number.isFinite(r.data.lat) && Number.isFinite(r.data.lon))
     .map((r) => ({ lat: r.data.lat, lon: r.data.lon, ts: r.ts, acc: r.data.accuracy_m }));
@@ -98,26 +134,33 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
   s("rect", { class: "frame", x: 0, y: 0, width, height }));
   if (!pts.length) {
     svg.append(s("text", { x: width / 2, y: height / 2, "text-anchor": "middle",
-                           class: "grid-label" }, "No location in this time range"));
+                           class: "grid-label", "font-size": fs(11) },
+                 "No location in this time range"));
     return svg;
   }
   // Grid: about six lines each way, at round degree values.
+  // Latitudes are labelled along the left edge, longitudes along the bottom: a
+  // latitude label too near the bottom row, or a longitude label too near the left
+  // column, would overlap the other; one cut by an edge is worse than none.
   const grid = s("g", { "aria-hidden": "true" });
   const latStep = niceStep((bounds.north - bounds.south) / 6);
   for (let lat = Math.ceil(bounds.south / latStep) * latStep; lat <= bounds.north;
     lat += latStep) {
     const y = round(toY(lat));
-    grid.append(s("line", { class: "grid", x1: 0, x2: width, y1: y, y2: y }),
-                s("text", { class: "grid-label", x: 4, y: y - 3 }, `${lat.toFixed(4)}°`));
+    grid.append(s("line", { class: "grid", x1: 0, x2: width, y1: y, y2: y }));
+    if (y > LABEL_H * k + 3 && y < height - 2 * LABEL_H * k) {
+      grid.append(s("text", { class: "grid-label lat-label", x: 4, y: y - 3,
+                              "font-size": fs(11) }, `${lat.toFixed(4)}°`));
+    }
   }
   const lonStep = niceStep((bounds.east - bounds.west) / 6);
   for (let lon = Math.ceil(bounds.west / lonStep) * lonStep; lon <= bounds.east;
     lon += lonStep) {
     const x = round(toX(lon));
     grid.append(s("line", { class: "grid", x1: x, x2: x, y1: 0, y2: height }));
-    if (x < width - 60) { // a label cut by the edge is worse than none
-      grid.append(s("text", { class: "grid-label", x: x + 3, y: height - 4 },
-                    `${lon.toFixed(4)}°`));
+    if (x > LAT_LABEL_W * k && x < width - LON_LABEL_W * k) {
+      grid.append(s("text", { class: "grid-label lon-label", x: x + 3, y: height - fs(4),
+                              "font-size": fs(11) }, `${lon.toFixed(4)}°`));
     }
   }
   const at = (lon, lat) => `${round(toX(lon))},${round(toY(lat))}`;
@@ -132,7 +175,7 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
       layer.append(s("path", { class: "place", d, "data-name": name, "fill-rule": "evenodd" },
                      s("title", {}, `Place ${name}`)),
                    s("text", { class: "place-label", x: round(toX(first[0])) + 4,
-                               y: round(toY(first[1])) - 4 }, name));
+                               y: round(toY(first[1])) - 4, "font-size": fs(12) }, name));
     }
     svg.append(layer);
   }
@@ -180,9 +223,10 @@ export function locationMap(records, { width = 800, height = 500, label = "", an
   // Scale bar: a round distance about a fifth of the width.
   const metres = niceStep((width / 5) * metresPerPx);
   const px = round(metres / metresPerPx);
+  const barY = fs(14) + 6;
   svg.append(s("g", { "aria-hidden": "true" },
-    s("line", { class: "scale", x1: width - px - 16, x2: width - 16, y1: 20, y2: 20 }),
-    s("text", { class: "scale-label", x: width - 16, y: 14, "text-anchor": "end" },
-      fmtDistance(metres))));
+    s("line", { class: "scale", x1: width - px - 16, x2: width - 16, y1: barY, y2: barY }),
+    s("text", { class: "scale-label", x: width - 16, y: fs(14), "text-anchor": "end",
+                "font-size": fs(12) }, fmtDistance(metres))));
   return svg;
 }

@@ -126,11 +126,40 @@ export function policiesView(view, selected) {
     kind.addEventListener("change", resetPayload);
     resetPayload();
 
+    // Which version the editor shows: updated by every save (it said "Not saved
+    // yet", or the version opened, until the page was reloaded).
+    const versionLine = h("p", { class: "muted", id: "policy-version" });
+    const showVersion = (v) => {
+      clear(versionLine).append(...(v
+        ? [`Version ${v.version}, saved by ${v.created_by || "?"} `, time(v.created_at)]
+        : ["Not saved yet"]));
+    };
+    showVersion(saved);
+    // A preview is of the document, kind and sample as they were when it ran: once
+    // any of them changes it no longer says what would be stored, so it goes.
+    const stalePreview = () => {
+      if (!result.firstChild || result.dataset.stale) return;
+      clear(result);
+      result.classList.remove("error");
+      result.dataset.stale = "1";
+      result.append(h("p", { class: "hint", id: "preview-stale" }, "The document or the ",
+        "sample changed since the last preview: press Preview to see what would be stored."));
+    };
+    for (const el of [docArea, payload]) el.addEventListener("input", stalePreview);
+    // "Saved as version N" is true of the document as it was saved: once it is edited
+    // again, the status says the edits are not saved.
+    let savedVersion = saved ? saved.version : null;
+    docArea.addEventListener("input", () => {
+      if (!edStatus.classList.contains("ok")) return;
+      showInfo(edStatus, savedVersion === null ? "Not saved yet."
+        : `Edited since version ${savedVersion} was saved: Save to keep the changes.`);
+      edStatus.firstChild.id = "policy-unsaved";
+    });
+    for (const el of [kind, checkedOut]) el.addEventListener("change", stalePreview);
+
     clear(editor).append(
       h("h3", { id: "editor-h" }, `Policy ${name}`),
-      h("p", { class: "muted", id: "policy-version" },
-        saved ? `Version ${saved.version}, saved by ${saved.created_by || "?"} ` : "Not saved yet",
-        saved ? time(saved.created_at) : ""),
+      versionLine,
       h("div", { class: "grid2" },
         h("div", {},
           h("label", { for: "policy-doc" }, "Policy document (JSON)"), docArea,
@@ -157,6 +186,7 @@ export function policiesView(view, selected) {
 
     previewBtn.addEventListener("click", () => busy(previewBtn, result, async () => {
       clear(result);
+      delete result.dataset.stale;
       const body = { kind: kind.value, payload: parse(payload, "sample"),
                      policy: parse(docArea, "policy document"),
                      checked_out: checkedOut.checked };
@@ -186,6 +216,8 @@ export function policiesView(view, selected) {
       const doc2 = parse(docArea, "policy document");
       const v = await api(`/policies/${encodeURIComponent(name)}`, { method: "PUT", body: doc2 });
       showOk(edStatus, `Saved ${v.name} as version ${v.version}.`);
+      showVersion(v);
+      savedVersion = v.version;
       if (v.warnings && v.warnings.length) edStatus.append(warningsList("save-warnings",
                                                                         v.warnings));
       clear(explain).append(...v.explanation.map((l) => h("li", {}, l)));

@@ -53,8 +53,9 @@ async function loadDevices() {
     list.append(h("li", {},
       h("button", { type: "button", class: "secondary", "data-device": d.device,
                     onclick: () => selectDevice(d.device) }, d.device),
-      ` ${d.ownership === "personal" ? "personally owned" : "company owned"}, ${d.status}, ` +
-      "enrolled ", time(d.enrolled_at)));
+      ` ${d.ownership === "personal" ? "personally owned" : "company owned"}, ` +
+      (d.status === "enrolled" ? "enrolled since " : `${d.status}; enrolled `),
+      time(d.enrolled_at)));
   }
   box.append(list);
   await selectDevice(devices[0].device);
@@ -68,8 +69,70 @@ async function selectDevice(device) {
   $("#device").hidden = false;
   $("#data-h").textContent = `Data held about ${device}`;
   watchNow(device);
-  await Promise.all([loadData(true), loadNotices(), loadPolicy(), loadAccessLog(),
+  clear($("#data-table")).append(h("p", { class: "hint", id: "data-hint" },
+    "Choose a kind of data and a time range, then Show: the records are listed as ",
+    "stored, oldest first."));
+  showInfo($("#data-status"));
+  $("#data-next").hidden = true;
+  $("#data-first").hidden = true;
+  await Promise.all([loadSummary(), loadNotices(), loadPolicy(), loadAccessLog(),
                      loadErasure(), loadShifts(device)]);
+}
+
+// --- the summary: what is held, at a glance ------------------------------------------
+
+async function loadSummary() {
+  const status = $("#summary-status");
+  try {
+    const s = await api(me());
+    showInfo(status);
+    const kinds = Object.keys(KIND_NAMES);
+    const show = (kind) => h("button", {
+      type: "button", class: "link", "data-kind": kind,
+      "aria-label": `Show the ${KIND_NAMES[kind].toLowerCase()} records`,
+      onclick: async () => {
+        $("#data-kind").value = kind;
+        await loadData(true);
+        $("#data-h").scrollIntoView();
+      },
+    }, "show");
+    clear($("#summary-counts")).append(
+      h("p", { id: "summary-total" }, s.total
+        ? `${s.total} record${s.total === 1 ? "" : "s"} received from ${s.device} since `
+        : `Nothing has been received from ${s.device} since `, time(s.enrolled_at), "."),
+      table("Records held, per kind of data", [
+        { title: "Kind of data", cell: (k) => KIND_NAMES[k] },
+        { title: "Records", cell: (k) => String(s.records[k] || 0) },
+        { title: "Newest", cell: (k) => (s.last[k] ? time(s.last[k].ts)
+          : h("span", { class: "muted" }, "—")) },
+        { title: "", cell: (k) => (s.records[k] ? show(k) : "") },
+      ], kinds, { id: "summary-table" }));
+    const box = clear($("#summary-last"));
+    const held = kinds.filter((k) => s.last[k]);
+    if (!held.length) box.append(h("p", { class: "empty" }, "No data is held."));
+    for (const kind of held) {
+      box.append(h("div", { class: "card", "data-kind": kind },
+        h("h4", {}, KIND_NAMES[kind]), h("p", { class: "muted" }, time(s.last[kind].ts)),
+        dataList(s.last[kind].data, kind)));
+    }
+  } catch (err) {
+    showError(status, err);
+  }
+}
+
+function recentNotices(notices) {
+  const box = clear($("#summary-notices"));
+  if (!notices.length) {
+    box.append(h("p", { class: "empty" }, "No command has affected this device."));
+    return;
+  }
+  box.append(h("ul", { id: "recent-notices" }, notices.slice(0, 3).map((n) => h("li", {},
+    time(n.requested_at), ` ${commandName(n)}: `, n.notice
+      ? h("q", { class: "notice-text", lang: n.notice.lang }, n.notice.text)
+      : h("span", { class: "muted" }, "no notice"),
+    ` (${(STATE_WORDS[n.state] || n.state.replace(/_/g, " "))})`))),
+  notices.length > 3 ? h("p", {}, h("a", { href: "#notices-h" },
+    `All ${notices.length} notices`)) : "");
 }
 
 // --- now ---------------------------------------------------------------------------
@@ -86,9 +149,13 @@ const STATE_WORDS = {
   rejected: "refused by your device", expired: "expired", cancelled: "cancelled",
 };
 
+/** "14:05 UTC": the hour and minute with the reader's time zone. */
 function hhmm(iso) {
   const d = new Date(iso);
-  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+  const zone = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" }).formatToParts(d)
+    .find((p) => p.type === "timeZoneName");
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}` +
+    (zone ? ` ${zone.value}` : "");
 }
 
 function nowLine(name, d) {
@@ -169,7 +236,7 @@ async function loadData(fromStart, cursor = null) {
       [
         { title: "Time", cell: (r) => time(r.ts) },
         { title: "Received", cell: (r) => time(r.received_at) },
-        { title: "Data", cell: (r) => dataList(r.data) },
+        { title: "Data", cell: (r) => dataList(r.data, kind) },
         { title: "Policy", cell: (r) => `${r.policy} v${r.policy_version}` },
       ],
       rows,
@@ -202,6 +269,7 @@ async function loadNotices() {
   try {
     const { notices } = await api(me("/notices"));
     showInfo(status);
+    recentNotices(notices);
     clear($("#notices")).append(table("Notices, newest first", [
       { title: "Requested", cell: (n) => time(n.requested_at) },
       { title: "Command", cell: (n) => commandName(n) },
