@@ -793,12 +793,14 @@ def _serve(cfg: Config, workers: int) -> None:
     from aiohttp import web
 
     from mdm_server.app import create_app
+    from mdm_server.broker.hook_http import broker_hook_ctx, listen_hook
     from mdm_server.broker.service import broker_identity_ctx
 
     if workers < 1:
         raise ConfigError("--ingest-workers must be at least 1")
     https = cfg.https_context()  # a bad certificate or key: said before anything starts
     sock = _listen(cfg)  # a port in use: said before anything starts
+    hook_sock = listen_hook(cfg)  # MDM_BROKER_HOOK_ADDR likewise (None: no hook)
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
@@ -808,6 +810,8 @@ def _serve(cfg: Config, workers: int) -> None:
     app = create_app(cfg)
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
+    if hook_sock is not None:  # the broker asks us (RabbitMQ, EMQX): docs/scaling.md
+        app.cleanup_ctx.append(broker_hook_ctx(hook_sock))
     try:
         web.run_app(app, sock=sock, ssl_context=https,
                     access_log_class=AccessLog,  # no query values: they may be personal

@@ -1,0 +1,143 @@
+"""Revocation on a broker that asks the hook: close the device's connections at once.
+
+A broker that asks :mod:`mdm_server.broker.hook` checks credentials when a client
+logs in and permissions when it publishes or subscribes (RabbitMQ caches both for
+``auth_cache.cache_ttl``; its MQTT plugin also remembers a connection's allowed
+topics for the connection's life). A revoked device's *next* check is refused,
+but a connection that is open stays open, and one that only listens for commands
+asks nothing more. So ``serve`` closes the connections of a device whose
+credentials end, through RabbitMQ's management API (``MDM_AMQP_MANAGEMENT_URL``,
+as the server's broker user, which the hook tags ``administrator``):
+
+- at once, on NOTIFY ``mdm_device_credentials`` (sent in the transaction that
+  revokes or re-enrolls the device, mdm_server/storage/devices.py): ``DELETE
+  /api/connections/username/{user}`` on the first node that answers (the call
+  closes the user's connections on every node of the cluster);
+- and every ``sweep_s`` (and whenever the database connection comes back, which
+  may have missed notifications): the connections of users that are not a
+  current principal (a device revoked, re-enrolled... or unknown) are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import quote
+
+import aiohttp
+import asyncpg
+
+from mdm_server.broker.hook import BrokerHook, parse_username
+from mdm_server.broker.hook_config import AmqpSettings
+from mdm_server.storage.devices import CREDENTIALS_CHANNEL
+from mdm_server.storage.pool import connect
+
+__all__ = ["ConnectionCloser", "ManagementError"]
+
+log = logging.getLogger(__name__)
+
+
+class ManagementError(Exception):
+    """No management node answered (the message names no secret)."""
+
+
+class ConnectionCloser:
+    def __init__(self, database_url: str, hook: BrokerHook, amqp: AmqpSettings, *,
+                 sweep_s: float = 60.0, timeout_s: float = 10.0) -> None:
+        self._database_url = database_url
+        self._hook = hook
+        self._amqp = amqp
+        self._sweep_s = sweep_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self.closed_users = 0  # users whose connections were closed (counted, not named)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._queue.put_nowait(payload)
+
+    async def _call(self, session: aiohttp.ClientSession, method: str, path: str
+                    ) -> object:
+        """``method path`` on the first management node that answers; its JSON (or
+        None for a body-less answer). A 404 (nothing to close) is an answer too."""
+        auth = aiohttp.BasicAuth(self._amqp.username, self._amqp.password)
+        last = "no node"
+        for base in self._amqp.management_urls:
+            try:
+                async with session.request(method, base.rstrip("/") + path, auth=auth,
+                                           timeout=self._timeout) as resp:
+                    if resp.status == 404 or resp.status == 204:
+                        return None
+                    if resp.status >= 400:
+                        last = f"HTTP {resp.status}"
+                        continue
+                    if resp.content_type == "application/json":
+                        return await resp.json()
+                    return None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                last = type(exc).__name__
+        raise ManagementError(f"no management node answered ({last})")
+
+    async def close_user(self, session: aiohttp.ClientSession, username: str) -> None:
+        await self._call(session, "DELETE",
+                         f"/api/connections/username/{quote(username, safe='')}")
+        self.closed_users += 1
+
+    async def sweep(self, session: aiohttp.ClientSession) -> int:
+        """Close the connections of users that are no current principal; how many
+        users. The server's own connections are left alone."""
+        listed = await self._call(session, "GET", "/api/connections?columns=user")
+        users = {str(c.get("user")) for c in listed if isinstance(c, dict)} \
+            if isinstance(listed, list) else set()
+        closed = 0
+        for user in sorted(users):
+            if parse_username(user) is None:
+                continue  # not a device's name: the server's, or one made by hand
+            if await self._hook.principal(user) is None:
+                await self.close_user(session, user)
+                closed += 1
+        return closed
+
+    async def run(self) -> None:
+        """Until cancelled; never raises (a management API away is retried)."""
+        conn: asyncpg.Connection | None = None
+        retry_s = 1.0
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await connect(self._database_url)
+                        await conn.add_listener(CREDENTIALS_CHANNEL, self._notified)
+                        closed = await self.sweep(session)  # what was missed meanwhile
+                        if closed:
+                            log.info("broker hook: closed the connections of %d user(s) "
+                                     "no longer enrolled", closed)
+                    try:
+                        user = await asyncio.wait_for(self._queue.get(), self._sweep_s)
+                    except TimeoutError:
+                        await self.sweep(session)
+                    else:
+                        try:
+                            await self.close_user(session, user)
+                        except ManagementError:
+                            self._queue.put_nowait(user)  # tried again after the pause
+                            raise
+                    retry_s = 1.0
+                except ManagementError as exc:
+                    log.warning("broker hook: connections not closed: %s; retrying in "
+                                "%.0f s", exc, retry_s)
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, 30.0)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("broker hook: revocations not followed (database: %s); "
+                                "retrying in %.0f s", type(exc).__name__, retry_s)
+                    if conn is not None:
+                        conn.terminate()
+                        conn = None
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, 30.0)
+                except asyncio.CancelledError:
+                    if conn is not None and not conn.is_closed():
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(conn.close(), 5)
+                    raise
