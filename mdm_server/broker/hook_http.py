@@ -60,9 +60,14 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def _params(request: web.Request) -> Mapping[str, str]:
+    params: Mapping[str, str]
     if request.method == "POST":
-        return await request.post()  # type: ignore[return-value]
-    return request.query
+        params = await request.post()  # type: ignore[assignment]
+    else:
+        params = request.query
+    if log.isEnabledFor(logging.DEBUG):  # the names asked with, never their values
+        log.debug("broker hook: %s with %s", request.path, ",".join(sorted(params)))
+    return params
 
 
 def _text(allowed: bool, tags: str = "") -> web.Response:

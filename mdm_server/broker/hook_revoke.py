@@ -12,7 +12,9 @@ as the server's broker user, which the hook tags ``administrator``):
 - at once, on NOTIFY ``mdm_device_credentials`` (sent in the transaction that
   revokes or re-enrolls the device, mdm_server/storage/devices.py): ``DELETE
   /api/connections/username/{user}`` on the first node that answers (the call
-  closes the user's connections on every node of the cluster);
+  closes the user's connections on every node of the cluster); and once more
+  when the broker's cache of the device's log-in has expired (``cache_ttl_s`` + 1
+  s: within the TTL a device may log in again with the cached answer);
 - and every ``sweep_s`` (and whenever the database connection comes back, which
   may have missed notifications): the connections of users that are not a
   current principal (a device revoked, re-enrolled... or unknown) are closed.
@@ -44,17 +46,22 @@ class ManagementError(Exception):
 
 class ConnectionCloser:
     def __init__(self, database_url: str, hook: BrokerHook, amqp: AmqpSettings, *,
-                 sweep_s: float = 60.0, timeout_s: float = 10.0) -> None:
+                 sweep_s: float = 60.0, timeout_s: float = 10.0,
+                 cache_ttl_s: float = 5.0) -> None:
         self._database_url = database_url
         self._hook = hook
         self._amqp = amqp
         self._sweep_s = sweep_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        # (username, closed once already): a user is closed at once and again once
+        # the broker's cache of its log-in has expired (it may have come back with
+        # the cached allow in between).
+        self._queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+        self._again_s = cache_ttl_s + 1.0
         self.closed_users = 0  # users whose connections were closed (counted, not named)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._queue.put_nowait(payload)
+        self._queue.put_nowait((payload, False))
 
     async def _call(self, session: aiohttp.ClientSession, method: str, path: str
                     ) -> object:
@@ -113,15 +120,19 @@ class ConnectionCloser:
                             log.info("broker hook: closed the connections of %d user(s) "
                                      "no longer enrolled", closed)
                     try:
-                        user = await asyncio.wait_for(self._queue.get(), self._sweep_s)
+                        user, again = await asyncio.wait_for(self._queue.get(),
+                                                             self._sweep_s)
                     except TimeoutError:
                         await self.sweep(session)
                     else:
                         try:
                             await self.close_user(session, user)
                         except ManagementError:
-                            self._queue.put_nowait(user)  # tried again after the pause
+                            self._queue.put_nowait((user, again))  # after the pause
                             raise
+                        if not again:
+                            asyncio.get_running_loop().call_later(
+                                self._again_s, self._queue.put_nowait, (user, True))
                     retry_s = 1.0
                 except ManagementError as exc:
                     log.warning("broker hook: connections not closed: %s; retrying in "
