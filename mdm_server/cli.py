@@ -86,6 +86,12 @@ environment (README.md, "Environment", says more of each):
   MDM_MQTT_SERVER_PASSWORD  the server's MQTT password (docker-compose)
   MDM_HTTP_ADDR             host:port of the API, console and portal (127.0.0.1:8080)
   MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files
+  MDM_BROKER_HOOK_ADDR      host:port (loopback or private) where serve answers a
+                            clustered broker's auth questions (MDM_BROKER_HOOK_PUBLIC=1
+                            to allow another address behind a firewall)
+  MDM_AMQP_URL, MDM_AMQP_MANAGEMENT_URL
+                            the AMQP cluster's nodes with the server's broker login,
+                            and their management API (closing revoked devices' links)
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
   MDM_INGEST_BATCH, MDM_INGEST_BATCH_DELAY_MS, MDM_INGEST_MAX_PENDING_MB
                             ingest batching and memory
