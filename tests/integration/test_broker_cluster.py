@@ -218,10 +218,19 @@ def test_wrong_passwords_and_borrowed_identities_are_refused(server: Server,
             c.stop()
     # The right password still works afterwards.
     ok = connect(host, port, user, password)
+    d2 = connect(host, port, *device_credentials(tenant, "d2"))
     try:
         assert ok.connected.is_set(), ok.connack
+        assert d2.connected.is_set(), d2.connack
+        # d1's own password with d2's client id: it must not take d2's session over.
+        thief = connect(host, port, user, password, client_id=f"{tenant}.d2")
+        thief.stop()
+        assert not thief.connected.is_set(), thief.connack
+        time.sleep(1.0)
+        assert not d2.closed.is_set(), "a borrowed client id took the device's session"
     finally:
         ok.stop()
+        d2.stop()
 
 
 def test_a_revoked_device_is_cut_off_within_seconds(server: Server, cluster: Cluster) -> None:
