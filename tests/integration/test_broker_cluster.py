@@ -16,19 +16,33 @@ it). One node for most tests; the three-node test forms a real cluster (about
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.cluster import Cluster, rabbitmq_missing, running_cluster
-from tests.support.services import Server, device_credentials, free_port, served
+from tests.support.mqtt import publish_all
+from tests.support.services import (
+    Server,
+    device_credentials,
+    fetchval,
+    free_port,
+    served,
+    wait_for_count,
+)
+from tests.support.telemetry import location
 
 _missing = rabbitmq_missing()
 pytestmark = [pytest.mark.integration,
@@ -309,3 +323,46 @@ def test_three_nodes_one_cluster(tmp_path: Path, cluster3: Cluster) -> None:
                 dev.stop()
         finally:
             obs.stop()
+
+
+def _queue(cluster: Cluster, name: str) -> dict[str, Any]:
+    """The queue as the management API shows it (as the server's user)."""
+    req = urllib.request.Request(f"{cluster.management_url.split(',')[0]}/api/queues/%2F/{name}")
+    token = base64.b64encode(f"mdm-server:{cluster.server_password}".encode()).decode()
+    req.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        body: dict[str, Any] = json.loads(resp.read())
+        return body
+
+
+def test_the_ingest_drains_the_cluster_over_amqp(server: Server, cluster: Cluster) -> None:
+    """With MDM_AMQP_URL, serve's ingest consumes a quorum queue bound to amq.topic:
+    what devices publish through a node's MQTT listener is stored, once, and
+    acknowledged after the commit (nothing left unacknowledged in the queue)."""
+    tenant = server.env["TEST_TENANT"]
+    database = server.env["TEST_DATABASE"]
+    devices = ("d1", "d2", "d3")
+    enroll(server, tenant, *devices)
+    host, port = cluster.mqtt(1)
+    per_device = 1500
+    for d in devices:
+        user, password = device_credentials(tenant, d)
+        sent = publish_all(host, port, (location(tenant, d, i) for i in range(per_device)),
+                           client_id=user, username=user, password=password, timeout=120)
+        assert sent == per_device
+    total = per_device * len(devices)
+    where = f"FROM telemetry WHERE tenant_id = '{tenant}'"
+    assert wait_for_count(database, f"SELECT count(*) {where}", total, timeout=120,
+                          settle=1.0) == total
+    assert asyncio.run(fetchval(database, f"SELECT count(DISTINCT (device_id, record_id)) "
+                                          f"{where}")) == total
+    # Acknowledged after the commit: nothing waits or is unacknowledged in the queue.
+    deadline = time.monotonic() + 15
+    while True:
+        q = _queue(cluster, "mdm-ingest")
+        if q.get("messages", 1) == 0 and q.get("messages_unacknowledged", 1) == 0:
+            break
+        assert time.monotonic() < deadline, q
+        time.sleep(0.5)
+    assert q["type"] == "quorum" and q["durable"] is True
+    assert "ingest subscribed (AMQP queue mdm-ingest" in server.log_text()
