@@ -299,6 +299,7 @@ def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
+@pytest.mark.slow  # about 65 s, 38 of them forming the cluster: it runs in CI all the same
 def test_three_nodes_one_cluster(tmp_path: Path, cluster3: Cluster) -> None:
     """A device logs in on each node of a 3-node cluster; what it publishes through
     one node reaches the server's subscriber on another; a wrong password is
