@@ -224,6 +224,17 @@ class BrokerHook:
             return None  # bound client id: a device cannot take over another's session
         return who
 
+    async def enrolled_among(self, usernames: list[str]) -> set[str]:
+        """Which of ``usernames`` are devices that may log in now (one query)."""
+        ids = [k for k in (parse_username(u) for u in usernames) if k is not None]
+        if not ids:
+            return set()
+        async with self._pool.acquire() as conn:
+            found = await device_identities(conn, ids)
+        return {f"{d.tenant}.{d.device}" for d in found
+                if d.enrolled and not d.stale and d.generation >= 1
+                and d.agent not in URL_KEY_AGENTS}
+
     async def principal(self, username: str) -> Principal | None:
         """Who ``username`` is for an authorisation question (the broker
         authenticated it before): the server, or a device enrolled *now*."""

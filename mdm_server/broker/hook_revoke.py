@@ -23,6 +23,7 @@ as the server's broker user, which the hook tags ``administrator``):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from urllib.parse import quote
@@ -59,6 +60,8 @@ class ConnectionCloser:
         self._queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
         self._again_s = cache_ttl_s + 1.0
         self.closed_users = 0  # users whose connections were closed (counted, not named)
+        basic = base64.b64encode(f"{amqp.username}:{amqp.password}".encode()).decode()
+        self._auth = {"Authorization": f"Basic {basic}"}
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._queue.put_nowait((payload, False))
@@ -67,12 +70,11 @@ class ConnectionCloser:
                     ) -> object:
         """``method path`` on the first management node that answers; its JSON (or
         None for a body-less answer). A 404 (nothing to close) is an answer too."""
-        auth = aiohttp.BasicAuth(self._amqp.username, self._amqp.password)
         last = "no node"
         for base in self._amqp.management_urls:
             try:
-                async with session.request(method, base.rstrip("/") + path, auth=auth,
-                                           timeout=self._timeout) as resp:
+                async with session.request(method, base.rstrip("/") + path,
+                                           headers=self._auth, timeout=self._timeout) as resp:
                     if resp.status == 404 or resp.status == 204:
                         return None
                     if resp.status >= 400:
@@ -96,11 +98,12 @@ class ConnectionCloser:
         listed = await self._call(session, "GET", "/api/connections?columns=user")
         users = {str(c.get("user")) for c in listed if isinstance(c, dict)} \
             if isinstance(listed, list) else set()
+        # Only devices' names: the server's, or users made by hand, are left alone.
+        devices = sorted(u for u in users if parse_username(u) is not None)
+        enrolled = await self._hook.enrolled_among(devices)
         closed = 0
-        for user in sorted(users):
-            if parse_username(user) is None:
-                continue  # not a device's name: the server's, or one made by hand
-            if await self._hook.principal(user) is None:
+        for user in devices:
+            if user not in enrolled:
                 await self.close_user(session, user)
                 closed += 1
         return closed

@@ -441,3 +441,55 @@ def test_sigkill_of_an_amqp_consumer_mid_stream_loses_and_doubles_nothing(
     assert stored == n
     assert asyncio.run(fetchval(database, f"SELECT count(DISTINCT (device_id, record_id)) "
                                           f"FROM telemetry WHERE tenant_id = '{tenant}'")) == n
+
+
+def test_a_sweep_closes_what_a_missed_notification_left_open(server: Server,
+                                                             cluster: Cluster) -> None:
+    """A revocation serve did not hear of (made while it was away: here, a bare
+    UPDATE without NOTIFY) is caught by the sweep serve runs at start, every minute
+    and after its database connection comes back: the connections of devices that
+    are no longer enrolled are closed, the others' kept."""
+    import aiohttp
+
+    from mdm_server.broker.hook import BrokerHook
+    from mdm_server.broker.hook_config import amqp_settings
+    from mdm_server.broker.hook_revoke import ConnectionCloser
+    from mdm_server.storage.pool import create_pool
+    from tests.support.services import TEST_MASTER_KEY
+
+    tenant = server.env["TEST_TENANT"]
+    database = server.env["TEST_DATABASE"]
+    enroll(server, tenant, "d1", "d2")
+    host, port = cluster.mqtt(1)
+    d1 = connect(host, port, *device_credentials(tenant, "d1"))
+    d2 = connect(host, port, *device_credentials(tenant, "d2"))
+    try:
+        assert d1.connected.is_set() and d2.connected.is_set()
+        asyncio.run(fetchval(database, "UPDATE devices SET status = 'revoked' "
+                                       "WHERE tenant_id = $1 AND device_id = 'd1' "
+                                       "RETURNING 1", tenant))
+
+        async def sweep() -> int:
+            amqp = amqp_settings(cluster.server_env())
+            assert amqp is not None
+            pool = await create_pool(database)
+            try:
+                hook = BrokerHook(pool, base64.b64decode(TEST_MASTER_KEY),
+                                  server_user=amqp.username, server_password=amqp.password)
+                async with aiohttp.ClientSession() as session:
+                    return await ConnectionCloser(database, hook, amqp).sweep(session)
+            finally:
+                await pool.close()
+
+        # The management API lists connections from its statistics, collected every
+        # 5 s: a connection a few seconds old may not be listed yet.
+        deadline = time.monotonic() + 20
+        while asyncio.run(sweep()) == 0:
+            assert time.monotonic() < deadline, "the sweep never found the connection"
+            time.sleep(1.0)
+        assert d1.closed.wait(10), "the revoked device stayed connected"
+        time.sleep(0.5)
+        assert not d2.closed.is_set()
+    finally:
+        d1.stop()
+        d2.stop()
