@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -206,8 +207,9 @@ def listen_hook(cfg: Config) -> socket.socket | None:
                                     flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family, backlog=128)
     except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
         raise ConfigError(f"cannot listen on {host}:{port} (MDM_BROKER_HOOK_ADDR): "
-                          f"{exc.strerror or type(exc).__name__}") from None
+                          f"{why}") from None
 
 
 def broker_hook_ctx(sock: socket.socket) -> Callable[[web.Application],

@@ -16,7 +16,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,11 +37,16 @@ from mdm_server.broker.identity import device_acls
 from mdm_server.storage.devices import reenroll_device, revoke_device
 from mdm_server.storage.pool import connect, create_pool
 from tests.support.services import (
+    REPO,
     TEST_MASTER_KEY,
+    Broker,
+    Server,
     as_server_role,
     device_credentials,
     enroll_devices,
     free_port,
+    served,
+    server_env,
 )
 
 pytestmark = pytest.mark.integration
@@ -360,3 +372,63 @@ def test_emqx_authorisation(database: str) -> None:
         assert (status, body) == (200, {"result": "deny"})
 
     run(database, scenario)
+
+
+# --- in serve ---------------------------------------------------------------------------
+
+
+def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mdm_server", "serve"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_serve_refuses_a_hook_address_it_cannot_or_must_not_use(database: str,
+                                                                broker: Broker) -> None:
+    """Said in one line before anything starts (exit 2): a port in use, a public
+    address (the hook answers password questions)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve(server_env(database, broker.url,
+                                   MDM_BROKER_HOOK_ADDR=f"127.0.0.1:{port}"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mdm-server: cannot listen on 127.0.0.1:{port} (MDM_BROKER_HOOK_ADDR): "
+        "Address already in use")
+    result = _serve(server_env(database, broker.url, MDM_BROKER_HOOK_ADDR="0.0.0.0:9101"))
+    assert result.returncode == 2
+    assert "MDM_BROKER_HOOK_ADDR is 0.0.0.0, not a loopback or private address" in \
+        result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_answers_on_the_hook_address_apart_from_the_api(tmp_path: Path) -> None:
+    """serve's hook: EMQX's dialect on MDM_BROKER_HOOK_ADDR, not on the API's port."""
+    hook_port = free_port()
+
+    def setup(srv: Server) -> None:
+        srv.cli("device", "enroll", "--tenant", "acme", "--device", "d1",
+                "--ownership", "corporate")
+
+    with served(tmp_path, setup=setup, MDM_BROKER_HOOK_ADDR=f"127.0.0.1:{hook_port}") as srv:
+        srv.wait_log("broker hook listening")
+        user, password = device_credentials("acme", "d1")
+
+        def ask(base: str, body: dict[str, str]) -> tuple[int, bytes]:
+            req = urllib.request.Request(f"{base}/emqx/authn", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status, resp.read()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read()
+
+        hook = f"http://127.0.0.1:{hook_port}"
+        status, body = ask(hook, {"username": user, "password": password, "clientid": user})
+        assert (status, json.loads(body)) == (200, {"result": "allow", "is_superuser": False})
+        status, body = ask(hook, {"username": user, "password": "guess", "clientid": user})
+        assert json.loads(body)["result"] == "deny"
+        assert ask(srv.base, {"username": user, "password": password})[0] == 404
+        # Nothing of the questions in serve's log: no password, no username.
+        assert password not in srv.log_text() and user not in srv.log_text()
