@@ -40,7 +40,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
 
 from agent_protocol import TELEMETRY_FILTER
 from mdm_server.broker.hook import topic_routing_key
@@ -91,9 +91,16 @@ class AmqpConsumer:
         self._acks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
 
-    def _on_message(self, message: AbstractIncomingMessage) -> None:
-        tag = message.delivery_tag
-        assert tag is not None  # a consumed (not a fetched) message always has one
+    async def _on_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """aiormq's consumer callback (its own task per message, started in delivery
+        order; nothing here awaits, so messages reach the worker in that order,
+        which the acks with ``multiple=True`` rely on). aiormq directly rather than
+        aio-pika's consumer: that wraps each message once more, in a second task,
+        and halved the drain (measured)."""
+        delivery = message.delivery
+        tag = getattr(delivery, "delivery_tag", None)
+        if tag is None:
+            return
         self._deliver(InboundMessage(tag, self.generation,
                                      routing_key_topic(message.routing_key or ""),
                                      message.body))
@@ -114,7 +121,7 @@ class AmqpConsumer:
             self._closed.clear()
             channel.close_callbacks.add(lambda *_: self._closed.set())
             connection.close_callbacks.add(lambda *_: self._closed.set())
-            await queue.consume(self._callback, no_ack=False)
+            await self._underlay.basic_consume(queue.name, self._on_delivery, no_ack=False)
             self.connected.set()
             # "ingest subscribed": tests and benchmarks wait for this line, as for MQTT.
             log.info("%s subscribed (AMQP queue %s on %s)", self._label, self._queue_name,
@@ -127,9 +134,6 @@ class AmqpConsumer:
             self._underlay = None
             if not connection.is_closed:
                 await connection.close()
-
-    async def _callback(self, message: AbstractIncomingMessage) -> None:
-        self._on_message(message)
 
     async def run(self) -> None:
         """Consume, fail over between the nodes, reconnect with backoff; until cancelled."""
