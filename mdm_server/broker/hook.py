@@ -194,14 +194,20 @@ class BrokerHook:
     async def authenticate(self, username: str, password: str,
                            client_id: str | None = None) -> Principal | None:
         """The principal ``username`` logs in as with ``password``, or None. A
-        device's ``client_id``, when the broker says it, must be its username."""
+        device's ``client_id``, when the broker says it, must be its username.
+        Failed log-ins are throttled per username (past the burst, refused
+        unchecked), the server's own excepted."""
         now = time.monotonic()
-        if self._throttle.blocked(username, now):
+        # Not the server's own user: anyone who reaches the broker could otherwise
+        # keep the ingest from logging in by failing under its name.
+        throttled = username != self._server_user
+        if throttled and self._throttle.blocked(username, now):
             self.stats.logins_throttled += 1
             return None
         who = await self._authenticate(username, password.encode(), client_id)
         if who is None:
-            self._throttle.failed(username, now)
+            if throttled:
+                self._throttle.failed(username, now)
             self.stats.logins_denied += 1
         else:
             self.stats.logins_allowed += 1

@@ -301,6 +301,10 @@ def test_failed_logins_are_throttled_per_username(database: str) -> None:
         assert await h.login(user, password) == "deny"  # throttled, not checked
         assert h.hook.stats.logins_throttled == 1
         assert await h.login(*device_credentials("acme", "d2")) == "allow"
+        # Not the server's user: failing under its name must not lock the ingest out.
+        for _ in range(10):
+            assert await h.login(SERVER_USER, "guess") == "deny"
+        assert await h.login(SERVER_USER, SERVER_PASSWORD) == "allow administrator"
 
     run(database, scenario, fail_burst=5.0, fail_rate=0.001)
 
