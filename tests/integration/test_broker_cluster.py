@@ -81,12 +81,13 @@ class Client:
 
 
 def connect(host: str, port: int, username: str, password: str, *,
-            client_id: str | None = None, timeout: float = 20.0) -> Client:
+            client_id: str | None = None, timeout: float = 20.0,
+            clean_session: bool = True) -> Client:
     """Connect and wait for the CONNACK (or the connection's end): see
     ``c.connected`` and ``c.connack``."""
     pc = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                      client_id=client_id if client_id is not None else username,
-                     protocol=paho.MQTTv311, clean_session=True)
+                     protocol=paho.MQTTv311, clean_session=clean_session)
     pc.username_pw_set(username, password)
     pc.reconnect_delay_set(60, 60)  # no quick reconnection: a closed connection stays so
     c = Client(pc)
@@ -493,3 +494,37 @@ def test_a_sweep_closes_what_a_missed_notification_left_open(server: Server,
     finally:
         d1.stop()
         d2.stop()
+
+
+def test_a_persistent_session_keeps_a_command_for_an_offline_device(
+        server: Server, cluster: Cluster) -> None:
+    """A device's QoS 1 session (clean session off) is a durable quorum queue of its
+    own: a message the server publishes to its commands topic while it is offline
+    is delivered when it comes back. (The server publishes here as a bare MQTT
+    client of its user: commands over AMQP are not built yet.)"""
+    tenant = server.env["TEST_TENANT"]
+    enroll(server, tenant, "d1")
+    host, port = cluster.mqtt(1)
+    user, password = device_credentials(tenant, "d1")
+    topic = f"mdm/v1/{tenant}/devices/d1/commands"
+    d1 = connect(host, port, user, password, clean_session=False)
+    assert d1.connected.is_set(), d1.connack
+    d1.client.subscribe(topic, qos=1)
+    assert d1.subscribed.wait(10) and d1.suback == [[1]], d1.suback
+    d1.stop()
+    q = _queue(cluster, f"mqtt-subscription-{user}qos1")
+    assert q["type"] == "quorum" and q["durable"] is True
+    srv = connect(host, port, "mdm-server", cluster.server_password,
+                  client_id=f"mdm-dispatch-{uuid.uuid4().hex[:6]}")
+    try:
+        assert srv.connected.is_set(), srv.connack
+        marker = uuid.uuid4().hex.encode()
+        srv.client.publish(topic, marker, qos=1).wait_for_publish(10)
+    finally:
+        srv.stop()
+    back = connect(host, port, user, password, clean_session=False)
+    try:
+        assert back.connected.is_set(), back.connack
+        assert wait_until(lambda: marker in back.payloads(), 15), back.received
+    finally:
+        back.stop()
