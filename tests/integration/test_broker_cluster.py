@@ -374,13 +374,25 @@ def test_the_ingest_drains_the_cluster_over_amqp(server: Server, cluster: Cluste
 
 async def _kill_while_commit_is_held(database: str, ingest: IngestProcess) -> None:
     """Hold a lock that makes the workers' INSERT wait (their batches decoded and
-    staged, not committed), and SIGKILL the ingest process then."""
+    staged, not committed), and SIGKILL the ingest process once *its* write waits
+    (serve's worker may be waiting too: it is not the one killed)."""
+    import psutil
+
+    assert ingest.proc is not None
     conn = await asyncpg.connect(database)
     try:
         await conn.execute("BEGIN; LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
-        deadline = time.monotonic() + 30
-        while not await conn.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
-            assert time.monotonic() < deadline, "no worker reached its commit"
+        deadline = time.monotonic() + 60
+        while True:
+            ports = {c.laddr.port
+                     for c in psutil.Process(ingest.proc.pid).net_connections(kind="tcp")
+                     if c.raddr}
+            waiting = {r["client_port"] for r in await conn.fetch(
+                "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE NOT l.granted")}
+            if ports & waiting:
+                break
+            assert time.monotonic() < deadline, "the ingest process never reached its commit"
             await asyncio.sleep(0.05)
         ingest.kill()
     finally:
