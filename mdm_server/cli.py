@@ -88,6 +88,12 @@ environment (README.md, "Environment", says more of each):
   MDM_PUBLIC_URL            the server's address as devices' apps reach it (printed by
                             device enroll --agent owntracks|osmand|traccar)
   MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files
+  MDM_BROKER_HOOK_ADDR      host:port (loopback or private) where serve answers a
+                            clustered broker's auth questions (MDM_BROKER_HOOK_PUBLIC=1
+                            to allow another address behind a firewall)
+  MDM_AMQP_URL, MDM_AMQP_MANAGEMENT_URL
+                            the AMQP cluster's nodes with the server's broker login,
+                            and their management API (closing revoked devices' links)
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
   MDM_LOG_FORMAT            text (default) or json: one JSON object a line
   MDM_METRICS_ADDR          host:port of serve's GET /metrics (Prometheus), a second
@@ -820,12 +826,14 @@ def _serve_in(cfg: Config, workers: int) -> None:
     from aiohttp import web
 
     from mdm_server.app import create_app
+    from mdm_server.broker.hook_http import broker_hook_ctx, listen_hook
     from mdm_server.broker.service import broker_identity_ctx
     from mdm_server.ops.http import CHILDREN, metrics_addr
 
     https = cfg.https_context()  # a bad certificate or key: said before anything starts
     metrics_addr()  # a malformed MDM_METRICS_ADDR: said before anything starts
     sock = _listen(cfg)  # a port in use: said before anything starts
+    hook_sock = listen_hook(cfg)  # MDM_BROKER_HOOK_ADDR likewise (None: no hook)
     asyncio.run(_open_keyring(cfg))
     extra = [
         # Our own interpreter and module, fixed arguments: nothing untrusted.
@@ -836,6 +844,8 @@ def _serve_in(cfg: Config, workers: int) -> None:
     app[CHILDREN] = extra  # /readyz: each must be running and connected
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
+    if hook_sock is not None:  # the broker asks us (RabbitMQ, EMQX): docs/scaling.md
+        app.cleanup_ctx.append(broker_hook_ctx(hook_sock))
     try:
         web.run_app(app, sock=sock, ssl_context=https,
                     access_log_class=AccessLog,  # no query values: they may be personal

@@ -16,10 +16,14 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from mdm_server.audit import AuditKeys
 from mdm_server.ingest.limits import DeviceLimiter
+
+if TYPE_CHECKING:
+    from mdm_server.broker.hook_config import AmqpSettings
 
 __all__ = [
     "Config",
@@ -209,6 +213,11 @@ class Config:
     # MDM_TLS_CERT / MDM_TLS_KEY: serve terminates HTTPS itself (and sends HSTS).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # MDM_BROKER_HOOK_ADDR: where serve answers a broker's authentication and
+    # authorisation questions (internal addresses only); MDM_AMQP_URL and
+    # MDM_AMQP_MANAGEMENT_URL: the AMQP cluster (mdm_server/broker/hook_config.py).
+    broker_hook_addr: tuple[str, int] | None = None
+    amqp: AmqpSettings | None = None
     # Development and tests only: let serve start with a master key that is
     # published (mdm_server/published_keys.py).
     allow_published_master_key: bool = False
@@ -429,6 +438,8 @@ def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> in
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration from ``env`` (default: the process environment)."""
+    from mdm_server.broker.hook_config import amqp_settings, hook_addr
+
     env = os.environ if env is None else env
     db = env.get("MDM_DATABASE_URL", "")
     if not db:
@@ -472,6 +483,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         mqtt_public_ca_file=public_ca,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        broker_hook_addr=hook_addr(env),
+        amqp=amqp_settings(env),
         allow_published_master_key=env.get("MDM_ALLOW_PUBLISHED_MASTER_KEY", "") == "1",
         public_url=_public_url(env),
     )

@@ -46,11 +46,11 @@ from typing import Any
 
 import asyncpg
 
-from agent_protocol import KINDS
 from mdm_server.agents import URL_KEY_AGENTS
 from mdm_server.broker.bootstrap import SERVER_ACLS, SERVER_ROLE
 from mdm_server.broker.credentials import device_password
 from mdm_server.broker.dynsec import Dynsec, DynsecError
+from mdm_server.broker.rules import DeviceTopics, device_topics
 from mdm_server.config import Config, MqttSettings
 from mdm_server.logsafe import describe
 from mdm_server.storage.devices import DeviceIdentity, device_identities, mqtt_username
@@ -84,47 +84,35 @@ def device_rolename(tenant: str, device: str) -> str:
     return ROLE_PREFIX + mqtt_username(tenant, device)
 
 
-#: OwnTracks' subtopics a device may publish on below its base topic (the base
-#: topic itself carries its locations and, published by the broker, its will).
-OWNTRACKS_PUBLISH: tuple[str, ...] = ("event", "info", "status", "waypoint", "waypoints",
-                                      "step")
+def _acls(topics: DeviceTopics) -> list[dict[str, Any]]:
+    return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
+        *(("publishClientSend", topic) for topic in topics.publish),
+        *(entry for topic in topics.subscribe
+          for entry in (("subscribeLiteral", topic), ("publishClientReceive", topic))),
+    )]
 
 
 def owntracks_acls(tenant: str, device: str) -> list[dict[str, Any]]:
     """An OwnTracks device's role: publish on ``owntracks/{username}/{device}`` and
-    :data:`OWNTRACKS_PUBLISH` below it, subscribe to (literally) and receive its own
-    ``.../cmd``; nothing else: no other device's topics (the apps' default
-    subscriptions to ``owntracks/+/+`` are refused), no wildcard. The username is
-    ``{tenant}.{device}`` ([A-Za-z0-9_.-]), so the topic holds no wildcard."""
-    base = f"owntracks/{mqtt_username(tenant, device)}/{device}"
-    return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
-        ("publishClientSend", base),
-        *(("publishClientSend", f"{base}/{sub}") for sub in OWNTRACKS_PUBLISH),
-        ("subscribeLiteral", f"{base}/cmd"),
-        ("publishClientReceive", f"{base}/cmd"),
-    )]
+    ``OWNTRACKS_PUBLISH`` (mdm_server/broker/rules.py) below it, subscribe to
+    (literally) and receive its own ``.../cmd``; nothing else: no other device's
+    topics (the apps' default subscriptions to ``owntracks/+/+`` are refused), no
+    wildcard (:func:`~mdm_server.broker.rules.device_topics`)."""
+    return _acls(device_topics(tenant, device, "owntracks"))
 
 
 def device_acls(tenant: str, device: str, agent: str = "native") -> list[dict[str, Any]]:
-    """The device's role: its own topics, nothing else (literal ids, no patterns:
-    the ids are [A-Za-z0-9_-], so they hold no wildcard). Telemetry only on the
-    six kinds' own topics: roles made before issue 10 allowed ``telemetry/+``, any
-    sub-topic; :func:`reconcile` replaces that ACL with these (the ACL sets differ).
+    """The device's role: its own topics, nothing else, as
+    :func:`~mdm_server.broker.rules.device_topics` names them (literal ids, no
+    patterns: the ids are [A-Za-z0-9_-], so they hold no wildcard). Telemetry only on
+    the six kinds' own topics: roles made before issue 10 allowed ``telemetry/+``,
+    any sub-topic; :func:`reconcile` replaces that ACL with these (the ACL sets differ).
 
     A role cannot refuse the retain flag (the plugin's ACL check in Mosquitto 2.0
     ignores it): the broker's config refuses retained messages, retained wills and
     QoS 2 for every client (deploy/mosquitto/mosquitto.conf). An OwnTracks device
     gets :func:`owntracks_acls` instead."""
-    if agent == "owntracks":
-        return owntracks_acls(tenant, device)
-    base = f"mdm/v1/{tenant}/devices/{device}"
-    return [{"acltype": t, "topic": topic, "priority": 0, "allow": True} for t, topic in (
-        *(("publishClientSend", f"{base}/telemetry/{kind}") for kind in KINDS),
-        ("publishClientSend", f"{base}/acks"),
-        ("publishClientSend", f"{base}/status"),
-        ("subscribeLiteral", f"{base}/commands"),
-        ("publishClientReceive", f"{base}/commands"),
-    )]
+    return _acls(device_topics(tenant, device, agent))
 
 
 def _generation_text(generation: int) -> str:

@@ -2,7 +2,9 @@
 
 One worker is one MQTT session (client id ``mdm-ingest-{index}``) in the shared
 subscription ``$share/{group}/mdm/v1/+/devices/+/telemetry/+``, so more workers,
-in more processes or on more machines, split the traffic. Everything runs on
+in more processes or on more machines, split the traffic; with ``MDM_AMQP_URL``
+(a RabbitMQ cluster) it is one consumer of the ingest's quorum queue instead
+(ingest/amqp.py, the reader interface in ingest/reader.py). Everything runs on
 one event loop (see ingest/mqtt.py for why).
 
 Order of operations per batch, which is what makes a crash harmless:
@@ -31,6 +33,7 @@ from mdm_server.agents.ingest import ForeignDecoder, owntracks_filter
 from mdm_server.config import Config
 from mdm_server.ingest.batch import DecodedBatch, WriteSet, admit
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
+from mdm_server.ingest.reader import MessageReader
 from mdm_server.ingest.record_ids import RecordIds, digest_groups
 from mdm_server.ingest.shaping import Plan, ShapeStats, apply, plan
 from mdm_server.ingest.sink import TelemetrySink, retry_while_away
@@ -165,14 +168,23 @@ class IngestWorker:
         self.policies = PolicyEngine(config)
         limiter = config.device_limiter()
         self._limit = limiter.check if limiter is not None else None
-        self.consumer = MqttConsumer(
-            config.require_mqtt(),
-            client_id=self.client_id,
-            # Our agents' telemetry, and OwnTracks' topics (mdm_server/agents/ingest.py).
-            subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER),
-                           shared_subscription(config.share_group, owntracks_filter())],
-            on_message=self._on_message,
-        )
+        self.consumer: MessageReader
+        if config.amqp is not None:
+            # A RabbitMQ cluster (MDM_AMQP_URL): the ingest's quorum queue, competing
+            # consumers; the broker holds at most two batches unacknowledged for us.
+            from mdm_server.ingest.amqp import AmqpConsumer
+
+            self.consumer = AmqpConsumer(config.amqp, on_message=self._on_message,
+                                         prefetch=2 * config.batch_max_records)
+        else:
+            self.consumer = MqttConsumer(
+                config.require_mqtt(),
+                client_id=self.client_id,
+                # Our agents' telemetry, and OwnTracks' topics (mdm_server/agents/ingest.py).
+                subscriptions=[shared_subscription(config.share_group, TELEMETRY_FILTER),
+                               shared_subscription(config.share_group, owntracks_filter())],
+                on_message=self._on_message,
+            )
 
     async def submit(self, msg: InboundMessage, submission: HttpSubmission) -> HttpOutcome:
         """An HTTP post of a foreign agent through this worker's core: rate limit,

@@ -16,6 +16,7 @@ from mdm_server.commands.keys import SigningKeyError, public_keys, signing_key
 from mdm_server.config import MqttSettings
 
 __all__ = [
+    "CREDENTIALS_CHANNEL",
     "DeviceIdentity",
     "DeviceInfo",
     "EnrollmentError",
@@ -23,6 +24,7 @@ __all__ = [
     "enroll_device",
     "lookup_devices",
     "mqtt_username",
+    "notify_credentials",
     "reenroll_device",
     "revoke_device",
     "start_enrollment",
@@ -240,6 +242,7 @@ async def reenroll_device(
         )
         if row is None:
             raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+        await notify_credentials(conn, tenant, device)
         password = _password(master_key, tenant, device, row["mqtt_generation"])
         agent = row["agent"]
         if agent != "native":
@@ -296,7 +299,20 @@ async def revoke_device(conn: asyncpg.Connection, *, tenant: str, device: str) -
     )
     if was is None:
         raise EnrollmentError(f"device {device!r} is not enrolled in tenant {tenant!r}")
+    await notify_credentials(conn, tenant, device)
     return was != "revoked"
+
+
+#: NOTIFY channel: a device's broker credentials ended (revocation, re-enrollment);
+#: the payload is its MQTT username. ``serve``'s broker hook closes its connections
+#: on a broker that holds no accounts of its own (mdm_server/broker/hook_revoke.py).
+CREDENTIALS_CHANNEL = "mdm_device_credentials"
+
+
+async def notify_credentials(conn: asyncpg.Connection, tenant: str, device: str) -> None:
+    """Say, at the commit, that the device's current broker credentials ended."""
+    await conn.execute("SELECT pg_notify($1, $2)", CREDENTIALS_CHANNEL,
+                       mqtt_username(tenant, device))
 
 
 async def device_identities(

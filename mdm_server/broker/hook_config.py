@@ -1,0 +1,120 @@
+"""The broker hook's settings: ``MDM_BROKER_HOOK_ADDR`` and the AMQP cluster's.
+
+Read by :func:`mdm_server.config.load_config` (the one reader of the environment):
+
+- ``MDM_BROKER_HOOK_ADDR`` (``host:port``): where ``serve`` answers a broker's
+  authentication and authorisation questions (mdm_server/broker/hook_http.py); unset,
+  no hook. It answers password questions, so it must not be where devices or the
+  internet reach it: a loopback or private address (10/8, 172.16/12, 192.168/16,
+  fc00::/7, fe80::/10) only, unless ``MDM_BROKER_HOOK_PUBLIC=1`` says a firewall
+  lets only the broker's nodes in (never the API's public address).
+- ``MDM_AMQP_URL``: the cluster's nodes, ``amqp://USER:PASSWORD@HOST:PORT`` (or
+  ``amqps://``) comma-separated; the user and password (the same in every URL, or
+  in the first only) are the server's own broker login, which the hook accepts
+  (and allows what the server needs). Plain ``amqp://`` to this host's loopback
+  only, as for MQTT.
+- ``MDM_AMQP_MANAGEMENT_URL``: the nodes' management API, ``http(s)://HOST:PORT``
+  comma-separated (``http://`` to loopback only); set, ``serve`` closes a revoked or
+  re-enrolled device's connections through it at once
+  (mdm_server/broker/hook_revoke.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from mdm_server.config import ConfigError, _parse_addr, is_loopback
+
+__all__ = ["AmqpSettings", "amqp_settings", "hook_addr", "is_internal"]
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpSettings:
+    """The AMQP cluster: its nodes (URLs without credentials), the server's broker
+    user, and the nodes' management API (may be empty)."""
+
+    urls: tuple[str, ...]
+    username: str
+    password: str = field(repr=False)
+    management_urls: tuple[str, ...] = ()
+
+
+def is_internal(host: str) -> bool:
+    """A loopback or private address (not "every address": ``0.0.0.0``, ``::``)."""
+    if is_loopback(host):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: where it points may change
+    return not ip.is_unspecified and (ip.is_private or ip.is_link_local)
+
+
+def hook_addr(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """``MDM_BROKER_HOOK_ADDR`` as (host, port), refused on a public address unless
+    ``MDM_BROKER_HOOK_PUBLIC=1``."""
+    raw = env.get("MDM_BROKER_HOOK_ADDR", "").strip()
+    if not raw:
+        return None
+    host, port = _parse_addr(raw, "MDM_BROKER_HOOK_ADDR")
+    if not is_internal(host) and env.get("MDM_BROKER_HOOK_PUBLIC", "") != "1":
+        raise ConfigError(
+            f"MDM_BROKER_HOOK_ADDR is {host}, not a loopback or private address: the hook "
+            "answers the broker's password questions and must not be reachable by devices "
+            "or the internet. Bind it to 127.0.0.1 or the broker nodes' private network, "
+            "or set MDM_BROKER_HOOK_PUBLIC=1 if a firewall lets only the broker's nodes in")
+    return host, port
+
+
+def _urls(raw: str, var: str, schemes: tuple[str, str]) -> list[tuple[str, str | None,
+                                                                      str | None]]:
+    """(url without credentials, user, password) for each comma-separated URL."""
+    out = []
+    for item in (u.strip() for u in raw.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ConfigError(f"{var} must be {schemes[1]}://HOST:PORT (or {schemes[0]}:// "
+                              "to this host's loopback), comma-separated")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{var} has an invalid port") from None
+        if parts.scheme == schemes[0] and not is_loopback(parts.hostname):
+            raise ConfigError(f"{var} is {schemes[0]}:// to {parts.hostname}: passwords "
+                              f"would cross the network readable; use {schemes[1]}://")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        bare = f"{parts.scheme}://{host}" + (f":{port}" if port else "") + parts.path
+        out.append((bare, unquote(parts.username) if parts.username else None,
+                    unquote(parts.password) if parts.password else None))
+    if not out:
+        raise ConfigError(f"{var} names no URL")
+    return out
+
+
+def amqp_settings(env: Mapping[str, str]) -> AmqpSettings | None:
+    """``MDM_AMQP_URL`` and ``MDM_AMQP_MANAGEMENT_URL``; None without the first."""
+    raw = env.get("MDM_AMQP_URL", "").strip()
+    mgmt_raw = env.get("MDM_AMQP_MANAGEMENT_URL", "").strip()
+    if not raw:
+        if mgmt_raw:
+            raise ConfigError("MDM_AMQP_MANAGEMENT_URL is set but MDM_AMQP_URL is not")
+        return None
+    nodes = _urls(raw, "MDM_AMQP_URL", ("amqp", "amqps"))
+    creds = {(u, p) for _, u, p in nodes if u or p}
+    if len(creds) != 1:
+        raise ConfigError("MDM_AMQP_URL must name the server's broker user and password "
+                          "(amqp://USER:PASSWORD@HOST:PORT), the same in every URL")
+    ((user, password),) = creds
+    if not user or not password:
+        raise ConfigError("MDM_AMQP_URL must name the server's broker user and password")
+    mgmt = _urls(mgmt_raw, "MDM_AMQP_MANAGEMENT_URL", ("http", "https")) if mgmt_raw else []
+    if any(u or p for _, u, p in mgmt):
+        raise ConfigError("MDM_AMQP_MANAGEMENT_URL must not hold credentials: the server "
+                          "logs in with MDM_AMQP_URL's")
+    return AmqpSettings(tuple(u for u, _, _ in nodes), user, password,
+                        tuple(u for u, _, _ in mgmt))
