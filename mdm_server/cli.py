@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "and send every device that trusts it a signed "
                                         "distrust_key (refused while a device trusts no "
                                         "newer one)")
-    kr.add_argument("key_id")
+    kr.add_argument("key_id", help="the key's id, as `keys list` prints it")
     kr.add_argument("--force", action="store_true",
                     help="retire even if devices are left without a key they trust")
     keys.add_parser("compact", help="re-wrap every device data key under a new key-ring epoch "
@@ -262,8 +262,20 @@ def _parser() -> argparse.ArgumentParser:
     al = aud.add_parser("list", help="a tenant's entries, newest first (JSON lines, each "
                                      "with its integrity)")
     al.add_argument("--tenant", required=True)
-    al.add_argument("--limit", type=int, default=100)
+    al.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    _describe_common(p)
     return p
+
+
+def _describe_common(parser: argparse.ArgumentParser) -> None:
+    """--tenant and --device mean the same everywhere: say so where nothing more is."""
+    words = {"--tenant": "the tenant's name", "--device": "the device's id"}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _describe_common(sub)
+        elif action.help is None and action.option_strings:
+            action.help = words.get(action.option_strings[0])
 
 
 async def _migrate(cfg: Config, server_role: str | None) -> None:

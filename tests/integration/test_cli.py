@@ -224,3 +224,22 @@ def test_serve_runs_http_and_two_ingest_workers(database: str, broker: Broker,
     assert "ingest-1:" in text
     assert "records/s" in text
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_every_option_of_every_command_is_described() -> None:
+    import argparse
+
+    from mdm_server.cli import _parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not action.help:
+                bare.append(" ".join([*path, *(action.option_strings or [action.dest])]))
+
+    walk(_parser(), ["mdm-server"])
+    assert bare == []
