@@ -28,7 +28,8 @@ def page_limit(request: web.Request) -> int:
     return int(raw)
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
+def query_time(request: web.Request, name: str) -> datetime | None:
+    """``?name=``: an RFC 3339 time with its zone, in UTC; None if absent (400 if bad)."""
     raw = request.query.get(name)
     if raw is None:
         return None
@@ -54,7 +55,7 @@ def parse_data_query(request: web.Request) -> DataQuery:
     kind = request.query.get("kind")
     if kind not in KINDS:
         raise web.HTTPBadRequest(reason="kind must be one of " + ", ".join(KINDS))
-    start, end = _time(request, "from"), _time(request, "to")
+    start, end = query_time(request, "from"), query_time(request, "to")
     if start is not None and end is not None and end < start:
         raise web.HTTPBadRequest(reason="to must not be before from")
     cursor = request.query.get("cursor")

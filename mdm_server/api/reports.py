@@ -37,6 +37,7 @@ from mdm_server.api.auth import (
     user_coverage,
 )
 from mdm_server.api.context import POOL, audit_keys, keyring
+from mdm_server.api.data import query_time
 from mdm_server.api.devices import log_personal_read
 from mdm_server.api.errors import json_error
 from mdm_server.api.limits import BODY_LIMIT, body_limit
@@ -103,23 +104,10 @@ async def _limit_in_force(request: web.Request, conn: asyncpg.Connection, tenant
     return await overdue_limit(conn, tenant, hit[1])
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        t = datetime.fromisoformat(raw)
-        if t.tzinfo is None:
-            raise web.HTTPBadRequest(reason=f"{name} needs a time zone (Z or +hh:mm)")
-        return t.astimezone(UTC)  # OverflowError at the ends of the calendar
-    except (ValueError, OverflowError):
-        raise web.HTTPBadRequest(reason=f"{name} must be an RFC 3339 timestamp") from None
-
-
 def _range(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
     """``from``/``to``: by default the last RANGE_DEFAULT_DAYS up to now; at most
     RANGE_MAX_DAYS apart (400 otherwise)."""
-    start, end = _time(request, "from"), _time(request, "to")
+    start, end = query_time(request, "from"), query_time(request, "to")
     try:
         if end is None:
             end = now if start is None else min(now, start + timedelta(days=RANGE_MAX_DAYS))

@@ -31,6 +31,7 @@ from mdm_server.analysis.places import Place, PlaceSet, parse_place
 from mdm_server.analysis.trips import BOUNDS, Params, analyse, to_json
 from mdm_server.api.auth import require_reader
 from mdm_server.api.context import POOL, audit_keys, keyring
+from mdm_server.api.data import query_time
 from mdm_server.api.devices import log_personal_read
 from mdm_server.api.errors import json_error
 from mdm_server.policy.offload import policy_work
@@ -60,16 +61,10 @@ class TripsQuery:
 
 
 def _time(request: web.Request, name: str) -> datetime:
-    raw = request.query.get(name)
-    if raw is None:
+    t = query_time(request, name)
+    if t is None:
         raise web.HTTPBadRequest(reason=f"{name} is required (RFC 3339)")
-    try:
-        t = datetime.fromisoformat(raw)
-        if t.tzinfo is None:
-            raise web.HTTPBadRequest(reason=f"{name} needs a time zone (Z or +hh:mm)")
-        return t.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise web.HTTPBadRequest(reason=f"{name} must be an RFC 3339 timestamp") from None
+    return t
 
 
 @functools.cache
