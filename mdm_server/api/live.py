@@ -29,6 +29,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -274,6 +275,22 @@ async def live(request: web.Request) -> web.StreamResponse:
             await _end(hub, pool, keys, who.tenant, watch_id)
 
 
+async def _items(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
+                 who: Principal, device: str | None) -> AsyncIterator[tuple[str, Any]]:
+    """What both streams do with an item: end on overflow or shutdown (saying so),
+    pass a gap on; every other item is the stream's to send."""
+    clock = {"beat": time.monotonic(), "checked": time.monotonic()}
+    while (item := await _next(request, resp, sub, who, device, clock)) is not None:
+        kind = item[0]
+        if kind in ("overflow", "shutdown"):
+            await _finish(resp, kind)
+            return
+        if kind == "gap":
+            await resp.write(_json_event("gap", _GAP))
+            continue
+        yield item
+
+
 async def _admin_stream(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
                         who: Principal, device: str | None, group: str | None,
                         watch_id: uuid.UUID, since: datetime, watched: list[str],
@@ -285,18 +302,7 @@ async def _admin_stream(request: web.Request, resp: web.StreamResponse, sub: Sub
             "filter": {"device": device, "group": group}, "devices": len(watched)}))
         await resp.write(_event("location", _points(
             await _last_known(request, who.tenant, watched), last_known=True)))
-        clock = {"beat": time.monotonic(), "checked": time.monotonic()}
-        while True:
-            item = await _next(request, resp, sub, who, None, clock)
-            if item is None:
-                break
-            kind, obj = item
-            if kind in ("overflow", "shutdown"):
-                await _finish(resp, kind)
-                break
-            if kind == "gap":
-                await resp.write(_json_event("gap", _GAP))
-                continue
+        async for kind, obj in _items(request, resp, sub, who, None):
             if kind != "location":
                 continue
             batch: Batch = obj
@@ -382,18 +388,8 @@ async def _user_stream(request: web.Request, resp: web.StreamResponse, sub: Subs
                        who: Principal, device: str, since: datetime,
                        watching: list[dict[str, Any]]) -> None:
     await resp.write(_json_event("ready", {"device": device, "watching": watching}))
-    clock = {"beat": time.monotonic(), "checked": time.monotonic()}
-    while True:
-        item = await _next(request, resp, sub, who, device, clock)
-        if item is None:
-            break
-        kind, obj = item
-        if kind in ("overflow", "shutdown"):
-            await _finish(resp, kind)
-            break
-        if kind == "gap":
-            await resp.write(_json_event("gap", _GAP))
-        elif kind == "location":
+    async for kind, obj in _items(request, resp, sub, who, device):
+        if kind == "location":
             batch: Batch = obj
             parts = batch.points.get(device)
             if parts:
