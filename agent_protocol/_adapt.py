@@ -74,6 +74,18 @@ def number(value: object, path: str, name: str) -> float | None:
     return f
 
 
+def position(lat: float | None, lon: float | None, path: str,
+             names: tuple[str, str] = ("lat", "lon")) -> dict[str, Any]:
+    """A location's ``{"lat", "lon"}``; ``missing_field`` (named as the app names
+    it) when either is absent."""
+    for name, value in zip(names, (lat, lon), strict=True):
+        if value is None:
+            raise RemoteProtocolError(
+                Reason.MISSING_FIELD, f"{name} is required", join(path, name)
+            )
+    return {"lat": lat, "lon": lon}
+
+
 def check_window(ts_ms: int, now_ms: int, path: str, name: str) -> int:
     """Refuse a time more than 24 h after ``now_ms`` (``future_timestamp``) or more
     than 400 days before it, or before 1970 (``bad_timestamp``), as for our own agents."""

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from agent_protocol._adapt import build_record, check_window, join, number
+from agent_protocol._adapt import build_record, check_window, join, number, position
 from agent_protocol.envelope import MAX_BATCH_RECORDS, MAX_PAYLOAD_BYTES, Record
 from agent_protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 
@@ -304,12 +304,7 @@ class _Decoder:
             raise RemoteProtocolError(Reason.WRONG_TYPE, "coords must be an object", coords_path)
         lat = number(coords.get("latitude"), coords_path, "latitude")
         lon = number(coords.get("longitude"), coords_path, "longitude")
-        for name, v in (("latitude", lat), ("longitude", lon)):
-            if v is None:
-                raise RemoteProtocolError(
-                    Reason.MISSING_FIELD, f"{name} is required", join(coords_path, name)
-                )
-        data: dict[str, Any] = {"lat": lat, "lon": lon}
+        data = position(lat, lon, coords_path, ("latitude", "longitude"))
         # -1 is the plugin's "unknown" for speed, heading and the accuracies.
         acc = number(coords.get("accuracy"), coords_path, "accuracy")
         if acc is not None and acc > 0:
@@ -388,12 +383,7 @@ class _Decoder:
                 )
             lat = number(parts[0], path, "location")
             lon = number(parts[1], path, "location")
-        for name, v in (("lat", lat), ("lon", lon)):
-            if v is None:
-                raise RemoteProtocolError(
-                    Reason.MISSING_FIELD, f"{name} is required", join(path, name)
-                )
-        data: dict[str, Any] = {"lat": lat, "lon": lon}
+        data = position(lat, lon, path)
         # Accuracy 0.0 is the legacy Android client's "unknown" (GPS fixes); negative
         # values are nobody's real accuracy. The OsmAnd app sends accuracy as "hdop".
         acc = number(single.get("accuracy"), path, "accuracy")

@@ -31,7 +31,7 @@ import nacl.exceptions
 import nacl.secret
 import orjson
 
-from agent_protocol._adapt import build_record, check_window, join, number
+from agent_protocol._adapt import build_record, check_window, join, number, position
 from agent_protocol.envelope import MAX_BATCH_RECORDS, MAX_PAYLOAD_BYTES, Record
 from agent_protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent_protocol.kinds import LOCATION_SOURCES
@@ -343,12 +343,7 @@ class _Decoder:
         ts_ms = check_window(_tst(obj, path), now_ms, path, "tst")
         lat = number(obj.get("lat"), path, "lat")
         lon = number(obj.get("lon"), path, "lon")
-        for name, value in (("lat", lat), ("lon", lon)):
-            if value is None:
-                raise RemoteProtocolError(
-                    Reason.MISSING_FIELD, f"{name} is required", join(path, name)
-                )
-        loc: dict[str, Any] = {"lat": lat, "lon": lon}
+        loc = position(lat, lon, path)
         # Negative acc, vel and cog are the apps' "unknown" (old iOS, Queclink: -1).
         acc = number(obj.get("acc"), path, "acc")
         if acc is not None and acc >= 0:
