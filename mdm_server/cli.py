@@ -91,9 +91,11 @@ environment (README.md, "Environment", says more of each):
   MDM_BROKER_HOOK_ADDR      host:port (loopback or private) where serve answers a
                             clustered broker's auth questions (MDM_BROKER_HOOK_PUBLIC=1
                             to allow another address behind a firewall)
-  MDM_AMQP_URL, MDM_AMQP_MANAGEMENT_URL
-                            the AMQP cluster's nodes with the server's broker login,
-                            and their management API (closing revoked devices' links)
+  MDM_AMQP_URL, MDM_AMQP_MANAGEMENT_URL, MDM_AMQP_CA_FILE
+                            the AMQP cluster's nodes with the server's broker login
+                            (set: ingest, acks and commands go through it, and
+                            MDM_MQTT_URL is not needed), their management API (closing
+                            revoked devices' links), the CA for amqps://
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
   MDM_LOG_FORMAT            text (default) or json: one JSON object a line
   MDM_METRICS_ADDR          host:port of serve's GET /metrics (Prometheus), a second
@@ -493,7 +495,11 @@ async def _sync_broker(cfg: Config, conn: asyncpg.Connection, tenant: str, devic
     on stderr: a running serve reconciles as soon as it reaches the broker."""
     from mdm_server.broker.identity import sync_or_defer
 
-    mqtt = cfg.require_mqtt()
+    if cfg.mqtt is None:
+        # Devices are on a cluster (MDM_AMQP_URL) whose nodes ask serve's broker hook:
+        # it reads the device's row at every question; nothing to tell.
+        return True
+    mqtt = cfg.mqtt
     if not mqtt.username:
         print(f"mdm-server: note: the device {done}; MDM_MQTT_URL names no MQTT user, so "
               "the broker was not told (fine only for an anonymous experimental broker)",
@@ -526,7 +532,7 @@ async def _device_revoke(cfg: Config, args: argparse.Namespace) -> int:
         synced = await _sync_broker(cfg, conn, args.tenant, args.device, "is revoked")
     finally:
         await conn.close()
-    return 0 if synced or not cfg.require_mqtt().username else 4
+    return 0 if synced or (cfg.mqtt is not None and not cfg.mqtt.username) else 4
 
 
 async def _device_reenroll(cfg: Config, args: argparse.Namespace) -> None:
@@ -927,10 +933,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.command == "keys" and args.action in ("compact", "rotate-master")):
             cfg.require_master_key()
             cfg.require_keyring_dir()  # stored telemetry is sealed under keys it wraps
-        if args.command in ("serve", "ingest", "broker") or (
-                args.command == "device" and args.action not in ("list", "stale")):
-            # Where the broker is, and a CA file that loads, before anything starts.
+        if args.command == "broker":  # Mosquitto's own accounts and files
             cfg.require_mqtt().ssl_context()
+        elif args.command in ("serve", "ingest") or (
+                args.command == "device" and args.action not in ("list", "stale")):
+            # Where the broker is, and CA files that load, before anything starts.
+            cfg.check_brokers()
         if args.command in ("serve", "ingest"):
             _refuse_published_master_key(cfg)
         if args.command == "serve":

@@ -156,7 +156,8 @@ class DeviceBroker:
 class Config:
     database_url: str = field(repr=False)
     # MDM_MQTT_URL (+ MDM_MQTT_CA_FILE): the server's own broker connection; None
-    # when unset (serve, ingest and the broker commands refuse: require_mqtt).
+    # when unset (serve and ingest then need MDM_AMQP_URL: check_brokers; the broker
+    # commands refuse: require_mqtt).
     mqtt: MqttSettings | None
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -243,6 +244,18 @@ class Config:
                 "CA) or mqtt://mdm-server:PASSWORD@127.0.0.1:PORT (plain text, this host "
                 "only); scripts/broker prints it")
         return self.mqtt
+
+    def check_brokers(self) -> None:
+        """A broker to use (``MDM_AMQP_URL`` or ``MDM_MQTT_URL``) and CA files that
+        load, or ConfigError. With ``MDM_AMQP_URL`` the devices are on that cluster
+        (ingest, acks, status and commands go through it) and ``MDM_MQTT_URL`` is
+        optional: set, serve also keeps that Mosquitto's device accounts in step."""
+        if self.mqtt is not None or self.amqp is None:
+            self.require_mqtt().ssl_context()
+        if self.amqp is not None and any(u.startswith("amqps:") for u in self.amqp.urls):
+            from mdm_server.broker.amqp import ssl_context
+
+            ssl_context(self.amqp)
 
     def https_context(self) -> ssl.SSLContext | None:
         """None unless MDM_TLS_CERT and MDM_TLS_KEY are set; then serve's TLS server

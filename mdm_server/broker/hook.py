@@ -54,6 +54,7 @@ __all__ = [
     "HookStats",
     "Principal",
     "parse_username",
+    "server_routing_key",
     "topic_routing_key",
 ]
 
@@ -111,6 +112,16 @@ def topic_routing_key(topic: str) -> str:
     have one key: questions about keys are answered by comparing keys, never by
     turning a key back into a topic)."""
     return ".".join("*" if level == "+" else level for level in topic.split("/"))
+
+
+def server_routing_key(pattern: str) -> str:
+    """The routing-key pattern of one of the server's MQTT filters, as the keys it
+    must match are made: an OwnTracks topic's username level (``{tenant}.{device}``)
+    is two words of its key, so ``owntracks/+/+/cmd`` is ``owntracks.*.*.*.cmd``."""
+    key = topic_routing_key(pattern)
+    if pattern.startswith("owntracks/+/"):
+        return "owntracks.*." + key[len("owntracks."):]
+    return key
 
 
 class _FailureThrottle:
@@ -305,7 +316,7 @@ class BrokerHook:
         allowed (:func:`topic_routing_key`)."""
         if who.is_server:
             patterns = SERVER_PUBLISH if action == "publish" else SERVER_SUBSCRIBE
-            return any(filter_covers(topic_routing_key(p), routing_key, sep=".", one="*")
+            return any(filter_covers(server_routing_key(p), routing_key, sep=".", one="*")
                        for p in patterns)
         assert who.tenant is not None and who.device is not None
         own = device_topics(who.tenant, who.device, who.agent)

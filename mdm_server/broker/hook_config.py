@@ -13,6 +13,8 @@ Read by :func:`mdm_server.config.load_config` (the one reader of the environment
   in the first only) are the server's own broker login, which the hook accepts
   (and allows what the server needs). Plain ``amqp://`` to this host's loopback
   only, as for MQTT.
+- ``MDM_AMQP_CA_FILE``: the CA (PEM) that ``amqps://`` nodes' certificates are
+  checked against; unset, the system's trusted CAs.
 - ``MDM_AMQP_MANAGEMENT_URL``: the nodes' management API, ``http(s)://HOST:PORT``
   comma-separated (``http://`` to loopback only); set, ``serve`` closes a revoked or
   re-enrolled device's connections through it at once
@@ -24,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from mdm_server.config import ConfigError, _parse_addr, is_loopback
@@ -40,6 +43,8 @@ class AmqpSettings:
     username: str
     password: str = field(repr=False)
     management_urls: tuple[str, ...] = ()
+    #: MDM_AMQP_CA_FILE: the CA for ``amqps://`` nodes (None: the system's).
+    ca_file: Path | None = None
 
 
 def is_internal(host: str) -> bool:
@@ -100,10 +105,15 @@ def amqp_settings(env: Mapping[str, str]) -> AmqpSettings | None:
     """``MDM_AMQP_URL`` and ``MDM_AMQP_MANAGEMENT_URL``; None without the first."""
     raw = env.get("MDM_AMQP_URL", "").strip()
     mgmt_raw = env.get("MDM_AMQP_MANAGEMENT_URL", "").strip()
+    ca_raw = env.get("MDM_AMQP_CA_FILE", "").strip()
     if not raw:
-        if mgmt_raw:
-            raise ConfigError("MDM_AMQP_MANAGEMENT_URL is set but MDM_AMQP_URL is not")
+        if mgmt_raw or ca_raw:
+            raise ConfigError("MDM_AMQP_MANAGEMENT_URL or MDM_AMQP_CA_FILE is set but "
+                              "MDM_AMQP_URL is not")
         return None
+    ca_file = Path(ca_raw) if ca_raw else None
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError("MDM_AMQP_CA_FILE names no readable file")
     nodes = _urls(raw, "MDM_AMQP_URL", ("amqp", "amqps"))
     creds = {(u, p) for _, u, p in nodes if u or p}
     if len(creds) != 1:
@@ -117,4 +127,4 @@ def amqp_settings(env: Mapping[str, str]) -> AmqpSettings | None:
         raise ConfigError("MDM_AMQP_MANAGEMENT_URL must not hold credentials: the server "
                           "logs in with MDM_AMQP_URL's")
     return AmqpSettings(tuple(u for u, _, _ in nodes), user, password,
-                        tuple(u for u, _, _ in mgmt))
+                        tuple(u for u, _, _ in mgmt), ca_file)

@@ -1,7 +1,9 @@
 """The ack consumer: devices' acks and status messages move commands forward.
 
 Subscribes (shared subscription, persistent session, QoS 1, manual acks) to every
-device's ``.../acks`` and ``.../status``. A batch of messages is applied in one
+device's ``.../acks`` and ``.../status``; on a RabbitMQ cluster (``MDM_AMQP_URL``)
+consumes the quorum queue ``mdm-acks`` bound to them instead (competing consumers,
+as the ingest: mdm_server/ingest/amqp.py). A batch of messages is applied in one
 transaction and acknowledged to the broker only after the commit, like telemetry:
 an ack the broker accepted is never lost.
 
@@ -57,6 +59,7 @@ from mdm_server.config import Config
 from mdm_server.ingest.batch import DeadLetter
 from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
 from mdm_server.ingest.mqtt import InboundMessage, MqttConsumer
+from mdm_server.ingest.reader import MessageReader
 from mdm_server.ingest.sink import retry_while_away
 from mdm_server.ops import metrics
 
@@ -103,7 +106,7 @@ class AckConsumer:
         self._inbox: list[InboundMessage] = []
         self._wake = asyncio.Event()
         self.stats = AckStats()
-        self.consumer: MqttConsumer | None = None
+        self.consumer: MessageReader | None = None
         limiter = config.device_limiter()
         self._limit = limiter.check if limiter is not None else None
         self._audit_keys: audit.AuditKeys | None = None  # made when a consent is audited
@@ -121,13 +124,25 @@ class AckConsumer:
         self._inbox.append(msg)
         self._wake.set()
 
-    async def run(self) -> None:
-        self.consumer = MqttConsumer(
+    def _reader(self) -> MessageReader:
+        amqp = self._config.amqp
+        if amqp is not None:
+            from mdm_server.broker.hook import topic_routing_key
+            from mdm_server.ingest.amqp import AmqpConsumer
+
+            return AmqpConsumer(amqp, on_message=self._on_message, prefetch=2 * _BATCH,
+                                queue=SHARE_GROUP, label="acks",
+                                bindings=(topic_routing_key(ACKS_FILTER),
+                                          topic_routing_key(STATUS_FILTER)))
+        return MqttConsumer(
             self._config.require_mqtt(), client_id=self._client_id,
             subscriptions=[shared_subscription(SHARE_GROUP, ACKS_FILTER),
                            shared_subscription(SHARE_GROUP, STATUS_FILTER)],
             on_message=self._on_message, label="acks")
-        reader = asyncio.create_task(self.consumer.run(), name=f"{self._client_id}-mqtt")
+
+    async def run(self) -> None:
+        self.consumer = self._reader()
+        reader = asyncio.create_task(self.consumer.run(), name=f"{self._client_id}-reader")
         try:
             while True:
                 await self._wake.wait()

@@ -1,12 +1,14 @@
-"""The command outbox: commands are rows first, MQTT messages second.
+"""The command outbox: commands are rows first, broker messages second.
 
 ``enqueue`` inserts a ``queued`` row inside the caller's transaction (so a command
 exists exactly when the change that asked for it was committed) and NOTIFYs
 ``mdm_commands``. The :class:`CommandDispatcher` signs queued commands, stores the
 signed bytes (a resend is byte-identical, so the agent's nonce check absorbs a
 duplicate), publishes them at QoS 1 (never retained) and marks a command ``sent``
-only once the broker has acknowledged it. While the broker is away commands stay
-queued; a server restart loses nothing, because the queue is the table.
+only once the broker has acknowledged it (Mosquitto, or a RabbitMQ cluster when
+``MDM_AMQP_URL`` is set: mdm_server/commands/publishers.py). While the broker is
+away commands stay queued; a server restart loses nothing, because the queue is
+the table.
 
 Nothing is signed or published for a revoked device: both claims read the
 device's status, and revoking (or re-enrolling) a device withdraws its unfinished
@@ -28,9 +30,6 @@ from typing import Any
 
 import asyncpg
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
 from agent_protocol import (
     COMMAND_TYPES,
@@ -45,8 +44,8 @@ from agent_protocol import (
 from mdm_server.agents.commands import owntracks_cmd_topic, owntracks_form
 from mdm_server.commands import states
 from mdm_server.commands.keys import KeyRing
+from mdm_server.commands.publishers import make_publisher
 from mdm_server.config import Config
-from mdm_server.mqtt_client import configure
 from mdm_server.storage.pool import connect
 
 __all__ = ["NOTIFY_CHANNEL", "CommandDispatcher", "check_command", "enqueue",
@@ -157,10 +156,11 @@ class CommandDispatcher:
     """Signs and publishes queued commands; one per ``serve`` process.
 
     Several dispatchers (several servers) may run against one database: rows are
-    claimed with ``FOR UPDATE SKIP LOCKED``. The MQTT client is paho's own
-    thread (``loop_start``); ``publish`` is thread-safe and PUBACKs come back to
-    the event loop through ``call_soon_threadsafe``. At most ``batch`` publishes
-    are unacknowledged at any time (paho's message ids are 16-bit).
+    claimed with ``FOR UPDATE SKIP LOCKED``. The broker side is a
+    :class:`~mdm_server.commands.publishers.CommandPublisher`: Mosquitto over MQTT,
+    or a RabbitMQ cluster over AMQP when ``MDM_AMQP_URL`` is set; either way a
+    command is ``sent`` only once the broker has acknowledged it, and at most
+    ``batch`` publishes are unacknowledged at any time.
     """
 
     def __init__(self, config: Config, pool: asyncpg.Pool, *, batch: int = 500,
@@ -170,66 +170,16 @@ class CommandDispatcher:
         self._pool = pool
         self._batch = batch
         self._poll_s = poll_s
-        self._ack_timeout_s = ack_timeout_s
-        self._client_id = client_id
-        self._pending: dict[int, asyncio.Future[bool]] = {}
         self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: paho.Client | None = None
+        self._publisher = make_publisher(config, batch=batch, ack_timeout_s=ack_timeout_s,
+                                         client_id=client_id)
+        self._started = False
         self._keys = KeyRing(config.master_key)
         self.sent = 0
 
-    # -- MQTT (callbacks run on paho's thread) ---------------------------------
-
-    def _call(self, fn: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
-                loop.call_soon_threadsafe(fn, *args)
-
     @property
     def broker_connected(self) -> bool:
-        client = self._client
-        return client is not None and client.is_connected()
-
-    def _on_connect(self, client: paho.Client, userdata: object, flags: object,
-                    rc: ReasonCode, props: object) -> None:
-        if rc.is_failure:
-            log.error("command dispatch: broker refused the connection: %s", rc)
-            return
-        log.info("command dispatch connected to the broker")
-        self._call(self._wake.set)
-
-    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
-                       rc: ReasonCode, props: object) -> None:
-        if rc.is_failure:
-            log.warning("command dispatch disconnected from the broker: %s", rc)
-        else:  # our own DISCONNECT: a normal stop
-            log.info("command dispatch disconnected from the broker")
-
-    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
-                    rc: ReasonCode, props: object) -> None:
-        self._call(self._acked, mid, not rc.is_failure)
-
-    def _acked(self, mid: int, ok: bool) -> None:
-        fut = self._pending.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(ok)
-
-    def _start_client(self) -> paho.Client:
-        s = self._config.require_mqtt()
-        c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                        client_id=self._client_id, clean_session=True,
-                        protocol=paho.MQTTv311)
-        configure(c, s)
-        c.max_inflight_messages_set(self._batch)
-        c.reconnect_delay_set(min_delay=1, max_delay=5)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_publish = self._on_publish
-        c.connect_async(s.host, s.port, keepalive=30)
-        c.loop_start()  # retries the first connection too
-        return c
+        return self._started and self._publisher.connected
 
     # -- the loop --------------------------------------------------------------
 
@@ -247,8 +197,8 @@ class CommandDispatcher:
 
     async def run(self) -> None:
         """Dispatch until cancelled: on NOTIFY, on (re)connection, and every poll_s."""
-        self._loop = asyncio.get_running_loop()
-        self._client = self._start_client()
+        self._publisher.start(self._wake)
+        self._started = True
         listen: asyncpg.Connection | None = None
         try:
             while True:
@@ -266,12 +216,8 @@ class CommandDispatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_s)
         finally:
-            client, self._client = self._client, None
-            client.disconnect()
-            await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
-            for fut in self._pending.values():
-                fut.cancel()
-            self._pending.clear()
+            self._started = False
+            await self._publisher.stop()
             if listen is not None and not listen.is_closed():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listen.close(), 5)
@@ -280,14 +226,13 @@ class CommandDispatcher:
         """Sign what is unsigned, publish one batch; True if more may be waiting."""
         async with self._pool.acquire() as conn:
             await expire_due(conn)  # time runs out whether or not the broker is there
-            client = self._client
-            if client is None or not client.is_connected():
+            if not self.broker_connected:
                 return False  # nothing is claimed while the broker is away
             await self._sign_queued(conn)
-            more = await self._publish_signed(conn, client)
-            return await self._publish_foreign(conn, client) or more
+            more = await self._publish_signed(conn)
+            return await self._publish_foreign(conn) or more
 
-    async def _publish_foreign(self, conn: asyncpg.Connection, client: paho.Client) -> bool:
+    async def _publish_foreign(self, conn: asyncpg.Connection) -> bool:
         """OwnTracks devices' commands in the app's own form (unsigned: the app
         verifies nothing; only ``locate`` is ever queued for it, the API refuses
         the rest), on ``owntracks/{username}/{device}/cmd``, QoS 1, not retained;
@@ -304,7 +249,7 @@ class CommandDispatcher:
             if not rows:
                 return False
             forms = [owntracks_form(r["type"]) for r in rows]
-            acked = await self._publish(client, [
+            acked = await self._publisher.publish([
                 (owntracks_cmd_topic(f"{r['tenant_id']}.{r['device_id']}", r["device_id"]),
                  orjson.dumps(f)) for r, f in zip(rows, forms, strict=True)])
             if acked:
@@ -383,7 +328,7 @@ class CommandDispatcher:
                        SELECT command_id, 'sign_failed', 'queued', 'failed', true, $2 FROM f""",
                     failed)
 
-    async def _publish_signed(self, conn: asyncpg.Connection, client: paho.Client) -> bool:
+    async def _publish_signed(self, conn: asyncpg.Connection) -> bool:
         async with conn.transaction():
             # First sends, then re-sends owed to devices that reconnected before
             # acknowledging receipt (same signed bytes: the agent's nonce and
@@ -398,8 +343,8 @@ class CommandDispatcher:
                 self._batch, list(states.from_states("reconnect")))
             if not rows:
                 return False
-            acked = await self._publish(
-                client, [(commands_topic(r["tenant_id"], r["device_id"]), r["payload"])
+            acked = await self._publisher.publish(
+                [(commands_topic(r["tenant_id"], r["device_id"]), r["payload"])
                          for r in rows])
             if acked:
                 ids = [rows[i]["command_id"] for i in acked]
@@ -423,25 +368,3 @@ class CommandDispatcher:
                                               ELSE old_state END, true FROM upd""", ids)
                 self.sent += len(acked)
             return len(acked) == len(rows) == self._batch
-
-    async def _publish(self, client: paho.Client, messages: list[tuple[str, bytes]]
-                       ) -> list[int]:
-        """Publish at QoS 1, not retained; the indices the broker acknowledged."""
-        assert self._loop is not None
-        waiting: list[tuple[int, int, asyncio.Future[bool]]] = []
-        try:
-            for i, (topic, payload) in enumerate(messages):
-                info = client.publish(topic, payload, qos=1, retain=False)
-                if info.rc != paho.MQTT_ERR_SUCCESS:
-                    break  # disconnected: the rest stays queued for the next round
-                fut: asyncio.Future[bool] = self._loop.create_future()
-                # Registered before the loop runs any PUBACK callback (same thread).
-                self._pending[info.mid] = fut
-                waiting.append((i, info.mid, fut))
-            if waiting:
-                await asyncio.wait([f for _, _, f in waiting], timeout=self._ack_timeout_s)
-            return [i for i, _, f in waiting if f.done() and not f.cancelled() and f.result()]
-        finally:
-            for _, mid, f in waiting:
-                if self._pending.get(mid) is f:
-                    del self._pending[mid]

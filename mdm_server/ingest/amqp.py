@@ -25,10 +25,11 @@ again what was not acknowledged, and storage's unique key absorbs the repeat.
   therefore no-ops.
 - **Failover**: the URLs are tried in turn (a node down: the next one), with
   backoff once all failed.
-- The routing key is turned back into the topic (``.`` -> ``/``): ids hold no
-  ``.``, so for our agents' topics this is exact. OwnTracks' topics hold the
-  device's username ``{tenant}.{device}`` and cannot be told back from their key:
-  OwnTracks devices are not read over AMQP (yet).
+- The routing key is turned back into the topic
+  (:func:`mdm_server.broker.amqp.routing_key_topic`): exact for our agents' and
+  OwnTracks' topics. The ingest's queue is bound to both (OwnTracks' messages take
+  the same core as on Mosquitto, mdm_server/agents/ingest.py); the ack consumer's,
+  ``mdm-acks``, to acks and status (mdm_server/commands/acks.py).
 """
 
 from __future__ import annotations
@@ -36,35 +37,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection
 
 from agent_protocol import TELEMETRY_FILTER
-from mdm_server.broker.hook import topic_routing_key
+from agent_protocol.owntracks import OWNTRACKS_FILTER
+from mdm_server.broker.amqp import EXCHANGE, open_connection, routing_key_topic, run_with_failover
+from mdm_server.broker.hook import server_routing_key, topic_routing_key
 from mdm_server.broker.hook_config import AmqpSettings
 from mdm_server.ingest.mqtt import InboundMessage
 
-__all__ = ["INGEST_QUEUE", "AmqpConsumer", "routing_key_topic"]
+__all__ = ["INGEST_BINDINGS", "INGEST_QUEUE", "AmqpConsumer"]
 
 log = logging.getLogger(__name__)
 
 #: The ingest's queue: quorum, durable, shared by every worker of every serve.
 INGEST_QUEUE = "mdm-ingest"
-_EXCHANGE = "amq.topic"
-
-
-def routing_key_topic(routing_key: str) -> str:
-    """The MQTT topic of one of our agents' routing keys (ids hold no ``.``)."""
-    return routing_key.replace(".", "/")
-
-
-def _with_credentials(url: str, amqp: AmqpSettings) -> str:
-    parts = urlsplit(url)
-    netloc = f"{quote(amqp.username, safe='')}:{quote(amqp.password, safe='')}@{parts.netloc}"
-    return urlunsplit(parts._replace(netloc=netloc))
+#: What it is bound to: our agents' telemetry and OwnTracks' topics (whose username
+#: level is two words; ``#`` matches zero or more words, as in the MQTT filter).
+INGEST_BINDINGS = (topic_routing_key(TELEMETRY_FILTER), server_routing_key(OWNTRACKS_FILTER))
 
 
 async def _ack(channel: aiormq.abc.AbstractChannel, tag: int) -> None:
@@ -76,7 +68,7 @@ class AmqpConsumer:
 
     def __init__(self, amqp: AmqpSettings, *, on_message: Callable[[InboundMessage], None],
                  prefetch: int = 10_000, queue: str = INGEST_QUEUE,
-                 bindings: tuple[str, ...] = (topic_routing_key(TELEMETRY_FILTER),),
+                 bindings: tuple[str, ...] = INGEST_BINDINGS,
                  label: str = "ingest") -> None:
         self._amqp = amqp
         self._deliver = on_message
@@ -90,6 +82,7 @@ class AmqpConsumer:
         self._underlay: aiormq.abc.AbstractChannel | None = None  # acks are written here
         self._acks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
+        self._went = False  # subscribed since run_with_failover last asked
 
     async def _on_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
         """aiormq's consumer callback (its own task per message, started in delivery
@@ -107,15 +100,14 @@ class AmqpConsumer:
 
     async def _consume(self, url: str) -> None:
         """One connection to one node, until it is lost (raises) or cancelled."""
-        connection: AbstractConnection = await aio_pika.connect(
-            _with_credentials(url, self._amqp), timeout=10)
+        connection = await open_connection(self._amqp, url)
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self._prefetch)
             queue = await channel.declare_queue(
                 self._queue_name, durable=True, arguments={"x-queue-type": "quorum"})
             for key in self._bindings:
-                await queue.bind(_EXCHANGE, routing_key=key)
+                await queue.bind(EXCHANGE, routing_key=key)
             self.generation += 1
             self._underlay = await channel.get_underlay_channel()
             self._closed.clear()
@@ -127,6 +119,7 @@ class AmqpConsumer:
             log.info("%s subscribed (AMQP queue %s on %s)", self._label, self._queue_name,
                      urlsplit(url).netloc)
             self.subscribed.set()
+            self._went = True
             await self._closed.wait()
             raise ConnectionError("the AMQP channel or connection closed")
         finally:
@@ -137,20 +130,11 @@ class AmqpConsumer:
 
     async def run(self) -> None:
         """Consume, fail over between the nodes, reconnect with backoff; until cancelled."""
-        backoff = 0.2
-        while True:
-            for url in self._amqp.urls:
-                try:
-                    await self._consume(url)
-                except (OSError, ConnectionError, TimeoutError, aiormq.exceptions.AMQPError,
-                        aio_pika.exceptions.AMQPException) as exc:
-                    log.warning("%s: AMQP node %s lost or unreachable (%s)", self._label,
-                                urlsplit(url).netloc, type(exc).__name__)
-                    if self.subscribed.is_set():
-                        backoff = 0.2  # it was working: the next node at once
-            log.warning("%s: no AMQP node answered; retrying in %.1fs", self._label, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await run_with_failover(self._amqp, self._label, self._consume, self._worked)
+
+    def _worked(self) -> bool:
+        went, self._went = self._went, False
+        return went
 
     def ack(self, messages: list[InboundMessage]) -> int:
         """Acknowledge a batch (messages of the current channel) with one

@@ -228,14 +228,20 @@ def test_rabbitmq_topics_are_the_device_role(database: str) -> None:
                               routing_key=key("acme", "d1", "acks")) == "deny"
         # The server: binds every device's telemetry, acks and status; publishes
         # commands only, never a device's telemetry.
+        # An OwnTracks topic's username level ({tenant}.{device}) is two words of
+        # its key: the server's OwnTracks binding is owntracks.*.*.*.#.
         for pattern in ("mdm.v1.*.devices.*.telemetry.*", "mdm.v1.*.devices.*.#",
-                        "mdm.v1.*.devices.*.acks", "owntracks.*.*.#"):
+                        "mdm.v1.*.devices.*.acks", "owntracks.*.*.*.#"):
             assert await h.topic(SERVER_USER, "read", pattern) == "allow", pattern
         for pattern in ("#", "mdm.#", "*.v1.*.devices.*.acks"):
             assert await h.topic(SERVER_USER, "read", pattern) == "deny", pattern
         assert await h.topic(SERVER_USER, "write", key("acme", "d1", "commands")) == "allow"
         assert await h.topic(SERVER_USER, "write", key("acme", "d1", "telemetry/location")) \
             == "deny"
+        # An OwnTracks device's commands (reportLocation), never its locations.
+        assert await h.topic(SERVER_USER, "write", "owntracks.acme.d1.d1.cmd") == "allow"
+        for forged in ("owntracks.acme.d1.d1", "owntracks.acme.d1.d1.event"):
+            assert await h.topic(SERVER_USER, "write", forged) == "deny", forged
 
     run(database, scenario)
 

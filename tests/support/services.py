@@ -630,6 +630,8 @@ class Server(MdmProcess):
 
         from mdm_server.config import MqttSettings
 
+        if not self.env.get("MDM_MQTT_URL"):
+            return bool(self.env.get("MDM_AMQP_URL"))  # devices on a cluster only
         m = MqttSettings.from_url(self.env["MDM_MQTT_URL"])
         try:
             with socket.create_connection((m.host, m.port), timeout=2):
