@@ -36,7 +36,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_protocol import ProtocolError, decode_telemetry, parse_topic
-from mdm_server.ingest.sink import create_partitions, partitions_around
+from mdm_server.storage.partitions import create_partitions, partitions_around
 from mdm_server.storage.pool import connect
 
 __all__ = ["NaiveConsumer", "main"]

@@ -99,11 +99,15 @@ async def _live_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _retention_loop(app: web.Application, interval_s: float) -> None:
     from mdm_server.retention import run_retention
     from mdm_server.storage.erasure import fulfil_due
+    from mdm_server.storage.partitions import create_ahead
 
     while True:
         started = time.monotonic()
         try:
             async with app[POOL].acquire() as conn:
+                # The coming days' partitions, one at a time (mdm_server/ingest/sink.py):
+                # the ingest then creates none for current data.
+                await create_ahead(conn, int(time.time() * 1000))
                 await run_retention(conn)
                 # Erasure requests nobody answered within 30 days are fulfilled (and
                 # the key ring compacted at once).

@@ -18,20 +18,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import asyncpg
 
-from agent_protocol import KINDS
 from mdm_server.agents.events import store_agent_events
 from mdm_server.ingest.batch import DeadLetter, WriteSet
 from mdm_server.ingest.dead_letters import DeadLetterTally, store_dead_letters
 from mdm_server.ingest.limits import DeviceBucket
 from mdm_server.live.feed import LIVE_CHANNEL, NOTIFY, location_notices
 from mdm_server.storage.keyring import Keyring, KeyringError
+from mdm_server.storage.partitions import (
+    DAY_MS,
+    create_partitions,
+    existing_partitions,
+    partitions_around,
+)
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone, SealError
 
@@ -39,9 +43,7 @@ __all__ = [
     "STORAGE_REFUSED",
     "TelemetrySink",
     "WriteResult",
-    "create_partitions",
     "is_transient",
-    "partitions_around",
     "retry_while_away",
 ]
 
@@ -53,7 +55,6 @@ STORAGE_REFUSED = "storage_refused"
 
 log = logging.getLogger(__name__)
 
-_DAY_MS = 86_400_000
 _STAGE_COLUMNS = ("tenant_id", "device_id", "kind", "record_id", "ts_ms", "policy_id",
                   "policy_version", "key_id", "sealed")
 _CREATE_STAGE = """
@@ -153,41 +154,6 @@ def _columns(rows: Sequence[tuple[object, ...]]) -> list[list[object]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-def partition_name(kind: str, day: int) -> str:
-    return f"telemetry_{kind}_{datetime.fromtimestamp(day * 86400, UTC):%Y%m%d}"
-
-
-def _create_partition(kind: str, day: int) -> str:
-    start = datetime.fromtimestamp(day * 86400, UTC)
-    return (
-        f"CREATE TABLE IF NOT EXISTS {partition_name(kind, day)} "
-        f"PARTITION OF telemetry_{kind} FOR VALUES FROM ('{start.isoformat()}') "
-        f"TO ('{(start + timedelta(days=1)).isoformat()}')"
-    )
-
-
-def partitions_around(now_ms: int) -> set[tuple[str, int]]:
-    """Today's and tomorrow's partition of every kind."""
-    today = now_ms // _DAY_MS
-    return {(k, d) for k in KINDS for d in (today, today + 1)}
-
-
-async def create_partitions(conn: asyncpg.Connection, needed: Iterable[tuple[str, int]]
-                            ) -> None:
-    """Create the (kind, day) partitions that do not exist yet."""
-    statements = [_create_partition(kind, day) for kind, day in sorted(needed)]
-    try:
-        # One round trip for all (simple query protocol: one implicit
-        # transaction, so one failure undoes them all; then one by one).
-        await conn.execute(";\n".join(statements))
-    except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-        for sql in statements:
-            try:
-                await conn.execute(sql)
-            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-                pass  # another worker created it between our check and ours
-
-
 class TelemetrySink:
     def __init__(self, dsn: str, keyring: Keyring) -> None:
         self._dsn = dsn
@@ -211,7 +177,13 @@ class TelemetrySink:
     async def ensure_partitions(self, needed: set[tuple[str, int]]) -> None:
         todo = needed - self._partitions
         if todo:
-            await create_partitions(await self._connection(), todo)
+            conn = await self._connection()
+            # Made meanwhile by migrate, the retention loop or another worker: no
+            # DDL for those (a CREATE takes its partitioned table's lock).
+            self._partitions |= await existing_partitions(conn)
+            todo -= self._partitions
+        if todo:
+            await create_partitions(conn, todo)
             self._partitions.update(todo)
 
     async def prepare(self, now_ms: int) -> None:
@@ -290,7 +262,7 @@ class TelemetrySink:
         enforce = [e for _, e in ws.enforce_checkins]
         suppressed = Counter(s for _, s in ws.suppressed)
         if rows:
-            await self.ensure_partitions({(r[2], r[4] // _DAY_MS) for r in rows})
+            await self.ensure_partitions({(r[2], r[4] // DAY_MS) for r in rows})
         conn = await self._connection()
         inserted = 0
         if rows:

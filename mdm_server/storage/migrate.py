@@ -7,10 +7,13 @@ starting at once do not race.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+
+from mdm_server.storage.partitions import create_ahead
 
 __all__ = ["Migration", "apply_migrations", "available_migrations"]
 
@@ -39,7 +42,8 @@ def available_migrations() -> list[Migration]:
 
 
 async def apply_migrations(conn: asyncpg.Connection) -> list[Migration]:
-    """Apply the migrations not yet applied; return those applied now."""
+    """Apply the migrations not yet applied, and make the coming days' telemetry
+    partitions; return the migrations applied now."""
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(
@@ -61,6 +65,9 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[Migration]:
                     mig.name,
                 )
             applied.append(mig)
+        # Today's and the next days' telemetry partitions, before serve starts: the
+        # ingest then meets no DDL at start (mdm_server/storage/partitions.py).
+        await create_ahead(conn, int(time.time() * 1000))
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mdm_server.ingest.sink import create_partitions
+from mdm_server.storage.partitions import create_partitions
 from mdm_server.storage.pool import connect
 from mdm_server.storage.sealing import IngestKeys
 from tests.support.services import (

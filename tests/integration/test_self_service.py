@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from mdm_server.ingest.sink import create_partitions
 from mdm_server.storage.erasure import fulfil_due
+from mdm_server.storage.partitions import create_partitions
 from mdm_server.storage.pool import connect
 from tests.support.services import (
     Server,

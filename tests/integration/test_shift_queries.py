@@ -100,7 +100,7 @@ async def _store(database: str, events: list[Event]) -> None:
             "VALUES ($1, $2, $3, $4, $5)",
             [(TENANT, e.device, e.ts, e.record_id, e.event) for e in events])
         # Each event's record, sealed as the ingest seals it (its user id inside).
-        from mdm_server.ingest.sink import create_partitions
+        from mdm_server.storage.partitions import create_partitions
 
         keys = IngestKeys(keyring_for(database))
         await keys.ensure(conn, [(TENANT, d) for d in devices])
