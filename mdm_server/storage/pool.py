@@ -67,19 +67,28 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def connect(dsn: str) -> asyncpg.Connection:
+_NO_LEADER = "no host of the database URL is writable now (no leader: a failover under way?)"
+
+
+async def _asyncpg_connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect, with "no host is writable" as :class:`NoWritableHost`: for
+    our connections and for the pool's (its ``connect``)."""
     try:
-        conn = await asyncpg.connect(dsn)
+        return await asyncpg.connect(*args, **kwargs)
     except asyncpg.TargetServerAttributeNotMatched:
-        raise NoWritableHost("no host of the database URL is writable now "
-                             "(no leader: a failover under way?)") from None
+        raise NoWritableHost(_NO_LEADER) from None
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    conn = await _asyncpg_connect(dsn)
     await init_connection(conn)
     return conn
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=init_connection
+        dsn, min_size=min_size, max_size=max_size, init=init_connection,
+        connect=_asyncpg_connect,
     )
     assert pool is not None  # create_pool only returns None when awaited lazily
     return pool

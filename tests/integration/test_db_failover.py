@@ -171,9 +171,12 @@ def test_the_api_answers_503_while_no_leader_exists_and_200_after(
         back_after = time.monotonic() - resumed_at
     finally:
         srv.stop()
+    seen = sorted(set(re.findall(r"database unavailable in \S+ \S+ \((\w+)\)",
+                                 srv.log_text())))
     with capsys.disabled():
-        print(f"\nno leader: {[s for s, _, _ in during]} from GET /api/v1/devices, "
-              f"/readyz {ready}; 200 again {back_after:.1f} s after `patronictl resume`")
+        print(f"\nno leader: {[s for s, _, _ in during]} from GET /api/v1/devices "
+              f"(errors logged: {', '.join(seen)}), /readyz {ready}; 200 again "
+              f"{back_after:.1f} s after `patronictl resume`")
     for status, headers, body in during:
         assert status == 503
         assert headers.get("Retry-After", "").isdigit()
