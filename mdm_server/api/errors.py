@@ -10,12 +10,22 @@ from aiohttp.typedefs import Handler
 
 from mdm_server.logsafe import describe
 from mdm_server.storage.keyring import KeyringError
+from mdm_server.storage.pool import is_unavailable
 
 __all__ = ["error_middleware", "json_error"]
 
 log = logging.getLogger(__name__)
 
 _KEEP_HEADERS = ("WWW-Authenticate", "Retry-After", "Allow")
+# A PostgreSQL failover (Patroni) leaves no writable database for a few seconds
+# (about 3 s measured with scripts/pgcluster's settings; docs/scaling.md).
+DB_RETRY_AFTER_S = 5
+
+
+def _db_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_db_unavailable(e) for e in exc.exceptions)
+    return is_unavailable(exc)
 
 
 def json_error(status: int, message: str, **extra: object) -> web.Response:
@@ -39,6 +49,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                           code="keyring_unavailable")
     except Exception as exc:
         resource = request.match_info.route.resource
+        if _db_unavailable(exc):
+            # Down, restarting, failing over, or a standby: not the request's
+            # fault, and it can succeed later. The log names the error's type only.
+            log.warning("database unavailable in %s %s (%s)", request.method,
+                        resource.canonical if resource else "?", type(exc).__name__)
+            return web.json_response(
+                {"error": "the database is unavailable now (restarting or failing "
+                          "over); try again shortly", "code": "database_unavailable"},
+                status=503, headers={"Retry-After": str(DB_RETRY_AFTER_S)})
         log.error("unhandled error in %s %s: %s", request.method,
                   resource.canonical if resource else "?", describe(exc))
         return json_error(500, "internal error")

@@ -36,7 +36,7 @@ from mdm_server.storage.partitions import (
     existing_partitions,
     partitions_around,
 )
-from mdm_server.storage.pool import connect
+from mdm_server.storage.pool import connect, is_unavailable
 from mdm_server.storage.sealing import LOCK_KEYS, IngestKeys, KeysGone, SealError
 
 __all__ = [
@@ -129,11 +129,18 @@ async def retry_while_away(op: Callable[[], Awaitable[T]], reset: Callable[[], N
 
 
 def is_transient(exc: BaseException) -> bool:
+    """The database is away or busy (retry), rather than refusing the data. During
+    a failover: connections refused or lost (the outcome of a commit in flight
+    unknown: the retry's ON CONFLICT DO NOTHING absorbs what it did store), a
+    server starting or in recovery, no host writable yet, a standby's read-only
+    error (the old leader come back as one)."""
     if isinstance(exc, asyncpg.DataError):  # client-side: a value asyncpg cannot encode
         return False
+    if is_unavailable(exc):
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate or "")[:2] in _TRANSIENT_CLASSES
-    return isinstance(exc, (OSError, asyncpg.InterfaceError, asyncio.TimeoutError))
+    return isinstance(exc, asyncpg.InterfaceError)
 
 
 @dataclass(slots=True)
