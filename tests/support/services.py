@@ -153,15 +153,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
+    raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
 SERVER_USER = "mdm-server"
@@ -255,16 +255,20 @@ def running_broker(tmp: Path) -> Iterator[Broker]:
 
 @dataclass
 class MdmProcess:
-    """An ``mdm-server`` subcommand as a real process, its output in a log file."""
+    """An ``mdm-server`` subcommand as a real process, its output in a log file.
+    ``prefix``: a command it runs under, e.g. ``ip netns exec NS`` (one that execs it,
+    so that ``proc`` is the server's own process)."""
 
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    prefix: tuple[str, ...] = ()
     stop_signal = signal.SIGTERM
 
     def spawn(self, *args: str) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mdm_server", *args],
+            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mdm_server",
+                                          *args],
                                          env=self.env, stdout=log, stderr=log, cwd=REPO)
 
     def kill(self) -> None:
@@ -615,7 +619,8 @@ class Server(MdmProcess):
 
     def start(self, ingest_workers: int = 1) -> None:
         self.spawn("serve", "--ingest-workers", str(ingest_workers))
-        wait_port(int(self.env["MDM_HTTP_ADDR"].rsplit(":", 1)[1]), timeout=30)
+        host, port = self.env["MDM_HTTP_ADDR"].rsplit(":", 1)
+        wait_port(int(port), timeout=30, host=host.strip("[]"))
         self.wait_subscribed(ingest_workers)
         if "MDM_TLS_CERT" not in self.env and self._broker_up():
             # Every worker subscribed, not just some subscription acknowledged (a
