@@ -161,8 +161,9 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     """Signed commands: the outbox dispatcher and the ack consumer, next to the
     in-process ingest."""
-    dispatcher = CommandDispatcher(app[CONFIG], app[POOL])
-    acks = AckConsumer(app[CONFIG], app[POOL])
+    cfg = app[CONFIG]
+    dispatcher = CommandDispatcher(cfg, app[POOL], client_id=cfg.client_id("mdm-dispatch"))
+    acks = AckConsumer(cfg, app[POOL], client_id=cfg.client_id("mdm-acks-0"))
     app[DISPATCHER] = dispatcher
     app[ACKS] = acks
     tasks = [asyncio.create_task(dispatcher.run(), name="command-dispatch"),

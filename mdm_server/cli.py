@@ -85,6 +85,8 @@ environment (README.md, "Environment", says more of each):
                             the address and CA devices are given at enrollment
   MDM_MQTT_SERVER_PASSWORD  the server's MQTT password (docker-compose)
   MDM_HTTP_ADDR             host:port of the API, console and portal (127.0.0.1:8080)
+  MDM_INSTANCE              this serve's own name when several share one Mosquitto
+                            (it goes into the server's MQTT client ids)
   MDM_PUBLIC_URL            the server's address as devices' apps reach it (printed by
                             device enroll --agent owntracks|osmand|traccar)
   MDM_TLS_CERT, MDM_TLS_KEY serve HTTPS with these PEM files

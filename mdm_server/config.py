@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -166,6 +167,10 @@ class Config:
     batch_max_delay_s: float = 0.1
     max_pending_bytes: int = 64 * 1024 * 1024
     share_group: str = "mdm-ingest"
+    # MDM_INSTANCE: this serve's name among several on one Mosquitto (their MQTT
+    # client ids must differ: a second session with an id takes the first over);
+    # None: the ids of a single serve.
+    instance: str | None = None
     # Per-device ingest rate limit (mdm_server/ingest/limits.py): messages a second
     # after a burst, per consumer process; past it a message is acknowledged and
     # counted (dead_letters, reason rate_limited), never decoded or stored. 0: off.
@@ -235,6 +240,12 @@ class Config:
         host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
         scheme = "https" if self.tls_cert is not None else "http"
         return f"{scheme}://{host}:{self.http_port}", True
+
+    def client_id(self, role: str) -> str:
+        """The MQTT client id of one of this serve's sessions (``mdm-ingest-0``,
+        ``mdm-acks-0``, ``mdm-dispatch``), with ``MDM_INSTANCE`` after ``mdm-``
+        when set, so that several serves on one broker keep their own sessions."""
+        return role if self.instance is None else f"mdm-{self.instance}-{role[4:]}"
 
     def require_mqtt(self) -> MqttSettings:
         if self.mqtt is None:
@@ -449,6 +460,9 @@ def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> in
     return value
 
 
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration from ``env`` (default: the process environment)."""
     from mdm_server.broker.hook_config import amqp_settings, hook_addr
@@ -466,7 +480,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
                           "certificate chain and its private key)")
     host, port = _parse_addr(env.get("MDM_HTTP_ADDR", "127.0.0.1:8080"), "MDM_HTTP_ADDR")
     unsafe = env.get("MDM_TEST_UNSAFE_ACK_BEFORE_COMMIT", "") == "1"
+    instance = env.get("MDM_INSTANCE", "").strip() or None
+    if instance is not None and not _INSTANCE_RE.fullmatch(instance):
+        raise ConfigError("MDM_INSTANCE must be 1-32 letters, digits, '_' or '-' (it "
+                          "becomes part of the server's MQTT client ids)")
     return Config(
+        instance=instance,
         database_url=db,
         mqtt=mqtt,
         http_host=host,

@@ -1,6 +1,7 @@
 """The ingest worker: MQTT in, decode, batch, COPY, commit, then ack.
 
-One worker is one MQTT session (client id ``mdm-ingest-{index}``) in the shared
+One worker is one MQTT session (client id ``mdm-ingest-{index}``, or
+``mdm-{MDM_INSTANCE}-ingest-{index}`` when several serves share a broker) in the shared
 subscription ``$share/{group}/mdm/v1/+/devices/+/telemetry/+``, so more workers,
 in more processes or on more machines, split the traffic; with ``MDM_AMQP_URL``
 (a RabbitMQ cluster) it is one consumer of the ingest's quorum queue instead
@@ -149,7 +150,7 @@ def _tune_gc() -> None:
 class IngestWorker:
     def __init__(self, config: Config, *, index: int = 0) -> None:
         self._config = config
-        self.client_id = f"mdm-ingest-{index}"
+        self.client_id = config.client_id(f"mdm-ingest-{index}")
         self.stats = IngestStats()
         self._pending: list[InboundMessage] = []
         self._held_bytes = 0  # pending plus the batch being written

@@ -150,3 +150,25 @@ def test_the_retention_run_which_catches_up_on_compaction_is_at_most_a_day_apart
     with pytest.raises(ConfigError, match="MDM_RETENTION_INTERVAL_S must be between 10 and "
                                           "86400"):
         load_config({"MDM_DATABASE_URL": DB, "MDM_RETENTION_INTERVAL_S": "86401"})
+
+
+def test_a_cluster_alone_is_a_broker_but_mosquittos_commands_still_need_mqtt() -> None:
+    cfg = load_config({"MDM_DATABASE_URL": DB,
+                       "MDM_AMQP_URL": "amqp://mdm-server:pw@127.0.0.1:5673"})
+    cfg.check_brokers()  # serve, ingest, device: the cluster will do
+    with pytest.raises(ConfigError, match="MDM_MQTT_URL is not set"):
+        cfg.require_mqtt()  # the broker commands: Mosquitto's own
+    with pytest.raises(ConfigError, match="MDM_MQTT_URL is not set"):
+        load_config({"MDM_DATABASE_URL": DB}).check_brokers()
+
+
+def test_an_instance_name_goes_into_the_servers_client_ids() -> None:
+    one = load_config({"MDM_DATABASE_URL": DB})
+    assert [one.client_id(r) for r in ("mdm-ingest-0", "mdm-acks-0", "mdm-dispatch")] == [
+        "mdm-ingest-0", "mdm-acks-0", "mdm-dispatch"]
+    two = load_config({"MDM_DATABASE_URL": DB, "MDM_INSTANCE": "eu-2"})
+    assert [two.client_id(r) for r in ("mdm-ingest-1", "mdm-acks-0", "mdm-dispatch")] == [
+        "mdm-eu-2-ingest-1", "mdm-eu-2-acks-0", "mdm-eu-2-dispatch"]
+    for bad in ("a/b", "x" * 33, "#", "a b"):
+        with pytest.raises(ConfigError, match="MDM_INSTANCE"):
+            load_config({"MDM_DATABASE_URL": DB, "MDM_INSTANCE": bad})
