@@ -98,6 +98,9 @@ environment (README.md, "Environment", says more of each):
                             (set: ingest, acks and commands go through it, and
                             MDM_MQTT_URL is not needed), their management API (closing
                             revoked devices' links), the CA for amqps://
+  MDM_EMQX_API_URL, MDM_EMQX_API_KEY, MDM_EMQX_API_SECRET
+                            an EMQX cluster's REST API and an API key of it (kicking
+                            revoked devices' clients out)
   MDM_LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
   MDM_LOG_FORMAT            text (default) or json: one JSON object a line
   MDM_METRICS_ADDR          host:port of serve's GET /metrics (Prometheus), a second

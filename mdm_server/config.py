@@ -24,7 +24,7 @@ from mdm_server.audit import AuditKeys
 from mdm_server.ingest.limits import DeviceLimiter
 
 if TYPE_CHECKING:
-    from mdm_server.broker.hook_config import AmqpSettings
+    from mdm_server.broker.hook_config import AmqpSettings, EmqxApi
 
 __all__ = [
     "Config",
@@ -224,6 +224,9 @@ class Config:
     # MDM_AMQP_MANAGEMENT_URL: the AMQP cluster (mdm_server/broker/hook_config.py).
     broker_hook_addr: tuple[str, int] | None = None
     amqp: AmqpSettings | None = None
+    # MDM_EMQX_API_URL, _KEY, _SECRET: an EMQX cluster's REST API, to kick revoked
+    # devices' clients out (mdm_server/broker/hook_revoke.py).
+    emqx_api: EmqxApi | None = None
     # Development and tests only: let serve start with a master key that is
     # published (mdm_server/published_keys.py).
     allow_published_master_key: bool = False
@@ -465,7 +468,7 @@ _INSTANCE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration from ``env`` (default: the process environment)."""
-    from mdm_server.broker.hook_config import amqp_settings, hook_addr
+    from mdm_server.broker.hook_config import amqp_settings, emqx_api, hook_addr
 
     env = os.environ if env is None else env
     db = env.get("MDM_DATABASE_URL", "")
@@ -517,6 +520,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         tls_key=tls_key,
         broker_hook_addr=hook_addr(env),
         amqp=amqp_settings(env),
+        emqx_api=emqx_api(env),
         allow_published_master_key=env.get("MDM_ALLOW_PUBLISHED_MASTER_KEY", "") == "1",
         public_url=_public_url(env),
     )

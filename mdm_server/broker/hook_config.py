@@ -15,6 +15,11 @@ Read by :func:`mdm_server.config.load_config` (the one reader of the environment
   only, as for MQTT.
 - ``MDM_AMQP_CA_FILE``: the CA (PEM) that ``amqps://`` nodes' certificates are
   checked against; unset, the system's trusted CAs.
+- ``MDM_EMQX_API_URL`` with ``MDM_EMQX_API_KEY`` and ``MDM_EMQX_API_SECRET``: an
+  EMQX cluster's REST API (``http(s)://HOST:18083``, comma-separated, ``http://``
+  to loopback only) and an API key of it; set, ``serve`` kicks a revoked or
+  re-enrolled device's client out through it at once, as it closes RabbitMQ's
+  connections (mdm_server/broker/hook_revoke.py).
 - ``MDM_AMQP_MANAGEMENT_URL``: the nodes' management API, ``http(s)://HOST:PORT``
   comma-separated (``http://`` to loopback only); set, ``serve`` closes a revoked or
   re-enrolled device's connections through it at once
@@ -31,7 +36,8 @@ from urllib.parse import unquote, urlsplit
 
 from mdm_server.config import ConfigError, _parse_addr, is_loopback
 
-__all__ = ["AmqpSettings", "amqp_settings", "hook_addr", "is_internal"]
+__all__ = ["AmqpSettings", "EmqxApi", "amqp_settings", "emqx_api", "hook_addr",
+           "is_internal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,16 @@ class AmqpSettings:
     management_urls: tuple[str, ...] = ()
     #: MDM_AMQP_CA_FILE: the CA for ``amqps://`` nodes (None: the system's).
     ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmqxApi:
+    """An EMQX cluster's REST API (any node answers for the cluster) and the API key
+    the server uses (HTTP Basic, key and secret)."""
+
+    urls: tuple[str, ...]
+    key: str
+    secret: str = field(repr=False)
 
 
 def is_internal(host: str) -> bool:
@@ -128,3 +144,21 @@ def amqp_settings(env: Mapping[str, str]) -> AmqpSettings | None:
                           "logs in with MDM_AMQP_URL's")
     return AmqpSettings(tuple(u for u, _, _ in nodes), user, password,
                         tuple(u for u, _, _ in mgmt), ca_file)
+
+
+def emqx_api(env: Mapping[str, str]) -> EmqxApi | None:
+    """``MDM_EMQX_API_URL``, ``MDM_EMQX_API_KEY``, ``MDM_EMQX_API_SECRET``: all three
+    or none."""
+    raw = env.get("MDM_EMQX_API_URL", "").strip()
+    key = env.get("MDM_EMQX_API_KEY", "").strip()
+    secret = env.get("MDM_EMQX_API_SECRET", "")
+    if not raw and not key and not secret:
+        return None
+    if not (raw and key and secret):
+        raise ConfigError("MDM_EMQX_API_URL, MDM_EMQX_API_KEY and MDM_EMQX_API_SECRET go "
+                          "together: the REST API of the EMQX cluster and an API key of it")
+    urls = _urls(raw, "MDM_EMQX_API_URL", ("http", "https"))
+    if any(u or p for _, u, p in urls):
+        raise ConfigError("MDM_EMQX_API_URL must not hold credentials: the server uses "
+                          "MDM_EMQX_API_KEY and MDM_EMQX_API_SECRET")
+    return EmqxApi(tuple(u for u, _, _ in urls), key, secret)

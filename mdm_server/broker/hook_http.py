@@ -215,8 +215,8 @@ def listen_hook(cfg: Config) -> socket.socket | None:
 def broker_hook_ctx(sock: socket.socket) -> Callable[[web.Application],
                                                      AsyncIterator[None]]:
     """A cleanup context for ``serve``'s app: the hook on ``sock``, with the app's
-    database pool, for the life of the app; and, with ``MDM_AMQP_MANAGEMENT_URL``,
-    the task that closes revoked devices' connections."""
+    database pool, for the life of the app; and, with ``MDM_AMQP_MANAGEMENT_URL``
+    (or ``MDM_EMQX_API_URL``), the task that closes revoked devices' connections."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from mdm_server.api.context import CONFIG, POOL
@@ -235,8 +235,9 @@ def broker_hook_ctx(sock: socket.socket) -> Callable[[web.Application],
         log.info("broker hook listening on %s:%d (%s)", *sock.getsockname()[:2],
                  "server user accepted" if amqp else "no MDM_AMQP_URL: devices only")
         task = None
-        if amqp is not None and amqp.management_urls:
-            closer = ConnectionCloser(cfg.database_url, hook, amqp)
+        api = amqp if amqp is not None and amqp.management_urls else cfg.emqx_api
+        if api is not None:
+            closer = ConnectionCloser(cfg.database_url, hook, api)
             app[CLOSER] = closer
             task = asyncio.create_task(closer.run(), name="broker-hook-revoke")
         yield

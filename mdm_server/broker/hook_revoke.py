@@ -18,6 +18,11 @@ as the server's broker user, which the hook tags ``administrator``):
 - and every ``sweep_s`` (and whenever the database connection comes back, which
   may have missed notifications): the connections of users that are not a
   current principal (a device revoked, re-enrolled... or unknown) are closed.
+
+On EMQX (``MDM_EMQX_API_URL`` and an API key) the same, through its REST API v5:
+``DELETE /api/v5/clients/{clientid}`` (a device's client id is its username: the
+hook refuses any other) and ``GET /api/v5/clients?page=N&limit=L`` for the sweep
+(``data[].username``, ``meta.hasnext``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import aiohttp
 import asyncpg
 
 from mdm_server.broker.hook import BrokerHook, parse_username
-from mdm_server.broker.hook_config import AmqpSettings
+from mdm_server.broker.hook_config import AmqpSettings, EmqxApi
 from mdm_server.storage.devices import CREDENTIALS_CHANNEL
 from mdm_server.storage.pool import connect
 
@@ -46,12 +51,15 @@ class ManagementError(Exception):
 
 
 class ConnectionCloser:
-    def __init__(self, database_url: str, hook: BrokerHook, amqp: AmqpSettings, *,
+    """Closes revoked devices' connections through a broker's management API:
+    RabbitMQ's (``AmqpSettings`` with management URLs, as the server's broker user)
+    or EMQX's (``EmqxApi``, with its API key)."""
+
+    def __init__(self, database_url: str, hook: BrokerHook, api: AmqpSettings | EmqxApi, *,
                  sweep_s: float = 60.0, timeout_s: float = 10.0,
-                 cache_ttl_s: float = 5.0) -> None:
+                 cache_ttl_s: float = 5.0, page: int = 1000) -> None:
         self._database_url = database_url
         self._hook = hook
-        self._amqp = amqp
         self._sweep_s = sweep_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         # (username, closed once already): a user is closed at once and again once
@@ -59,8 +67,17 @@ class ConnectionCloser:
         # the cached allow in between).
         self._queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
         self._again_s = cache_ttl_s + 1.0
+        self._page = page
         self.closed_users = 0  # users whose connections were closed (counted, not named)
-        basic = base64.b64encode(f"{amqp.username}:{amqp.password}".encode()).decode()
+        if isinstance(api, EmqxApi):
+            self._emqx = True
+            self._urls = api.urls
+            user, password = api.key, api.secret
+        else:
+            self._emqx = False
+            self._urls = api.management_urls
+            user, password = api.username, api.password
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._auth = {"Authorization": f"Basic {basic}"}
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
@@ -71,7 +88,7 @@ class ConnectionCloser:
         """``method path`` on the first management node that answers; its JSON (or
         None for a body-less answer). A 404 (nothing to close) is an answer too."""
         last = "no node"
-        for base in self._amqp.management_urls:
+        for base in self._urls:
             try:
                 async with session.request(method, base.rstrip("/") + path,
                                            headers=self._auth, timeout=self._timeout) as resp:
@@ -88,16 +105,34 @@ class ConnectionCloser:
         raise ManagementError(f"no management node answered ({last})")
 
     async def close_user(self, session: aiohttp.ClientSession, username: str) -> None:
-        await self._call(session, "DELETE",
-                         f"/api/connections/username/{quote(username, safe='')}")
+        name = quote(username, safe="")
+        await self._call(session, "DELETE", f"/api/v5/clients/{name}" if self._emqx
+                         else f"/api/connections/username/{name}")
         self.closed_users += 1
+
+    async def _connected_users(self, session: aiohttp.ClientSession) -> set[str]:
+        if not self._emqx:
+            listed = await self._call(session, "GET", "/api/connections?columns=user")
+            return {str(c.get("user")) for c in listed if isinstance(c, dict)} \
+                if isinstance(listed, list) else set()
+        users: set[str] = set()
+        page = 1
+        while True:
+            body = await self._call(session, "GET",
+                                    f"/api/v5/clients?page={page}&limit={self._page}")
+            if not isinstance(body, dict):
+                return users
+            users |= {str(c.get("username")) for c in body.get("data", [])
+                      if isinstance(c, dict)}
+            meta = body.get("meta")
+            if not (isinstance(meta, dict) and meta.get("hasnext")):
+                return users
+            page += 1
 
     async def sweep(self, session: aiohttp.ClientSession) -> int:
         """Close the connections of users that are no current principal; how many
         users. The server's own connections are left alone."""
-        listed = await self._call(session, "GET", "/api/connections?columns=user")
-        users = {str(c.get("user")) for c in listed if isinstance(c, dict)} \
-            if isinstance(listed, list) else set()
+        users = await self._connected_users(session)
         # Only devices' names: the server's, or users made by hand, are left alone.
         devices = sorted(u for u in users if parse_username(u) is not None)
         enrolled = await self._hook.enrolled_among(devices)

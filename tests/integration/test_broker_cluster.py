@@ -512,8 +512,9 @@ def test_a_persistent_session_keeps_a_command_for_an_offline_device(
         server: Server, cluster: Cluster) -> None:
     """A device's QoS 1 session (clean session off) is a durable quorum queue of its
     own: a message the server publishes to its commands topic while it is offline
-    is delivered when it comes back. (The server publishes here as a bare MQTT
-    client of its user: commands over AMQP are not built yet.)"""
+    is delivered when it comes back. (The server's user publishes here as a bare
+    MQTT client: the broker's own mechanism; serve's dispatcher over AMQP is
+    tests/integration/test_cluster_commands.py.)"""
     tenant = server.env["TEST_TENANT"]
     enroll(server, tenant, "d1")
     host, port = cluster.mqtt(1)

@@ -442,3 +442,128 @@ def test_serve_answers_on_the_hook_address_apart_from_the_api(tmp_path: Path) ->
         assert ask(srv.base, {"username": user, "password": password})[0] == 404
         # Nothing of the questions in serve's log: no password, no username.
         assert password not in srv.log_text() and user not in srv.log_text()
+
+
+# --- EMQX: revocation through its REST API ---------------------------------------------
+
+
+class FakeEmqxApi:
+    """EMQX 5's documented REST API, as much of it as the server uses: HTTP Basic with
+    an API key and secret; ``GET /api/v5/clients?page=&limit=`` (``data[].clientid``,
+    ``data[].username``, ``meta.page/limit/hasnext``); ``DELETE
+    /api/v5/clients/{clientid}``: 204, or 404 ``CLIENTID_NOT_FOUND``. EMQX itself
+    cannot be installed here; this is its contract, not a broker."""
+
+    KEY, SECRET = "mdm-revoker", "an-api-secret-for-the-tests"
+
+    def __init__(self, clients: list[str]) -> None:
+        self.clients = list(clients)
+        self.kicked: list[str] = []
+        self.pages: list[int] = []
+        app = web.Application()
+        app.router.add_get("/api/v5/clients", self.list_clients)
+        app.router.add_delete("/api/v5/clients/{clientid}", self.kick)
+        self.app = app
+
+    def _authorised(self, request: web.Request) -> bool:
+        want = base64.b64encode(f"{self.KEY}:{self.SECRET}".encode()).decode()
+        return request.headers.get("Authorization") == f"Basic {want}"
+
+    async def list_clients(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return web.json_response({"code": "BAD_API_KEY_OR_SECRET"}, status=401)
+        page, limit = int(request.query["page"]), int(request.query["limit"])
+        self.pages.append(page)
+        chunk = self.clients[(page - 1) * limit:page * limit]
+        return web.json_response({
+            "data": [{"clientid": c, "username": c, "node": "emqx@10.0.0.1"} for c in chunk],
+            "meta": {"page": page, "limit": limit, "hasnext": page * limit < len(self.clients)}})
+
+    async def kick(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return web.json_response({"code": "BAD_API_KEY_OR_SECRET"}, status=401)
+        clientid = request.match_info["clientid"]
+        self.kicked.append(clientid)
+        if clientid not in self.clients:
+            return web.json_response({"code": "CLIENTID_NOT_FOUND"}, status=404)
+        self.clients.remove(clientid)
+        return web.Response(status=204)
+
+
+@contextlib.asynccontextmanager
+async def fake_emqx(clients: list[str]) -> AsyncIterator[tuple[FakeEmqxApi, str]]:
+    api = FakeEmqxApi(clients)
+    runner = web.AppRunner(api.app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield api, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def test_emqx_a_revoked_device_is_kicked_out_at_once_and_again(database: str) -> None:
+    """A revocation's NOTIFY: the device's client is kicked out at once, and again
+    once the broker's cached allow may have let it back."""
+    from mdm_server.broker.hook_config import EmqxApi
+    from mdm_server.broker.hook_revoke import ConnectionCloser
+
+    async def scenario(h: Hook) -> None:
+        async with fake_emqx(["acme.d1", "acme.d2"]) as (api, base):
+            closer = ConnectionCloser(database, h.hook, EmqxApi((base,), api.KEY, api.SECRET),
+                                      cache_ttl_s=0.5)
+            task = asyncio.create_task(closer.run())
+            try:
+                await asyncio.sleep(0.5)  # listening (the start sweep found nobody to kick)
+                assert api.kicked == []
+                conn = await connect(database)
+                try:
+                    await revoke_device(conn, tenant="acme", device="d1")
+                finally:
+                    await conn.close()
+                for _ in range(100):
+                    if api.kicked.count("acme.d1") == 2:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert api.kicked == ["acme.d1", "acme.d1"]  # once at once, once after the TTL
+        assert api.clients == ["acme.d2"]
+
+    run(database, scenario)
+
+
+def test_emqx_the_sweep_kicks_out_whoever_is_no_longer_enrolled(database: str) -> None:
+    """Every page of the clients list is read; only devices that are not enrolled
+    are kicked out (the server's own clients and other names are left alone); a
+    wrong API key is an error that names no secret."""
+    from mdm_server.broker.hook_config import EmqxApi
+    from mdm_server.broker.hook_revoke import ConnectionCloser, ManagementError
+
+    async def scenario(h: Hook) -> None:
+        clients = ["acme.d1", "mdm-server", "acme.d2", "globex.g1", "acme.ghost", "x.y.z"]
+        async with fake_emqx(clients) as (api, base):
+            conn = await connect(database)
+            try:  # a revocation nobody heard of: no NOTIFY
+                await conn.execute("UPDATE devices SET status = 'revoked' "
+                                   "WHERE tenant_id = 'acme' AND device_id = 'd2'")
+            finally:
+                await conn.close()
+            closer = ConnectionCloser(database, h.hook,
+                                      EmqxApi((base,), api.KEY, api.SECRET), page=2)
+            async with aiohttp.ClientSession() as session:
+                assert await closer.sweep(session) == 2
+                assert api.pages == [1, 2, 3]
+                assert sorted(api.kicked) == ["acme.d2", "acme.ghost"]
+                assert sorted(api.clients) == ["acme.d1", "globex.g1", "mdm-server", "x.y.z"]
+                wrong = ConnectionCloser(database, h.hook,
+                                         EmqxApi((base,), api.KEY, "not-the-secret"))
+                with pytest.raises(ManagementError) as err:
+                    await wrong.sweep(session)
+                assert "HTTP 401" in str(err.value)
+                assert "not-the-secret" not in str(err.value) and api.SECRET not in str(
+                    err.value)
+
+    run(database, scenario)

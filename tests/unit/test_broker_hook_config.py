@@ -61,3 +61,21 @@ def test_bad_amqp_settings_are_refused(env: dict[str, str], says: str) -> None:
     with pytest.raises(ConfigError, match=says) as err:
         load_config({**BASE, **env})
     assert ":b@" not in str(err.value) and "b@" not in str(err.value)
+
+
+def test_the_emqx_api_needs_its_url_key_and_secret_together() -> None:
+    base = dict(BASE)
+    assert load_config(base).emqx_api is None
+    cfg = load_config({**base, "MDM_EMQX_API_URL": "http://127.0.0.1:18083,https://e2:18083",
+                       "MDM_EMQX_API_KEY": "k", "MDM_EMQX_API_SECRET": "s3cret"})
+    assert cfg.emqx_api is not None
+    assert cfg.emqx_api.urls == ("http://127.0.0.1:18083", "https://e2:18083")
+    assert "s3cret" not in repr(cfg)
+    for env, says in (({"MDM_EMQX_API_URL": "http://127.0.0.1:18083"}, "go together"),
+                      ({"MDM_EMQX_API_KEY": "k", "MDM_EMQX_API_SECRET": "s"}, "go together"),
+                      ({"MDM_EMQX_API_URL": "http://emqx.example:18083",
+                        "MDM_EMQX_API_KEY": "k", "MDM_EMQX_API_SECRET": "s"}, "https://"),
+                      ({"MDM_EMQX_API_URL": "https://k:s@e:18083",
+                        "MDM_EMQX_API_KEY": "k", "MDM_EMQX_API_SECRET": "s"}, "credentials")):
+        with pytest.raises(ConfigError, match=says):
+            load_config({**base, **env})
