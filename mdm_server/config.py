@@ -36,6 +36,7 @@ __all__ = [
     "load_config",
     "master_key_from_env",
     "read_ca_pem",
+    "tls_client_context",
 ]
 
 
@@ -107,14 +108,20 @@ class MqttSettings:
         system's trusted CAs. ConfigError if ``ca_file`` cannot be used."""
         if not self.tls:
             return None
-        try:
-            ctx = ssl.create_default_context(
-                cafile=str(self.ca_file) if self.ca_file is not None else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"MDM_MQTT_CA_FILE cannot be loaded as PEM certificates "
-                              f"({type(exc).__name__})") from None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+        return tls_client_context(self.ca_file, "MDM_MQTT_CA_FILE")
+
+
+def tls_client_context(ca_file: Path | None, var: str) -> ssl.SSLContext:
+    """A client context that checks the server's certificate and host name (TLS 1.2
+    at least) against ``ca_file``, else the system's trusted CAs; ConfigError naming
+    ``var`` if the file cannot be used."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{var} cannot be loaded as PEM certificates "
+                          f"({type(exc).__name__})") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def read_ca_pem(path: Path, var: str) -> str:

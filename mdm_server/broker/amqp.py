@@ -28,7 +28,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from mdm_server.broker.hook_config import AmqpSettings
-from mdm_server.config import ConfigError
+from mdm_server.config import tls_client_context
 
 __all__ = ["EXCHANGE", "open_connection", "routing_key_topic", "run_with_failover",
            "ssl_context"]
@@ -66,14 +66,7 @@ def routing_key_topic(routing_key: str) -> str:
 def ssl_context(amqp: AmqpSettings) -> ssl.SSLContext:
     """A client context for ``amqps://`` nodes: their certificate and host name
     checked against ``MDM_AMQP_CA_FILE`` (else the system's CAs), TLS 1.2 at least."""
-    try:
-        ctx = ssl.create_default_context(
-            cafile=str(amqp.ca_file) if amqp.ca_file is not None else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"MDM_AMQP_CA_FILE cannot be loaded as PEM certificates "
-                          f"({type(exc).__name__})") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    return tls_client_context(amqp.ca_file, "MDM_AMQP_CA_FILE")
 
 
 async def open_connection(amqp: AmqpSettings, url: str, *, timeout: float = 10.0

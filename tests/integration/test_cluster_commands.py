@@ -60,16 +60,8 @@ class World:
         assert status == 200, cmd
         return cmd  # type: ignore[no-any-return]
 
-    def wait_state(self, device: str, command_id: str, state: str,
-                   timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            cmd = self.command(device, command_id)
-            if cmd["state"] == state:
-                return cmd
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {state}, command is {cmd['state']}: {cmd}")
-            time.sleep(0.1)
+    def wait_state(self, device: str, command_id: str, state: str) -> dict[str, Any]:
+        return self.server.wait_command(self.admin, device, command_id, state, timeout=30)
 
     def queue(self, name: str) -> dict[str, Any]:
         """A queue as the management API shows it (as the server's user)."""

@@ -56,14 +56,7 @@ class Setup:
 
     def wait_state(self, device: str, command_id: str, state: str,
                    timeout: float = 20.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            cmd = self.command(device, command_id)
-            if cmd["state"] == state:
-                return cmd
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {state}, command is {cmd['state']}: {cmd}")
-            time.sleep(0.1)
+        return self.server.wait_command(self.admin, device, command_id, state, timeout)
 
     def wait_events(self, device: str, command_id: str, n: int) -> dict[str, Any]:
         deadline = time.monotonic() + 10

@@ -671,6 +671,20 @@ class Server(MdmProcess):
             raise AssertionError(f"mdm-server {' '.join(args)} failed: {out.stderr}")
         return out.stdout
 
+    def wait_command(self, token: str, device: str, command_id: str, state: str,
+                     timeout: float = 20.0) -> dict[str, Any]:
+        """Poll the command through the admin API until it is in ``state``; its body."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, cmd = self.request(
+                "GET", f"/api/v1/devices/{device}/commands/{command_id}", token)
+            assert status == 200, cmd
+            if cmd["state"] == state:
+                return cmd  # type: ignore[no-any-return]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {state}, command is {cmd['state']}: {cmd}")
+            time.sleep(0.1)
+
     def request(self, method: str, path: str, token: str | None = None,
                 body: object = None) -> tuple[int, Any]:
         """One HTTP call; returns (status, decoded JSON body or None)."""
