@@ -318,13 +318,15 @@ class RabbitCluster:
 
     def kill_node(self, node: int) -> None:
         """SIGKILL node ``node``: the process group scripts/cluster started it in
-        (its shell wrapper, beam.smp and their helpers), found by its node name."""
-        want = f"RABBITMQ_NODENAME=mdm-c{node}@localhost"
+        (its shell wrapper, beam.smp and their helpers), found by its node name and
+        this cluster's HOME (other clusters, the tests', use the same node names)."""
+        want = {"RABBITMQ_NODENAME": f"mdm-c{node}@localhost", "HOME": str(self.dir / "home")}
         for p in psutil.process_iter(["name"]):
             if p.info["name"] != "beam.smp":
                 continue
             with contextlib.suppress(psutil.Error):
-                if want.split("=", 1)[1] in p.environ().get("RABBITMQ_NODENAME", ""):
+                env = p.environ()
+                if all(env.get(k) == v for k, v in want.items()):
                     pgid = os.getpgid(p.pid)
                     if pgid == os.getpgid(0):
                         raise BenchError("the node runs in the bench's own process group")
@@ -854,9 +856,13 @@ class Bench:
         prime = self.amqp_ingest(f"{name}-prime", cl)
         prime.wait_log("ingest subscribed", timeout=60)
         prime.stop()
-        q = cl.queue()
-        if q.get("messages", 0):
-            raise BenchError(f"{name}: the queue is not empty before the backlog: {q}")
+        # Nothing left from an earlier drain (the management API's figures lag up to
+        # 5 s: wait for them rather than trust the first answer).
+        deadline = time.monotonic() + 15
+        while (left := cl.queue().get("messages", 0)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            raise BenchError(f"{name}: {left} messages in the queue before the backlog")
         log(f"{name}: queue {AMQP_QUEUE} declared; publishing {self.args.messages:,} "
             f"messages through node {node}'s MQTT listener")
         return self.simulate(name, cl.hook_broker, count=self.args.messages,
