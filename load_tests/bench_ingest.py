@@ -841,12 +841,15 @@ class Bench:
         return RabbitCluster(d, env, hook_broker, srv, formed)
 
     def amqp_ingest(self, name: str, cl: RabbitCluster, index: int = 0,
-                    urls: str | None = None) -> Proc:
+                    urls: str | None = None, profile: Path | None = None) -> Proc:
         """``mdm-server ingest --index I`` reading the cluster's queue (``urls``: its
-        MDM_AMQP_URL, by default the cluster's, node 1 first)."""
+        MDM_AMQP_URL, by default the cluster's, node 1 first), under cProfile if
+        ``profile``."""
         env = services.server_env(self.db_url, cl.hook_broker.url,
                                   MDM_AMQP_URL=urls or cl.env["MDM_AMQP_URL"])
-        return self.proc(name, [PY, "-m", "mdm_server", "ingest", "--index", str(index)], env)
+        cmd = [PY] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+        return self.proc(name, [*cmd, "-m", "mdm_server", "ingest", "--index", str(index)],
+                         env)
 
     def fill_amqp_backlog(self, name: str, cl: RabbitCluster, node: int = 1) -> dict[str, Any]:
         """The queue declared and bound (an ingest started until subscribed, then
@@ -868,7 +871,8 @@ class Bench:
         return self.simulate(name, cl.hook_broker, count=self.args.messages,
                              device_url=cl.env[f"MDM_CLUSTER_MQTT_{node}"])
 
-    def phase_amqp_drain(self, name: str, cl: RabbitCluster, consumers: int) -> dict[str, Any]:
+    def phase_amqp_drain(self, name: str, cl: RabbitCluster, consumers: int,
+                         profile: Path | None = None) -> dict[str, Any]:
         """phase_drain from the cluster's quorum queue: the backlog queued, then
         ``consumers`` ingest processes started together and timed from the first's
         start until ``count(*) = messages``."""
@@ -878,7 +882,8 @@ class Bench:
         sim = self.fill_amqp_backlog(name, cl)
         log(f"{name}: published at {sim['rate_msgs_per_s']:,.0f} msg/s; starting "
             f"{consumers} ingest process(es)")
-        procs = [self.amqp_ingest(f"{name}-{i}", cl, i) for i in range(consumers)]
+        procs = [self.amqp_ingest(f"{name}-{i}", cl, i, profile=profile)
+                 for i in range(consumers)]
         t0 = procs[0].started_at
         mons = [Monitor(p.pid) for p in procs]
         t1 = self.wait_count(n, procs[0], timeout=600)
@@ -917,7 +922,18 @@ class Bench:
                 name = f"amqp-{which}-{r + 1}"
                 runs[which].append(self.phase_drain(name) if which == "mosquitto" else
                                    self.phase_amqp_drain(name, cl, int(which[-1])))
-        return {"formed_s": cl.formed_s, **runs}
+        out: dict[str, Any] = {"formed_s": cl.formed_s, **runs}
+        if self.args.profile:  # one AMQP drain under cProfile (--profile does Mosquitto's)
+            prof = self.tmp / "ingest-amqp.prof"
+            out["profile_drain"] = self.phase_amqp_drain("amqp-profile", cl, 1, profile=prof)
+            if not prof.exists():
+                raise BenchError("cProfile wrote no profile for the AMQP drain")
+            keep = REPO / "var" / "bench-ingest-amqp.prof"
+            keep.parent.mkdir(exist_ok=True)
+            shutil.copy(prof, keep)
+            self.results["profile_amqp"] = summarise_profile(prof, self.args.messages)
+            log(f"AMQP profile kept in {keep}")
+        return out
 
     def phase_failover(self, name: str, via_leader: bool) -> dict[str, Any]:
         """A 3-node cluster; the backlog queued; one ingest process draining it
@@ -1120,6 +1136,8 @@ _CATEGORIES = [
     ("paho (MQTT parsing, acks)", ("paho/mqtt",)),
     ("agent_protocol (decode, validation)", ("agent_protocol/",)),
     ("asyncpg (COPY, queries)", ("asyncpg/",)),
+    ("aiormq / pamqp (AMQP frames, deliveries)", ("aiormq/", "pamqp/")),
+    ("aio_pika", ("aio_pika/",)),
     ("asyncio event loop", ("asyncio/", "selectors.py")),
     ("mdm_server (batching, glue)", ("mdm_server/",)),
 ]
@@ -1130,7 +1148,8 @@ def _where(func: tuple[str, int, str]) -> str:
     if file == "~":
         return name
     parts = Path(file).parts
-    for anchor in ("paho", "asyncpg", "agent_protocol", "mdm_server", "asyncio"):
+    for anchor in ("paho", "asyncpg", "aiormq", "pamqp", "aio_pika", "agent_protocol",
+                   "mdm_server", "asyncio"):
         if anchor in parts:
             return "/".join(parts[parts.index(anchor):]) + f":{line}({name})"
     return f"{Path(file).name}:{line}({name})"
@@ -1171,6 +1190,9 @@ def summarise_profile(path: Path, records: int, top: int = 15) -> dict[str, Any]
                                                      "_packet_read"),
         "MqttConsumer._fast_publish": ("mdm_server/ingest/mqtt.py", "_fast_publish"),
         "MqttConsumer.ack": ("mdm_server/ingest/mqtt.py", "ack"),
+        "AmqpConsumer._on_delivery": ("mdm_server/ingest/amqp.py", "_on_delivery"),
+        "aiormq Channel._on_deliver_frame": ("aiormq/channel.py", "_on_deliver_frame"),
+        "aiormq Connection.__reader": ("aiormq/connection.py", "__reader"),
         "DecodedBatch.decode": ("mdm_server/ingest/batch.py", "decode"),
         "decode_records": ("agent_protocol/envelope.py", "decode_records"),
         "batch.admit (enrolled devices)": ("mdm_server/ingest/batch.py", "admit"),
@@ -1666,7 +1688,8 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     verdicts += render_watchers(b, add)
     verdicts += render_owntracks(b, add)
     verdicts += render_policy(b, add)
-    for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
+    for key, title in (("profile", "default policy"), ("profile_b", "strict policy B"),
+                       ("profile_amqp", "from RabbitMQ over AMQP, default policy")):
         summary = r.get(key)
         if summary:
             render_profile(add, f"Profile (cProfile, one drain of {a.messages:,} messages, "
