@@ -96,6 +96,9 @@ def test_the_nodes_form_one_cluster_that_asks_the_servers_hook(
         assert mounted in services[r]["volumes"], r
         assert services[r]["build"]["target"] == "rabbitmq"
         assert "brokers" in services[r]["networks"]
+    # Classic peer discovery takes no lock: the others start once rabbit1 runs.
+    for r in RABBITS[1:]:
+        assert services[r]["depends_on"]["rabbit1"] == {"condition": "service_healthy"}, r
     assert conf["auth_backends.1"] == "cache" and conf["auth_cache.cached_backend"] == "http"
     assert conf["auth_http.http_method"] == "post"
     assert conf["mqtt.allow_anonymous"] == "false"
