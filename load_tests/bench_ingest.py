@@ -3,7 +3,8 @@
     python -m load_tests.bench_ingest [--messages 100000] [--naive-messages 20000]
         [--live-seconds 60] [--live-rate 10000] [--live-mix] [--skip-live] [--profile]
         [--policy-mix] [--pair-runs 2] [--skip-policy] [--tls] [--tls-runs 2]
-        [--live-watchers N] [--watcher-runs 2]
+        [--live-watchers N] [--watcher-runs 2] [--amqp] [--amqp-runs 2]
+        [--failover follower,leader]
 
 Phases, each on a fresh private broker (scripts/broker, the project's config) and the
 run's throwaway database (created, migrated, dropped at the end):
@@ -49,6 +50,19 @@ baseline   (--baseline REF) the drain again with the code of another commit (a g
            enrolled and the backlog published by REF's simulator, REF's ingest) and
            with this tree's, alternating REF this this REF (--baseline-runs each): the
            cost of a change as a ratio measured in one run.
+amqp       (--amqp) the drain from a RabbitMQ quorum queue over AMQP beside the
+           Mosquitto drain, alternating mosquitto amqp1 amqp2 | amqp2 amqp1 mosquitto
+           (--amqp-runs rounds): a one-node private cluster (scripts/cluster) whose
+           auth asks a ``serve``'s broker hook (a ``serve`` that consumes nothing), the
+           same backlog published by the same enrolled devices through the node's MQTT
+           listener into ``mdm-ingest``, then one or two ``mdm-server ingest``
+           processes (competing consumers on the one node) timed as the drain.
+           Reports AMQP/Mosquitto from the same run.
+failover   (--amqp; --failover follower,leader) each on a fresh 3-node cluster: the
+           backlog queued, one ingest draining it (connected to a follower's node or
+           to the leader's), the quorum leader's node SIGKILLed at 30% stored; the time
+           to a new leader (management API ``leader``), until the ingest stores again,
+           and every record stored once, the queue left empty.
 
 Ingest processes get MDM_MASTER_KEY (the tests' key) through tests/support/services
 server_env(); the bench sets the same key in its own environment for enrollment.
@@ -67,10 +81,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import importlib
 import io
+import itertools
+import json
 import os
 import pstats
 import resource
@@ -81,11 +98,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -112,6 +131,9 @@ POLICY_SEED = 7  # simulator data seed of the policy pairs (same devices and wal
 MIX_KINDS = "location,identity,sim,network,apps,checkinout"  # simulator's default weights
 DEVICES = 20
 FILTER = "mdm/v1/+/devices/+/telemetry/+"
+CLUSTER_SCRIPT = REPO / "scripts" / "cluster"
+AMQP_QUEUE = "mdm-ingest"  # mdm_server.ingest.amqp.INGEST_QUEUE
+AMQP_USER = "mdm-server"  # the server's broker user scripts/cluster makes
 
 TARGET_DRAIN = 30_000.0
 TARGET_VS_NAIVE = 5.0
@@ -153,6 +175,9 @@ class Db:
         rec = self._loop.run_until_complete(self._conn.fetchrow(sql))
         assert rec is not None
         return rec
+
+    def rows(self, sql: str) -> list[asyncpg.Record]:
+        return list(self._loop.run_until_complete(self._conn.fetch(sql)))
 
     def dead_letters(self) -> int:
         """Messages dead-lettered: counted per row since migration 013, one row each
@@ -266,6 +291,50 @@ class Proc:
         return rc
 
 
+def ing_log_count(path: Path, needle: str) -> int:
+    return path.read_text(errors="replace").count(needle) if path.exists() else 0
+
+
+@dataclass
+class RabbitCluster:
+    """A private RabbitMQ cluster (scripts/cluster) and the ``serve`` that is its hook."""
+
+    dir: Path
+    env: dict[str, str]
+    hook_broker: Any  # serve's own Mosquitto (its MQTT side; the simulator's enrolment)
+    hook: Proc
+    formed_s: float
+
+    def queue(self, node: int = 1, timeout: float = 10.0) -> dict[str, Any]:
+        """The ingest queue as node ``node``'s management API shows it."""
+        base = self.env["MDM_AMQP_MANAGEMENT_URL"].split(",")[node - 1]
+        password = urlsplit(self.env["MDM_AMQP_URL"].split(",")[0]).password or ""
+        req = urllib.request.Request(f"{base}/api/queues/%2F/{AMQP_QUEUE}")
+        token = base64.b64encode(f"{AMQP_USER}:{password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+        return doc
+
+    def kill_node(self, node: int) -> None:
+        """SIGKILL node ``node``: the process group scripts/cluster started it in
+        (its shell wrapper, beam.smp and their helpers), found by its node name and
+        this cluster's HOME (other clusters, the tests', use the same node names)."""
+        want = {"RABBITMQ_NODENAME": f"mdm-c{node}@localhost", "HOME": str(self.dir / "home")}
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] != "beam.smp":
+                continue
+            with contextlib.suppress(psutil.Error):
+                env = p.environ()
+                if all(env.get(k) == v for k, v in want.items()):
+                    pgid = os.getpgid(p.pid)
+                    if pgid == os.getpgid(0):
+                        raise BenchError("the node runs in the bench's own process group")
+                    os.killpg(pgid, signal.SIGKILL)
+                    return
+        raise BenchError(f"no beam.smp process of node {node}")
+
+
 @dataclass
 class Bench:
     args: argparse.Namespace
@@ -336,7 +405,7 @@ class Bench:
     def simulate(self, name: str, broker: Any, *, count: int | None = None,
                  rate: float = 0.0, duration: float = 0.0, kinds: str = "location",
                  enroll: bool = True, tenant: str = TENANT,
-                 seed: int | None = None) -> dict[str, Any]:
+                 seed: int | None = None, device_url: str | None = None) -> dict[str, Any]:
         stats = self.tmp / f"{name}-sim.json"
         # The broker's URL (the server's MQTT user, which enrolls or provisions the
         # devices) goes in the environment, not on a command line.
@@ -349,10 +418,14 @@ class Bench:
             cmd += ["--count", str(count)]
         if duration:
             cmd += ["--duration", str(duration)]
-        # Devices go where enrollment sends them: the broker's TLS listener, its CA.
-        p = self.proc(f"{name}-sim", cmd, {**os.environ, "MDM_MQTT_URL": broker.url,
-                                           "MDM_MQTT_PUBLIC_URL": broker.device_url,
-                                           "MDM_MQTT_PUBLIC_CA_FILE": str(broker.ca_file)})
+        # Devices go where enrollment sends them: the broker's TLS listener, its CA
+        # (or ``device_url``: a RabbitMQ node's plain MQTT listener on 127.0.0.1).
+        env = {**os.environ, "MDM_MQTT_URL": broker.url,
+               "MDM_MQTT_PUBLIC_URL": device_url or broker.device_url,
+               "MDM_MQTT_PUBLIC_CA_FILE": str(broker.ca_file)}
+        if device_url:
+            del env["MDM_MQTT_PUBLIC_CA_FILE"]
+        p = self.proc(f"{name}-sim", cmd, env)
         assert p.proc is not None
         rc = p.proc.wait()
         p.proc = None
@@ -365,8 +438,15 @@ class Bench:
 
     def reset_tables(self) -> None:
         assert self.db is not None
-        self.db.execute(
-            "TRUNCATE telemetry, dead_letters, checkout_events, suppressed_locations")
+        for attempt in range(5):
+            try:
+                self.db.execute(
+                    "TRUNCATE telemetry, dead_letters, checkout_events, suppressed_locations")
+                return
+            except asyncpg.DeadlockDetectedError:  # a serve's retention run (--amqp's hook)
+                if attempt == 4:
+                    raise
+                time.sleep(1.0)
 
     def note_load(self, phase: str) -> None:
         self.loads.append((phase, load_line()))
@@ -730,6 +810,221 @@ class Bench:
                                else self.phase_owntracks_drain(name))
         return {**runs, "encrypted": [self.phase_owntracks_drain("ot-encrypted", True)]}
 
+    # -- AMQP (issue 14): the drain from a RabbitMQ quorum queue beside Mosquitto's ----
+
+    def rabbit(self, name: str, nodes: int) -> RabbitCluster:
+        """A private RabbitMQ cluster (scripts/cluster up, ``down`` on exit) and a
+        ``serve`` answering its nodes' questions at the broker hook (devices' and the
+        ingest's log-ins). That ``serve`` is given the cluster's server password in an
+        ``MDM_AMQP_URL`` naming a loopback port nothing listens on: its hook accepts the
+        server's user, its own ingest never reaches a node, so the ingest processes the
+        bench starts are the queue's only consumers."""
+        hook = f"127.0.0.1:{services.free_port()}"
+        d = self.tmp / f"rabbit-{name}"
+        t0 = time.monotonic()
+        self.stack.callback(lambda: subprocess.run(
+            [str(CLUSTER_SCRIPT), "down", "--dir", str(d)], capture_output=True, timeout=120))
+        out = subprocess.run([str(CLUSTER_SCRIPT), "up", "--nodes", str(nodes), "--dir", str(d),
+                              "--hook", hook], capture_output=True, text=True,
+                             timeout=90 + 60 * nodes, check=False)
+        if out.returncode != 0:
+            raise BenchError(f"scripts/cluster up failed:\n{out.stderr[-3000:]}")
+        env = dict(ln.split("=", 1) for ln in out.stdout.splitlines() if "=" in ln)
+        formed = time.monotonic() - t0
+        hook_broker = self.broker(f"{name}-hook")
+        password = urlsplit(env["MDM_AMQP_URL"].split(",")[0]).password or ""
+        nowhere = f"amqp://{AMQP_USER}:{password}@127.0.0.1:{services.free_port()}"
+        srv = self.proc(f"{name}-hook", [PY, "-m", "mdm_server", "serve"], services.server_env(
+            self.db_url, hook_broker.url, MDM_BROKER_HOOK_ADDR=hook, MDM_AMQP_URL=nowhere))
+        srv.wait_log("broker hook listening", timeout=60)
+        log(f"{name}: {nodes} RabbitMQ node(s) formed in {formed:.0f} s; hook at {hook}")
+        return RabbitCluster(d, env, hook_broker, srv, formed)
+
+    def amqp_ingest(self, name: str, cl: RabbitCluster, index: int = 0,
+                    urls: str | None = None, profile: Path | None = None) -> Proc:
+        """``mdm-server ingest --index I`` reading the cluster's queue (``urls``: its
+        MDM_AMQP_URL, by default the cluster's, node 1 first), under cProfile if
+        ``profile``."""
+        env = services.server_env(self.db_url, cl.hook_broker.url,
+                                  MDM_AMQP_URL=urls or cl.env["MDM_AMQP_URL"])
+        cmd = [PY] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+        return self.proc(name, [*cmd, "-m", "mdm_server", "ingest", "--index", str(index)],
+                         env)
+
+    def fill_amqp_backlog(self, name: str, cl: RabbitCluster, node: int = 1) -> dict[str, Any]:
+        """The queue declared and bound (an ingest started until subscribed, then
+        stopped), then the backlog of ``--messages`` published by the simulator's
+        enrolled devices through node ``node``'s MQTT listener with their own
+        credentials (QoS 1: PUBACKed once the queue has it)."""
+        prime = self.amqp_ingest(f"{name}-prime", cl)
+        prime.wait_log("ingest subscribed", timeout=60)
+        prime.stop()
+        # Nothing left from an earlier drain (the management API's figures lag up to
+        # 5 s: wait for them rather than trust the first answer).
+        deadline = time.monotonic() + 15
+        while (left := cl.queue().get("messages", 0)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            raise BenchError(f"{name}: {left} messages in the queue before the backlog")
+        log(f"{name}: queue {AMQP_QUEUE} declared; publishing {self.args.messages:,} "
+            f"messages through node {node}'s MQTT listener")
+        return self.simulate(name, cl.hook_broker, count=self.args.messages,
+                             device_url=cl.env[f"MDM_CLUSTER_MQTT_{node}"])
+
+    def phase_amqp_drain(self, name: str, cl: RabbitCluster, consumers: int,
+                         profile: Path | None = None) -> dict[str, Any]:
+        """phase_drain from the cluster's quorum queue: the backlog queued, then
+        ``consumers`` ingest processes started together and timed from the first's
+        start until ``count(*) = messages``."""
+        n = self.args.messages
+        self.note_load(name)
+        self.reset_tables()
+        sim = self.fill_amqp_backlog(name, cl)
+        log(f"{name}: published at {sim['rate_msgs_per_s']:,.0f} msg/s; starting "
+            f"{consumers} ingest process(es)")
+        procs = [self.amqp_ingest(f"{name}-{i}", cl, i, profile=profile)
+                 for i in range(consumers)]
+        t0 = procs[0].started_at
+        mons = [Monitor(p.pid) for p in procs]
+        t1 = self.wait_count(n, procs[0], timeout=600)
+        for m in mons:
+            m.stop()
+        rcs = [p.stop() for p in procs]
+        wall = t1 - t0
+        count, span, commits = self.commit_span()
+        assert self.db is not None
+        cpu = sum(m.cpu_s for m in mons)
+        res = {
+            "messages": n, "consumers": consumers, "stored": count,
+            "distinct": int(self.db.val(
+                "SELECT count(DISTINCT (device_id, record_id)) FROM telemetry")),
+            "dead_letters": self.db.dead_letters(), "commits": commits,
+            "wall_s": wall, "rate_wall": n / wall, "span_s": span,
+            "rate_commits": n / span if span else float("nan"),
+            "cpu_s": cpu, "cpu_us_per_record": cpu / n * 1e6,
+            "peak_rss_mb": sum(m.peak_rss for m in mons) / 2**20,
+            "publish_rate": sim["rate_msgs_per_s"], "exit_code": rcs, "load": load_line(),
+        }
+        if count != n or res["distinct"] != n:
+            raise BenchError(f"{name}: stored {count}, distinct {res['distinct']} of {n}")
+        log(f"{name}: {res['rate_wall']:,.0f} rec/s from start, {res['rate_commits']:,.0f} "
+            f"first->last commit, {res['cpu_us_per_record']:.1f} µs CPU/record")
+        return res
+
+    def phase_amqp(self) -> dict[str, Any]:
+        """Mosquitto and AMQP drains (one and two ingest processes on one node),
+        alternating mosquitto amqp1 amqp2 | amqp2 amqp1 mosquitto (--amqp-runs rounds)."""
+        cl = self.rabbit("amqp", 1)
+        runs: dict[str, list[dict[str, Any]]] = {"mosquitto": [], "amqp1": [], "amqp2": []}
+        for r in range(self.args.amqp_runs):
+            order = ["mosquitto", "amqp1", "amqp2"]
+            for which in order if r % 2 == 0 else order[::-1]:
+                name = f"amqp-{which}-{r + 1}"
+                runs[which].append(self.phase_drain(name) if which == "mosquitto" else
+                                   self.phase_amqp_drain(name, cl, int(which[-1])))
+        out: dict[str, Any] = {"formed_s": cl.formed_s, **runs}
+        if self.args.profile:  # one AMQP drain under cProfile (--profile does Mosquitto's)
+            prof = self.tmp / "ingest-amqp.prof"
+            out["profile_drain"] = self.phase_amqp_drain("amqp-profile", cl, 1, profile=prof)
+            if not prof.exists():
+                raise BenchError("cProfile wrote no profile for the AMQP drain")
+            keep = REPO / "var" / "bench-ingest-amqp.prof"
+            keep.parent.mkdir(exist_ok=True)
+            shutil.copy(prof, keep)
+            self.results["profile_amqp"] = summarise_profile(prof, self.args.messages)
+            log(f"AMQP profile kept in {keep}")
+        return out
+
+    def phase_failover(self, name: str, via_leader: bool) -> dict[str, Any]:
+        """A 3-node cluster; the backlog queued; one ingest process draining it
+        (connected to the queue leader's node if ``via_leader``, else to a follower's),
+        the leader's node SIGKILLed (its whole process group) once 30% is stored.
+        Measures the time to a new leader (the management API's ``leader``, polled on
+        a surviving node every 50 ms) and until the ingest stores again: commits are
+        the rows' distinct received_at; the longest pause between commits after the
+        kill (counted from the kill) and when it ended. Checks every record stored
+        once and the queue left empty."""
+        n = self.args.messages
+        self.reset_tables()
+        cl = self.rabbit(name, 3)
+        self.note_load(name)
+        sim = self.fill_amqp_backlog(name, cl)
+        leader = cl.queue()["leader"]
+        lead = int(leader.split("@")[0].rsplit("c", 1)[1])
+        others = [i for i in (1, 2, 3) if i != lead]
+        urls = cl.env["MDM_AMQP_URL"].split(",")
+        order = [lead, *others] if via_leader else [others[0], lead, others[1]]
+        ing = self.amqp_ingest(name, cl, urls=",".join(urls[i - 1] for i in order))
+        mon = Monitor(ing.pid)
+        self.wait_count(int(n * 0.3), ing, timeout=300)
+        before = int(self.db.val("SELECT count(*) FROM telemetry")) if self.db else 0
+        t_kill = time.time()
+        cl.kill_node(lead)
+        log(f"{name}: node {lead} (leader {leader}) SIGKILLed at {before:,} stored; "
+            f"ingest on node {order[0]}")
+        new_leader, t_leader, last = None, None, ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                got = cl.queue(node=others[0], timeout=1.0).get("leader")
+                last = repr(got)
+                if got and got != leader:
+                    new_leader, t_leader = got, time.time()
+                    break
+            except Exception as exc:  # the node busy electing: ask again
+                last = repr(exc)
+            time.sleep(0.05)
+        if t_leader is None:
+            raise BenchError(f"{name}: no new leader within 120 s (last answer {last})")
+        log(f"{name}: new leader {new_leader} after {t_leader - t_kill:.2f} s")
+        self.wait_count(n, ing, timeout=300)
+        mon.stop()
+        assert self.db is not None
+        times = [float(r[0]) for r in self.db.rows(
+            "SELECT DISTINCT extract(epoch FROM received_at) FROM telemetry ORDER BY 1")]
+        stored = int(self.db.val("SELECT count(*) FROM telemetry"))
+        distinct = int(self.db.val(
+            "SELECT count(DISTINCT (device_id, record_id)) FROM telemetry"))
+        # Still running: the queue must empty (every delivery acknowledged); the
+        # management API's figures lag up to 5 s.
+        q: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                q = cl.queue(node=others[0], timeout=2.0)
+                if q.get("messages") == 0 and q.get("messages_unacknowledged") == 0:
+                    break
+            time.sleep(0.5)
+        rc = ing.stop()
+        # Pauses between commits that end after the kill, counted from the kill at
+        # the earliest: the longest is the stall the failover caused (if any).
+        pauses = [(b - max(a, t_kill), b) for a, b in itertools.pairwise(times) if b > t_kill]
+        gap, t_resume = max(pauses) if pauses else (float("nan"), float("nan"))
+        first = min((t for t in times if t > t_kill), default=float("nan"))
+        stats = q.get("message_stats") or {}
+        res = {
+            "messages": n, "stored": stored, "distinct": distinct,
+            "dead_letters": self.db.dead_letters(), "stored_at_kill": before,
+            "leader": leader, "new_leader": new_leader, "via_leader": via_leader,
+            "ingest_node": order[0], "killed_node": lead,
+            "to_leader_s": t_leader - t_kill, "to_store_s": t_resume - t_kill,
+            "first_commit_s": first - t_kill, "longest_pause_s": gap,
+            "queue_ready": q.get("messages"),
+            "queue_unacked": q.get("messages_unacknowledged"),
+            "redelivered": stats.get("redeliver"), "reconnects":
+                ing_log_count(self.tmp / f"{name}.log", "ingest subscribed") - 1,
+            "cpu_us_per_record": mon.cpu_s / n * 1e6, "publish_rate": sim["rate_msgs_per_s"],
+            "formed_s": cl.formed_s, "exit_code": rc, "load": load_line(),
+        }
+        log(f"{name}: new leader after {res['to_leader_s']:.2f} s; first commit "
+            f"{res['first_commit_s']:.2f} s after the kill, longest pause {gap:.2f} s, "
+            f"ending {res['to_store_s']:.2f} s after it; stored {stored:,}, "
+            f"distinct {distinct:,} of {n:,}; queue ready {res['queue_ready']}, unacked "
+            f"{res['queue_unacked']}, redelivered {res['redelivered']}")
+        if stored != n or distinct != n:
+            raise BenchError(f"{name}: stored {stored}, distinct {distinct} of {n}")
+        return res
+
     def phase_tls(self) -> dict[str, Any]:
         """Drains with the ingest over TLS and in plain text, alternating plain tls tls
         plain (--tls-runs each), each on a fresh broker."""
@@ -841,6 +1136,8 @@ _CATEGORIES = [
     ("paho (MQTT parsing, acks)", ("paho/mqtt",)),
     ("agent_protocol (decode, validation)", ("agent_protocol/",)),
     ("asyncpg (COPY, queries)", ("asyncpg/",)),
+    ("aiormq / pamqp (AMQP frames, deliveries)", ("aiormq/", "pamqp/")),
+    ("aio_pika", ("aio_pika/",)),
     ("asyncio event loop", ("asyncio/", "selectors.py")),
     ("mdm_server (batching, glue)", ("mdm_server/",)),
 ]
@@ -851,7 +1148,8 @@ def _where(func: tuple[str, int, str]) -> str:
     if file == "~":
         return name
     parts = Path(file).parts
-    for anchor in ("paho", "asyncpg", "agent_protocol", "mdm_server", "asyncio"):
+    for anchor in ("paho", "asyncpg", "aiormq", "pamqp", "aio_pika", "agent_protocol",
+                   "mdm_server", "asyncio"):
         if anchor in parts:
             return "/".join(parts[parts.index(anchor):]) + f":{line}({name})"
     return f"{Path(file).name}:{line}({name})"
@@ -892,6 +1190,9 @@ def summarise_profile(path: Path, records: int, top: int = 15) -> dict[str, Any]
                                                      "_packet_read"),
         "MqttConsumer._fast_publish": ("mdm_server/ingest/mqtt.py", "_fast_publish"),
         "MqttConsumer.ack": ("mdm_server/ingest/mqtt.py", "ack"),
+        "AmqpConsumer._on_delivery": ("mdm_server/ingest/amqp.py", "_on_delivery"),
+        "aiormq Channel._on_deliver_frame": ("aiormq/channel.py", "_on_deliver_frame"),
+        "aiormq Connection.__reader": ("aiormq/connection.py", "__reader"),
         "DecodedBatch.decode": ("mdm_server/ingest/batch.py", "decode"),
         "decode_records": ("agent_protocol/envelope.py", "decode_records"),
         "batch.admit (enrolled devices)": ("mdm_server/ingest/batch.py", "admit"),
@@ -1014,6 +1315,81 @@ def render_owntracks(b: Bench, add: Any) -> list[str]:
         f"{mean['encrypted'] / mean['native']:.2f}.")
     add("")
     return [f"OwnTracks/native {ratio:.2f}"]
+
+
+def render_amqp(b: Bench, add: Any) -> list[str]:
+    """The section of --amqp: AMQP drains beside Mosquitto's, and the failovers."""
+    am, fo = b.results.get("amqp"), b.results.get("failover")
+    out: list[str] = []
+    if am:
+        n = b.args.messages
+        add(f"### The drain from RabbitMQ over AMQP beside Mosquitto's ({n:,} messages, "
+            "same run)")
+        add("")
+        add("Drains alternating Mosquitto · AMQP 1 consumer · AMQP 2 consumers, then the "
+            f"reverse ({b.args.amqp_runs} round(s)). Mosquitto: `phase_drain` as above. AMQP: "
+            f"a one-node private cluster (scripts/cluster, RabbitMQ 3.10; formed in "
+            f"{am['formed_s']:.0f} s) whose auth asks a `serve`'s broker hook (that `serve` "
+            "consumes nothing); the same backlog (the simulator's 20 enrolled devices, "
+            "single-record `location` messages, QoS 1, their own credentials) published "
+            "through the node's MQTT listener into the quorum queue `mdm-ingest`, then "
+            "`mdm-server ingest` started (two processes, `--index 0` and `1`, competing "
+            "consumers on the one node, for 2) and timed from the first's start until "
+            "every record is stored. CPU: user+sys of the ingest process(es), summed.")
+        add("")
+        add("| drain | runs (rec/s from start) | mean rec/s | first→last commit | "
+            "CPU µs/record | publish msg/s |")
+        add("|---|---|---:|---:|---:|---:|")
+        mean = {}
+        for k, label in (("mosquitto", "Mosquitto, 1 ingest"), ("amqp1", "AMQP, 1 ingest"),
+                         ("amqp2", "AMQP, 2 ingests")):
+            rs = am[k]
+            mean[k] = _mean([r["rate_wall"] for r in rs])
+            rates = ", ".join(f"{r['rate_wall']:,.0f}" for r in rs)
+            add(f"| {label} | {rates} | "
+                f"{mean[k]:,.0f} | {_mean([r['rate_commits'] for r in rs]):,.0f} | "
+                f"{_mean([r['cpu_us_per_record'] for r in rs]):.1f} | "
+                f"{_mean([r['publish_rate'] for r in rs]):,.0f} |")
+        add("")
+        r1, r2 = mean["amqp1"] / mean["mosquitto"], mean["amqp2"] / mean["mosquitto"]
+        add(f"**AMQP/Mosquitto = {r1:.2f} (one consumer), {r2:.2f} (two)**; two/one "
+            f"consumers = {mean['amqp2'] / mean['amqp1']:.2f}. Load average at each drain: "
+            + "; ".join(f"{k} {r['load']}" for k in ("mosquitto", "amqp1", "amqp2")
+                        for r in am[k]) + ".")
+        add("")
+        out.append(f"AMQP/Mosquitto {r1:.2f} (1), {r2:.2f} (2)")
+    if fo:
+        add("### Failover: the quorum leader's node SIGKILLed during a drain")
+        add("")
+        add("A fresh 3-node cluster each; the backlog queued through node 1; one "
+            "`mdm-server ingest` draining it (its `MDM_AMQP_URL` lists the three nodes, "
+            "the one named first is where it connects); once 30% is stored the "
+            "leader's node is killed with SIGKILL (its whole process group). New leader: "
+            "the management API's `leader` of `mdm-ingest`, polled on a surviving node "
+            "every 50 ms. Storing: commits are the rows' distinct `received_at`; the "
+            "longest pause between commits after the kill (counted from the kill) and "
+            "when it ended (the ingest storing again); the first commit after the kill "
+            "may be of messages it held already.")
+        add("")
+        add("| ingest connected to | new leader after | first commit after | longest "
+            "pause | storing again after | stored / distinct of sent | queue ready / "
+            "unacked after | redelivered | ingest connections |")
+        add("|---|---:|---:|---:|---:|---|---|---:|---:|")
+        for r in fo:
+            where = "the leader's node" if r["via_leader"] else "a follower's node"
+            add(f"| {where} | {r['to_leader_s']:.2f} s | {r['first_commit_s']:.2f} s | "
+                f"{r['longest_pause_s']:.2f} s | {r['to_store_s']:.2f} s | "
+                f"{r['stored']:,} / {r['distinct']:,} of "
+                f"{r['messages']:,} | {r['queue_ready']} / {r['queue_unacked']} | "
+                f"{r['redelivered']} | {r['reconnects'] + 1} |")
+        add("")
+        lost = sum(r["messages"] - r["distinct"] for r in fo)
+        doubled = sum(r["stored"] - r["distinct"] for r in fo)
+        add(f"Lost {lost}, stored twice {doubled}. Load average: "
+            + "; ".join(r["load"] for r in fo) + ".")
+        add("")
+        out.append(f"failover lost {lost} doubled {doubled}")
+    return out
 
 
 def render_tls(b: Bench, add: Any) -> list[str]:
@@ -1308,10 +1684,12 @@ def render(b: Bench, started: dt.datetime) -> tuple[str, str]:
     add("")
     verdicts += render_baseline(b, add)
     verdicts += render_tls(b, add)
+    verdicts += render_amqp(b, add)
     verdicts += render_watchers(b, add)
     verdicts += render_owntracks(b, add)
     verdicts += render_policy(b, add)
-    for key, title in (("profile", "default policy"), ("profile_b", "strict policy B")):
+    for key, title in (("profile", "default policy"), ("profile_b", "strict policy B"),
+                       ("profile_amqp", "from RabbitMQ over AMQP, default policy")):
         summary = r.get(key)
         if summary:
             render_profile(add, f"Profile (cProfile, one drain of {a.messages:,} messages, "
@@ -1377,6 +1755,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "of encrypted OwnTracks payloads: the ratio OwnTracks/native")
     p.add_argument("--owntracks-runs", type=int, default=2,
                    help="drains of each, alternating native ot ot native (default 2)")
+    p.add_argument("--amqp", action="store_true",
+                   help="also drains from a private RabbitMQ cluster's quorum queue over "
+                        "AMQP (one and two ingest processes) beside Mosquitto's, "
+                        "alternating, and the failover of the queue's leader")
+    p.add_argument("--amqp-runs", type=int, default=2,
+                   help="rounds of mosquitto amqp1 amqp2, every other one reversed (2)")
+    p.add_argument("--failover", default="follower,leader",
+                   help="with --amqp: failover runs, each on a fresh 3-node cluster, by "
+                        "where the ingest connects: follower, leader (comma-separated; "
+                        "'' for none)")
     p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     return p.parse_args(argv)
 
@@ -1506,6 +1894,12 @@ def phases(b: Bench, tmp: Path) -> None:
         b.results["baseline"] = b.phase_baseline(args.baseline)
     if args.tls:
         b.results["tls"] = b.phase_tls()
+    if args.amqp:
+        if args.amqp_runs:
+            b.results["amqp"] = b.phase_amqp()
+        b.results["failover"] = [
+            b.phase_failover(f"failover-{i + 1}", via_leader=where.strip() == "leader")
+            for i, where in enumerate(w for w in args.failover.split(",") if w.strip())]
     if args.live_watchers:
         b.results["watchers"] = b.phase_watchers()
     if args.owntracks:
