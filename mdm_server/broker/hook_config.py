@@ -13,8 +13,9 @@ Read by :func:`mdm_server.config.load_config` (the one reader of the environment
   in the first only) are the server's own broker login, which the hook accepts
   (and allows what the server needs). Plain ``amqp://`` to this host's loopback
   only, as for MQTT.
-- ``MDM_AMQP_CA_FILE``: the CA (PEM) that ``amqps://`` nodes' certificates are
-  checked against; unset, the system's trusted CAs.
+- ``MDM_AMQP_CA_FILE``: the CA (PEM) that ``amqps://`` nodes' certificates (and
+  their ``https://`` management API's) are checked against; unset, the system's
+  trusted CAs.
 - ``MDM_EMQX_API_URL`` with ``MDM_EMQX_API_KEY`` and ``MDM_EMQX_API_SECRET``: an
   EMQX cluster's REST API (``http(s)://HOST:18083``, comma-separated, ``http://``
   to loopback only) and an API key of it; set, ``serve`` kicks a revoked or

@@ -31,11 +31,13 @@ import asyncio
 import base64
 import contextlib
 import logging
+import ssl
 from urllib.parse import quote
 
 import aiohttp
 import asyncpg
 
+from mdm_server.broker.amqp import ssl_context
 from mdm_server.broker.hook import BrokerHook, parse_username
 from mdm_server.broker.hook_config import AmqpSettings, EmqxApi
 from mdm_server.storage.devices import CREDENTIALS_CHANNEL
@@ -69,6 +71,7 @@ class ConnectionCloser:
         self._again_s = cache_ttl_s + 1.0
         self._page = page
         self.closed_users = 0  # users whose connections were closed (counted, not named)
+        self._tls: ssl.SSLContext | None = None
         if isinstance(api, EmqxApi):
             self._emqx = True
             self._urls = api.urls
@@ -77,6 +80,8 @@ class ConnectionCloser:
             self._emqx = False
             self._urls = api.management_urls
             user, password = api.username, api.password
+            if api.ca_file is not None:  # the cluster's own CA signs its https:// too
+                self._tls = ssl_context(api)
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._auth = {"Authorization": f"Basic {basic}"}
 
@@ -90,7 +95,7 @@ class ConnectionCloser:
         last = "no node"
         for base in self._urls:
             try:
-                async with session.request(method, base.rstrip("/") + path,
+                async with session.request(method, base.rstrip("/") + path, ssl=self._tls or True,
                                            headers=self._auth, timeout=self._timeout) as resp:
                     if resp.status == 404 or resp.status == 204:
                         return None
