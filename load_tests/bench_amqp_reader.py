@@ -1,7 +1,7 @@
 """AMQP reader benchmark: aiormq's reader against the fast one (not collected by pytest).
 
     python -m load_tests.bench_amqp_reader [--messages 50000] [--runs 3] [--batch 5000]
-        [--payload 220]
+        [--payload 220] [--ingest]
 
 A private one-node RabbitMQ (scripts/cluster) whose broker hook is a stub in this
 process (it lets the bench's user do anything: no serve, no database). Each run: a
@@ -13,6 +13,14 @@ the core (no decode, policy, sealing or COPY): messages gathered into batches of
 when full, the prefetch twice the batch (the worker's default). Timed from the
 reader's start to the last delivery (wall) and the process's CPU time over the same
 span; the readers alternate old new new old ... (``--runs`` each), in one process.
+
+With ``--ingest``, the whole ingest instead: ``mdm-server ingest`` (one worker,
+its own process, a throwaway database migrated here, MDM_PG_ADMIN_URL as for the
+tests) drains ``mdm-ingest``, filled with ``--messages`` single-record location
+messages of 10 enrolled devices (a fresh tenant a drain), with the old reader
+(the process's ``AmqpConsumer`` replaced by ``AiormqConsumer`` before it starts)
+or the new; timed from the first stored record to the last (polled every 50 ms),
+CPU of the ingest process from its start.
 
 Prints one line per drain, then the best and mean rate of each and the ratio
 new/old, and the CPU µs per message.
@@ -127,6 +135,66 @@ async def drain(kind: str, amqp: AmqpSettings, n: int, size: int, batch: int
     return n / wall, cpu / n * 1e6
 
 
+_OLD_READER = ("import runpy, sys; import mdm_server.ingest.amqp as a; "
+               "a.AmqpConsumer = a.AiormqConsumer; "
+               "sys.argv = ['mdm_server', 'ingest', '--index', '1']; "
+               "runpy.run_module('mdm_server', run_name='__main__', alter_sys=True)")
+
+
+async def ingest_drain(kind: str, amqp: AmqpSettings, env: dict[str, str], database: str,
+                       n: int, log: Path) -> tuple[float, float]:
+    """The backlog drained by one ``mdm-server ingest``: (records/s, CPU µs/record)."""
+    import psutil  # type: ignore[import-untyped]
+
+    from mdm_server.ingest.amqp_fast import INGEST_BINDINGS, INGEST_QUEUE
+    from tests.support.services import enroll, fetchval
+    from tests.support.telemetry import location
+
+    tenant = "b" + uuid.uuid4().hex[:8]
+    devices = [f"d{i}" for i in range(10)]
+    await enroll(database, "mqtt://127.0.0.1:1", tenant, devices)
+    conn = await aio_pika.connect(amqp.urls[0], login=amqp.username, password=amqp.password)
+    try:
+        channel = await conn.channel()
+        q = await channel.declare_queue(INGEST_QUEUE, durable=True,
+                                        arguments={"x-queue-type": "quorum"})
+        for key in INGEST_BINDINGS:
+            await q.bind("amq.topic", routing_key=key)
+        exchange = await channel.get_exchange("amq.topic", ensure=False)
+        for start in range(0, n, 1000):
+            msgs = [location(tenant, devices[i % 10], i) for i in range(start,
+                                                                         min(start + 1000, n))]
+            await asyncio.gather(*(exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=topic.replace("/", ".")) for topic, body in msgs))
+    finally:
+        await conn.close()
+    args = (["-c", _OLD_READER] if kind == "old"
+            else ["-m", "mdm_server", "ingest", "--index", "1"])
+    count = f"SELECT count(*) FROM telemetry WHERE tenant_id = '{tenant}'"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=out, stderr=out)
+    try:
+        first = last = 0.0
+        stored = 0
+        deadline = time.monotonic() + 300
+        while stored < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"the ingest stopped or stalled at {stored}; see {log}")
+            stored = int(str(await fetchval(database, count)))
+            now = time.monotonic()
+            if stored and not first:
+                first = now
+            last = now
+            await asyncio.sleep(0.05)
+        times = psutil.Process(proc.pid).cpu_times()
+        cpu = times.user + times.system
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return n / (last - first), cpu / n * 1e6
+
+
 async def bench(args: argparse.Namespace, amqp: AmqpSettings) -> None:
     results: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
     order = ["old", "new", "new", "old"] * ((args.runs + 1) // 2)
@@ -135,7 +203,11 @@ async def bench(args: argparse.Namespace, amqp: AmqpSettings) -> None:
         if counts[kind] >= args.runs:
             continue
         counts[kind] += 1
-        rate, cpu = await drain(kind, amqp, args.messages, args.payload, args.batch)
+        if args.ingest:
+            rate, cpu = await ingest_drain(kind, amqp, args.env, args.database,
+                                           args.messages, args.log)
+        else:
+            rate, cpu = await drain(kind, amqp, args.messages, args.payload, args.batch)
         results[kind].append((rate, cpu))
         print(f"{kind}: {rate:,.0f} msg/s, {cpu:.1f} µs CPU/msg", flush=True)
     for kind in ("old", "new"):
@@ -163,7 +235,19 @@ async def main_async(args: argparse.Namespace) -> None:
             env = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
             amqp = amqp_settings(env)
             assert amqp is not None
-            await bench(args, amqp)
+            if args.ingest:
+                from tests.support.services import create_database, drop_database, server_env
+
+                args.database = await create_database("mdm_bench_amqp")
+                args.env = server_env(args.database, "mqtt://127.0.0.1:1",
+                                      MDM_AMQP_URL=env["MDM_AMQP_URL"],
+                                      MDM_INGEST_BATCH=str(args.batch))
+                args.log = Path(tmp) / "ingest.log"
+            try:
+                await bench(args, amqp)
+            finally:
+                if args.ingest:
+                    await drop_database(args.database)
         finally:
             await asyncio.to_thread(subprocess.run, [str(CLUSTER_SCRIPT), "down", "--dir",
                                                      str(d)], capture_output=True,
@@ -177,6 +261,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch", type=int, default=5000)
     p.add_argument("--payload", type=int, default=220)
+    p.add_argument("--ingest", action="store_true",
+                   help="the whole ingest (mdm-server ingest) instead of the reader alone")
     asyncio.run(main_async(p.parse_args()))
 
 

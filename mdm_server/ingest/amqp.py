@@ -51,7 +51,7 @@ __all__ = ["INGEST_BINDINGS", "INGEST_QUEUE", "AiormqConsumer", "AmqpConsumer"]
 log = logging.getLogger(__name__)
 
 #: The reader the ingest and the ack consumer use: deliveries parsed on the event
-#: loop as they arrive (mdm_server/ingest/amqp_fast.py): 4 times aiormq's rate, a
+#: loop as they arrive (mdm_server/ingest/amqp_fast.py): 4 times aiormq's drain, a
 #: fifteenth of its CPU a message (load_tests/bench_amqp_reader.py).
 AmqpConsumer = FastAmqpConsumer
 
