@@ -77,6 +77,10 @@ class ProtocolError(ConnectionError):
     """The server sent something this reader cannot make sense of."""
 
 
+class HeartbeatTimeout(ConnectionError):
+    """The server sent nothing for two heartbeat intervals."""
+
+
 class ServerClosed(ConnectionError):
     """The server closed the connection or the channel, or cancelled the consumer."""
 
@@ -419,8 +423,8 @@ class FastAmqpConsumer:
                 if conn.transport is not None:
                     conn.transport.write(_HEARTBEAT_FRAME)
                 if asyncio.get_running_loop().time() - conn.last_read > 2 * interval:
-                    conn.fail(ConnectionError("the AMQP server sent nothing for two "
-                                              "heartbeat intervals"))
+                    conn.fail(HeartbeatTimeout("the AMQP server sent nothing for two "
+                                               "heartbeat intervals"))
         finally:
             closed.cancel()
 

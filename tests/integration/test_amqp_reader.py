@@ -241,3 +241,65 @@ def test_a_connection_closed_by_the_server_is_reopened_and_unacked_redelivered(
             await reader.stop(cluster)
 
     asyncio.run(go())
+
+
+def _node_pid(cluster: Cluster) -> int:
+    """The OS pid of this cluster's one node (its Erlang VM, by the HOME
+    scripts/cluster gave it)."""
+    import psutil
+
+    home = str(cluster.dir / "home")
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if (proc.info["name"] or "").startswith("beam") and \
+                    proc.environ().get("HOME") == home:
+                return int(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no beam.smp process of the cluster in {cluster.dir}")
+
+
+def test_heartbeats_keep_an_idle_connection_and_a_silent_server_is_left(
+        server: Server, cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """A 1 s heartbeat: an idle reader keeps its connection (its heartbeats reach
+    the server, which would otherwise close it after two intervals); the node
+    frozen (SIGSTOP: its sockets stay open, it sends nothing) is noticed by the
+    heartbeat alone and the connection dropped; the node thawed, the reader
+    subscribes again and reads what is published."""
+    import logging
+    import os
+    import signal
+
+    caplog.set_level(logging.WARNING, logger="mdm_server.broker.amqp")
+
+    async def go() -> None:
+        reader = Reader(cluster, "d3", heartbeat_s=1, timeout_s=3)
+        await reader.start()
+        pid = _node_pid(cluster)
+        try:
+            assert reader.consumer.negotiated[1] == 1
+            await asyncio.sleep(5)  # idle for five intervals
+            assert reader.consumer.connected.is_set() and reader.consumer.generation == 1
+            reader.consumer.subscribed.clear()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                async def lost() -> None:
+                    while reader.consumer.connected.is_set():
+                        await asyncio.sleep(0.1)
+                await asyncio.wait_for(lost(), 30)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # Noticed by the heartbeat (run_with_failover logs the error's type).
+            assert "lost or unreachable (HeartbeatTimeout)" in caplog.text
+            await asyncio.wait_for(reader.consumer.subscribed.wait(), 90)
+            assert reader.consumer.generation >= 2
+            await _publish(cluster, "d3", [b"after"])
+            await reader.wait_for(1)
+            assert [m.payload for m in reader.received] == [b"after"]
+            assert reader.received[0].generation == reader.consumer.generation
+            assert reader.consumer.ack(reader.received) == 1
+            await _queue_empty(cluster, reader.queue)
+        finally:
+            await reader.stop(cluster)
+
+    asyncio.run(go())
