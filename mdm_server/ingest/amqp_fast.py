@@ -201,7 +201,8 @@ class _Connection(asyncio.Protocol):
     """One connection's protocol: setup frames to the session coroutine, deliveries
     to the consumer, heartbeats and the server's closes handled here."""
 
-    def __init__(self, deliver: Callable[[int, bytes, bytes], None]) -> None:
+    def __init__(self, deliver: Callable[[int, bytes, bytes], None], label: str) -> None:
+        self._label = label
         self._loop = asyncio.get_running_loop()
         self.parser = FrameParser(deliver, self._other)
         self.transport: asyncio.Transport | None = None
@@ -248,6 +249,12 @@ class _Connection(asyncio.Protocol):
     def _other(self, channel: int, value: Frame | None) -> None:
         if value is None:
             return  # a heartbeat: data_received noted the time
+        if isinstance(value, (spec.Connection.Close, spec.Channel.Close)):
+            # The server's reason (e.g. 403 ACCESS_REFUSED naming our user or queue):
+            # about the server's own link, never a device's or a payload.
+            log.warning("%s: the AMQP server closed the %s: %s %s", self._label,
+                        "channel" if isinstance(value, spec.Channel.Close) else "connection",
+                        value.reply_code, value.reply_text)
         if isinstance(value, spec.Connection.Close):
             self.write(spec.Connection.CloseOk(), 0)
             self.fail(ServerClosed(f"the server closed the connection ({value.reply_code} "
@@ -341,7 +348,7 @@ class FastAmqpConsumer:
         port = parts.port or (5671 if tls else 5672)
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(loop.create_connection(
-            lambda: _Connection(self._deliver), host, port,
+            lambda: _Connection(self._deliver, self._label), host, port,
             ssl=ssl_context(self._amqp) if tls else None,
             server_hostname=host if tls else None), self._timeout)
         self._conn = conn
@@ -385,7 +392,6 @@ class FastAmqpConsumer:
 
     async def _consume(self, url: str) -> None:
         """One connection to one node, until it is lost (raises) or cancelled."""
-        conn: _Connection | None = None
         try:
             conn = await self._open(url)
             self.generation += 1  # deliveries may follow ConsumeOk in the same read
@@ -402,9 +408,9 @@ class FastAmqpConsumer:
             await self._watch(conn)
         finally:
             self.connected.clear()
-            self._conn = None
-            if conn is not None:
-                self._hang_up(conn)
+            opened, self._conn = self._conn, None  # set as soon as the socket was
+            if opened is not None:
+                self._hang_up(opened)
 
     async def _watch(self, conn: _Connection) -> None:
         """Send heartbeats, notice a silent server; until the connection is lost."""

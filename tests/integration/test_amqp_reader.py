@@ -205,12 +205,15 @@ async def _unacked(cluster: Cluster, name: str, n: int, timeout: float = 20) -> 
 
 
 def test_a_connection_closed_by_the_server_is_reopened_and_unacked_redelivered(
-        server: Server, cluster: Cluster) -> None:
+        server: Server, cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
     """50 messages received, the first 20 acknowledged; the management API closes
     the reader's connection (as the broker does on a refusal): the reader
     reconnects, the 30 others come again (redelivered, a new generation), an ack
     of the old generation is not sent, and one of the new empties the queue. The
     heartbeat and frame size are the ones agreed, as the server reports them."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mdm_server")
     bodies = [f"r{i}".encode() for i in range(50)]
 
     async def go() -> None:
@@ -228,6 +231,9 @@ def test_a_connection_closed_by_the_server_is_reopened_and_unacked_redelivered(
             _management(cluster, "connections/" + urllib.parse.quote(conn["name"], safe=""),
                         method="DELETE")
             await asyncio.wait_for(reader.consumer.subscribed.wait(), 30)
+            # Connection.Close from the server (320 CONNECTION_FORCED), answered.
+            assert f"{reader.label}: the AMQP server closed the connection: 320" \
+                in caplog.text
             await reader.wait_for(80)
             again = reader.received[50:]
             assert [m.payload for m in again] == bodies[20:]
