@@ -3,9 +3,10 @@
 Devices speak MQTT to the cluster's nodes; RabbitMQ's MQTT plugin turns each topic
 into a routing key on the ``amq.topic`` exchange (``/`` -> ``.``) and each MQTT
 subscription into a queue bound to it. The server reads and writes that exchange
-over AMQP 0-9-1 (aio-pika): the ingest and the ack consumer read quorum queues
-(mdm_server/ingest/amqp.py), the command dispatcher publishes to the device's
-routing key (mdm_server/commands/publishers.py). What they share lives here:
+over AMQP 0-9-1: the ingest and the ack consumer read quorum queues with their own
+minimal consumer (mdm_server/ingest/amqp_fast.py), the command dispatcher
+publishes to the device's routing key through aio-pika
+(mdm_server/commands/publishers.py). What they share lives here:
 
 - :func:`open_connection`: the server's login (the user and password of
   ``MDM_AMQP_URL``), TLS for ``amqps://`` checked against ``MDM_AMQP_CA_FILE`` (else

@@ -41,30 +41,31 @@ from urllib.parse import urlsplit
 
 import aiormq
 
-from agent_protocol import TELEMETRY_FILTER
-from agent_protocol.owntracks import OWNTRACKS_FILTER
 from mdm_server.broker.amqp import EXCHANGE, open_connection, routing_key_topic, run_with_failover
-from mdm_server.broker.hook import server_routing_key, topic_routing_key
 from mdm_server.broker.hook_config import AmqpSettings
+from mdm_server.ingest.amqp_fast import INGEST_BINDINGS, INGEST_QUEUE, FastAmqpConsumer
 from mdm_server.ingest.mqtt import InboundMessage
 
-__all__ = ["INGEST_BINDINGS", "INGEST_QUEUE", "AmqpConsumer"]
+__all__ = ["INGEST_BINDINGS", "INGEST_QUEUE", "AiormqConsumer", "AmqpConsumer"]
 
 log = logging.getLogger(__name__)
 
-#: The ingest's queue: quorum, durable, shared by every worker of every serve.
-INGEST_QUEUE = "mdm-ingest"
-#: What it is bound to: our agents' telemetry and OwnTracks' topics (whose username
-#: level is two words; ``#`` matches zero or more words, as in the MQTT filter).
-INGEST_BINDINGS = (topic_routing_key(TELEMETRY_FILTER), server_routing_key(OWNTRACKS_FILTER))
+#: The reader the ingest and the ack consumer use: deliveries parsed on the event
+#: loop as they arrive (mdm_server/ingest/amqp_fast.py): 4 times aiormq's drain, a
+#: fifteenth of its CPU a message (load_tests/bench_amqp_reader.py).
+AmqpConsumer = FastAmqpConsumer
 
 
 async def _ack(channel: aiormq.abc.AbstractChannel, tag: int) -> None:
     await channel.basic_ack(tag, multiple=True)
 
 
-class AmqpConsumer:
-    """Consumes :data:`INGEST_QUEUE` on the first node that answers; acks on demand."""
+class AiormqConsumer:
+    """Consumes :data:`INGEST_QUEUE` on the first node that answers; acks on demand.
+
+    The first reader, through aio-pika and aiormq: no longer used by the server
+    (:data:`AmqpConsumer` is the fast one), kept as the reference that
+    load_tests/bench_amqp_reader.py measures the fast one against."""
 
     def __init__(self, amqp: AmqpSettings, *, on_message: Callable[[InboundMessage], None],
                  prefetch: int = 10_000, queue: str = INGEST_QUEUE,
