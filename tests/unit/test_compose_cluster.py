@@ -126,7 +126,8 @@ def test_the_servers_env_names_the_profiles_nodes(services: dict[str, Any]) -> N
     assert len(published) == len(RABBITS)
     for s in SERVERS:
         env = services[s]["environment"]
-        amqp = amqp_settings(env)  # the server's own parser accepts it
+        # The server's own parser accepts it (the CA file exists in the container only).
+        amqp = amqp_settings({k: v for k, v in env.items() if k != "MDM_AMQP_CA_FILE"})
         assert amqp is not None
         assert amqp.username == "mdm-server" and amqp.password == CLUSTER_ENV[
             "MDM_AMQP_SERVER_PASSWORD"]
@@ -140,11 +141,13 @@ def test_the_servers_env_names_the_profiles_nodes(services: dict[str, Any]) -> N
         assert public.scheme == "mqtts" and public.hostname == "mdm.example.org"
         assert public.port in published
         rabbit_ca = env["MDM_MQTT_PUBLIC_CA_FILE"]
-        assert env["SSL_CERT_FILE"] == rabbit_ca
+        assert env["MDM_AMQP_CA_FILE"] == rabbit_ca
+        assert "SSL_CERT_FILE" not in env
         assert f"rabbittls:{Path(rabbit_ca).parent}:ro" in services[s]["volumes"]
-        # Acks, status and commands: still the default profile's Mosquitto.
-        assert env["MDM_MQTT_URL"].endswith("@mosquitto:8883")
-        assert {"mosquitto", "migrate-cluster", *RABBITS} <= set(services[s]["depends_on"])
+        # Acks, status and commands go through the cluster too: no Mosquitto.
+        assert "MDM_MQTT_URL" not in env and "MDM_MQTT_CA_FILE" not in env
+        assert set(services[s]["depends_on"]) == {"migrate-cluster", *RABBITS}
+        assert not any(v.startswith("mqtttls:") for v in services[s]["volumes"])
     hooks = {services[s]["environment"]["MDM_BROKER_HOOK_ADDR"] for s in SERVERS}
     assert len(hooks) == len(SERVERS)
     # One key ring for the servers of one database.
