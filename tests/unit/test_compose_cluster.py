@@ -1,8 +1,9 @@
 """docker-compose.yml's `cluster` profile: three RabbitMQ nodes, etcd, two Patroni
 PostgreSQL nodes and two servers (docs/scaling.md, "docker-compose's cluster profile").
 
-Docker cannot run here: Debian's docker-compose (1.29) validates the file without an
-engine (tests/unit/test_compose.py). These tests check that the profile is valid,
+CI has no Docker engine: Debian's docker-compose (1.29) validates the file without
+one (tests/unit/test_compose.py); scripts/compose-cluster-check checks a profile
+running in Docker, by hand (docs/scaling.md). These tests check that the profile is valid,
 that a plain `docker-compose up` leaves it alone, and that the servers' environment
 names what the profile runs: every URL's host is a service of the profile, its port
 the one that service's config listens on, and the project's own parsers accept it.
@@ -194,6 +195,11 @@ def test_the_servers_database_is_the_patroni_pair_read_write(services: dict[str,
 def test_the_containers_refuse_empty_secrets() -> None:
     entry = (CLUSTER_DIR / "rabbitmq-entrypoint.sh").read_text()
     assert '"${#MDM_RABBITMQ_COOKIE}" -lt 20' in entry
+    # The node in place of the entrypoint, so that SIGTERM stops it: not Debian's
+    # /usr/sbin wrapper, which runs it under su and passes no signal on.
+    assert "exec setpriv --reuid=rabbitmq" in entry
+    code = [line for line in entry.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("/usr/sbin/rabbitmq-server" in line for line in code)
     entry = (CLUSTER_DIR / "patroni-entrypoint.sh").read_text()
     assert '"${#PATRONI_REPLICATION_PASSWORD}" -lt 16' in entry
     dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
