@@ -1,8 +1,9 @@
 """docker-compose.yml's `cluster` profile: three RabbitMQ nodes, etcd, two Patroni
 PostgreSQL nodes and two servers (docs/scaling.md, "docker-compose's cluster profile").
 
-Docker cannot run here: Debian's docker-compose (1.29) validates the file without an
-engine (tests/unit/test_compose.py). These tests check that the profile is valid,
+CI has no Docker engine: Debian's docker-compose (1.29) validates the file without
+one (tests/unit/test_compose.py); scripts/compose-cluster-check checks a profile
+running in Docker, by hand (docs/scaling.md). These tests check that the profile is valid,
 that a plain `docker-compose up` leaves it alone, and that the servers' environment
 names what the profile runs: every URL's host is a service of the profile, its port
 the one that service's config listens on, and the project's own parsers accept it.
@@ -126,7 +127,8 @@ def test_the_servers_env_names_the_profiles_nodes(services: dict[str, Any]) -> N
     assert len(published) == len(RABBITS)
     for s in SERVERS:
         env = services[s]["environment"]
-        amqp = amqp_settings(env)  # the server's own parser accepts it
+        # The server's own parser accepts it (the CA file exists in the container only).
+        amqp = amqp_settings({k: v for k, v in env.items() if k != "MDM_AMQP_CA_FILE"})
         assert amqp is not None
         assert amqp.username == "mdm-server" and amqp.password == CLUSTER_ENV[
             "MDM_AMQP_SERVER_PASSWORD"]
@@ -140,11 +142,13 @@ def test_the_servers_env_names_the_profiles_nodes(services: dict[str, Any]) -> N
         assert public.scheme == "mqtts" and public.hostname == "mdm.example.org"
         assert public.port in published
         rabbit_ca = env["MDM_MQTT_PUBLIC_CA_FILE"]
-        assert env["SSL_CERT_FILE"] == rabbit_ca
+        assert env["MDM_AMQP_CA_FILE"] == rabbit_ca
+        assert "SSL_CERT_FILE" not in env
         assert f"rabbittls:{Path(rabbit_ca).parent}:ro" in services[s]["volumes"]
-        # Acks, status and commands: still the default profile's Mosquitto.
-        assert env["MDM_MQTT_URL"].endswith("@mosquitto:8883")
-        assert {"mosquitto", "migrate-cluster", *RABBITS} <= set(services[s]["depends_on"])
+        # Acks, status and commands go through the cluster too: no Mosquitto.
+        assert "MDM_MQTT_URL" not in env and "MDM_MQTT_CA_FILE" not in env
+        assert set(services[s]["depends_on"]) == {"migrate-cluster", *RABBITS}
+        assert not any(v.startswith("mqtttls:") for v in services[s]["volumes"])
     hooks = {services[s]["environment"]["MDM_BROKER_HOOK_ADDR"] for s in SERVERS}
     assert len(hooks) == len(SERVERS)
     # One key ring for the servers of one database.
@@ -191,6 +195,11 @@ def test_the_servers_database_is_the_patroni_pair_read_write(services: dict[str,
 def test_the_containers_refuse_empty_secrets() -> None:
     entry = (CLUSTER_DIR / "rabbitmq-entrypoint.sh").read_text()
     assert '"${#MDM_RABBITMQ_COOKIE}" -lt 20' in entry
+    # The node in place of the entrypoint, so that SIGTERM stops it: not Debian's
+    # /usr/sbin wrapper, which runs it under su and passes no signal on.
+    assert "exec setpriv --reuid=rabbitmq" in entry
+    code = [line for line in entry.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("/usr/sbin/rabbitmq-server" in line for line in code)
     entry = (CLUSTER_DIR / "patroni-entrypoint.sh").read_text()
     assert '"${#PATRONI_REPLICATION_PASSWORD}" -lt 16' in entry
     dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
