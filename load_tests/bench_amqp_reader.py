@@ -43,9 +43,9 @@ from typing import Any, Protocol
 import aio_pika
 from aiohttp import web
 
+from load_tests.aiormq_reader import AiormqConsumer
 from mdm_server.broker.hook_config import AmqpSettings, amqp_settings
-from mdm_server.ingest.amqp import AiormqConsumer
-from mdm_server.ingest.amqp_fast import FastAmqpConsumer
+from mdm_server.ingest.amqp import AmqpConsumer
 from mdm_server.ingest.mqtt import InboundMessage
 from tests.support.cluster import CLUSTER_SCRIPT
 from tests.support.services import free_port
@@ -114,7 +114,7 @@ async def drain(kind: str, amqp: AmqpSettings, n: int, size: int, batch: int
             if got >= n:
                 done.set()
 
-    make: Callable[..., Any] = FastAmqpConsumer if kind == "new" else AiormqConsumer
+    make: Callable[..., Any] = AmqpConsumer if kind == "new" else AiormqConsumer
     reader = make(amqp, on_message=on_message, prefetch=2 * batch, queue=queue,
                   bindings=(f"mdm.v1.bench.devices.*.telemetry.{queue}",), label="bench")
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -136,7 +136,8 @@ async def drain(kind: str, amqp: AmqpSettings, n: int, size: int, batch: int
 
 
 _OLD_READER = ("import runpy, sys; import mdm_server.ingest.amqp as a; "
-               "a.AmqpConsumer = a.AiormqConsumer; "
+               "from load_tests.aiormq_reader import AiormqConsumer; "
+               "a.AmqpConsumer = AiormqConsumer; "
                "sys.argv = ['mdm_server', 'ingest', '--index', '1']; "
                "runpy.run_module('mdm_server', run_name='__main__', alter_sys=True)")
 
@@ -146,7 +147,7 @@ async def ingest_drain(kind: str, amqp: AmqpSettings, env: dict[str, str], datab
     """The backlog drained by one ``mdm-server ingest``: (records/s, CPU µs/record)."""
     import psutil  # type: ignore[import-untyped]
 
-    from mdm_server.ingest.amqp_fast import INGEST_BINDINGS, INGEST_QUEUE
+    from mdm_server.ingest.amqp import INGEST_BINDINGS, INGEST_QUEUE
     from tests.support.services import enroll, fetchval
     from tests.support.telemetry import location
 

@@ -4,7 +4,7 @@ Devices speak MQTT to the cluster's nodes; RabbitMQ's MQTT plugin turns each top
 into a routing key on the ``amq.topic`` exchange (``/`` -> ``.``) and each MQTT
 subscription into a queue bound to it. The server reads and writes that exchange
 over AMQP 0-9-1: the ingest and the ack consumer read quorum queues with their own
-minimal consumer (mdm_server/ingest/amqp_fast.py), the command dispatcher
+minimal consumer (mdm_server/ingest/amqp.py), the command dispatcher
 publishes to the device's routing key through aio-pika
 (mdm_server/commands/publishers.py). What they share lives here:
 

@@ -3,7 +3,7 @@
 - :class:`mdm_server.ingest.mqtt.MqttConsumer`: paho on the event loop, a shared
   subscription on Mosquitto (``MDM_MQTT_URL``), PUBACKs after the commit;
 - :class:`mdm_server.ingest.amqp.AmqpConsumer` (the minimal AMQP consumer of
-  mdm_server/ingest/amqp_fast.py): a quorum queue on a RabbitMQ cluster
+  mdm_server/ingest/amqp.py): a quorum queue on a RabbitMQ cluster
   (``MDM_AMQP_URL``), ``basic.ack(multiple=True)`` after the commit.
 
 Both deliver :class:`~mdm_server.ingest.mqtt.InboundMessage` to the worker's

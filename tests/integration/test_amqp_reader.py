@@ -1,4 +1,4 @@
-"""The ingest's own AMQP reader (mdm_server/ingest/amqp_fast.py) against a real
+"""The ingest's own AMQP reader (mdm_server/ingest/amqp.py) against a real
 RabbitMQ node: deliveries in order with their tags, a body larger than
 ``frame_max`` arriving whole, acks with ``multiple=True`` emptying the queue, a
 connection closed by the server (through the management API) followed by a
@@ -27,7 +27,7 @@ import aio_pika
 import pytest
 
 from mdm_server.broker.hook_config import AmqpSettings, amqp_settings
-from mdm_server.ingest.amqp_fast import FastAmqpConsumer
+from mdm_server.ingest.amqp import AmqpConsumer
 from mdm_server.ingest.mqtt import InboundMessage
 from tests.support.cluster import Cluster, rabbitmq_missing, running_cluster
 from tests.support.services import Server, device_credentials, free_port, served
@@ -93,7 +93,7 @@ async def _publish(cluster: Cluster, device: str, bodies: list[bytes]) -> str:
 
 
 class Reader:
-    """A FastAmqpConsumer on a queue of its own, bound to one device's telemetry,
+    """A AmqpConsumer on a queue of its own, bound to one device's telemetry,
     running in the test's event loop; what it received, in order."""
 
     def __init__(self, cluster: Cluster, device: str, **kwargs: Any) -> None:
@@ -101,7 +101,7 @@ class Reader:
         self.label = f"test-{uuid.uuid4().hex[:6]}"
         self.received: list[InboundMessage] = []
         self.arrived = asyncio.Event()
-        self.consumer = FastAmqpConsumer(
+        self.consumer = AmqpConsumer(
             _settings(cluster), on_message=self._on_message, queue=self.queue,
             bindings=(f"mdm.v1.{TENANT}.devices.{device}.telemetry.*",), label=self.label,
             **kwargs)

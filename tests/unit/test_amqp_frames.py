@@ -1,4 +1,4 @@
-"""The fast AMQP reader's frame parser (mdm_server/ingest/amqp_fast.py) on byte
+"""The fast AMQP reader's frame parser (mdm_server/ingest/amqp.py) on byte
 strings made by pamqp's encoder: deliveries come out whole and in order whatever
 the split of the stream, a body spread over several body frames included; other
 frames are handed over decoded."""
@@ -13,7 +13,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from mdm_server.ingest.amqp_fast import FrameParser, ProtocolError
+from mdm_server.ingest.amqp import FrameParser, ProtocolError
 
 
 def delivery(tag: int, key: str, body: bytes, *, frame_body: int = 1 << 20,
