@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.support.mqtt import publish_as_devices
+from tests.support.mqtt import DeviceStream
 from tests.support.services import (
     Broker,
     IngestProcess,
@@ -20,7 +19,6 @@ from tests.support.services import (
     server_env,
     wait_for_count,
 )
-from tests.support.telemetry import location
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,29 +26,6 @@ COUNT = "SELECT count(*) FROM telemetry"
 DISTINCT = "SELECT count(DISTINCT (device_id, record_id)) FROM telemetry"
 N = 100_000
 DEVICES = [f"dev-{i:02d}" for i in range(50)]
-
-
-class Stream:
-    """Publishes N messages from 50 devices in the background."""
-
-    def __init__(self, port: int) -> None:
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(port,), daemon=True)
-
-    def _run(self, port: int) -> None:
-        try:
-            publish_as_devices(port,
-                               (location("acme", DEVICES[i % 50], i) for i in range(N)))
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Stream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.join(timeout=300)
-        assert self.error is None, self.error
 
 
 def _wait_stored_at_least(database: str, n: int, ingest: IngestProcess) -> None:
@@ -81,7 +56,7 @@ def _crash_twice(database: str, broker: Broker, tmp_path: Path, *, unsafe: bool
     ingest.start()
     ingest.wait_ready()
     try:
-        with Stream(broker.port):
+        with DeviceStream(broker.port, DEVICES, N):
             # Crash 1: wherever the worker happens to be, a fifth into the stream.
             _wait_stored_at_least(database, N // 5, ingest)
             ingest.kill()
@@ -127,7 +102,7 @@ def test_postgres_restart_mid_stream_pauses_ingest_and_loses_nothing(
         ingest.start()
         ingest.wait_ready()
         try:
-            with Stream(broker.port):
+            with DeviceStream(broker.port, DEVICES, N):
                 _wait_stored_at_least(database, N // 5, ingest)
                 pg.stop()
                 time.sleep(3)  # the stream goes on; the broker holds it

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mqtt import publish_as_devices
+from tests.support.mqtt import DeviceStream
 from tests.support.pgcluster import PgCluster, mdm_env, query_when_up, running_pgcluster
 from tests.support.services import Broker, IngestProcess, Server, enroll
-from tests.support.telemetry import location
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,31 +35,6 @@ DEVICES = [f"dev-{i:02d}" for i in range(20)]
 def pgcluster() -> Iterator[PgCluster]:
     with running_pgcluster() as cluster:
         yield cluster
-
-
-class Stream:
-    """Publishes N location records from the devices in the background (QoS 1)."""
-
-    def __init__(self, port: int) -> None:
-        self.error: BaseException | None = None
-        self.done_at: float | None = None
-        self._thread = threading.Thread(target=self._run, args=(port,), daemon=True)
-
-    def _run(self, port: int) -> None:
-        try:
-            publish_as_devices(port, (location("acme", DEVICES[i % len(DEVICES)], i)
-                                      for i in range(N)))
-            self.done_at = time.time()
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Stream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.join(timeout=600)
-        assert self.error is None, self.error
 
 
 def _count(url: str, sql: str = COUNT) -> int:
@@ -93,7 +66,7 @@ def test_kill_9_of_the_leader_mid_stream_loses_nothing_and_doubles_nothing(
     ingest.start()
     ingest.wait_ready()
     try:
-        with Stream(broker.port) as stream:
+        with DeviceStream(broker.port, DEVICES, N) as stream:
             _wait_count(admin, N // 4, ingest, idle=120)
             old = pgcluster.leader()
             assert old is not None

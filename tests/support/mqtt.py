@@ -255,3 +255,36 @@ class RawClient:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._reader.join(timeout=5)
+
+
+class DeviceStream:
+    """``n`` location records from ``devices`` (round robin, tenant ``acme``),
+    published as those devices in a background thread (:func:`publish_as_devices`)
+    while the ``with`` block runs; its end waits for the last PUBACK and re-raises
+    what went wrong. ``done_at``: when the last was acknowledged (``time.time()``)."""
+
+    def __init__(self, port: int, devices: list[str], n: int, *,
+                 join_timeout: float = 600.0) -> None:
+        self.error: BaseException | None = None
+        self.done_at: float | None = None
+        self._join_timeout = join_timeout
+        self._thread = threading.Thread(target=self._run, args=(port, devices, n),
+                                        daemon=True)
+
+    def _run(self, port: int, devices: list[str], n: int) -> None:
+        from tests.support.telemetry import location
+
+        try:
+            publish_as_devices(port, (location("acme", devices[i % len(devices)], i)
+                                      for i in range(n)))
+            self.done_at = time.time()
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> DeviceStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(timeout=self._join_timeout)
+        assert self.error is None, self.error
