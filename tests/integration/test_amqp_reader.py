@@ -2,8 +2,9 @@
 RabbitMQ node: deliveries in order with their tags, a body larger than
 ``frame_max`` arriving whole, acks with ``multiple=True`` emptying the queue, a
 connection closed by the server (through the management API) followed by a
-reconnection and the redelivery of what was not acknowledged, and the heartbeat
-and frame size agreed with the server as the server reports them.
+reconnection and the redelivery of what was not acknowledged, the heartbeat and
+frame size agreed with the server as the server reports them, and an ``amqps://``
+node (a TLS front to the node) trusted through MDM_AMQP_CA_FILE and nothing else.
 
 serve runs as the node's broker hook (and, as ever, consumes ``mdm-ingest``); each
 test reads a queue of its own (``mdm-test-...``, a name the server's user may
@@ -51,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterat
     tmp: Path = tmp_path_factory.mktemp("serve")
     with served(tmp, tenants=(TENANT,), **cluster.server_env()) as srv:
         srv.wait_log("broker hook listening")
-        for d in ("d1", "d2", "d3"):
+        for d in ("d1", "d2", "d3", "d4"):
             srv.cli("device", "enroll", "--tenant", TENANT, "--device", d,
                     "--ownership", "corporate")
         yield srv
@@ -307,5 +308,82 @@ def test_heartbeats_keep_an_idle_connection_and_a_silent_server_is_left(
             await _queue_empty(cluster, reader.queue)
         finally:
             await reader.stop(cluster)
+
+    asyncio.run(go())
+
+
+async def _tls_front(node: str, directory: Path) -> tuple[asyncio.AbstractServer, int, Path]:
+    """A TLS listener on 127.0.0.1 (a certificate of a CA made here, with
+    mdm_server.broker.certs, as scripts/broker makes Mosquitto's) that carries each
+    connection to the node's plain AMQP port: the node as an ``amqps://`` node is
+    reached. Returns the server, its port and the CA file."""
+    import ssl
+
+    from mdm_server.broker.certs import ensure
+
+    ensure(directory)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(directory / "server.crt", directory / "server.key")
+    target = urllib.parse.urlsplit(node)
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(target.hostname, target.port)
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    return server, port, directory / "ca.crt"
+
+
+def test_an_amqps_node_is_trusted_by_its_ca_file_and_by_nothing_else(
+        server: Server, cluster: Cluster, tmp_path: Path) -> None:
+    """``amqps://`` with MDM_AMQP_CA_FILE: the reader subscribes through TLS and
+    receives; without the CA (the system's trusted CAs only) the node's certificate
+    is refused and nothing is ever subscribed."""
+    import dataclasses
+
+    async def go() -> None:
+        front, port, ca = await _tls_front(cluster.amqp_url.split(",")[0],
+                                           tmp_path / "tls")
+        try:
+            base = _settings(cluster)
+            url = f"amqps://127.0.0.1:{port}"
+            untrusted = Reader(cluster, "d4")
+            untrusted.consumer = AmqpConsumer(
+                dataclasses.replace(base, urls=(url,), ca_file=None),
+                on_message=untrusted._on_message, queue=untrusted.queue,
+                bindings=("mdm.v1.nobody.devices.nobody.telemetry.*",),
+                label=untrusted.label)
+            untrusted.task = asyncio.create_task(untrusted.consumer.run())
+            reader = Reader(cluster, "d4")
+            reader.consumer = AmqpConsumer(
+                dataclasses.replace(base, urls=(url,), ca_file=ca),
+                on_message=reader._on_message, queue=reader.queue,
+                bindings=(f"mdm.v1.{TENANT}.devices.d4.telemetry.*",), label=reader.label)
+            await reader.start()
+            try:
+                await _publish(cluster, "d4", [b"over tls"])
+                await reader.wait_for(1)
+                assert [m.payload for m in reader.received] == [b"over tls"]
+                # Meanwhile the reader without the CA never got in (it kept trying).
+                await asyncio.sleep(1.0)
+                assert not untrusted.consumer.subscribed.is_set()
+                assert not untrusted.task.done()
+            finally:
+                if untrusted.task is not None:
+                    untrusted.task.cancel()
+                await reader.stop(cluster)
+        finally:
+            front.close()
 
     asyncio.run(go())
