@@ -25,6 +25,7 @@ from mdm_server.config import (
     Config,
     ConfigError,
     DeviceBroker,
+    listen_socket,
     load_config,
     master_key_from_env,
 )
@@ -851,11 +852,11 @@ def _serve_in(cfg: Config, workers: int) -> None:
     from mdm_server.app import create_app
     from mdm_server.broker.hook_http import broker_hook_ctx, listen_hook
     from mdm_server.broker.service import broker_identity_ctx
-    from mdm_server.ops.http import CHILDREN, metrics_addr
+    from mdm_server.ops.http import CHILDREN, METRICS_SOCKET, listen_metrics
 
     https = cfg.https_context()  # a bad certificate or key: said before anything starts
-    metrics_addr()  # a malformed MDM_METRICS_ADDR: said before anything starts
     sock = _listen(cfg)  # a port in use: said before anything starts
+    metrics_sock = listen_metrics()  # MDM_METRICS_ADDR likewise (None: no metrics)
     hook_sock = listen_hook(cfg)  # MDM_BROKER_HOOK_ADDR likewise (None: no hook)
     asyncio.run(_open_keyring(cfg))
     extra = [
@@ -865,6 +866,8 @@ def _serve_in(cfg: Config, workers: int) -> None:
     ]
     app = create_app(cfg)
     app[CHILDREN] = extra  # /readyz: each must be running and connected
+    if metrics_sock is not None:
+        app[METRICS_SOCKET] = metrics_sock
     # Device identities on the broker: reconciled at start and whenever it comes back.
     app.cleanup_ctx.append(broker_identity_ctx)
     if hook_sock is not None:  # the broker asks us (RabbitMQ, EMQX): docs/scaling.md
@@ -886,15 +889,7 @@ def _listen(cfg: Config) -> socket.socket:
     """The API's listening socket, bound before any worker or connection starts, so
     that an address in use is one clear line (it used to surface, after start-up, as
     "cannot reach a service")."""
-    where = f"{cfg.http_host}:{cfg.http_port}"
-    try:
-        family = socket.getaddrinfo(cfg.http_host or None, cfg.http_port,
-                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((cfg.http_host, cfg.http_port), family=family,
-                                    backlog=128)
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
-        raise ConfigError(f"cannot listen on {where} (MDM_HTTP_ADDR): {why}") from None
+    return listen_socket(cfg.http_host, cfg.http_port, "MDM_HTTP_ADDR")
 
 
 def _refuse_published_master_key(cfg: Config) -> None:

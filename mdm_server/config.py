@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import os
 import re
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -388,6 +389,19 @@ def _parse_addr(value: str, var: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{var} port must be 0..65535")
     return host.strip("[]"), port
+
+
+def listen_socket(host: str, port: int, var: str) -> socket.socket:
+    """A listening TCP socket on host:port, bound before anything else starts, so that
+    an address in use is one clear line naming the variable that chose it (once the
+    app is starting, the error would surface among half-started connections)."""
+    try:
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
+        raise ConfigError(f"cannot listen on {host}:{port} ({var}): {why}") from None
 
 
 def _keyring_dir(env: Mapping[str, str]) -> Path | None:

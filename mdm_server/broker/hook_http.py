@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -44,7 +43,7 @@ from aiohttp import web
 
 from mdm_server.broker.hook import Action, BrokerHook, Principal
 from mdm_server.broker.hook_revoke import ConnectionCloser
-from mdm_server.config import Config, ConfigError
+from mdm_server.config import Config, listen_socket
 
 __all__ = ["CLOSER", "HOOK", "broker_hook_ctx", "create_hook_app", "listen_hook"]
 
@@ -202,14 +201,7 @@ def listen_hook(cfg: Config) -> socket.socket | None:
     if cfg.broker_hook_addr is None:
         return None
     host, port = cfg.broker_hook_addr
-    try:
-        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family, backlog=128)
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
-        raise ConfigError(f"cannot listen on {host}:{port} (MDM_BROKER_HOOK_ADDR): "
-                          f"{why}") from None
+    return listen_socket(host, port, "MDM_BROKER_HOOK_ADDR")
 
 
 def broker_hook_ctx(sock: socket.socket) -> Callable[[web.Application],

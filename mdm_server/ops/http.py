@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -27,16 +28,19 @@ from prometheus_client.registry import Collector
 
 from agent_protocol import COMMAND_TYPES
 from mdm_server.api.context import POOL
-from mdm_server.config import ConfigError, _parse_addr
+from mdm_server.config import _parse_addr, listen_socket
 from mdm_server.ops import metrics
 from mdm_server.ops.workers import RUN_DIR_ENV, WorkerState, read_states
 
-__all__ = ["CHILDREN", "install", "metrics_addr", "metrics_middleware"]
+__all__ = ["CHILDREN", "METRICS_SOCKET", "install", "listen_metrics", "metrics_addr",
+           "metrics_middleware"]
 
 log = logging.getLogger(__name__)
 
 #: serve's ingest worker processes: (index, process).
 CHILDREN = web.AppKey("ingest_children", list[tuple[int, subprocess.Popen[bytes]]])
+#: The metrics listener's socket, bound by ``serve`` before anything starts.
+METRICS_SOCKET = web.AppKey("metrics_socket", socket.socket)
 METRICS_ADDR_ENV = "MDM_METRICS_ADDR"
 _DB_TIMEOUT_S = 2.0
 _COMMANDS_CACHE_S = 10.0
@@ -47,6 +51,13 @@ _STATES = ("pending_approval", "queued", "sent", "received", "notice_shown", "co
 def metrics_addr(env: dict[str, str] | None = None) -> tuple[str, int] | None:
     raw = (os.environ if env is None else env).get(METRICS_ADDR_ENV, "")
     return _parse_addr(raw, METRICS_ADDR_ENV) if raw else None
+
+
+def listen_metrics() -> socket.socket | None:
+    """The metrics listener's socket (an address in use or a malformed
+    MDM_METRICS_ADDR is one clear line); None when MDM_METRICS_ADDR is not set."""
+    addr = metrics_addr()
+    return None if addr is None else listen_socket(addr[0], addr[1], METRICS_ADDR_ENV)
 
 
 def _states(app: web.Application) -> list[WorkerState]:
@@ -164,8 +175,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
-    addr = metrics_addr()
-    if addr is None:
+    sock = app[METRICS_SOCKET] if METRICS_SOCKET in app else listen_metrics()
+    if sock is None:
         yield
         return
     server = web.Application()
@@ -173,15 +184,9 @@ async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
     server.router.add_get("/metrics", metrics_handler)
     runner = web.AppRunner(server, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, addr[0], addr[1])
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-        raise ConfigError(f"cannot listen on {addr[0]}:{addr[1]} ({METRICS_ADDR_ENV}): "
-                          f"{why}") from None
-    log.info("metrics on http://%s:%d/metrics", addr[0], addr[1])
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    log.info("metrics on http://%s:%d/metrics", host, port)
     try:
         yield
     finally:
