@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import aiormq
 
-from mdm_server.broker.amqp import EXCHANGE, open_connection, routing_key_topic, run_with_failover
+from mdm_server.broker.amqp import EXCHANGE, open_connection, routing_key_topic
 from mdm_server.broker.hook_config import AmqpSettings
-from mdm_server.ingest.amqp import INGEST_BINDINGS, INGEST_QUEUE
+from mdm_server.ingest.amqp import INGEST_BINDINGS, INGEST_QUEUE, QueueReader
 from mdm_server.ingest.mqtt import InboundMessage
 
 __all__ = ["AiormqConsumer"]
@@ -29,26 +28,17 @@ async def _ack(channel: aiormq.abc.AbstractChannel, tag: int) -> None:
     await channel.basic_ack(tag, multiple=True)
 
 
-class AiormqConsumer:
+class AiormqConsumer(QueueReader):
     """Consumes :data:`INGEST_QUEUE` on the first node that answers; acks on demand."""
 
     def __init__(self, amqp: AmqpSettings, *, on_message: Callable[[InboundMessage], None],
                  prefetch: int = 10_000, queue: str = INGEST_QUEUE,
                  bindings: tuple[str, ...] = INGEST_BINDINGS,
                  label: str = "ingest") -> None:
-        self._amqp = amqp
-        self._deliver = on_message
-        self._prefetch = prefetch
-        self._queue_name = queue
-        self._bindings = bindings
-        self._label = label
-        self.generation = 0
-        self.connected = asyncio.Event()
-        self.subscribed = asyncio.Event()
+        super().__init__(amqp, on_message=on_message, prefetch=prefetch, queue=queue,
+                         bindings=bindings, label=label)
         self._underlay: aiormq.abc.AbstractChannel | None = None  # acks are written here
         self._acks: set[asyncio.Task[None]] = set()
-        self._closed = asyncio.Event()
-        self._went = False  # subscribed since run_with_failover last asked
 
     async def _on_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
         """aiormq's consumer callback (its own task per message, started in delivery
@@ -60,9 +50,9 @@ class AiormqConsumer:
         tag = getattr(delivery, "delivery_tag", None)
         if tag is None:
             return
-        self._deliver(InboundMessage(tag, self.generation,
-                                     routing_key_topic(message.routing_key or ""),
-                                     message.body))
+        self._on_message(InboundMessage(tag, self.generation,
+                                        routing_key_topic(message.routing_key or ""),
+                                        message.body))
 
     async def _consume(self, url: str) -> None:
         """One connection to one node, until it is lost (raises) or cancelled."""
@@ -80,12 +70,7 @@ class AiormqConsumer:
             channel.close_callbacks.add(lambda *_: self._closed.set())
             connection.close_callbacks.add(lambda *_: self._closed.set())
             await self._underlay.basic_consume(queue.name, self._on_delivery, no_ack=False)
-            self.connected.set()
-            # "ingest subscribed": tests and benchmarks wait for this line, as for MQTT.
-            log.info("%s subscribed (AMQP queue %s on %s)", self._label, self._queue_name,
-                     urlsplit(url).netloc)
-            self.subscribed.set()
-            self._went = True
+            self._now_subscribed(url)
             await self._closed.wait()
             raise ConnectionError("the AMQP channel or connection closed")
         finally:
@@ -94,29 +79,20 @@ class AiormqConsumer:
             if not connection.is_closed:
                 await connection.close()
 
-    async def run(self) -> None:
-        """Consume, fail over between the nodes, reconnect with backoff; until cancelled."""
-        await run_with_failover(self._amqp, self._label, self._consume, self._worked)
-
-    def _worked(self) -> bool:
-        went, self._went = self._went, False
-        return went
-
     def ack(self, messages: list[InboundMessage]) -> int:
         """Acknowledge a batch (messages of the current channel) with one
         ``basic.ack(multiple=True)`` on its highest delivery tag; how many."""
         underlay = self._underlay
         if underlay is None or not self.connected.is_set():
             return 0
-        gen = self.generation
-        tags = [m.mid for m in messages if m.generation == gen and m.http is None]
-        if not tags:
+        n, top = self._to_ack(messages)
+        if not n:
             return 0
         task = asyncio.get_running_loop().create_task(
-            _ack(underlay, max(tags)), name=f"{self._label}-ack")
+            _ack(underlay, top), name=f"{self._label}-ack")
         self._acks.add(task)
         task.add_done_callback(self._acked)
-        return len(tags)
+        return n
 
     def _acked(self, task: asyncio.Task[None]) -> None:
         self._acks.discard(task)
@@ -124,12 +100,3 @@ class AiormqConsumer:
             # The channel is gone: the broker delivers those messages again.
             log.warning("%s: an AMQP ack was not sent (%s)", self._label,
                         type(task.exception()).__name__)
-
-    def pause_reading(self) -> None:
-        """Nothing to do: the channel's prefetch bounds what arrives unacknowledged."""
-
-    def resume_reading(self) -> None:
-        """Nothing to do (see :meth:`pause_reading`)."""
-
-    def close(self) -> None:
-        self._closed.set()

@@ -193,6 +193,9 @@ async def ingest_drain(kind: str, amqp: AmqpSettings, env: dict[str, str], datab
     finally:
         proc.terminate()
         proc.wait(30)
+    if last == first:  # every record came in one poll: no span to divide by
+        sys.exit(f"{n:,} records were stored within one 50 ms poll: too few to time; "
+                 "give more --messages")
     return n / (last - first), cpu / n * 1e6
 
 

@@ -71,7 +71,7 @@ from mdm_server.broker.hook import server_routing_key, topic_routing_key
 from mdm_server.broker.hook_config import AmqpSettings
 from mdm_server.ingest.mqtt import InboundMessage
 
-__all__ = ["INGEST_BINDINGS", "INGEST_QUEUE", "AmqpConsumer", "FrameParser"]
+__all__ = ["INGEST_BINDINGS", "INGEST_QUEUE", "AmqpConsumer", "FrameParser", "QueueReader"]
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,70 @@ class _Connection(asyncio.Protocol):
         return value
 
 
-class AmqpConsumer:
+class QueueReader:
+    """What an AMQP queue reader shares, whatever client it reads with: its settings,
+    the events the ingest and /readyz watch, failover between the nodes (:meth:`run`),
+    and which of a batch's messages one ``basic.ack(multiple=True)`` covers.
+    A subclass provides ``_consume(url)`` (one connection, until lost) and ``ack``."""
+
+    def __init__(self, amqp: AmqpSettings, *, on_message: Callable[[InboundMessage], None],
+                 prefetch: int, queue: str, bindings: tuple[str, ...], label: str) -> None:
+        self._amqp = amqp
+        self._on_message = on_message
+        self._prefetch = prefetch
+        self._queue_name = queue
+        self._bindings = bindings
+        self._label = label
+        self.generation = 0  # one a connection: a delivery tag means nothing on the next
+        self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._went = False  # subscribed since run_with_failover last asked
+
+    async def _consume(self, url: str) -> None:
+        raise NotImplementedError
+
+    def _now_subscribed(self, url: str) -> None:
+        """The consumer is registered on ``url``'s node: say so and count it."""
+        self.connected.set()
+        # "ingest subscribed": tests and benchmarks wait for this line, as for MQTT.
+        log.info("%s subscribed (AMQP queue %s on %s)", self._label, self._queue_name,
+                 urlsplit(url).netloc)
+        self.subscribed.set()
+        self._went = True
+
+    async def run(self) -> None:
+        """Consume, fail over between the nodes, reconnect with backoff; until cancelled."""
+        await run_with_failover(self._amqp, self._label, self._consume, self._worked)
+
+    def _worked(self) -> bool:
+        went, self._went = self._went, False
+        return went
+
+    def _to_ack(self, messages: list[InboundMessage]) -> tuple[int, int]:
+        """How many of a batch's messages came from this connection (not over HTTP,
+        not from one lost since), and the highest delivery tag among them (-1: none)."""
+        gen = self.generation
+        top = -1
+        n = 0
+        for m in messages:
+            if m.generation == gen and m.http is None:
+                n += 1
+                if m.mid > top:
+                    top = m.mid
+        return n, top
+
+    def pause_reading(self) -> None:
+        """Nothing to do: the channel's prefetch bounds what arrives unacknowledged."""
+
+    def resume_reading(self) -> None:
+        """Nothing to do (see :meth:`pause_reading`)."""
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class AmqpConsumer(QueueReader):
     """Consumes a quorum queue on the first node that answers; acks on demand.
 
     The :class:`mdm_server.ingest.reader.MessageReader` contract, with deliveries
@@ -323,23 +386,14 @@ class AmqpConsumer:
                  bindings: tuple[str, ...] = INGEST_BINDINGS,
                  label: str = "ingest", heartbeat_s: int = 60, frame_max: int = 131_072,
                  timeout_s: float = 10.0) -> None:
-        self._amqp = amqp
-        self._on_message = on_message
-        self._prefetch = prefetch
-        self._queue_name = queue
-        self._bindings = bindings
-        self._label = label
+        super().__init__(amqp, on_message=on_message, prefetch=prefetch, queue=queue,
+                         bindings=bindings, label=label)
         self._heartbeat = heartbeat_s
         self._frame_max = frame_max
         self._timeout = timeout_s
-        self.generation = 0
-        self.connected = asyncio.Event()
-        self.subscribed = asyncio.Event()
         #: What the last connection agreed with the server: (frame_max, heartbeat s).
         self.negotiated: tuple[int, int] = (0, 0)
         self._conn: _Connection | None = None
-        self._closed = asyncio.Event()
-        self._went = False  # subscribed since run_with_failover last asked
         self._topics: dict[bytes, str] = {}
 
     def _deliver(self, tag: int, key: bytes, body: bytes) -> None:
@@ -418,12 +472,7 @@ class AmqpConsumer:
                                           consumer_tag=f"mdm-{self._label}"))
             await conn.expect(spec.Basic.ConsumeOk, self._timeout)
             self._closed.clear()
-            self.connected.set()
-            # "ingest subscribed": tests and benchmarks wait for this line, as for MQTT.
-            log.info("%s subscribed (AMQP queue %s on %s)", self._label, self._queue_name,
-                     urlsplit(url).netloc)
-            self.subscribed.set()
-            self._went = True
+            self._now_subscribed(url)
             await self._watch(conn)
         finally:
             self.connected.clear()
@@ -465,14 +514,6 @@ class AmqpConsumer:
         elif not conn.lost.cancelled():
             conn.lost.exception()  # retrieved: asyncio logs no "never retrieved"
 
-    async def run(self) -> None:
-        """Consume, fail over between the nodes, reconnect with backoff; until cancelled."""
-        await run_with_failover(self._amqp, self._label, self._consume, self._worked)
-
-    def _worked(self) -> bool:
-        went, self._went = self._went, False
-        return went
-
     def ack(self, messages: list[InboundMessage]) -> int:
         """Acknowledge a batch (messages of the current connection) with one
         ``basic.ack(multiple=True)`` on its highest delivery tag; how many."""
@@ -480,23 +521,7 @@ class AmqpConsumer:
         if conn is None or conn.transport is None or conn.transport.is_closing() \
                 or not self.connected.is_set():
             return 0
-        gen = self.generation
-        top = -1
-        n = 0
-        for m in messages:
-            if m.generation == gen and m.http is None:
-                n += 1
-                if m.mid > top:
-                    top = m.mid
+        n, top = self._to_ack(messages)
         if n:
             conn.transport.write(_ACK.pack(_METHOD, _CHANNEL, 13, 60, 80, top, 1, _FRAME_END))
         return n
-
-    def pause_reading(self) -> None:
-        """Nothing to do: the channel's prefetch bounds what arrives unacknowledged."""
-
-    def resume_reading(self) -> None:
-        """Nothing to do (see :meth:`pause_reading`)."""
-
-    def close(self) -> None:
-        self._closed.set()
